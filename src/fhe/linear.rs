@@ -1,0 +1,298 @@
+//! Server side of an encrypted linear layer: clear weights × encrypted rows.
+//!
+//! For output `j` of row `r`, weight row `j` is laid out per chunk as the reversed polynomial
+//! `W_{j,c}(X) = Σ_i w_{j,cN+i} · X^(N−1−i)`, so the product with the input GLWE puts
+//! `Σ_i v_i·w_{j,i}·Δ` in coefficient `N−1`. Sample extraction of that coefficient gives an LWE
+//! under the input key whose mask is the reversed product mask and whose body is a plain
+//! integer dot product of the input bodies with the weights. The weights are transformed to the
+//! Fourier domain once, in [`FourierLinearLayer::new`].
+
+use rayon::prelude::*;
+use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
+use tfhe::core_crypto::prelude::{
+    decompress_seeded_glwe_ciphertext_list, CiphertextModulus, DefaultRandomGenerator,
+    GlweCiphertextCount, GlweCiphertextList, GlweSize, PolynomialSize, SeededGlweCiphertextList,
+};
+
+use super::bitpack::{pack_top_bits, packed_len, unpack_top_bits};
+use super::codec::Wire;
+use super::encrypted_outputs::EncryptedOutputs;
+use super::encrypted_rows::EncryptedRows;
+use super::fourier::{mul_add, FourierContext};
+use super::packing::{decompose_row, pack, FourierPackingKey, PackInput, BLOCK};
+use super::params::{LayerPlan, INPUT_GLWE};
+use super::FheError;
+
+/// A linear layer ready to evaluate: plan, weight codes and their Fourier transforms.
+pub struct FourierLinearLayer {
+    plan: LayerPlan,
+    codes: Vec<i8>,
+    /// `[j][chunk][N]` split Fourier polynomials of the reversed weight rows.
+    weights_f: Vec<f64>,
+}
+
+impl FourierLinearLayer {
+    /// Check the weights against the plan and transform them (parallel, on the current rayon pool).
+    pub fn new(plan: LayerPlan, codes: &[i8]) -> Result<Self, FheError> {
+        let (out, cols) = (plan.out_features, plan.in_features);
+        if codes.len() != out * cols {
+            return Err(FheError::Shape(format!(
+                "{} weight codes for a {out}×{cols} layer",
+                codes.len()
+            )));
+        }
+        let half = 1i32 << (plan.weight_bits - 1);
+        if let Some(w) = codes
+            .iter()
+            .find(|&&w| !(-half..half).contains(&(w as i32)))
+        {
+            return Err(FheError::ValueOutOfRange(format!(
+                "weight code {w} does not fit {} bits",
+                plan.weight_bits
+            )));
+        }
+        let n = INPUT_GLWE.polynomial_size;
+        let chunks = plan.chunks();
+        let mut weights_f = vec![0f64; out * chunks * n];
+        weights_f
+            .par_chunks_mut(chunks * n)
+            .zip(codes.par_chunks(cols))
+            .for_each_init(
+                || (FourierContext::new(n), vec![0u64; n]),
+                |(ctx, poly), (dst, row)| {
+                    for (c, slot) in dst.chunks_exact_mut(n).enumerate() {
+                        poly.fill(0);
+                        let part = &row[c * n..cols.min((c + 1) * n)];
+                        for (i, &w) in part.iter().enumerate() {
+                            poly[n - 1 - i] = w as i64 as u64;
+                        }
+                        ctx.forward_integer(poly, slot);
+                    }
+                },
+            );
+        Ok(Self {
+            plan,
+            codes: codes.to_vec(),
+            weights_f,
+        })
+    }
+
+    pub fn plan(&self) -> &LayerPlan {
+        &self.plan
+    }
+
+    /// Evaluate on the current rayon pool (`pool.install(|| layer.evaluate(..))` bounds threads).
+    pub fn evaluate(
+        &self,
+        key: &FourierPackingKey,
+        input: &EncryptedRows,
+    ) -> Result<EncryptedOutputs, FheError> {
+        let plan = &self.plan;
+        input.validate()?;
+        if input.in_features as usize != plan.in_features {
+            return Err(FheError::Shape(format!(
+                "rows have {} inputs, the layer takes {}",
+                input.in_features, plan.in_features
+            )));
+        }
+        if input.body_bits as u32 != plan.input_body_bits {
+            return Err(FheError::ParameterMismatch(format!(
+                "rows carry {}-bit bodies, the layer expects {}",
+                input.body_bits, plan.input_body_bits
+            )));
+        }
+        if key.precision != plan.precision {
+            return Err(FheError::ParameterMismatch(format!(
+                "the session's key is for {} precision, the layer is {}",
+                key.precision, plan.precision
+            )));
+        }
+        let rows = input.rows as usize;
+        let (n, chunks, cols, out) = (
+            INPUT_GLWE.polynomial_size,
+            plan.chunks(),
+            plan.in_features,
+            plan.out_features,
+        );
+        // Bodies stay at their wire width (< 2^body_bits): the dot products are then exact in i64.
+        let shift = 64 - plan.input_body_bits;
+        let bodies: Vec<u64> = unpack_top_bits(&input.bodies, rows * cols, plan.input_body_bits)
+            .map(|b| b >> shift)
+            .collect();
+        let masks_f = self.input_masks(input.seed(), rows * chunks);
+
+        let params = key.params;
+        let (levels, n_in) = (params.level_count, INPUT_GLWE.lwe_dimension());
+        let n_out = params.output.polynomial_size;
+        debug_assert_eq!(n_out % BLOCK, 0, "blocks never straddle packs");
+        let total = rows * out;
+        let block_len = n_in * levels * BLOCK;
+        let mut digits = vec![0i16; total.div_ceil(BLOCK) * block_len];
+        let mut lwe_bodies = vec![0u64; total];
+        // Output g = j·rows + r (column-major): consecutive outputs share a weight row, so each
+        // Fourier weight polynomial is read once per call however many rows there are.
+        digits
+            .par_chunks_mut(block_len)
+            .zip(lwe_bodies.par_chunks_mut(BLOCK))
+            .enumerate()
+            .for_each_init(
+                || BlockScratch::new(n, levels),
+                |scratch, (block, (digits, block_bodies))| {
+                    for (i, body_slot) in block_bodies.iter_mut().enumerate() {
+                        let g = block * BLOCK + i;
+                        let (j, r) = (g / rows, g % rows);
+                        scratch.acc.fill(0.0);
+                        for c in 0..chunks {
+                            mul_add(
+                                &mut scratch.acc,
+                                &masks_f[(r * chunks + c) * n..(r * chunks + c + 1) * n],
+                                &self.weights_f[(j * chunks + c) * n..(j * chunks + c + 1) * n],
+                            );
+                        }
+                        scratch
+                            .ctx
+                            .backward_torus(&scratch.acc, &mut scratch.product);
+                        // Extracted mask coefficient t is product coefficient N−1−t.
+                        scratch.product.reverse();
+                        decompose_row(
+                            &scratch.product,
+                            params.base_log,
+                            levels,
+                            &mut scratch.local[i * levels * n..(i + 1) * levels * n],
+                        );
+                        *body_slot = body_dot(
+                            &bodies[r * cols..(r + 1) * cols],
+                            &self.codes[j * cols..(j + 1) * cols],
+                            plan.input_body_bits,
+                        );
+                    }
+                    transpose_block(&scratch.local, digits, block_bodies.len(), levels * n);
+                },
+            );
+
+        let packs: Vec<PackInput<'_>> = lwe_bodies
+            .chunks(n_out)
+            .enumerate()
+            .map(|(p, bodies)| PackInput {
+                bodies,
+                first_block: p * n_out / BLOCK,
+            })
+            .collect();
+        let glwes = pack(key, &digits, &packs);
+
+        let mask_len = params.output.lwe_dimension();
+        let mut masks =
+            Vec::with_capacity(packed_len(glwes.len() * mask_len, plan.output_mask_bits));
+        pack_top_bits(
+            glwes.iter().flat_map(|g| g[..mask_len].iter().copied()),
+            plan.output_mask_bits,
+            &mut masks,
+        );
+        let mut out_bodies = Vec::with_capacity(packed_len(total, plan.output_body_bits));
+        pack_top_bits(
+            glwes
+                .iter()
+                .zip(&packs)
+                .flat_map(|(g, p)| g[mask_len..mask_len + p.bodies.len()].iter().copied()),
+            plan.output_body_bits,
+            &mut out_bodies,
+        );
+        Ok(EncryptedOutputs {
+            precision: plan.precision,
+            rows: rows as u32,
+            out_features: out as u32,
+            mask_bits: plan.output_mask_bits as u8,
+            body_bits: plan.output_body_bits as u8,
+            masks,
+            bodies: out_bodies,
+        })
+    }
+
+    /// Regenerate the request's masks from its seed and transform them: `[ciphertext][N]`.
+    fn input_masks(&self, seed: u128, count: usize) -> Vec<f64> {
+        let n = INPUT_GLWE.polynomial_size;
+        let size = GlweSize(INPUT_GLWE.glwe_dimension + 1);
+        let seeded = SeededGlweCiphertextList::from_container(
+            vec![0u64; count * n],
+            size,
+            PolynomialSize(n),
+            CompressionSeed::from(Seed(seed)),
+            CiphertextModulus::new_native(),
+        );
+        let mut glwes = GlweCiphertextList::new(
+            0u64,
+            size,
+            PolynomialSize(n),
+            GlweCiphertextCount(count),
+            CiphertextModulus::new_native(),
+        );
+        decompress_seeded_glwe_ciphertext_list::<_, _, _, DefaultRandomGenerator>(
+            &mut glwes, &seeded,
+        );
+        let coefficients = glwes.as_ref();
+        let k = INPUT_GLWE.glwe_dimension;
+        let mut masks_f = vec![0f64; count * n];
+        masks_f.par_chunks_mut(n).enumerate().for_each_init(
+            || FourierContext::new(n),
+            |ctx, (i, dst)| {
+                let start = i * (k + 1) * n;
+                ctx.forward_torus(&coefficients[start..start + n], dst);
+            },
+        );
+        masks_f
+    }
+}
+
+/// Per-task buffers of the product phase.
+struct BlockScratch {
+    ctx: FourierContext,
+    acc: Vec<f64>,
+    product: Vec<u64>,
+    /// `[i][l][t]` digits of the block's outputs before transposition.
+    local: Vec<i16>,
+}
+
+impl BlockScratch {
+    fn new(n: usize, levels: usize) -> Self {
+        Self {
+            ctx: FourierContext::new(n),
+            acc: vec![0f64; n],
+            product: vec![0u64; n],
+            local: vec![0i16; BLOCK * levels * n],
+        }
+    }
+}
+
+/// `[i][c]` → `[c][i]` for `count` outputs and `width = L·N` digit columns, in 64-column tiles so
+/// that the strided writes stay in L1.
+fn transpose_block(local: &[i16], digits: &mut [i16], count: usize, width: usize) {
+    const TILE: usize = 64;
+    for c0 in (0..width).step_by(TILE) {
+        for i in 0..count {
+            let row = &local[i * width + c0..i * width + c0 + TILE];
+            for (dc, &v) in row.iter().enumerate() {
+                digits[(c0 + dc) * BLOCK + i] = v;
+            }
+        }
+    }
+}
+
+/// `Σ b_i·w_i mod 2^64`, scaled back to the torus, for bodies of `bits` bits. Up to 62 bits the
+/// bodies are split in two halves of at most 31 bits so that the products vectorise as
+/// 32×32→64 multiplies.
+fn body_dot(bodies: &[u64], weights: &[i8], bits: u32) -> u64 {
+    if bits > 62 {
+        let sum = bodies.iter().zip(weights).fold(0u64, |s, (&b, &w)| {
+            s.wrapping_add(b.wrapping_mul(w as i64 as u64))
+        });
+        return sum << (64 - bits);
+    }
+    let half = bits.div_ceil(2);
+    let mask = (1u64 << half) - 1;
+    let (mut lo, mut hi) = (0i64, 0i64);
+    for (&b, &w) in bodies.iter().zip(weights) {
+        lo = lo.wrapping_add(((b & mask) as i32 as i64) * w as i64);
+        hi = hi.wrapping_add(((b >> half) as i32 as i64) * w as i64);
+    }
+    ((hi as u64) << half).wrapping_add(lo as u64) << (64 - bits)
+}

@@ -1,0 +1,40 @@
+//! The only module that touches `tfhe`: parameters, keys, the encrypted linear-layer engine and the
+//! codecs of everything it sends. It knows nothing of HTTP, Redis or models.
+//!
+//! Client: [`ClientKey::generate`] → [`ClientKey::evaluation_key`] (uploaded) →
+//! [`ClientKey::encrypt_rows`] → … → [`ClientKey::decrypt_outputs`].
+//! Server: [`FourierPackingKey::new`] (once per session) and [`FourierLinearLayer::new`] (once per
+//! layer) → [`FourierLinearLayer::evaluate`] per request.
+
+pub mod bitpack;
+pub mod codec;
+mod encrypted_outputs;
+mod encrypted_rows;
+mod fourier;
+mod keys;
+mod linear;
+mod packing;
+pub mod params;
+
+pub use codec::{decode, encode, CodecError, Wire};
+pub use encrypted_outputs::{decode as decode_phase, EncryptedOutputs};
+pub use encrypted_rows::{EncryptedRows, MAX_ROWS};
+pub use keys::{ClientKey, EvaluationKey};
+pub use linear::FourierLinearLayer;
+pub use packing::FourierPackingKey;
+pub use params::{LayerPlan, PlanError, Precision};
+
+/// Errors of the encrypted engine; each names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum FheError {
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    #[error("value out of range: {0}")]
+    ValueOutOfRange(String),
+    #[error("parameter mismatch: {0}")]
+    ParameterMismatch(String),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}

@@ -1,0 +1,426 @@
+//! Parameter sets and the noise budget of the encrypted linear layer.
+//!
+//! # Where the parameters come from
+//!
+//! * **Input GLWE** (`k = 1, N = 2048, TUniform(17)`, binary key): the GLWE part of tfhe's published
+//!   `V1_8_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128` (128-bit security).
+//! * **Exact output GLWE** (`k = 2, N = 2048, TUniform(3)`, binary key): tfhe's published
+//!   `V1_0_PARAM_MESSAGE_4_CARRY_4_KS_PBS_GAUSSIAN_2M128` uses `k = 1, N = 4096` with a Gaussian of
+//!   standard deviation `2.17e-19 · 2^64 ≈ 4.0`; TUniform(3) has standard deviation
+//!   `√((2^7 + 1)/6) ≈ 4.64`, i.e. at least as much noise, and we use the same dimension
+//!   `k·N = 4096`. Security is modelled on `k·N`, as tfhe's own parameter curves do, so the
+//!   `k = 2, N = 2048` shape keeps the 128-bit level while letting every polynomial in the engine share
+//!   one FFT size.
+//! * **Compact output GLWE**: the same published set as the input (`k = 1, N = 2048,
+//!   TUniform(17)`).
+//!
+//! # Noise budget (all variances in units of the 64-bit torus, `q = 2^64`)
+//!
+//! An output coefficient decrypts to `acc·Δ + e` with `Δ = 2^(64 − acc_bits)`; the result is exact
+//! when `|e| < Δ/2`. With `s_in` the input key (`n_in = k_in·N_in` binary coefficients, about half
+//! of them ones) and `‖w‖²` the worst-case squared norm of a weight row (`in · 2^(2(w_bits − 1))`):
+//!
+//! | source | variance |
+//! |---|---|
+//! | input encryption | `‖w‖² · V(TUniform(17))` |
+//! | input body modulus switch to `b_in` bits | `‖w‖² · 2^(2(64 − b_in)) / 12` |
+//! | f64 FFT error of the mask product | `n_in/2 · ‖w‖² · (c · 2^11)²` |
+//! | packing: decomposition rounding | `n_in/2 · 2^(2(64 − β·L)) / 12` |
+//! | packing: key noise | `n_in · L · n_pack · (2^(2β) + 2)/12 · V(key noise)` |
+//! | packing: f64 FFT error (per limb) | `(c · 2^−53 · rms(K_limb) · rms(digit) · √(n_in·L·n_pack))² · (k_out·N_out/2 + 1)` |
+//! | output modulus switch | `2^(2(64 − b_body))/12 + k_out·N_out/2 · 2^(2(64 − b_mask))/12` |
+//!
+//! where `V(TUniform(b)) = (2^(2b+1) + 1)/6`, `β` is the packing decomposition base log, `L` its
+//! level count and `n_pack ≤ N_out` the number of values packed in one output GLWE (the model uses
+//! `N_out`, the worst case). A layer is planned **exact** only if `Z_EXACT · σ < Δ/2` with
+//! `Z_EXACT = 8` (a Gaussian tail of about 2^−49.6 per value); otherwise it is refused when it is
+//! compiled. `tests/noise.rs` measures the real noise against this bound.
+
+use serde::{Deserialize, Serialize};
+
+/// Output precision of a layer, chosen at compile time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Every accumulator bit survives: decryption equals the integer simulation bit for bit.
+    Exact,
+    /// Harder modulus switching: fewer bytes on the wire, only the top bits exact.
+    Compact,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Exact => "exact",
+            Precision::Compact => "compact",
+        })
+    }
+}
+
+/// Shape and noise of a GLWE secret key / ciphertext family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlweShape {
+    pub glwe_dimension: usize,
+    pub polynomial_size: usize,
+    /// Encryption noise is `TUniform(noise_bound_log2)`: uniform on `[−2^b, 2^b]`, half weight at
+    /// the ends.
+    pub noise_bound_log2: u32,
+}
+
+impl GlweShape {
+    pub const fn lwe_dimension(&self) -> usize {
+        self.glwe_dimension * self.polynomial_size
+    }
+
+    pub fn noise_variance(&self) -> f64 {
+        tuniform_variance(self.noise_bound_log2)
+    }
+}
+
+pub fn tuniform_variance(bound_log2: u32) -> f64 {
+    (2f64.powi(2 * bound_log2 as i32 + 1) + 1.0) / 6.0
+}
+
+/// The input GLWE family (client encryption of activation rows).
+pub const INPUT_GLWE: GlweShape = GlweShape {
+    glwe_dimension: 1,
+    polynomial_size: 2048,
+    noise_bound_log2: 17,
+};
+
+/// Parameters of the LWE → GLWE packing keyswitch for one precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackingParams {
+    pub output: GlweShape,
+    pub base_log: u32,
+    pub level_count: usize,
+    /// 1: the Fourier key holds the 64-bit key polynomials as they are; 2: split as
+    /// `hi·2^LIMB_SPLIT + lo` so that f64 products stay exact enough (see `packing.rs`).
+    pub fourier_limbs: usize,
+    /// Bits kept of each input body coefficient on the wire.
+    pub input_body_bits: u32,
+}
+
+/// Where the two-limb split cuts a key coefficient (`lo` keeps this many low bits, signed).
+pub const LIMB_SPLIT: u32 = 42;
+
+pub const fn packing_params(precision: Precision) -> PackingParams {
+    match precision {
+        Precision::Exact => PackingParams {
+            output: GlweShape {
+                glwe_dimension: 2,
+                polynomial_size: 2048,
+                noise_bound_log2: 3,
+            },
+            base_log: 14,
+            level_count: 3,
+            fourier_limbs: 2,
+            input_body_bits: 44,
+        },
+        Precision::Compact => PackingParams {
+            output: GlweShape {
+                glwe_dimension: 1,
+                polynomial_size: 2048,
+                noise_bound_log2: 17,
+            },
+            base_log: 12,
+            level_count: 3,
+            fourier_limbs: 1,
+            input_body_bits: 39,
+        },
+    }
+}
+
+/// Standard deviations a layer must stay below for exactness.
+pub const Z_EXACT: f64 = 8.0;
+/// Compact layers are refused below this many predicted exact top bits: they would be useless.
+pub const MIN_COMPACT_TOP_BITS: u32 = 8;
+/// Output bits of a compact layer (mask, body): under 7 bytes per output value at a full pack.
+const COMPACT_OUTPUT_BITS: (u32, u32) = (28, 27);
+/// Empirical constants of the f64 FFT error terms (error ≈ factor · 2^−53 · rms(result)),
+/// set so that the model bounds what `tests/integration/noise.rs` measures: the product term
+/// matches a direct measurement at 4 (2^25.35 per coefficient for full-scale weights, modelled
+/// 2^25.5); the one-limb packing term needed about 15 for the compact key to be bounded, 24 keeps
+/// a margin.
+const FFT_ERROR_FACTOR: f64 = 4.0;
+const PACKING_FFT_ERROR_FACTOR: f64 = 24.0;
+
+/// What a layer's encrypted evaluation looks like: fixed at compile time, shared by client and
+/// server (it is part of the client spec).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerPlan {
+    pub precision: Precision,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub input_bits: u32,
+    pub weight_bits: u32,
+    /// Width of the signed accumulator `Σ v·w`.
+    pub acc_bits: u32,
+    pub input_body_bits: u32,
+    pub output_mask_bits: u32,
+    pub output_body_bits: u32,
+    /// log2 of the predicted noise standard deviation before decryption.
+    pub noise_std_log2: f64,
+    /// Predicted number of leading accumulator bits that are always right (`acc_bits` when exact).
+    pub predicted_exact_top_bits: u32,
+}
+
+/// Why a layer cannot be planned.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    #[error("layer `{layer}`: {what} must be in {range}, got {got}")]
+    OutOfRange {
+        layer: String,
+        what: &'static str,
+        range: &'static str,
+        got: usize,
+    },
+    #[error(
+        "layer `{layer}`: a {acc_bits}-bit accumulator ({input_bits}-bit inputs × {weight_bits}-bit \
+         weights × {in_features} inputs) does not fit the noise budget of {precision} precision \
+         (best predicted noise 2^{noise_std_log2:.1} vs. {needed}); use fewer bits or split the layer"
+    )]
+    NoiseBudget {
+        layer: String,
+        precision: Precision,
+        acc_bits: u32,
+        input_bits: u32,
+        weight_bits: u32,
+        in_features: usize,
+        noise_std_log2: f64,
+        needed: String,
+    },
+}
+
+/// Largest inner dimension accepted (the accumulator and the noise grow with it).
+pub const MAX_IN_FEATURES: usize = 1 << 16;
+pub const MAX_OUT_FEATURES: usize = 1 << 16;
+
+impl LayerPlan {
+    /// Plan a layer: accumulator width, wire bits, and the noise check. `layer` names it in errors.
+    pub fn new(
+        layer: &str,
+        precision: Precision,
+        in_features: usize,
+        out_features: usize,
+        input_bits: u32,
+        weight_bits: u32,
+    ) -> Result<Self, PlanError> {
+        let range = |what, range, got, ok: bool| {
+            if ok {
+                Ok(())
+            } else {
+                Err(PlanError::OutOfRange {
+                    layer: layer.to_string(),
+                    what,
+                    range,
+                    got,
+                })
+            }
+        };
+        range(
+            "in_features",
+            "1..=65536",
+            in_features,
+            (1..=MAX_IN_FEATURES).contains(&in_features),
+        )?;
+        range(
+            "out_features",
+            "1..=65536",
+            out_features,
+            (1..=MAX_OUT_FEATURES).contains(&out_features),
+        )?;
+        range(
+            "input bits",
+            "2..=16",
+            input_bits as usize,
+            (2..=16).contains(&input_bits),
+        )?;
+        range(
+            "weight bits",
+            "2..=8",
+            weight_bits as usize,
+            (2..=8).contains(&weight_bits),
+        )?;
+
+        let acc_bits = accumulator_bits(input_bits, weight_bits, in_features);
+        let max_w = 2f64.powi(weight_bits as i32 - 1);
+        let w_norm2 = in_features as f64 * max_w * max_w;
+        let model = NoiseModel { precision, w_norm2 };
+        let delta = 2f64.powi(64 - acc_bits as i32);
+        let refuse = |best: f64, needed: String| PlanError::NoiseBudget {
+            layer: layer.to_string(),
+            precision,
+            acc_bits,
+            input_bits,
+            weight_bits,
+            in_features,
+            noise_std_log2: best.log2(),
+            needed,
+        };
+        let params = packing_params(precision);
+        let (input_body_bits, mask_bits, body_bits, std) = match precision {
+            Precision::Exact => {
+                // Smallest wire sizes whose predicted noise keeps every bit: inputs first (they
+                // are the larger share of traffic for most shapes), then the output mask.
+                let limit = delta / 2.0 / Z_EXACT;
+                let mut best = f64::INFINITY;
+                let mut found = None;
+                'search: for b_in in params.input_body_bits..=56 {
+                    for mask in 24..=64u32 {
+                        let body = mask.saturating_sub(4).max(acc_bits + 1).min(64);
+                        let std = model.std(b_in, mask, body);
+                        best = best.min(std);
+                        if std < limit {
+                            found = Some((b_in, mask, body, std));
+                            break 'search;
+                        }
+                    }
+                }
+                found.ok_or_else(|| refuse(best, format!("2^{:.1}", limit.log2())))?
+            }
+            Precision::Compact => {
+                let (mask, body) = COMPACT_OUTPUT_BITS;
+                let std = model.std(params.input_body_bits, mask, body);
+                (params.input_body_bits, mask, body, std)
+            }
+        };
+        let predicted_exact_top_bits = top_bits_for_error(acc_bits, Z_EXACT * std / delta);
+        if precision == Precision::Compact && predicted_exact_top_bits < MIN_COMPACT_TOP_BITS {
+            return Err(refuse(
+                std,
+                format!("at least {MIN_COMPACT_TOP_BITS} exact top bits"),
+            ));
+        }
+        Ok(Self {
+            precision,
+            in_features,
+            out_features,
+            input_bits,
+            weight_bits,
+            acc_bits,
+            input_body_bits,
+            output_mask_bits: mask_bits,
+            output_body_bits: body_bits,
+            noise_std_log2: std.log2(),
+            predicted_exact_top_bits,
+        })
+    }
+
+    pub fn packing(&self) -> PackingParams {
+        packing_params(self.precision)
+    }
+
+    /// `log2 Δ`: where the accumulator's lowest bit sits in a 64-bit ciphertext coefficient.
+    pub fn delta_log(&self) -> u32 {
+        64 - self.acc_bits
+    }
+
+    /// Number of input GLWE ciphertexts per row (inner dimension chunks of `N`).
+    pub fn chunks(&self) -> usize {
+        self.in_features.div_ceil(INPUT_GLWE.polynomial_size)
+    }
+
+    /// Bytes per input value on the wire (bodies only; one 16-byte seed per request).
+    pub fn input_bytes_per_value(&self) -> f64 {
+        self.input_body_bits as f64 / 8.0
+    }
+
+    /// Bytes per output value on the wire for `rows` rows (masks amortised over each pack).
+    pub fn output_bytes_per_value(&self, rows: usize) -> f64 {
+        let out = packing_params(self.precision).output;
+        let total = rows * self.out_features;
+        let packs = total.div_ceil(out.polynomial_size);
+        let bits = packs * out.lwe_dimension() * self.output_mask_bits as usize
+            + total * self.output_body_bits as usize;
+        bits as f64 / 8.0 / total as f64
+    }
+}
+
+/// Signed width of `Σ v·w` for `|v| ≤ 2^input_bits − 1`, `|w| ≤ 2^(weight_bits − 1)`.
+pub fn accumulator_bits(input_bits: u32, weight_bits: u32, in_features: usize) -> u32 {
+    let max_abs = ((1u128 << input_bits) - 1) * (1u128 << (weight_bits - 1)) * in_features as u128;
+    128 - max_abs.leading_zeros() + 1
+}
+
+/// Leading accumulator bits guaranteed right when the error is at most `err` accumulator units.
+pub fn top_bits_for_error(acc_bits: u32, err: f64) -> u32 {
+    let err = err.round() as u64;
+    acc_bits.saturating_sub(64 - err.leading_zeros())
+}
+
+struct NoiseModel {
+    precision: Precision,
+    w_norm2: f64,
+}
+
+impl NoiseModel {
+    fn std(&self, input_body_bits: u32, mask_bits: u32, body_bits: u32) -> f64 {
+        let p = packing_params(self.precision);
+        let n_in = INPUT_GLWE.lwe_dimension() as f64;
+        let out = p.output;
+        let n_pack = out.polynomial_size as f64;
+        let levels = p.level_count as f64;
+        let pow2 = |e: f64| 2f64.powf(e);
+
+        let input = self.w_norm2
+            * (INPUT_GLWE.noise_variance() + pow2(2.0 * (64 - input_body_bits) as f64) / 12.0);
+        let product_fft = n_in / 2.0 * self.w_norm2 * (FFT_ERROR_FACTOR * pow2(11.0)).powi(2);
+        let rounding = n_in / 2.0 * pow2(2.0 * (64.0 - (p.base_log as f64 * levels))) / 12.0;
+        let digit_variance = (pow2(2.0 * p.base_log as f64) + 2.0) / 12.0;
+        let key = n_in * levels * n_pack * digit_variance * out.noise_variance();
+        let limb_rms = if p.fourier_limbs == 2 {
+            pow2(LIMB_SPLIT as f64) / 12f64.sqrt()
+        } else {
+            pow2(64.0) / 12f64.sqrt()
+        };
+        let mask_weight = out.lwe_dimension() as f64 / 2.0;
+        let packing_fft = (PACKING_FFT_ERROR_FACTOR
+            * pow2(-53.0)
+            * limb_rms
+            * digit_variance.sqrt()
+            * (n_in * levels * n_pack).sqrt())
+        .powi(2)
+            * (mask_weight + 1.0);
+        let modswitch = pow2(2.0 * (64 - body_bits) as f64) / 12.0
+            + mask_weight * pow2(2.0 * (64 - mask_bits) as f64) / 12.0;
+        (input + product_fft + rounding + key + packing_fft + modswitch).sqrt()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulator_of_8_bit_by_8_bit_by_2048_is_27_bits() {
+        assert_eq!(accumulator_bits(8, 8, 2048), 27);
+        assert_eq!(accumulator_bits(8, 8, 1), 16);
+    }
+
+    #[test]
+    fn exact_plan_for_2048_square_fits_the_wire_targets() {
+        let plan = LayerPlan::new("fc", Precision::Exact, 2048, 2048, 8, 8).unwrap();
+        assert!(plan.input_bytes_per_value() <= 6.0, "{plan:?}");
+        assert!(plan.output_bytes_per_value(1) <= 14.0, "{plan:?}");
+        assert_eq!(plan.predicted_exact_top_bits, plan.acc_bits);
+    }
+
+    #[test]
+    fn compact_plan_for_2048_square_fits_the_wire_targets() {
+        let plan = LayerPlan::new("fc", Precision::Compact, 2048, 2048, 8, 8).unwrap();
+        assert!(plan.input_bytes_per_value() <= 5.0, "{plan:?}");
+        assert!(plan.output_bytes_per_value(1) <= 7.0, "{plan:?}");
+        assert!(plan.predicted_exact_top_bits > 12, "{plan:?}");
+    }
+
+    #[test]
+    fn a_layer_whose_accumulator_cannot_fit_is_refused_with_its_name() {
+        let err = LayerPlan::new("encoder.huge", Precision::Exact, 65536, 8, 16, 8).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("encoder.huge") && msg.contains("noise budget"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the encrypted engine (one binary; modules by subject).
+
+mod cli;
+mod codecs;
+mod exactness;
+mod helpers;
+mod noise;
