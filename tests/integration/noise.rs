@@ -52,6 +52,12 @@ fn measure(precision: Precision, rows: usize, cols: usize, out: usize) -> (Measu
         .collect();
     let var = errors.iter().map(|e| e * e).sum::<f64>() / errors.len() as f64;
     let max = errors.iter().fold(0f64, |m, e| m.max(e.abs()));
+    eprintln!(
+        "{precision:?}: measured std 2^{:.3} (max 2^{:.3}), predicted 2^{:.3}",
+        var.sqrt().log2(),
+        max.log2(),
+        plan.noise_std_log2
+    );
     (
         Measured {
             std_log2: var.sqrt().log2(),
