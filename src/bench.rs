@@ -60,11 +60,7 @@ pub struct LinearBenchReport {
     pub predicted_exact_top_bits: u32,
 }
 
-/// Progress hooks, so the CLI can draw bars without this module knowing about terminals.
-pub trait Progress: Sync {
-    fn stage(&self, name: &str, total: usize);
-    fn advance(&self, n: usize);
-}
+pub use crate::progress::Progress;
 
 pub fn run_linear(
     config: &LinearBenchConfig,

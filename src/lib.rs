@@ -10,4 +10,7 @@
 
 pub mod bench;
 pub mod fhe;
+pub mod hybrid;
+pub mod model;
+pub mod progress;
 pub mod quant;

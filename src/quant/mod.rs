@@ -14,7 +14,7 @@ mod weight;
 
 pub use input::{AffineQuantizer, InputQuantization, QuantizedRows};
 pub use linear::QuantizedLinear;
-pub use matmul::{correct_and_dequantize, integer_matmul};
+pub use matmul::{correct_and_dequantize, integer_matmul, OutputDequantizer};
 pub use weight::{Granularity, QuantizedWeights, WeightScheme};
 
 /// Why a tensor could not be quantized.

@@ -1,0 +1,247 @@
+//! What computes a remote module in each mode.
+//!
+//! - [`FloatBackend`]: the float layer (calibration; `torch` runs the untouched model instead).
+//! - [`ClearBackend`]: quantized in the clear — `disable` multiplies dequantized values in f32,
+//!   `simulate` runs the integer matmul the encrypted path must equal bit for bit.
+//! - [`EncryptedBackend`]: quantize, encrypt, ask a [`Remote`], decrypt, dequantize. `execute` uses
+//!   the in-process [`LocalServer`]; the serving layer implements [`Remote`] over HTTP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ndarray::{Array2, ArrayView2};
+
+use super::rows::{from_rows, to_rows};
+use super::runtime::{ms_since, BoxFuture, ForwardStats, ModuleBackend};
+use super::spec::{ClientSpec, ServerModule};
+use super::HybridError;
+use crate::fhe::{
+    ClientKey, EncryptedOutputs, EncryptedRows, FourierLinearLayer, FourierPackingKey, Precision,
+    MAX_ROWS,
+};
+use crate::model::{LinearModule, Value};
+use crate::quant::integer_matmul;
+
+/// A server that evaluates encrypted rows for a session whose client holds `client_key`.
+///
+/// The serving layer implements it over HTTP; [`LocalServer`] in process.
+pub trait Remote: Send + Sync {
+    fn client_key(&self) -> &ClientKey;
+    fn compute<'a>(
+        &'a self,
+        module: &'a str,
+        request: EncryptedRows,
+    ) -> BoxFuture<'a, Result<EncryptedOutputs, HybridError>>;
+}
+
+/// Client keys and a server in one process: what `execute` mode runs on.
+pub struct LocalServer {
+    client: Arc<ClientKey>,
+    exact: Option<FourierPackingKey>,
+    compact: Option<FourierPackingKey>,
+    layers: HashMap<String, FourierLinearLayer>,
+}
+
+impl LocalServer {
+    /// Evaluation keys for the precisions the modules use, and every layer's Fourier weights.
+    pub fn new(
+        client: Arc<ClientKey>,
+        modules: &BTreeMap<String, ServerModule>,
+    ) -> Result<Self, HybridError> {
+        let uses = |p: Precision| modules.values().any(|m| m.plan.precision == p);
+        let key = |p: Precision| {
+            uses(p).then(|| FourierPackingKey::new(&client.evaluation_key(p, &|_| ())))
+        };
+        let layers = modules
+            .iter()
+            .map(|(name, m)| Ok((name.clone(), FourierLinearLayer::new(m.plan.clone(), &m.weights.codes)?)))
+            .collect::<Result<_, HybridError>>()?;
+        Ok(Self {
+            exact: key(Precision::Exact),
+            compact: key(Precision::Compact),
+            client,
+            layers,
+        })
+    }
+}
+
+impl Remote for LocalServer {
+    fn client_key(&self) -> &ClientKey {
+        &self.client
+    }
+
+    fn compute<'a>(
+        &'a self,
+        module: &'a str,
+        request: EncryptedRows,
+    ) -> BoxFuture<'a, Result<EncryptedOutputs, HybridError>> {
+        Box::pin(async move {
+            let layer = self
+                .layers
+                .get(module)
+                .ok_or_else(|| HybridError::UnknownRemote(module.to_string()))?;
+            let key = match layer.plan().precision {
+                Precision::Exact => self.exact.as_ref(),
+                Precision::Compact => self.compact.as_ref(),
+            }
+            .expect("a key exists for every precision a layer uses");
+            Ok(layer.evaluate(key, &request)?)
+        })
+    }
+}
+
+/// Float linear layers; records each module's input range (calibration).
+pub(crate) struct FloatBackend<'a> {
+    pub modules: &'a HashMap<String, LinearModule>,
+    pub ranges: Mutex<HashMap<String, (f32, f32)>>,
+}
+
+impl ModuleBackend for FloatBackend<'_> {
+    fn compute<'a>(
+        &'a self,
+        module: &'a str,
+        input: Value,
+        _stats: &'a Mutex<ForwardStats>,
+    ) -> BoxFuture<'a, Result<Value, HybridError>> {
+        Box::pin(async move {
+            let m = self
+                .modules
+                .get(module)
+                .ok_or_else(|| HybridError::UnknownRemote(module.to_string()))?;
+            let (x, layout) = to_rows(module, &m.kind, m.in_features, &input)?;
+            let (lo, hi) = x
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+            let mut ranges = self.ranges.lock().expect("ranges");
+            let r = ranges.entry(module.to_string()).or_insert((lo, hi));
+            *r = (r.0.min(lo), r.1.max(hi));
+            drop(ranges);
+            let y = float_matmul(&x, m.in_features, &m.weight, m.out_features, m.bias.as_deref());
+            Ok(from_rows(&layout, m.out_features, &y)?)
+        })
+    }
+}
+
+/// Quantized, in the clear (owner side: needs the server tree's weights).
+pub(crate) struct ClearBackend<'a> {
+    pub specs: &'a BTreeMap<String, ClientSpec>,
+    pub server: &'a BTreeMap<String, ServerModule>,
+    /// `simulate` (integer matmul) rather than `disable` (f32 on dequantized values).
+    pub integer: bool,
+}
+
+impl ModuleBackend for ClearBackend<'_> {
+    fn compute<'a>(
+        &'a self,
+        module: &'a str,
+        input: Value,
+        stats: &'a Mutex<ForwardStats>,
+    ) -> BoxFuture<'a, Result<Value, HybridError>> {
+        Box::pin(async move {
+            let start = Instant::now();
+            let (spec, server) = match (self.specs.get(module), self.server.get(module)) {
+                (Some(s), Some(m)) => (s, m),
+                _ => return Err(HybridError::UnknownRemote(module.to_string())),
+            };
+            let (x, layout) = to_rows(module, &spec.kind, spec.in_features, &input)?;
+            let q = spec.input.quantize(&x, spec.in_features)?;
+            let y = if self.integer {
+                let acc = integer_matmul(&q, &server.weights);
+                spec.dequantizer.apply(&acc, &q)?
+            } else {
+                // Fake quantization: the quantized values, multiplied in floating point.
+                let w = &server.weights;
+                let x_hat: Vec<f32> = q
+                    .values
+                    .chunks_exact(spec.in_features)
+                    .zip(&q.quantizers)
+                    .flat_map(|(row, qz)| row.iter().map(move |&v| v as f32 * qz.scale))
+                    .collect();
+                let w_hat: Vec<f32> = (0..w.out_features)
+                    .flat_map(|j| {
+                        let (s, zp) = (w.scale(j), w.zero_point(j));
+                        w.row(j).iter().map(move |&c| (c as i32 - zp) as f32 * s)
+                    })
+                    .collect();
+                float_matmul(
+                    &x_hat,
+                    spec.in_features,
+                    &w_hat,
+                    spec.out_features,
+                    spec.dequantizer.bias.as_deref(),
+                )
+            };
+            let out = from_rows(&layout, spec.out_features, &y)?;
+            stats.lock().expect("stats").clear_ms += ms_since(start);
+            Ok(out)
+        })
+    }
+}
+
+/// Encrypted through a [`Remote`]: what `execute` and `remote` run.
+pub(crate) struct EncryptedBackend<'a> {
+    pub specs: &'a BTreeMap<String, ClientSpec>,
+    pub remote: &'a dyn Remote,
+}
+
+impl ModuleBackend for EncryptedBackend<'_> {
+    fn compute<'a>(
+        &'a self,
+        module: &'a str,
+        input: Value,
+        stats: &'a Mutex<ForwardStats>,
+    ) -> BoxFuture<'a, Result<Value, HybridError>> {
+        Box::pin(async move {
+            let spec = self
+                .specs
+                .get(module)
+                .ok_or_else(|| HybridError::UnknownRemote(module.to_string()))?;
+            let mut s = ForwardStats::default();
+            let t = Instant::now();
+            let (x, layout) = to_rows(module, &spec.kind, spec.in_features, &input)?;
+            let q = spec.input.quantize(&x, spec.in_features)?;
+            s.quantize_ms += ms_since(t);
+
+            let key = self.remote.client_key();
+            let mut acc = Vec::with_capacity(q.rows * spec.out_features);
+            // Requests of at most MAX_ROWS rows: a conv over a batch easily has tens of
+            // thousands of im2col rows.
+            for chunk in q.values.chunks(MAX_ROWS * spec.in_features) {
+                let rows = chunk.len() / spec.in_features;
+                let t = Instant::now();
+                let request = key.encrypt_rows(&spec.plan, chunk, rows)?;
+                s.encrypt_ms += ms_since(t);
+                s.upload_bytes += request.wire_len();
+                let t = Instant::now();
+                let response = self.remote.compute(module, request).await?;
+                s.fhe_ms += ms_since(t);
+                s.download_bytes += response.wire_len();
+                s.requests += 1;
+                let t = Instant::now();
+                acc.extend(key.decrypt_outputs(&spec.plan, &response)?);
+                s.decrypt_ms += ms_since(t);
+            }
+            let t = Instant::now();
+            let y = spec.dequantizer.apply(&acc, &q)?;
+            let out = from_rows(&layout, spec.out_features, &y)?;
+            s.dequantize_ms += ms_since(t);
+            stats.lock().expect("stats").add(&s);
+            Ok(out)
+        })
+    }
+}
+
+/// `x · Wᵀ + b` in f32 through ndarray (rows × in, out × in).
+fn float_matmul(x: &[f32], cols: usize, w: &[f32], out: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let rows = x.len() / cols;
+    let x = ArrayView2::from_shape((rows, cols), x).expect("rows × cols");
+    let w = ArrayView2::from_shape((out, cols), w).expect("out × cols");
+    let mut y: Array2<f32> = x.dot(&w.t());
+    if let Some(b) = bias {
+        for mut row in y.rows_mut() {
+            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    }
+    y.into_raw_vec_and_offset().0
+}

@@ -1,0 +1,599 @@
+//! Hybrid models: the model side of Concrete ML's `HybridFHEModel`.
+//!
+//! ```text
+//! HybridModel::new(onnx, &["seq.0"])      pick modules by their named_modules() path
+//!   .compile(&calibration, &options, ..)  calibrate, quantize, plan the crypto (refuses misfits)
+//!   .forward(x, Mode::Execute)            one call: local segments in tract, remote modules
+//!                                         through the mode's backend
+//!   .save_and_clear_private_info(dir)     client/ (no weights), server/, private/
+//! HybridModel::load(dir)                  whichever trees are there, verified
+//! ```
+//!
+//! Each remote module is cut out of the graph and replaced by one placeholder node; the graph
+//! then splits into local segments and remote steps ([`crate::model::StagePlan`]), and every mode
+//! is a [`ModuleBackend`] for those steps: `Torch` (the untouched float model, owner only),
+//! `Disable` (quantized values multiplied in f32), `Simulate` (the integer matmul, bit-exact with
+//! FHE), `Execute` (real FHE, client and server in this process) and `Remote` (a [`Remote`]
+//! server, implemented by the serving layer).
+
+mod artefacts;
+mod backend;
+mod rows;
+mod runtime;
+mod spec;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prost::Message;
+use tract_onnx::pb::ModelProto;
+
+pub use artefacts::{ArtefactError, Manifest, FORMAT_VERSION};
+pub use backend::{LocalServer, Remote};
+pub use rows::{from_rows, to_rows, RowLayout};
+pub use runtime::{BoxFuture, ForwardStats, ModuleBackend, Runtime};
+pub use spec::{sha256_hex, ClientSpec, ServerModule, PROTOCOL_VERSION};
+
+use crate::fhe::{decode, encode, ClientKey, CodecError, FheError, LayerPlan, PlanError, Precision};
+use crate::model::{
+    cut_remote_modules, runner, LinearModule, ModelError, OnnxModel, Value,
+};
+use crate::progress::Progress;
+use crate::quant::{
+    AffineQuantizer, Granularity, InputQuantization, OutputDequantizer, QuantError,
+    QuantizedWeights, WeightScheme,
+};
+use backend::{ClearBackend, EncryptedBackend, FloatBackend};
+use runtime::run_ready;
+
+/// Largest spec or server-module blob we decode from disk.
+const MAX_MODULE_BYTES: usize = 1 << 30;
+/// Calibration samples per tract run when the batch axis is free.
+const CALIBRATION_BATCH: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HybridError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("quantization: {0}")]
+    Quant(#[from] QuantError),
+    #[error(transparent)]
+    Fhe(#[from] FheError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Artefact(#[from] ArtefactError),
+    #[error("the model is not compiled yet: call compile (or `hyfhe compile`) before mode {0}")]
+    NotCompiled(Mode),
+    #[error("mode {mode} needs {what}, which this model does not hold{hint}")]
+    Missing {
+        mode: Mode,
+        what: &'static str,
+        hint: &'static str,
+    },
+    #[error("no remote module `{0}` in this model")]
+    UnknownRemote(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("remote server: {0}")]
+    Remote(String),
+}
+
+/// How `forward` computes the remote modules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The float model, untouched (owner only: needs the private tree).
+    Torch,
+    /// Quantized values multiplied in f32, in the clear.
+    Disable,
+    /// The integer matmul in the clear: bit-exact with `execute` in exact precision.
+    Simulate,
+    /// Real FHE with client and server in this process.
+    Execute,
+    /// Real FHE against a server (the serving layer).
+    Remote,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Mode::Torch => "torch",
+            Mode::Disable => "disable",
+            Mode::Simulate => "simulate",
+            Mode::Execute => "execute",
+            Mode::Remote => "remote",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Per-model compile settings (applied to every remote module).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompileOptions {
+    /// Bits of inputs and weights (Concrete ML's `n_bits`); weights take at most 8.
+    pub n_bits: u32,
+    /// Quantize inputs per row at run time instead of with the calibrated range.
+    pub dynamic_inputs: bool,
+    pub precision: Precision,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        Self {
+            n_bits: 8,
+            dynamic_inputs: false,
+            precision: Precision::Exact,
+        }
+    }
+}
+
+/// What compiling decided for each module (for the CLI and logs).
+#[derive(Clone, Debug)]
+pub struct ModuleReport {
+    pub module: String,
+    pub plan: LayerPlan,
+    pub input: InputQuantization,
+}
+
+/// A model with some modules remote; see the module docs.
+pub struct HybridModel {
+    name: String,
+    /// The full float model (owner only; `Torch` mode).
+    private: Option<ModelProto>,
+    /// Float parameters of the remote modules (owner only, until saved).
+    linear: HashMap<String, LinearModule>,
+    client_model: ModelProto,
+    runtime: Runtime,
+    specs: BTreeMap<String, ClientSpec>,
+    server: Option<BTreeMap<String, ServerModule>>,
+    torch: OnceLock<Runtime>,
+    keys: Mutex<Option<Arc<ClientKey>>>,
+    local_server: Mutex<Option<Arc<LocalServer>>>,
+}
+
+impl HybridModel {
+    /// Select the remote modules by path. Unknown paths, nested selections and modules that are
+    /// not a single linear layer are refused with the reason.
+    pub fn new(name: &str, onnx: OnnxModel, remote: &[&str]) -> Result<Self, HybridError> {
+        if remote.is_empty() {
+            return Err(HybridError::Unsupported(
+                "no remote module selected (hyfhe inspect lists the module paths)".into(),
+            ));
+        }
+        let mut linear = HashMap::new();
+        let mut modules = Vec::new();
+        for &path in remote {
+            if let Some(other) = remote.iter().find(|o| {
+                **o != path && (path.starts_with(&format!("{o}.")) || **o == path)
+            }) {
+                return Err(HybridError::Unsupported(format!(
+                    "`{path}` is inside `{other}`: select each module once"
+                )));
+            }
+            if linear.contains_key(path) {
+                return Err(HybridError::Unsupported(format!("`{path}` is selected twice")));
+            }
+            let m = onnx.linear_module(path)?;
+            modules.push(m.clone());
+            linear.insert(path.to_string(), m);
+        }
+        let client_model = cut_remote_modules(onnx.proto(), &modules);
+        let runtime = Runtime::new(&client_model)?;
+        Ok(Self {
+            name: name.to_string(),
+            private: Some(onnx.proto().clone()),
+            linear,
+            client_model,
+            runtime,
+            specs: BTreeMap::new(),
+            server: None,
+            torch: OnceLock::new(),
+            keys: Mutex::new(None),
+            local_server: Mutex::new(None),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Remote modules in execution order.
+    pub fn remote_modules(&self) -> Vec<String> {
+        self.runtime.remote_modules().into_iter().map(String::from).collect()
+    }
+
+    pub fn specs(&self) -> &BTreeMap<String, ClientSpec> {
+        &self.specs
+    }
+
+    pub fn server_modules(&self) -> Option<&BTreeMap<String, ServerModule>> {
+        self.server.as_ref()
+    }
+
+    pub fn is_compiled(&self) -> bool {
+        !self.specs.is_empty()
+    }
+
+    /// Use these client keys for `execute` (tests share one set; keygen takes seconds).
+    pub fn use_client_key(&self, key: Arc<ClientKey>) {
+        *self.keys.lock().expect("keys") = Some(key);
+        *self.local_server.lock().expect("server") = None;
+    }
+
+    /// Calibrate on `calibration` (samples along axis 0), then quantize and plan every remote
+    /// module. A module whose accumulator cannot fit is refused, naming it and why.
+    pub fn compile(
+        &mut self,
+        calibration: &Value,
+        options: &CompileOptions,
+        progress: &dyn Progress,
+    ) -> Result<Vec<ModuleReport>, HybridError> {
+        let mut ranges = HashMap::new();
+        if !options.dynamic_inputs {
+            ranges = self.calibrate(calibration, progress)?;
+        }
+        let order = self.remote_modules();
+        progress.stage("compiling", order.len());
+        let mut specs = BTreeMap::new();
+        let mut server = BTreeMap::new();
+        let mut reports = Vec::new();
+        for name in &order {
+            let m = self.linear.get(name).ok_or_else(|| {
+                HybridError::Unsupported(format!(
+                    "`{name}` has no float weights here (private info was cleared)"
+                ))
+            })?;
+            let weights = QuantizedWeights::quantize(
+                &m.weight,
+                m.out_features,
+                m.in_features,
+                options.n_bits,
+                Granularity::PerChannel,
+                WeightScheme::Symmetric,
+            )?;
+            let input = if options.dynamic_inputs {
+                InputQuantization::DynamicPerRow {
+                    bits: options.n_bits,
+                }
+            } else {
+                let (lo, hi) = ranges.get(name).copied().ok_or_else(|| {
+                    HybridError::Unsupported(format!("calibration never reached `{name}`"))
+                })?;
+                InputQuantization::Static(AffineQuantizer::from_range(lo, hi, options.n_bits)?)
+            };
+            let plan = LayerPlan::new(
+                name,
+                options.precision,
+                m.in_features,
+                m.out_features,
+                options.n_bits,
+                options.n_bits,
+            )?;
+            let spec = ClientSpec {
+                protocol_version: PROTOCOL_VERSION,
+                module: name.clone(),
+                kind: m.kind,
+                in_features: m.in_features,
+                out_features: m.out_features,
+                input,
+                plan: plan.clone(),
+                dequantizer: OutputDequantizer::new(&weights, m.bias.clone()),
+            };
+            server.insert(
+                name.clone(),
+                ServerModule {
+                    protocol_version: PROTOCOL_VERSION,
+                    module: name.clone(),
+                    plan: plan.clone(),
+                    weights,
+                    client_spec_sha256: spec.sha256(),
+                },
+            );
+            reports.push(ModuleReport {
+                module: name.clone(),
+                plan,
+                input,
+            });
+            specs.insert(name.clone(), spec);
+            progress.advance(1);
+        }
+        self.specs = specs;
+        self.server = Some(server);
+        *self.local_server.lock().expect("server") = None;
+        Ok(reports)
+    }
+
+    /// Run the float model on the calibration samples, recording each remote module's input
+    /// range.
+    fn calibrate(
+        &self,
+        calibration: &Value,
+        progress: &dyn Progress,
+    ) -> Result<HashMap<String, (f32, f32)>, HybridError> {
+        let shape = calibration.shape();
+        let samples = *shape.first().ok_or_else(|| {
+            HybridError::Model(ModelError::Input("calibration data is a scalar".into()))
+        })?;
+        if samples == 0 {
+            return Err(QuantError::EmptyCalibration.into());
+        }
+        let declared = runner::declared_shape(self.client_graph(), &self.runtime.input);
+        let batch = match declared.as_ref().and_then(|d| d.first().copied().flatten()) {
+            Some(fixed) => fixed,
+            None => CALIBRATION_BATCH,
+        };
+        let backend = FloatBackend {
+            modules: &self.linear,
+            ranges: Mutex::new(HashMap::new()),
+        };
+        let stats = Mutex::new(ForwardStats::default());
+        progress.stage("calibrating", samples);
+        let mut start = 0;
+        while start < samples {
+            let end = (start + batch).min(samples);
+            if end - start != batch && declared.as_ref().is_some_and(|d| d[0].is_some()) {
+                break; // a fixed batch axis: the remainder cannot be fed
+            }
+            let chunk = calibration
+                .slice(0, start, end)
+                .map_err(ModelError::tract)?;
+            runner::check_input_shape(self.client_graph(), &self.runtime.input, chunk.shape())?;
+            run_ready(self.runtime.run(chunk, &backend, &stats))?;
+            progress.advance(end - start);
+            start = end;
+        }
+        Ok(backend.ranges.into_inner().expect("ranges"))
+    }
+
+    fn client_graph(&self) -> &tract_onnx::pb::GraphProto {
+        self.client_model.graph.as_ref().expect("validated model")
+    }
+
+    /// One forward pass in `mode` (every mode but `Remote`, which needs a server: see
+    /// [`Self::forward_remote`]).
+    pub fn forward(&self, x: Value, mode: Mode) -> Result<(Value, ForwardStats), HybridError> {
+        let stats = Mutex::new(ForwardStats::default());
+        runner::check_input_shape(self.client_graph(), &self.runtime.input, x.shape())?;
+        let y = match mode {
+            Mode::Torch => {
+                let runtime = self.torch_runtime()?;
+                let backend = FloatBackend {
+                    modules: &self.linear,
+                    ranges: Mutex::new(HashMap::new()),
+                };
+                run_ready(runtime.run(x, &backend, &stats))?
+            }
+            Mode::Disable | Mode::Simulate => {
+                let server = self.clear_server(mode)?;
+                let backend = ClearBackend {
+                    specs: &self.specs,
+                    server,
+                    integer: mode == Mode::Simulate,
+                };
+                run_ready(self.runtime.run(x, &backend, &stats))?
+            }
+            Mode::Execute => {
+                let server = self.local_server()?;
+                let backend = EncryptedBackend {
+                    specs: &self.specs,
+                    remote: server.as_ref(),
+                };
+                run_ready(self.runtime.run(x, &backend, &stats))?
+            }
+            Mode::Remote => {
+                return Err(HybridError::Unsupported(
+                    "mode remote needs a server: use forward_remote (or `hyfhe run --mode remote`)"
+                        .into(),
+                ))
+            }
+        };
+        Ok((y, stats.into_inner().expect("stats")))
+    }
+
+    /// One forward pass whose remote modules run on `remote`.
+    pub async fn forward_remote(
+        &self,
+        x: Value,
+        remote: &dyn Remote,
+    ) -> Result<(Value, ForwardStats), HybridError> {
+        if !self.is_compiled() {
+            return Err(HybridError::NotCompiled(Mode::Remote));
+        }
+        runner::check_input_shape(self.client_graph(), &self.runtime.input, x.shape())?;
+        let stats = Mutex::new(ForwardStats::default());
+        let backend = EncryptedBackend {
+            specs: &self.specs,
+            remote,
+        };
+        let y = self.runtime.run(x, &backend, &stats).await?;
+        Ok((y, stats.into_inner().expect("stats")))
+    }
+
+    fn torch_runtime(&self) -> Result<&Runtime, HybridError> {
+        if let Some(r) = self.torch.get() {
+            return Ok(r);
+        }
+        let private = self.private.as_ref().ok_or(HybridError::Missing {
+            mode: Mode::Torch,
+            what: "the full float model",
+            hint: " (it lives in the private/ tree, which is never served)",
+        })?;
+        let runtime = Runtime::new(private)?;
+        Ok(self.torch.get_or_init(|| runtime))
+    }
+
+    fn clear_server(&self, mode: Mode) -> Result<&BTreeMap<String, ServerModule>, HybridError> {
+        if !self.is_compiled() {
+            return Err(HybridError::NotCompiled(mode));
+        }
+        self.server.as_ref().ok_or(HybridError::Missing {
+            mode,
+            what: "the quantized weights",
+            hint: " (the server/ tree: only the model owner and workers have it)",
+        })
+    }
+
+    /// The in-process server of `execute`, built on first use (keygen, Fourier keys).
+    pub fn local_server(&self) -> Result<Arc<LocalServer>, HybridError> {
+        let server = self.clear_server(Mode::Execute)?;
+        let mut slot = self.local_server.lock().expect("server");
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let key = self
+            .keys
+            .lock()
+            .expect("keys")
+            .get_or_insert_with(|| Arc::new(ClientKey::generate()))
+            .clone();
+        let s = Arc::new(LocalServer::new(key, server)?);
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Write `dir/client`, `dir/server` and `dir/private`, then drop everything private from
+    /// this instance: afterwards it can only run `Remote` (load the directory for the rest).
+    pub fn save_and_clear_private_info(
+        &mut self,
+        dir: impl AsRef<Path>,
+        force: bool,
+    ) -> Result<(), HybridError> {
+        let dir = dir.as_ref();
+        let server = self.clear_server(Mode::Execute)?;
+        let private = self.private.as_ref().ok_or(HybridError::Missing {
+            mode: Mode::Torch,
+            what: "the full float model",
+            hint: "",
+        })?;
+        artefacts::prepare_dir(dir, force)?;
+        let modules = self.remote_modules();
+
+        let mut client_files = vec![("model.onnx".to_string(), self.client_model.encode_to_vec())];
+        for (name, spec) in &self.specs {
+            client_files.push((format!("modules/{name}.spec"), encode(spec)));
+        }
+        artefacts::write_tree(dir, "client", &self.name, &modules, &client_files)?;
+        let server_files: Vec<(String, Vec<u8>)> = server
+            .iter()
+            .map(|(name, m)| (format!("{name}/module.bin"), encode(m)))
+            .collect();
+        artefacts::write_tree(dir, "server", &self.name, &modules, &server_files)?;
+        artefacts::write_tree(
+            dir,
+            "private",
+            &self.name,
+            &modules,
+            &[("model.onnx".to_string(), private.encode_to_vec())],
+        )?;
+
+        self.private = None;
+        self.linear.clear();
+        self.server = None;
+        *self.local_server.lock().expect("server") = None;
+        Ok(())
+    }
+
+    /// Load whichever of `dir/client` (required), `dir/server` and `dir/private` exist, checking
+    /// versions, hashes and that the trees come from one compilation.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Self, HybridError> {
+        let dir = dir.as_ref();
+        let client = artefacts::read_tree(dir, "client")?.ok_or_else(|| {
+            ArtefactError::Missing(format!(
+                "{} (a directory written by `hyfhe compile`)",
+                dir.join("client").display()
+            ))
+        })?;
+        let name = client.manifest.model.clone();
+        let client_model = ModelProto::decode(client.file("model.onnx")?)
+            .map_err(|e| ModelError::Decode(e.to_string()))?;
+        let runtime = Runtime::new(&client_model)?;
+        let mut specs = BTreeMap::new();
+        for module in &client.manifest.modules {
+            let spec: ClientSpec =
+                decode(client.file(&format!("modules/{module}.spec"))?, MAX_MODULE_BYTES)?;
+            if spec.module != *module {
+                return Err(ArtefactError::Inconsistent(format!(
+                    "spec file of `{module}` describes `{}`",
+                    spec.module
+                ))
+                .into());
+            }
+            specs.insert(module.clone(), spec);
+        }
+        let mut in_graph = runtime.remote_modules();
+        in_graph.sort_unstable();
+        if in_graph != specs.keys().map(String::as_str).collect::<Vec<_>>() {
+            return Err(ArtefactError::Inconsistent(format!(
+                "the client model cuts {in_graph:?}, the manifest lists {:?}",
+                client.manifest.modules
+            ))
+            .into());
+        }
+
+        let server = match artefacts::read_tree(dir, "server")? {
+            None => None,
+            Some(tree) => {
+                check_same_model(&client.manifest, &tree.manifest)?;
+                let mut modules = BTreeMap::new();
+                for (name, spec) in &specs {
+                    let m: ServerModule =
+                        decode(tree.file(&format!("{name}/module.bin"))?, MAX_MODULE_BYTES)?;
+                    if m.client_spec_sha256 != spec.sha256() || m.plan != spec.plan {
+                        return Err(ArtefactError::Inconsistent(format!(
+                            "server module `{name}` was compiled with another client spec"
+                        ))
+                        .into());
+                    }
+                    modules.insert(name.clone(), m);
+                }
+                Some(modules)
+            }
+        };
+        let private = match artefacts::read_tree(dir, "private")? {
+            None => None,
+            Some(tree) => {
+                check_same_model(&client.manifest, &tree.manifest)?;
+                Some(
+                    ModelProto::decode(tree.file("model.onnx")?)
+                        .map_err(|e| ModelError::Decode(e.to_string()))?,
+                )
+            }
+        };
+        Ok(Self {
+            name,
+            private,
+            linear: HashMap::new(),
+            client_model,
+            runtime,
+            specs,
+            server,
+            torch: OnceLock::new(),
+            keys: Mutex::new(None),
+            local_server: Mutex::new(None),
+        })
+    }
+
+    /// The client tree's model: remote modules replaced by placeholders, no private weights.
+    pub fn client_model(&self) -> &ModelProto {
+        &self.client_model
+    }
+}
+
+fn check_same_model(client: &Manifest, other: &Manifest) -> Result<(), ArtefactError> {
+    if client.model != other.model || client.modules != other.modules {
+        return Err(ArtefactError::Inconsistent(format!(
+            "{} tree is for model `{}` with modules {:?}, the client tree for `{}` with {:?}",
+            other.format, other.model, other.modules, client.model, client.modules
+        )));
+    }
+    Ok(())
+}
+
+/// Everything `Torch` mode needs from an f32 numpy array's shape and values.
+pub fn tensor(shape: &[usize], values: &[f32]) -> Result<Value, HybridError> {
+    Ok(runner::f32_tensor(shape, values)?)
+}

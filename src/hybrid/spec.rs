@@ -1,0 +1,121 @@
+//! What a compiled remote module is, on each side of the wire.
+//!
+//! [`ClientSpec`] is everything a client needs to quantize, encrypt, decrypt and dequantize for
+//! one module: shapes, the input quantizer, the crypto plan and the per-channel dequantizer. It
+//! holds no weight matrix. [`ServerModule`] is what a worker loads: the quantized weights and the
+//! plan, plus the hash of the client spec it was compiled with so mismatched trees are refused.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::fhe::{CodecError, LayerPlan, Wire};
+use crate::model::LinearKind;
+use crate::quant::{InputQuantization, OutputDequantizer, QuantizedWeights};
+
+/// Version of the client/server protocol a spec was compiled for.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientSpec {
+    pub protocol_version: u16,
+    pub module: String,
+    pub kind: LinearKind,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub input: InputQuantization,
+    pub plan: LayerPlan,
+    pub dequantizer: OutputDequantizer,
+}
+
+impl Wire for ClientSpec {
+    const KIND: u8 = 4;
+    const NAME: &'static str = "client spec";
+    const VERSION: u16 = 1;
+
+    fn validate(&self) -> Result<(), CodecError> {
+        let bad = |r: String| Err(CodecError::invalid::<Self>(r));
+        if self.protocol_version != PROTOCOL_VERSION {
+            return bad(format!(
+                "protocol version {} (this build speaks {PROTOCOL_VERSION})",
+                self.protocol_version
+            ));
+        }
+        if self.plan.in_features != self.in_features || self.plan.out_features != self.out_features
+        {
+            return bad(format!(
+                "plan is {}×{}, module {}×{}",
+                self.plan.out_features, self.plan.in_features, self.out_features, self.in_features
+            ));
+        }
+        if let crate::model::LinearKind::Conv(g) = self.kind {
+            if g.features() != self.in_features || g.stride.contains(&0) || g.dilation.contains(&0)
+            {
+                return bad(format!("conv geometry {g:?} for {} features", self.in_features));
+            }
+        }
+        if self.input.bits() != self.plan.input_bits {
+            return bad("input quantizer and plan disagree on bits".into());
+        }
+        if self.dequantizer.out_features != self.out_features {
+            return bad("dequantizer width differs from the module's".into());
+        }
+        self.dequantizer
+            .check()
+            .or_else(|e| bad(e.to_string()))
+    }
+}
+
+impl ClientSpec {
+    /// Content hash of the encoded spec (what a server module and the registry refer to).
+    pub fn sha256(&self) -> String {
+        sha256_hex(&crate::fhe::encode(self))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServerModule {
+    pub protocol_version: u16,
+    pub module: String,
+    pub plan: LayerPlan,
+    pub weights: QuantizedWeights,
+    /// [`ClientSpec::sha256`] of the spec compiled alongside.
+    pub client_spec_sha256: String,
+}
+
+impl Wire for ServerModule {
+    const KIND: u8 = 5;
+    const NAME: &'static str = "server module";
+    const VERSION: u16 = 1;
+
+    fn validate(&self) -> Result<(), CodecError> {
+        let bad = |r: String| Err(CodecError::invalid::<Self>(r));
+        if self.protocol_version != PROTOCOL_VERSION {
+            return bad(format!(
+                "protocol version {} (this build speaks {PROTOCOL_VERSION})",
+                self.protocol_version
+            ));
+        }
+        let w = &self.weights;
+        if w.in_features != self.plan.in_features
+            || w.out_features != self.plan.out_features
+            || w.codes.len() != w.in_features * w.out_features
+            || w.bits != self.plan.weight_bits
+        {
+            return bad(format!(
+                "weights {}×{} ({} codes, {} bits) vs plan {}×{} ({} bits)",
+                w.out_features,
+                w.in_features,
+                w.codes.len(),
+                w.bits,
+                self.plan.out_features,
+                self.plan.in_features,
+                self.plan.weight_bits
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}

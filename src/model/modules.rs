@@ -1,0 +1,285 @@
+//! Module paths as PyTorch's `named_modules()` spells them, recovered from the names the
+//! TorchScript ONNX exporter gives nodes and initializers.
+//!
+//! The exporter names a node `/<scope>/<scope>/…/<OpType>[_k]`, each scope being the
+//! *unqualified* name of a module in the call stack: torch drops the qualified prefix but keeps
+//! trailing numeric atoms, so a Sequential child is `seq.0` (under `seq`), a ModuleList entry
+//! `h.0` (under `transformer`; the ModuleList is never called, so it has no scope of its own) and
+//! an attribute `mlp`. Parameters keep their `state_dict` names (`seq.0.weight`), which give the
+//! qualified paths of every module that owns one; scopes are resolved against those first.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use tract_onnx::pb::GraphProto;
+
+use super::ModelError;
+
+/// One module: its path, the nodes under it (itself and its children) and its parameters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModuleInfo {
+    pub path: String,
+    /// Indices into `graph.node`, in graph order.
+    pub nodes: Vec<usize>,
+    /// Op types of those nodes, in graph order.
+    pub op_types: Vec<String>,
+    /// Initializers owned by the module or consumed by its nodes: name and shape.
+    pub params: Vec<(String, Vec<usize>)>,
+}
+
+/// Every module path of a model, in `named_modules()` order (pre-order, first use).
+#[derive(Clone, Debug, Default)]
+pub struct ModuleTree {
+    modules: Vec<ModuleInfo>,
+}
+
+impl ModuleTree {
+    pub fn build(graph: &GraphProto) -> Self {
+        let shapes: HashMap<&str, Vec<usize>> = graph
+            .initializer
+            .iter()
+            .map(|t| {
+                (
+                    t.name.as_str(),
+                    t.dims.iter().map(|&d| d.max(0) as usize).collect(),
+                )
+            })
+            .collect();
+        // Qualified paths of every module that owns a parameter, and their ancestors.
+        let mut known = HashSet::new();
+        for t in &graph.initializer {
+            if let Some((owner, _)) = t.name.rsplit_once('.') {
+                if !t.name.starts_with("onnx::") {
+                    for prefix in ancestors(owner) {
+                        known.insert(prefix);
+                    }
+                }
+            }
+        }
+
+        let mut order: Vec<String> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut modules: Vec<ModuleInfo> = Vec::new();
+        let mut touch = |path: &str, modules: &mut Vec<ModuleInfo>| -> usize {
+            *index.entry(path.to_string()).or_insert_with(|| {
+                order.push(path.to_string());
+                modules.push(ModuleInfo {
+                    path: path.to_string(),
+                    nodes: vec![],
+                    op_types: vec![],
+                    params: vec![],
+                });
+                modules.len() - 1
+            })
+        };
+        for (i, node) in graph.node.iter().enumerate() {
+            let Some(path) = node_module_path(&node.name, &known) else {
+                continue;
+            };
+            for prefix in ancestors(&path) {
+                let m = touch(&prefix, &mut modules);
+                modules[m].nodes.push(i);
+                modules[m].op_types.push(node.op_type.clone());
+                for input in &node.input {
+                    if let Some(shape) = shapes.get(input.as_str()) {
+                        let owned = &mut modules[m].params;
+                        if !owned.iter().any(|(n, _)| n == input) {
+                            owned.push((input.clone(), shape.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        // Parameters no node consumes (unused weights) still show under their module.
+        for t in &graph.initializer {
+            if let Some((owner, _)) = t.name.rsplit_once('.') {
+                if t.name.starts_with("onnx::") {
+                    continue;
+                }
+                for prefix in ancestors(owner) {
+                    let m = touch(&prefix, &mut modules);
+                    if !modules[m].params.iter().any(|(n, _)| *n == t.name) {
+                        modules[m].params.push((t.name.clone(), shapes[t.name.as_str()].clone()));
+                    }
+                }
+            }
+        }
+        Self { modules }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ModuleInfo> {
+        self.modules.iter()
+    }
+
+    pub fn get(&self, path: &str) -> Option<&ModuleInfo> {
+        self.modules.iter().find(|m| m.path == path)
+    }
+
+    /// The module at `path`, or an error listing the closest valid names.
+    pub fn resolve(&self, path: &str) -> Result<&ModuleInfo, ModelError> {
+        self.get(path).ok_or_else(|| ModelError::UnknownModule {
+            name: path.to_string(),
+            closest: closest_names(path, self.modules.iter().map(|m| m.path.as_str()), 3),
+        })
+    }
+
+    /// One line per module, as `hyfhe inspect` prints them.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for m in &self.modules {
+            let depth = self
+                .modules
+                .iter()
+                .filter(|o| m.path.starts_with(&format!("{}.", o.path)))
+                .count();
+            let mut ops: BTreeMap<&str, usize> = BTreeMap::new();
+            for op in &m.op_types {
+                *ops.entry(op).or_default() += 1;
+            }
+            let ops: Vec<String> = ops
+                .iter()
+                .map(|(op, n)| {
+                    if *n == 1 {
+                        op.to_string()
+                    } else {
+                        format!("{op}×{n}")
+                    }
+                })
+                .collect();
+            let params: Vec<String> = m
+                .params
+                .iter()
+                .filter(|(name, _)| is_own_param(&m.path, name) || name.starts_with("onnx::"))
+                .map(|(name, shape)| format!("{name} {shape:?}"))
+                .collect();
+            out.push_str(&format!(
+                "{:indent$}{}  [{}]{}\n",
+                "",
+                m.path,
+                ops.join(", "),
+                if params.is_empty() {
+                    String::new()
+                } else {
+                    format!("  {}", params.join(", "))
+                },
+                indent = 2 * depth
+            ));
+        }
+        out
+    }
+}
+
+fn is_own_param(path: &str, name: &str) -> bool {
+    name.strip_prefix(path)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|rest| !rest.contains('.'))
+}
+
+fn is_numeric(atom: &str) -> bool {
+    !atom.is_empty() && atom.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `a.b.c` → `a`, `a.b`, `a.b.c`.
+fn ancestors(path: &str) -> Vec<String> {
+    let atoms: Vec<&str> = path.split('.').collect();
+    let mut out = Vec::new();
+    for end in 1..=atoms.len() {
+        out.push(atoms[..end].join("."));
+    }
+    out
+}
+
+/// The qualified module path of a node named by the TorchScript exporter, or `None` for nodes
+/// at the root (`/Flatten`) or named by another convention.
+pub fn node_module_path(name: &str, known: &HashSet<String>) -> Option<String> {
+    let rest = name.strip_prefix('/')?;
+    let mut scopes: Vec<&str> = rest.split('/').collect();
+    scopes.pop(); // the op type
+    if scopes.is_empty() {
+        return None;
+    }
+    let mut path = String::new();
+    for scope in scopes {
+        if path.is_empty() {
+            path = scope.to_string();
+            continue;
+        }
+        let joined = format!("{path}.{scope}");
+        // A container child: the scope repeats the container's attribute name, then numbers.
+        let merged = scope.split_once('.').and_then(|(head, tail)| {
+            let last = path.rsplit('.').next().unwrap_or(&path);
+            (head == last && tail.split('.').all(is_numeric)).then(|| format!("{path}.{tail}"))
+        });
+        path = match merged {
+            _ if known.contains(&joined) => joined,
+            Some(m) => m,
+            None => joined,
+        };
+    }
+    Some(path)
+}
+
+/// Up to `n` names closest to `name` (edit distance, then shared prefix), for error messages.
+pub fn closest_names<'a>(name: &str, candidates: impl Iterator<Item = &'a str>, n: usize) -> Vec<String> {
+    let mut scored: Vec<(usize, usize, &str)> = candidates
+        .map(|c| {
+            let prefix = name.bytes().zip(c.bytes()).take_while(|(a, b)| a == b).count();
+            (levenshtein(name, c), usize::MAX - prefix, c)
+        })
+        .collect();
+    scored.sort();
+    scored.into_iter().take(n).map(|(_, _, c)| c.to_string()).collect()
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(paths: &[&str]) -> HashSet<String> {
+        paths.iter().map(|p| p.to_string()).collect()
+    }
+
+    #[test]
+    fn torch_scopes_map_back_to_qualified_paths() {
+        let k = known(&["seq", "seq.0", "seq.2", "transformer", "transformer.h.0", "transformer.h.0.mlp", "transformer.h.0.mlp.c_fc"]);
+        assert_eq!(node_module_path("/seq/seq.0/Gemm", &k).as_deref(), Some("seq.0"));
+        // A parameterless child of a Sequential (ReLU) is still `seq.1`, not `seq.seq.1`.
+        assert_eq!(node_module_path("/seq/seq.1/Relu", &k).as_deref(), Some("seq.1"));
+        assert_eq!(
+            node_module_path("/transformer/h.0/mlp/c_fc/MatMul", &k).as_deref(),
+            Some("transformer.h.0.mlp.c_fc")
+        );
+        assert_eq!(
+            node_module_path("/transformer/h.0/mlp/act/Relu", &k).as_deref(),
+            Some("transformer.h.0.mlp.act")
+        );
+        // A ModuleList entry under an unrelated parent (BERT's encoder.layer.0).
+        assert_eq!(
+            node_module_path("/encoder/layer.0/attention/self/query/MatMul", &known(&[])).as_deref(),
+            Some("encoder.layer.0.attention.self.query")
+        );
+        assert_eq!(node_module_path("/Flatten", &k), None);
+        assert_eq!(node_module_path("Gemm_0", &k), None);
+    }
+
+    #[test]
+    fn closest_names_rank_by_edit_distance() {
+        let names = ["seq", "seq.0", "seq.1", "seq.2", "features.0"];
+        assert_eq!(closest_names("seq.3", names.into_iter(), 3), ["seq.0", "seq.1", "seq.2"]);
+        assert_eq!(closest_names("feature.0", names.into_iter(), 1), ["features.0"]);
+    }
+}

@@ -1,0 +1,144 @@
+//! Running a local segment with `tract`: parsed once, optimised per input shape (cached).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::pb::{tensor_shape_proto::dimension, type_proto, GraphProto, ModelProto};
+use tract_onnx::prelude::{
+    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, IntoTensor,
+    TVec, Tensor, TypedRunnableModel,
+};
+
+use super::ModelError;
+
+/// A tensor flowing between stages (any ONNX element type: shapes travel as i64).
+pub type Value = Tensor;
+
+type ShapeKey = Vec<(DatumType, Vec<usize>)>;
+
+/// Optimised plans kept per segment; a service seeing many batch sizes evicts the lot rather
+/// than growing without bound.
+const MAX_CACHED_SHAPES: usize = 32;
+
+/// A plain ONNX subgraph and its compiled plans.
+pub struct LocalSegment {
+    model: ModelProto,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    plans: Mutex<HashMap<ShapeKey, Arc<TypedRunnableModel>>>,
+}
+
+impl std::fmt::Debug for LocalSegment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSegment")
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+impl LocalSegment {
+    pub fn new(model: ModelProto, inputs: Vec<String>, outputs: Vec<String>) -> Self {
+        Self {
+            model,
+            inputs,
+            outputs,
+            plans: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn run(&self, inputs: Vec<Value>) -> Result<Vec<Value>, ModelError> {
+        let key: ShapeKey = inputs
+            .iter()
+            .map(|t| (t.datum_type(), t.shape().to_vec()))
+            .collect();
+        let plan = self.plan(&key)?;
+        let values: TVec<_> = inputs.into_iter().map(|t| t.into_tvalue()).collect();
+        let out = plan.run(values).map_err(ModelError::tract)?;
+        Ok(out.into_iter().map(|v| v.into_tensor()).collect())
+    }
+
+    fn plan(&self, key: &ShapeKey) -> Result<Arc<TypedRunnableModel>, ModelError> {
+        if let Some(p) = self.plans.lock().expect("plan cache").get(key) {
+            return Ok(p.clone());
+        }
+        let mut model = tract_onnx::onnx()
+            .model_for_proto_model(&self.model)
+            .map_err(ModelError::tract)?;
+        for (i, (dt, shape)) in key.iter().enumerate() {
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(*dt, shape.as_slice()))
+                .map_err(ModelError::tract)?;
+        }
+        let plan = model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(ModelError::tract)?;
+        let mut cache = self.plans.lock().expect("plan cache");
+        if cache.len() >= MAX_CACHED_SHAPES {
+            cache.clear();
+        }
+        cache.insert(key.clone(), plan.clone());
+        Ok(plan)
+    }
+}
+
+/// The declared shape of a graph input (`None` for a symbolic dimension such as `batch`).
+pub fn declared_shape(graph: &GraphProto, name: &str) -> Option<Vec<Option<usize>>> {
+    let vi = graph.input.iter().find(|v| v.name == name)?;
+    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
+        return None;
+    };
+    Some(
+        t.shape
+            .as_ref()?
+            .dim
+            .iter()
+            .map(|d| match d.value {
+                Some(dimension::Value::DimValue(v)) if v > 0 => Some(v as usize),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
+/// Check a caller's input against the graph's declared shape, naming both on mismatch.
+pub fn check_input_shape(graph: &GraphProto, name: &str, shape: &[usize]) -> Result<(), ModelError> {
+    let Some(declared) = declared_shape(graph, name) else {
+        return Ok(());
+    };
+    let fits = declared.len() == shape.len()
+        && declared
+            .iter()
+            .zip(shape)
+            .all(|(d, &s)| d.is_none_or(|d| d == s) && s > 0);
+    if fits {
+        Ok(())
+    } else {
+        let show: Vec<String> = declared
+            .iter()
+            .map(|d| d.map_or("?".into(), |d| d.to_string()))
+            .collect();
+        Err(ModelError::Input(format!(
+            "input `{name}` has shape {shape:?}, the model expects [{}]",
+            show.join(", ")
+        )))
+    }
+}
+
+/// An f32 tensor from a shape and row-major values.
+pub fn f32_tensor(shape: &[usize], values: &[f32]) -> Result<Value, ModelError> {
+    Tensor::from_shape(shape, values).map_err(ModelError::tract)
+}
+
+/// The values of an f32 tensor (a named error for any other type).
+pub fn f32_values<'a>(t: &'a Value, what: &str) -> Result<&'a [f32], ModelError> {
+    t.try_as_plain_ram()
+        .and_then(|v| v.as_slice::<f32>())
+        .map_err(|_| {
+        ModelError::Input(format!(
+            "{what} is {:?}, remote modules take f32 tensors",
+            t.datum_type()
+        ))
+    })
+}
