@@ -9,6 +9,7 @@
 //! - [`bench`]: the `hyfhe bench linear` measurement (encrypted vs. plaintext, same process).
 
 pub mod bench;
+pub mod commands;
 pub mod fhe;
 pub mod hybrid;
 pub mod model;

@@ -5,8 +5,12 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use std::path::PathBuf;
+
 use hyfhe::bench::{run_linear, LinearBenchConfig, Progress};
+use hyfhe::commands::{self, CompileRequest, RunRequest};
 use hyfhe::fhe::Precision;
+use hyfhe::hybrid::{CompileOptions, Mode};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +28,67 @@ enum Command {
     /// Measure the encrypted engine against a plaintext baseline in the same process.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// List a model's module paths (as PyTorch's named_modules() names them), their ops and
+    /// parameter shapes, to pick the remote ones.
+    Inspect {
+        /// An ONNX model as torch.onnx.export writes it.
+        model: PathBuf,
+    },
+    /// Select remote modules, calibrate, compile, and write client/, server/ and private/.
+    Compile(CompileArgs),
+    /// Run a compiled model on a .npy input in one mode, with per-stage timings.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    /// The ONNX model (opset >= 13), e.g. from torch.onnx.export.
+    #[arg(long)]
+    model: PathBuf,
+    /// A module path to run remotely on encrypted data (repeat for several).
+    #[arg(long = "remote", required = true)]
+    remote: Vec<String>,
+    /// Calibration inputs (.npy, f32, samples along axis 0).
+    #[arg(long)]
+    calibration: PathBuf,
+    /// Output directory (must be empty unless --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// Bits of inputs and weights (weights: at most 8).
+    #[arg(long, default_value_t = 8)]
+    n_bits: u32,
+    /// Quantize inputs per row at run time instead of from the calibrated range.
+    #[arg(long)]
+    dynamic: bool,
+    /// Compact output precision (fewer bytes; only the top accumulator bits exact).
+    #[arg(long)]
+    compact: bool,
+    /// Overwrite the client/, server/ and private/ trees of a non-empty --out.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A directory written by `hyfhe compile`.
+    dir: PathBuf,
+    /// Input (.npy, f32), batch along axis 0.
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long, value_enum, default_value_t = Mode::Execute)]
+    mode: Mode,
+    /// Write the output here (.npy, f32).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Integer class labels (.npy): print top-1 accuracy.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Also run this mode and print the largest difference (e.g. simulate, torch).
+    #[arg(long, value_enum)]
+    compare: Option<Mode>,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -87,7 +152,76 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(BenchCommand::Linear(args)) => bench_linear(args),
+        Command::Inspect { model } => report(commands::inspect(&model)),
+        Command::Compile(args) => compile(args),
+        Command::Run(args) => run(args),
     }
+}
+
+fn report<E: std::fmt::Display>(result: Result<String, E>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bars() -> Bars {
+    Bars(std::sync::Mutex::new(None))
+}
+
+impl Bars {
+    fn finish(&self) {
+        if let Some(bar) = self.0.lock().expect("progress lock").take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn compile(args: CompileArgs) -> ExitCode {
+    let request = CompileRequest {
+        model: &args.model,
+        remote: args.remote,
+        calibration: &args.calibration,
+        out: &args.out,
+        options: CompileOptions {
+            n_bits: args.n_bits,
+            dynamic_inputs: args.dynamic,
+            precision: if args.compact {
+                Precision::Compact
+            } else {
+                Precision::Exact
+            },
+        },
+        force: args.force,
+    };
+    let bars = bars();
+    let result = commands::compile(&request, &bars);
+    bars.finish();
+    report(result)
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let request = RunRequest {
+        dir: &args.dir,
+        input: &args.input,
+        mode: args.mode,
+        output: args.output,
+        labels: args.labels,
+        reference: args.compare,
+    };
+    report(commands::run(&request).map(|(r, _)| {
+        if args.json {
+            format!("{}\n", serde_json::to_string(&r).expect("plain data"))
+        } else {
+            r.render()
+        }
+    }))
 }
 
 fn bench_linear(args: LinearArgs) -> ExitCode {

@@ -76,10 +76,9 @@ pub struct Tree {
 
 impl Tree {
     pub fn file(&self, name: &str) -> Result<&[u8], ArtefactError> {
-        self.files
-            .get(name)
-            .map(Vec::as_slice)
-            .ok_or_else(|| ArtefactError::Inconsistent(format!("the manifest does not list {name}")))
+        self.files.get(name).map(Vec::as_slice).ok_or_else(|| {
+            ArtefactError::Inconsistent(format!("the manifest does not list {name}"))
+        })
     }
 }
 
@@ -157,8 +156,15 @@ pub fn read_tree(dir: &Path, tree: &str) -> Result<Option<Tree>, ArtefactError> 
     };
     // The version is checked before the rest, so a future layout reads as a version error.
     let raw: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
-    let format = raw.get("format").and_then(|v| v.as_str()).unwrap_or("?").to_string();
-    let found = raw.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+    let format = raw
+        .get("format")
+        .and_then(|v| v.as_str())
+        .unwrap_or("?")
+        .to_string();
+    let found = raw
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0) as u32;
     if format != format!("hyfhe-{tree}") || found != FORMAT_VERSION {
         return Err(ArtefactError::Version {
             path: manifest_path.display().to_string(),
@@ -171,7 +177,11 @@ pub fn read_tree(dir: &Path, tree: &str) -> Result<Option<Tree>, ArtefactError> 
     let mut files = BTreeMap::new();
     for (name, expected) in &manifest.files {
         let rel = Path::new(name);
-        if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
             return Err(bad(format!("file path `{name}` leaves the tree")));
         }
         let path: PathBuf = root.join(rel);

@@ -55,7 +55,12 @@ impl LocalServer {
         };
         let layers = modules
             .iter()
-            .map(|(name, m)| Ok((name.clone(), FourierLinearLayer::new(m.plan.clone(), &m.weights.codes)?)))
+            .map(|(name, m)| {
+                Ok((
+                    name.clone(),
+                    FourierLinearLayer::new(m.plan.clone(), &m.weights.codes)?,
+                ))
+            })
             .collect::<Result<_, HybridError>>()?;
         Ok(Self {
             exact: key(Precision::Exact),
@@ -112,12 +117,20 @@ impl ModuleBackend for FloatBackend<'_> {
             let (x, layout) = to_rows(module, &m.kind, m.in_features, &input)?;
             let (lo, hi) = x
                 .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                    (l.min(v), h.max(v))
+                });
             let mut ranges = self.ranges.lock().expect("ranges");
             let r = ranges.entry(module.to_string()).or_insert((lo, hi));
             *r = (r.0.min(lo), r.1.max(hi));
             drop(ranges);
-            let y = float_matmul(&x, m.in_features, &m.weight, m.out_features, m.bias.as_deref());
+            let y = float_matmul(
+                &x,
+                m.in_features,
+                &m.weight,
+                m.out_features,
+                m.bias.as_deref(),
+            );
             Ok(from_rows(&layout, m.out_features, &y)?)
         })
     }

@@ -35,10 +35,10 @@ pub use rows::{from_rows, to_rows, RowLayout};
 pub use runtime::{BoxFuture, ForwardStats, ModuleBackend, Runtime};
 pub use spec::{sha256_hex, ClientSpec, ServerModule, PROTOCOL_VERSION};
 
-use crate::fhe::{decode, encode, ClientKey, CodecError, FheError, LayerPlan, PlanError, Precision};
-use crate::model::{
-    cut_remote_modules, runner, LinearModule, ModelError, OnnxModel, Value,
+use crate::fhe::{
+    decode, encode, ClientKey, CodecError, FheError, LayerPlan, PlanError, Precision,
 };
+use crate::model::{cut_remote_modules, runner, LinearModule, ModelError, OnnxModel, Value};
 use crate::progress::Progress;
 use crate::quant::{
     AffineQuantizer, Granularity, InputQuantization, OutputDequantizer, QuantError,
@@ -167,15 +167,18 @@ impl HybridModel {
         let mut linear = HashMap::new();
         let mut modules = Vec::new();
         for &path in remote {
-            if let Some(other) = remote.iter().find(|o| {
-                **o != path && (path.starts_with(&format!("{o}.")) || **o == path)
-            }) {
+            if let Some(other) = remote
+                .iter()
+                .find(|o| **o != path && (path.starts_with(&format!("{o}.")) || **o == path))
+            {
                 return Err(HybridError::Unsupported(format!(
                     "`{path}` is inside `{other}`: select each module once"
                 )));
             }
             if linear.contains_key(path) {
-                return Err(HybridError::Unsupported(format!("`{path}` is selected twice")));
+                return Err(HybridError::Unsupported(format!(
+                    "`{path}` is selected twice"
+                )));
             }
             let m = onnx.linear_module(path)?;
             modules.push(m.clone());
@@ -203,7 +206,11 @@ impl HybridModel {
 
     /// Remote modules in execution order.
     pub fn remote_modules(&self) -> Vec<String> {
-        self.runtime.remote_modules().into_iter().map(String::from).collect()
+        self.runtime
+            .remote_modules()
+            .into_iter()
+            .map(String::from)
+            .collect()
     }
 
     pub fn specs(&self) -> &BTreeMap<String, ClientSpec> {
@@ -358,40 +365,60 @@ impl HybridModel {
     pub fn forward(&self, x: Value, mode: Mode) -> Result<(Value, ForwardStats), HybridError> {
         let stats = Mutex::new(ForwardStats::default());
         runner::check_input_shape(self.client_graph(), &self.runtime.input, x.shape())?;
-        let y = match mode {
-            Mode::Torch => {
-                let runtime = self.torch_runtime()?;
-                let backend = FloatBackend {
-                    modules: &self.linear,
-                    ranges: Mutex::new(HashMap::new()),
-                };
-                run_ready(runtime.run(x, &backend, &stats))?
-            }
-            Mode::Disable | Mode::Simulate => {
-                let server = self.clear_server(mode)?;
-                let backend = ClearBackend {
-                    specs: &self.specs,
-                    server,
-                    integer: mode == Mode::Simulate,
-                };
-                run_ready(self.runtime.run(x, &backend, &stats))?
-            }
-            Mode::Execute => {
-                let server = self.local_server()?;
-                let backend = EncryptedBackend {
-                    specs: &self.specs,
-                    remote: server.as_ref(),
-                };
-                run_ready(self.runtime.run(x, &backend, &stats))?
-            }
-            Mode::Remote => {
-                return Err(HybridError::Unsupported(
+        let y =
+            match mode {
+                Mode::Torch => {
+                    let runtime = self.torch_runtime()?;
+                    let backend = FloatBackend {
+                        modules: &self.linear,
+                        ranges: Mutex::new(HashMap::new()),
+                    };
+                    run_ready(runtime.run(x, &backend, &stats))?
+                }
+                Mode::Disable | Mode::Simulate => {
+                    let server = self.clear_server(mode)?;
+                    let backend = ClearBackend {
+                        specs: &self.specs,
+                        server,
+                        integer: mode == Mode::Simulate,
+                    };
+                    run_ready(self.runtime.run(x, &backend, &stats))?
+                }
+                Mode::Execute => {
+                    let server = self.local_server()?;
+                    let backend = EncryptedBackend {
+                        specs: &self.specs,
+                        remote: server.as_ref(),
+                    };
+                    run_ready(self.runtime.run(x, &backend, &stats))?
+                }
+                Mode::Remote => return Err(HybridError::Unsupported(
                     "mode remote needs a server: use forward_remote (or `hyfhe run --mode remote`)"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         Ok((y, stats.into_inner().expect("stats")))
+    }
+
+    /// The cut graph with the remote modules computed in float from the original weights (owner
+    /// only, before saving): equals `Torch` up to f32 rounding when the cut and im2col are right.
+    pub fn forward_float(&self, x: Value) -> Result<Value, HybridError> {
+        if self.linear.is_empty() {
+            return Err(HybridError::Missing {
+                mode: Mode::Torch,
+                what: "the float weights of the remote modules",
+                hint: " (cleared by save_and_clear_private_info)",
+            });
+        }
+        runner::check_input_shape(self.client_graph(), &self.runtime.input, x.shape())?;
+        let backend = FloatBackend {
+            modules: &self.linear,
+            ranges: Mutex::new(HashMap::new()),
+        };
+        run_ready(
+            self.runtime
+                .run(x, &backend, &Mutex::new(ForwardStats::default())),
+        )
     }
 
     /// One forward pass whose remote modules run on `remote`.
@@ -513,8 +540,10 @@ impl HybridModel {
         let runtime = Runtime::new(&client_model)?;
         let mut specs = BTreeMap::new();
         for module in &client.manifest.modules {
-            let spec: ClientSpec =
-                decode(client.file(&format!("modules/{module}.spec"))?, MAX_MODULE_BYTES)?;
+            let spec: ClientSpec = decode(
+                client.file(&format!("modules/{module}.spec"))?,
+                MAX_MODULE_BYTES,
+            )?;
             if spec.module != *module {
                 return Err(ArtefactError::Inconsistent(format!(
                     "spec file of `{module}` describes `{}`",

@@ -11,8 +11,14 @@ use crate::model::{runner, LinearKind, ModelError, Value};
 /// Where rows came from, to put the results back.
 #[derive(Clone, Debug)]
 pub enum RowLayout {
-    Dense { leading: Vec<usize> },
-    Conv { batch: usize, height: usize, width: usize },
+    Dense {
+        leading: Vec<usize>,
+    },
+    Conv {
+        batch: usize,
+        height: usize,
+        width: usize,
+    },
 }
 
 /// The rows (row-major, `in_features` each) of `x` for a module of `kind`.

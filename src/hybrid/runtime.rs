@@ -173,7 +173,9 @@ impl Runtime {
 }
 
 /// Drive a future that never waits (every backend but a network one): poll it once.
-pub(crate) fn run_ready<T>(fut: impl Future<Output = Result<T, HybridError>>) -> Result<T, HybridError> {
+pub(crate) fn run_ready<T>(
+    fut: impl Future<Output = Result<T, HybridError>>,
+) -> Result<T, HybridError> {
     let mut fut = std::pin::pin!(fut);
     match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(v) => v,

@@ -50,7 +50,10 @@ impl Wire for ClientSpec {
         if let crate::model::LinearKind::Conv(g) = self.kind {
             if g.features() != self.in_features || g.stride.contains(&0) || g.dilation.contains(&0)
             {
-                return bad(format!("conv geometry {g:?} for {} features", self.in_features));
+                return bad(format!(
+                    "conv geometry {g:?} for {} features",
+                    self.in_features
+                ));
             }
         }
         if self.input.bits() != self.plan.input_bits {
@@ -59,9 +62,7 @@ impl Wire for ClientSpec {
         if self.dequantizer.out_features != self.out_features {
             return bad("dequantizer width differs from the module's".into());
         }
-        self.dequantizer
-            .check()
-            .or_else(|e| bad(e.to_string()))
+        self.dequantizer.check().or_else(|e| bad(e.to_string()))
     }
 }
 

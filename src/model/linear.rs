@@ -32,8 +32,20 @@ impl ConvGeometry {
             (size + pad >= span).then(|| (size + pad - span) / s + 1)
         };
         Some((
-            out(h, self.pads[0] + self.pads[2], self.kernel[0], self.dilation[0], self.stride[0])?,
-            out(w, self.pads[1] + self.pads[3], self.kernel[1], self.dilation[1], self.stride[1])?,
+            out(
+                h,
+                self.pads[0] + self.pads[2],
+                self.kernel[0],
+                self.dilation[0],
+                self.stride[0],
+            )?,
+            out(
+                w,
+                self.pads[1] + self.pads[3],
+                self.kernel[1],
+                self.dilation[1],
+                self.stride[1],
+            )?,
         ))
     }
 
@@ -92,7 +104,9 @@ impl LinearModule {
             .collect();
         let constant = |name: &str| -> Result<(Vec<usize>, Vec<f32>), ModelError> {
             let t = inits.get(name).ok_or_else(|| {
-                unsupported(format!("`{name}` is computed at run time, not a constant weight"))
+                unsupported(format!(
+                    "`{name}` is computed at run time, not a constant weight"
+                ))
             })?;
             float_initializer(t)
         };
@@ -122,7 +136,15 @@ impl LinearModule {
                     Some(name) => Some(bias_vector(constant(name)?, out, &unsupported)?),
                     None => None,
                 };
-                (LinearKind::Dense, inp, out, w, bias, n.input[0].clone(), n.output[0].clone())
+                (
+                    LinearKind::Dense,
+                    inp,
+                    out,
+                    w,
+                    bias,
+                    n.input[0].clone(),
+                    n.output[0].clone(),
+                )
             }
             ["MatMul"] | ["MatMul", "Add"] => {
                 let mm = nodes[0];
@@ -150,7 +172,15 @@ impl LinearModule {
                     (None, mm.output[0].clone())
                 };
                 let w = transpose(&w, inp, out);
-                (LinearKind::Dense, inp, out, w, bias, mm.input[0].clone(), output)
+                (
+                    LinearKind::Dense,
+                    inp,
+                    out,
+                    w,
+                    bias,
+                    mm.input[0].clone(),
+                    output,
+                )
             }
             ["Conv"] => {
                 let n = nodes[0];

@@ -98,7 +98,9 @@ impl ModuleTree {
                 for prefix in ancestors(owner) {
                     let m = touch(&prefix, &mut modules);
                     if !modules[m].params.iter().any(|(n, _)| *n == t.name) {
-                        modules[m].params.push((t.name.clone(), shapes[t.name.as_str()].clone()));
+                        modules[m]
+                            .params
+                            .push((t.name.clone(), shapes[t.name.as_str()].clone()));
                     }
                 }
             }
@@ -145,10 +147,17 @@ impl ModuleTree {
                     }
                 })
                 .collect();
+            let leaf = !self
+                .modules
+                .iter()
+                .any(|o| o.path.starts_with(&format!("{}.", m.path)));
+            // Folded constants (`onnx::MatMul_*`) show under the leaf module that uses them.
             let params: Vec<String> = m
                 .params
                 .iter()
-                .filter(|(name, _)| is_own_param(&m.path, name) || name.starts_with("onnx::"))
+                .filter(|(name, _)| {
+                    is_own_param(&m.path, name) || (leaf && name.starts_with("onnx::"))
+                })
                 .map(|(name, shape)| format!("{name} {shape:?}"))
                 .collect();
             out.push_str(&format!(
@@ -219,15 +228,27 @@ pub fn node_module_path(name: &str, known: &HashSet<String>) -> Option<String> {
 }
 
 /// Up to `n` names closest to `name` (edit distance, then shared prefix), for error messages.
-pub fn closest_names<'a>(name: &str, candidates: impl Iterator<Item = &'a str>, n: usize) -> Vec<String> {
+pub fn closest_names<'a>(
+    name: &str,
+    candidates: impl Iterator<Item = &'a str>,
+    n: usize,
+) -> Vec<String> {
     let mut scored: Vec<(usize, usize, &str)> = candidates
         .map(|c| {
-            let prefix = name.bytes().zip(c.bytes()).take_while(|(a, b)| a == b).count();
+            let prefix = name
+                .bytes()
+                .zip(c.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
             (levenshtein(name, c), usize::MAX - prefix, c)
         })
         .collect();
     scored.sort();
-    scored.into_iter().take(n).map(|(_, _, c)| c.to_string()).collect()
+    scored
+        .into_iter()
+        .take(n)
+        .map(|(_, _, c)| c.to_string())
+        .collect()
 }
 
 fn levenshtein(a: &str, b: &str) -> usize {
@@ -255,10 +276,24 @@ mod tests {
 
     #[test]
     fn torch_scopes_map_back_to_qualified_paths() {
-        let k = known(&["seq", "seq.0", "seq.2", "transformer", "transformer.h.0", "transformer.h.0.mlp", "transformer.h.0.mlp.c_fc"]);
-        assert_eq!(node_module_path("/seq/seq.0/Gemm", &k).as_deref(), Some("seq.0"));
+        let k = known(&[
+            "seq",
+            "seq.0",
+            "seq.2",
+            "transformer",
+            "transformer.h.0",
+            "transformer.h.0.mlp",
+            "transformer.h.0.mlp.c_fc",
+        ]);
+        assert_eq!(
+            node_module_path("/seq/seq.0/Gemm", &k).as_deref(),
+            Some("seq.0")
+        );
         // A parameterless child of a Sequential (ReLU) is still `seq.1`, not `seq.seq.1`.
-        assert_eq!(node_module_path("/seq/seq.1/Relu", &k).as_deref(), Some("seq.1"));
+        assert_eq!(
+            node_module_path("/seq/seq.1/Relu", &k).as_deref(),
+            Some("seq.1")
+        );
         assert_eq!(
             node_module_path("/transformer/h.0/mlp/c_fc/MatMul", &k).as_deref(),
             Some("transformer.h.0.mlp.c_fc")
@@ -269,7 +304,8 @@ mod tests {
         );
         // A ModuleList entry under an unrelated parent (BERT's encoder.layer.0).
         assert_eq!(
-            node_module_path("/encoder/layer.0/attention/self/query/MatMul", &known(&[])).as_deref(),
+            node_module_path("/encoder/layer.0/attention/self/query/MatMul", &known(&[]))
+                .as_deref(),
             Some("encoder.layer.0.attention.self.query")
         );
         assert_eq!(node_module_path("/Flatten", &k), None);
@@ -279,7 +315,13 @@ mod tests {
     #[test]
     fn closest_names_rank_by_edit_distance() {
         let names = ["seq", "seq.0", "seq.1", "seq.2", "features.0"];
-        assert_eq!(closest_names("seq.3", names.into_iter(), 3), ["seq.0", "seq.1", "seq.2"]);
-        assert_eq!(closest_names("feature.0", names.into_iter(), 1), ["features.0"]);
+        assert_eq!(
+            closest_names("seq.3", names.into_iter(), 3),
+            ["seq.0", "seq.1", "seq.2"]
+        );
+        assert_eq!(
+            closest_names("feature.0", names.into_iter(), 1),
+            ["features.0"]
+        );
     }
 }

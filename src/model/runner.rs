@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tract_onnx::pb::{tensor_shape_proto::dimension, type_proto, GraphProto, ModelProto};
+use tract_onnx::pb::{
+    tensor_shape_proto, tensor_shape_proto::dimension, type_proto, GraphProto, ModelProto,
+    TensorShapeProto, TypeProto,
+};
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, IntoTensor,
     TVec, Tensor, TypedRunnableModel,
@@ -62,8 +65,15 @@ impl LocalSegment {
         if let Some(p) = self.plans.lock().expect("plan cache").get(key) {
             return Ok(p.clone());
         }
+        // Segment inputs produced by other stages have no declared type; tract wants one, so the
+        // proto gets the actual types and shapes of this call.
+        let mut proto = self.model.clone();
+        let graph = proto.graph.as_mut().expect("segments have a graph");
+        for (vi, (dt, shape)) in graph.input.iter_mut().zip(key) {
+            vi.r#type = Some(tensor_type(*dt, shape)?);
+        }
         let mut model = tract_onnx::onnx()
-            .model_for_proto_model(&self.model)
+            .model_for_proto_model(&proto)
             .map_err(ModelError::tract)?;
         for (i, (dt, shape)) in key.iter().enumerate() {
             model
@@ -81,6 +91,43 @@ impl LocalSegment {
         cache.insert(key.clone(), plan.clone());
         Ok(plan)
     }
+}
+
+fn tensor_type(dt: DatumType, shape: &[usize]) -> Result<TypeProto, ModelError> {
+    let elem_type = match dt {
+        DatumType::F32 => 1,
+        DatumType::U8 => 2,
+        DatumType::I8 => 3,
+        DatumType::U16 => 4,
+        DatumType::I16 => 5,
+        DatumType::I32 => 6,
+        DatumType::I64 => 7,
+        DatumType::Bool => 9,
+        DatumType::F16 => 10,
+        DatumType::F64 => 11,
+        DatumType::U32 => 12,
+        DatumType::U64 => 13,
+        other => {
+            return Err(ModelError::Input(format!(
+                "a {other:?} tensor cannot cross between stages"
+            )))
+        }
+    };
+    Ok(TypeProto {
+        value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+            elem_type,
+            shape: Some(TensorShapeProto {
+                dim: shape
+                    .iter()
+                    .map(|&d| tensor_shape_proto::Dimension {
+                        value: Some(dimension::Value::DimValue(d as i64)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+        })),
+        ..Default::default()
+    })
 }
 
 /// The declared shape of a graph input (`None` for a symbolic dimension such as `batch`).
@@ -103,7 +150,11 @@ pub fn declared_shape(graph: &GraphProto, name: &str) -> Option<Vec<Option<usize
 }
 
 /// Check a caller's input against the graph's declared shape, naming both on mismatch.
-pub fn check_input_shape(graph: &GraphProto, name: &str, shape: &[usize]) -> Result<(), ModelError> {
+pub fn check_input_shape(
+    graph: &GraphProto,
+    name: &str,
+    shape: &[usize],
+) -> Result<(), ModelError> {
     let Some(declared) = declared_shape(graph, name) else {
         return Ok(());
     };
@@ -136,9 +187,9 @@ pub fn f32_values<'a>(t: &'a Value, what: &str) -> Result<&'a [f32], ModelError>
     t.try_as_plain_ram()
         .and_then(|v| v.as_slice::<f32>())
         .map_err(|_| {
-        ModelError::Input(format!(
-            "{what} is {:?}, remote modules take f32 tensors",
-            t.datum_type()
-        ))
-    })
+            ModelError::Input(format!(
+                "{what} is {:?}, remote modules take f32 tensors",
+                t.datum_type()
+            ))
+        })
 }

@@ -44,11 +44,11 @@ impl OutputDequantizer {
     /// Shapes are consistent (a decoded spec is checked with this).
     pub fn check(&self) -> Result<(), QuantError> {
         let per = |n: usize| n == 1 || n == self.out_features;
-        let bias_ok = self.bias.as_ref().is_none_or(|b| b.len() == self.out_features);
-        if self.out_features > 0
-            && per(self.scales.len())
-            && per(self.zero_points.len())
-            && bias_ok
+        let bias_ok = self
+            .bias
+            .as_ref()
+            .is_none_or(|b| b.len() == self.out_features);
+        if self.out_features > 0 && per(self.scales.len()) && per(self.zero_points.len()) && bias_ok
         {
             Ok(())
         } else {
@@ -102,7 +102,11 @@ pub fn correct_and_dequantize(
     weights: &QuantizedWeights,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    assert_eq!(acc.len(), rows.rows * weights.out_features, "caller checks shapes");
+    assert_eq!(
+        acc.len(),
+        rows.rows * weights.out_features,
+        "caller checks shapes"
+    );
     OutputDequantizer::new(weights, bias.map(<[f32]>::to_vec))
         .apply(acc, rows)
         .expect("shapes checked above")

@@ -25,7 +25,8 @@ pub struct QuantizedWeights {
     pub out_features: usize,
     pub in_features: usize,
     pub bits: u32,
-    /// Row-major codes.
+    /// Row-major codes; serialized as one byte string (fast to load, 1 byte per weight).
+    #[serde(with = "codes_as_bytes")]
     pub codes: Vec<i8>,
     /// One entry (per tensor) or `out_features` entries (per channel).
     pub scales: Vec<f32>,
@@ -134,5 +135,21 @@ fn group_params(values: &[f32], bits: u32, scheme: WeightScheme) -> (f32, i32) {
                 .clamp(qmin as f32, qmax as f32) as i32;
             (scale, zp)
         }
+    }
+}
+
+/// `Vec<i8>` as a MessagePack byte string instead of an array of integers (where every negative
+/// code costs two bytes and decoding goes value by value).
+mod codes_as_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(codes: &[i8], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
+        s.serialize_bytes(&bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i8>, D::Error> {
+        let bytes = serde_bytes::ByteBuf::deserialize(d)?;
+        Ok(bytes.into_iter().map(|b| b as i8).collect())
     }
 }

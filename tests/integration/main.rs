@@ -4,4 +4,5 @@ mod cli;
 mod codecs;
 mod exactness;
 mod helpers;
+mod hybrid;
 mod noise;

@@ -1,0 +1,334 @@
+//! The work behind `hyfhe inspect`, `hyfhe compile` and `hyfhe run`, kept out of the binary so it
+//! is testable; the binary only parses arguments and prints.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::ArrayD;
+use ndarray_npy::{ReadNpyExt, WriteNpyExt};
+use serde::Serialize;
+
+use crate::fhe::Precision;
+use crate::hybrid::{CompileOptions, ForwardStats, HybridError, HybridModel, Mode, ModuleReport};
+use crate::model::{runner, ModelError, OnnxModel, Value};
+use crate::progress::Progress;
+
+/// Read a `.npy` file of f32 (or f64, converted) as a tensor.
+pub fn read_npy(path: &Path) -> Result<Value, HybridError> {
+    let open = || {
+        std::fs::File::open(path).map_err(|e| ModelError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    };
+    let as_f32 = ArrayD::<f32>::read_npy(open()?);
+    let array = match as_f32 {
+        Ok(a) => a,
+        Err(first) => match ArrayD::<f64>::read_npy(open()?) {
+            Ok(a) => a.mapv(|v| v as f32),
+            Err(_) => {
+                return Err(ModelError::Read {
+                    path: path.display().to_string(),
+                    reason: format!("not an f32/f64 .npy array: {first}"),
+                }
+                .into())
+            }
+        },
+    };
+    let shape = array.shape().to_vec();
+    let values: Vec<f32> = array.iter().copied().collect();
+    Ok(runner::f32_tensor(&shape, &values)?)
+}
+
+/// Read a `.npy` of integer class labels (int64 or int32).
+pub fn read_labels(path: &Path) -> Result<Vec<i64>, HybridError> {
+    let open = || {
+        std::fs::File::open(path).map_err(|e| ModelError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    };
+    if let Ok(a) = ArrayD::<i64>::read_npy(open()?) {
+        return Ok(a.iter().copied().collect());
+    }
+    ArrayD::<i32>::read_npy(open()?)
+        .map(|a| a.iter().map(|&v| v as i64).collect())
+        .map_err(|e| {
+            ModelError::Read {
+                path: path.display().to_string(),
+                reason: format!("not an int64/int32 .npy array: {e}"),
+            }
+            .into()
+        })
+}
+
+pub fn write_npy(path: &Path, value: &Value) -> Result<(), HybridError> {
+    let values = runner::f32_values(value, "the output")?;
+    let array = ArrayD::from_shape_vec(value.shape().to_vec(), values.to_vec())
+        .expect("a tensor's shape matches its values");
+    let io = |e: String| ModelError::Read {
+        path: path.display().to_string(),
+        reason: e,
+    };
+    let file = std::fs::File::create(path).map_err(|e| io(e.to_string()))?;
+    array.write_npy(file).map_err(|e| io(e.to_string()))?;
+    Ok(())
+}
+
+/// `hyfhe inspect MODEL`: the module tree.
+pub fn inspect(model: &Path) -> Result<String, HybridError> {
+    let onnx = OnnxModel::load(model)?;
+    let graph = onnx.graph();
+    let mut out = format!(
+        "{}: {} nodes, {} initializers, inputs {:?}, outputs {:?}\n\
+         module paths (named_modules() order) [ops] parameters:\n",
+        model.display(),
+        graph.node.len(),
+        graph.initializer.len(),
+        onnx.input_names(),
+        graph.output.iter().map(|o| &o.name).collect::<Vec<_>>()
+    );
+    out.push_str(&onnx.modules().render());
+    Ok(out)
+}
+
+pub struct CompileRequest<'a> {
+    pub model: &'a Path,
+    pub remote: Vec<String>,
+    pub calibration: &'a Path,
+    pub out: &'a Path,
+    pub options: CompileOptions,
+    pub force: bool,
+}
+
+/// `hyfhe compile`: select, calibrate, compile, save the three trees.
+pub fn compile(req: &CompileRequest<'_>, progress: &dyn Progress) -> Result<String, HybridError> {
+    // Refuse a non-empty output directory before spending time on calibration.
+    if !req.force && req.out.exists() && req.out.read_dir().is_ok_and(|mut d| d.next().is_some()) {
+        return Err(crate::hybrid::ArtefactError::NotEmpty(req.out.display().to_string()).into());
+    }
+    let onnx = OnnxModel::load(req.model)?;
+    let name = req
+        .model
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let remote: Vec<&str> = req.remote.iter().map(String::as_str).collect();
+    let mut model = HybridModel::new(&name, onnx, &remote)?;
+    let calibration = read_npy(req.calibration)?;
+    let samples = calibration.shape().first().copied().unwrap_or(0);
+    let reports = model.compile(&calibration, &req.options, progress)?;
+    model.save_and_clear_private_info(req.out, req.force)?;
+    let mut out = format!(
+        "compiled `{name}` ({samples} calibration samples) into {}\n",
+        req.out.display()
+    );
+    out.push_str(&render_reports(&reports));
+    out.push_str(&format!(
+        "  client/  (model without the remote weights + specs)  → ship to clients\n  \
+         server/  (quantized weights)                          → workers\n  \
+         private/ (the full float model)                       → keep; never serve\n"
+    ));
+    Ok(out)
+}
+
+fn render_reports(reports: &[ModuleReport]) -> String {
+    let mut out = String::new();
+    for r in reports {
+        let input = match r.input {
+            crate::quant::InputQuantization::Static(q) => {
+                format!("static scale {:.3e} zp {}", q.scale, q.zero_point)
+            }
+            crate::quant::InputQuantization::DynamicPerRow { .. } => "dynamic per row".into(),
+        };
+        let precision = match r.plan.precision {
+            Precision::Exact => "exact".to_string(),
+            Precision::Compact => format!("compact, {} top bits", r.plan.predicted_exact_top_bits),
+        };
+        out.push_str(&format!(
+            "  {:<24} {}→{}  {}-bit acc  {precision}  input {input}\n",
+            r.module, r.plan.in_features, r.plan.out_features, r.plan.acc_bits
+        ));
+    }
+    out
+}
+
+pub struct RunRequest<'a> {
+    pub dir: &'a Path,
+    pub input: &'a Path,
+    pub mode: Mode,
+    pub output: Option<PathBuf>,
+    pub labels: Option<PathBuf>,
+    /// Also run this mode and report the difference.
+    pub reference: Option<Mode>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub model: String,
+    pub mode: Mode,
+    pub input_shape: Vec<usize>,
+    pub output_shape: Vec<usize>,
+    /// Keygen, evaluation keys and Fourier weights for `execute` (once per process).
+    pub setup_ms: f64,
+    pub total_ms: f64,
+    pub stats: ForwardStats,
+    pub output_min: f32,
+    pub output_max: f32,
+    pub output_mean: f64,
+    pub accuracy: Option<f64>,
+    pub reference: Option<Comparison>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Comparison {
+    pub mode: Mode,
+    pub max_abs_diff: f32,
+    pub bit_identical: bool,
+    pub accuracy: Option<f64>,
+}
+
+/// `hyfhe run DIR --input X.npy --mode M`.
+pub fn run(req: &RunRequest<'_>) -> Result<(RunReport, Value), HybridError> {
+    let model = HybridModel::load(req.dir)?;
+    let x = read_npy(req.input)?;
+    let labels = req.labels.as_deref().map(read_labels).transpose()?;
+    let mut setup_ms = 0.0;
+    if req.mode == Mode::Execute || req.reference == Some(Mode::Execute) {
+        let t = Instant::now();
+        model.local_server()?;
+        setup_ms = t.elapsed().as_secs_f64() * 1e3;
+    }
+    let t = Instant::now();
+    let (y, stats) = model.forward(x.clone(), req.mode)?;
+    let total_ms = t.elapsed().as_secs_f64() * 1e3;
+    let values = runner::f32_values(&y, "the output")?;
+    let top1 = labels.as_ref().map(|l| accuracy(&y, l)).transpose()?;
+    let reference = match req.reference {
+        None => None,
+        Some(mode) => {
+            let (r, _) = model.forward(x.clone(), mode)?;
+            let rv = runner::f32_values(&r, "the reference output")?;
+            let max_abs_diff = values
+                .iter()
+                .zip(rv)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            Some(Comparison {
+                mode,
+                max_abs_diff,
+                bit_identical: values
+                    .iter()
+                    .zip(rv)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                accuracy: labels.as_ref().map(|l| accuracy(&r, l)).transpose()?,
+            })
+        }
+    };
+    if let Some(path) = &req.output {
+        write_npy(path, &y)?;
+    }
+    let report = RunReport {
+        model: model.name().to_string(),
+        mode: req.mode,
+        input_shape: x.shape().to_vec(),
+        output_shape: y.shape().to_vec(),
+        setup_ms,
+        total_ms,
+        stats,
+        output_min: values.iter().copied().fold(f32::INFINITY, f32::min),
+        output_max: values.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        output_mean: values.iter().map(|&v| v as f64).sum::<f64>() / values.len().max(1) as f64,
+        accuracy: top1,
+        reference,
+    };
+    Ok((report, y))
+}
+
+/// Top-1 accuracy of `[n, classes]` logits against `n` labels.
+pub fn accuracy(logits: &Value, labels: &[i64]) -> Result<f64, HybridError> {
+    let shape = logits.shape();
+    let values = runner::f32_values(logits, "the output")?;
+    if shape.len() != 2 || shape[0] != labels.len() {
+        return Err(ModelError::Input(format!(
+            "labels: {} labels for an output of shape {shape:?} (expected [n, classes])",
+            labels.len()
+        ))
+        .into());
+    }
+    let correct = values
+        .chunks_exact(shape[1])
+        .zip(labels)
+        .filter(|(row, &l)| {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                );
+            best.0 as i64 == l
+        })
+        .count();
+    Ok(correct as f64 / labels.len() as f64)
+}
+
+impl RunReport {
+    pub fn render(&self) -> String {
+        let s = &self.stats;
+        let mut out = format!(
+            "{} · mode {} · input {:?} → output {:?}\n\
+             output: min {:.4}  max {:.4}  mean {:.4}\n",
+            self.model,
+            self.mode,
+            self.input_shape,
+            self.output_shape,
+            self.output_min,
+            self.output_max,
+            self.output_mean
+        );
+        if let Some(a) = self.accuracy {
+            out.push_str(&format!("accuracy: {:.2}%\n", 100.0 * a));
+        }
+        out.push_str(&format!("time: {:.1} ms in all\n", self.total_ms));
+        let mut line = |name: &str, ms: f64| {
+            if ms > 0.0 {
+                out.push_str(&format!("  {name:<14} {ms:>10.2} ms\n"));
+            }
+        };
+        line("local ops", s.local_ms);
+        line("quantize", s.quantize_ms);
+        line("encrypt", s.encrypt_ms);
+        line("FHE eval", s.fhe_ms);
+        line("decrypt", s.decrypt_ms);
+        line("dequantize", s.dequantize_ms);
+        line("clear modules", s.clear_ms);
+        if self.setup_ms > 0.0 {
+            out.push_str(&format!(
+                "  (once per process: keygen + evaluation keys + Fourier weights {:.0} ms)\n",
+                self.setup_ms
+            ));
+        }
+        if s.requests > 0 {
+            out.push_str(&format!(
+                "wire: {} requests, {} B up, {} B down\n",
+                s.requests, s.upload_bytes, s.download_bytes
+            ));
+        }
+        if let Some(r) = &self.reference {
+            out.push_str(&format!(
+                "vs {}: max |Δ| {:.3e}{}{}\n",
+                r.mode,
+                r.max_abs_diff,
+                if r.bit_identical {
+                    " (bit-identical)"
+                } else {
+                    ""
+                },
+                r.accuracy.map_or(String::new(), |a| format!(
+                    ", its accuracy {:.2}%",
+                    100.0 * a
+                ))
+            ));
+        }
+        out
+    }
+}
