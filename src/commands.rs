@@ -123,11 +123,11 @@ pub fn compile(req: &CompileRequest<'_>, progress: &dyn Progress) -> Result<Stri
         req.out.display()
     );
     out.push_str(&render_reports(&reports));
-    out.push_str(&format!(
+    out.push_str(
         "  client/  (model without the remote weights + specs)  → ship to clients\n  \
          server/  (quantized weights)                          → workers\n  \
-         private/ (the full float model)                       → keep; never serve\n"
-    ));
+         private/ (the full float model)                       → keep; never serve\n",
+    );
     Ok(out)
 }
 

@@ -167,10 +167,7 @@ impl HybridModel {
         let mut linear = HashMap::new();
         let mut modules = Vec::new();
         for &path in remote {
-            if let Some(other) = remote
-                .iter()
-                .find(|o| **o != path && (path.starts_with(&format!("{o}.")) || **o == path))
-            {
+            if let Some(other) = remote.iter().find(|o| path.starts_with(&format!("{o}."))) {
                 return Err(HybridError::Unsupported(format!(
                     "`{path}` is inside `{other}`: select each module once"
                 )));

@@ -65,7 +65,7 @@ pub trait ModuleBackend: Send + Sync {
 }
 
 enum RuntimeStage {
-    Local(LocalSegment),
+    Local(Box<LocalSegment>),
     Remote {
         module: String,
         input: String,
@@ -98,7 +98,7 @@ impl Runtime {
                     model,
                     inputs,
                     outputs,
-                } => RuntimeStage::Local(LocalSegment::new(model, inputs, outputs)),
+                } => RuntimeStage::Local(Box::new(LocalSegment::new(*model, inputs, outputs))),
                 Stage::Remote {
                     module,
                     input,

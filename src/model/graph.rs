@@ -98,7 +98,7 @@ pub fn remote_module_of(node: &NodeProto) -> Option<String> {
 pub enum Stage {
     /// A plain ONNX subgraph: reads `inputs` from the environment, writes `outputs` back.
     Local {
-        model: ModelProto,
+        model: Box<ModelProto>,
         inputs: Vec<String>,
         outputs: Vec<String>,
     },
@@ -332,7 +332,7 @@ fn segment(
         ..Default::default()
     });
     Stage::Local {
-        model: sub,
+        model: Box::new(sub),
         inputs: seg_inputs,
         outputs: seg_outputs,
     }

@@ -86,3 +86,107 @@ fn a_layer_that_cannot_fit_is_refused_with_a_message_naming_the_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("in_features"), "{stderr}");
 }
+
+fn fixture(name: &str) -> String {
+    crate::hybrid::fixture(name).display().to_string()
+}
+
+#[test]
+fn inspect_lists_module_paths_with_ops_and_parameter_shapes() {
+    let out = hyfhe(&["inspect", &fixture("digits_cnn.onnx")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "features.2  [Conv]  features.2.weight [16, 8, 3, 3], features.2.bias [16]",
+        "classifier.1  [Relu]",
+        "flatten  [Flatten]",
+    ] {
+        assert!(text.contains(line), "missing `{line}` in\n{text}");
+    }
+}
+
+#[test]
+fn compile_then_run_prints_stage_times_and_refuses_a_non_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("fc");
+    let out_dir = out_dir.to_str().unwrap();
+    let compile = |extra: &[&str]| {
+        let mut args = vec![
+            "compile",
+            "--model",
+            "",
+            "--remote",
+            "seq.0",
+            "--remote",
+            "seq.2",
+            "--calibration",
+            "",
+            "--out",
+            out_dir,
+        ];
+        let (model, calibration) = (
+            fixture("fc_small.onnx"),
+            fixture("fc_small_calibration.npy"),
+        );
+        args[2] = &model;
+        args[8] = &calibration;
+        args.extend_from_slice(extra);
+        hyfhe(&args)
+    };
+    let out = compile(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = compile(&[]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert!(compile(&["--force"]).status.success());
+
+    let output = dir.path().join("y.npy");
+    let input = fixture("fc_small_input.npy");
+    let out = hyfhe(&[
+        "run",
+        out_dir,
+        "--input",
+        &input,
+        "--mode",
+        "simulate",
+        "--compare",
+        "torch",
+        "--output",
+        output.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["mode"], "simulate");
+    assert_eq!(report["output_shape"], serde_json::json!([8, 10]));
+    assert!(report["reference"]["max_abs_diff"].as_f64().unwrap() < 0.05);
+    let y = hyfhe::commands::read_npy(&output).unwrap();
+    assert_eq!(y.shape(), [8, 10]);
+
+    let out = hyfhe(&[
+        "run",
+        out_dir,
+        "--input",
+        &fixture("token_mlp_input.npy"),
+        "--mode",
+        "simulate",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[3, 4, 16]") && err.contains("expects"),
+        "{err}"
+    );
+}
