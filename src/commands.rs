@@ -160,6 +160,8 @@ pub struct RunRequest<'a> {
     pub labels: Option<PathBuf>,
     /// Also run this mode and report the difference.
     pub reference: Option<Mode>,
+    /// Only the first samples of the input (and labels).
+    pub first: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -190,8 +192,21 @@ pub struct Comparison {
 /// `hyfhe run DIR --input X.npy --mode M`.
 pub fn run(req: &RunRequest<'_>) -> Result<(RunReport, Value), HybridError> {
     let model = HybridModel::load(req.dir)?;
-    let x = read_npy(req.input)?;
-    let labels = req.labels.as_deref().map(read_labels).transpose()?;
+    let mut x = read_npy(req.input)?;
+    let mut labels = req.labels.as_deref().map(read_labels).transpose()?;
+    if let Some(n) = req.first {
+        let total = x.shape().first().copied().unwrap_or(0);
+        if n == 0 || n > total {
+            return Err(ModelError::Input(format!(
+                "--first {n}: the input has {total} samples"
+            ))
+            .into());
+        }
+        x = x.slice(0, 0, n).map_err(ModelError::tract)?;
+        if let Some(l) = labels.as_mut() {
+            l.truncate(n);
+        }
+    }
     let mut setup_ms = 0.0;
     if req.mode == Mode::Execute || req.reference == Some(Mode::Execute) {
         let t = Instant::now();

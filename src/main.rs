@@ -86,6 +86,9 @@ struct RunArgs {
     /// Also run this mode and print the largest difference (e.g. simulate, torch).
     #[arg(long, value_enum)]
     compare: Option<Mode>,
+    /// Only the first N samples of the input (and labels).
+    #[arg(long)]
+    first: Option<usize>,
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
@@ -214,6 +217,7 @@ fn run(args: RunArgs) -> ExitCode {
         output: args.output,
         labels: args.labels,
         reference: args.compare,
+        first: args.first,
     };
     report(commands::run(&request).map(|(r, _)| {
         if args.json {
