@@ -197,10 +197,9 @@ pub fn run(req: &RunRequest<'_>) -> Result<(RunReport, Value), HybridError> {
     if let Some(n) = req.first {
         let total = x.shape().first().copied().unwrap_or(0);
         if n == 0 || n > total {
-            return Err(ModelError::Input(format!(
-                "--first {n}: the input has {total} samples"
-            ))
-            .into());
+            return Err(
+                ModelError::Input(format!("--first {n}: the input has {total} samples")).into(),
+            );
         }
         x = x.slice(0, 0, n).map_err(ModelError::tract)?;
         if let Some(l) = labels.as_mut() {
