@@ -34,12 +34,7 @@ impl Wire for ClientSpec {
 
     fn validate(&self) -> Result<(), CodecError> {
         let bad = |r: String| Err(CodecError::invalid::<Self>(r));
-        if self.protocol_version != PROTOCOL_VERSION {
-            return bad(format!(
-                "protocol version {} (this build speaks {PROTOCOL_VERSION})",
-                self.protocol_version
-            ));
-        }
+        check_protocol::<Self>(self.protocol_version)?;
         if self.plan.in_features != self.in_features || self.plan.out_features != self.out_features
         {
             return bad(format!(
@@ -90,12 +85,7 @@ impl Wire for ServerModule {
 
     fn validate(&self) -> Result<(), CodecError> {
         let bad = |r: String| Err(CodecError::invalid::<Self>(r));
-        if self.protocol_version != PROTOCOL_VERSION {
-            return bad(format!(
-                "protocol version {} (this build speaks {PROTOCOL_VERSION})",
-                self.protocol_version
-            ));
-        }
+        check_protocol::<Self>(self.protocol_version)?;
         let w = &self.weights;
         if w.in_features != self.plan.in_features
             || w.out_features != self.plan.out_features
@@ -114,6 +104,16 @@ impl Wire for ServerModule {
             ));
         }
         Ok(())
+    }
+}
+
+fn check_protocol<T: Wire>(version: u16) -> Result<(), CodecError> {
+    if version == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(CodecError::invalid::<T>(format!(
+            "protocol version {version} (this build speaks {PROTOCOL_VERSION})"
+        )))
     }
 }
 

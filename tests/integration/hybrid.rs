@@ -81,12 +81,7 @@ fn first_rows(v: &Value, n: usize) -> Value {
 
 #[test]
 fn fc_small_execute_is_bit_identical_to_simulate_and_close_to_torch() {
-    let m = compiled(
-        "fc_small.onnx",
-        &["seq.0"],
-        "fc_small_calibration.npy",
-        &CompileOptions::default(),
-    );
+    let m = fc_small();
     let x = read_npy(&fixture("fc_small_input.npy")).unwrap();
     let (execute, stats) = m.forward(x.clone(), Mode::Execute).unwrap();
     let (simulate, _) = m.forward(x.clone(), Mode::Simulate).unwrap();
@@ -263,25 +258,25 @@ fn digits_models_keep_float_accuracy_and_execute_equals_simulate() {
 
 #[test]
 fn a_wrong_input_shape_is_a_clear_error() {
-    let m = compiled(
-        "fc_small.onnx",
-        &["seq.0"],
-        "fc_small_calibration.npy",
-        &CompileOptions::default(),
-    );
+    let m = fc_small();
     let x = runner::f32_tensor(&[2, 7], &[0.0; 14]).unwrap();
     let err = m.forward(x, Mode::Simulate).err().unwrap().to_string();
     assert!(err.contains("[2, 7]") && err.contains("[?, 10]"), "{err}");
 }
 
-/// Compile FCSmall and save it into a fresh directory.
-fn saved_fc_small() -> (tempfile::TempDir, HybridModel) {
-    let mut m = compiled(
+/// FCSmall with `seq.0` remote, compiled with the defaults.
+fn fc_small() -> HybridModel {
+    compiled(
         "fc_small.onnx",
         &["seq.0"],
         "fc_small_calibration.npy",
         &CompileOptions::default(),
-    );
+    )
+}
+
+/// Compile FCSmall and save it into a fresh directory.
+fn saved_fc_small() -> (tempfile::TempDir, HybridModel) {
+    let mut m = fc_small();
     let dir = tempfile::tempdir().unwrap();
     m.save_and_clear_private_info(dir.path(), false).unwrap();
     (dir, m)
@@ -410,12 +405,7 @@ fn a_format_version_mismatch_is_refused() {
 
 #[test]
 fn saving_into_a_non_empty_directory_needs_force() {
-    let mut m = compiled(
-        "fc_small.onnx",
-        &["seq.0"],
-        "fc_small_calibration.npy",
-        &CompileOptions::default(),
-    );
+    let mut m = fc_small();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
     let err = m
