@@ -7,7 +7,7 @@
 //!   the in-process [`LocalServer`]; the serving layer implements [`Remote`] over HTTP.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use ndarray::{Array2, ArrayView2};
@@ -35,45 +35,66 @@ pub trait Remote: Send + Sync {
     ) -> BoxFuture<'a, Result<EncryptedOutputs, HybridError>>;
 }
 
+/// A client key with the server-side keys derived from it, built on first use and shared by every
+/// [`LocalServer`] made from it (evaluation keys take seconds and hundreds of MiB).
+pub struct ExecuteKeys {
+    client: ClientKey,
+    exact: OnceLock<FourierPackingKey>,
+    compact: OnceLock<FourierPackingKey>,
+}
+
+impl ExecuteKeys {
+    pub fn new(client: ClientKey) -> Self {
+        Self {
+            client,
+            exact: OnceLock::new(),
+            compact: OnceLock::new(),
+        }
+    }
+
+    pub fn client(&self) -> &ClientKey {
+        &self.client
+    }
+
+    /// The server's Fourier packing key for `precision`.
+    pub fn packing(&self, precision: Precision) -> &FourierPackingKey {
+        let slot = match precision {
+            Precision::Exact => &self.exact,
+            Precision::Compact => &self.compact,
+        };
+        slot.get_or_init(|| FourierPackingKey::new(&self.client.evaluation_key(precision, &|_| ())))
+    }
+}
+
 /// Client keys and a server in one process: what `execute` mode runs on.
 pub struct LocalServer {
-    client: Arc<ClientKey>,
-    exact: Option<FourierPackingKey>,
-    compact: Option<FourierPackingKey>,
+    keys: Arc<ExecuteKeys>,
     layers: HashMap<String, FourierLinearLayer>,
 }
 
 impl LocalServer {
-    /// Evaluation keys for the precisions the modules use, and every layer's Fourier weights.
+    /// Every layer's Fourier weights, and the packing keys of the precisions they use.
     pub fn new(
-        client: Arc<ClientKey>,
+        keys: Arc<ExecuteKeys>,
         modules: &BTreeMap<String, ServerModule>,
     ) -> Result<Self, HybridError> {
-        let uses = |p: Precision| modules.values().any(|m| m.plan.precision == p);
-        let key = |p: Precision| {
-            uses(p).then(|| FourierPackingKey::new(&client.evaluation_key(p, &|_| ())))
-        };
         let layers = modules
             .iter()
             .map(|(name, m)| {
+                keys.packing(m.plan.precision);
                 Ok((
                     name.clone(),
                     FourierLinearLayer::new(m.plan.clone(), &m.weights.codes)?,
                 ))
             })
             .collect::<Result<_, HybridError>>()?;
-        Ok(Self {
-            exact: key(Precision::Exact),
-            compact: key(Precision::Compact),
-            client,
-            layers,
-        })
+        Ok(Self { keys, layers })
     }
 }
 
 impl Remote for LocalServer {
     fn client_key(&self) -> &ClientKey {
-        &self.client
+        self.keys.client()
     }
 
     fn compute<'a>(
@@ -86,11 +107,7 @@ impl Remote for LocalServer {
                 .layers
                 .get(module)
                 .ok_or_else(|| HybridError::UnknownRemote(module.to_string()))?;
-            let key = match layer.plan().precision {
-                Precision::Exact => self.exact.as_ref(),
-                Precision::Compact => self.compact.as_ref(),
-            }
-            .expect("a key exists for every precision a layer uses");
+            let key = self.keys.packing(layer.plan().precision);
             Ok(layer.evaluate(key, &request)?)
         })
     }

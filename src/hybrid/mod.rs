@@ -30,7 +30,7 @@ use prost::Message;
 use tract_onnx::pb::ModelProto;
 
 pub use artefacts::{ArtefactError, Manifest, FORMAT_VERSION};
-pub use backend::{LocalServer, Remote};
+pub use backend::{ExecuteKeys, LocalServer, Remote};
 pub use rows::{from_rows, to_rows, RowLayout};
 pub use runtime::{BoxFuture, ForwardStats, ModuleBackend, Runtime};
 pub use spec::{sha256_hex, ClientSpec, ServerModule, PROTOCOL_VERSION};
@@ -151,7 +151,7 @@ pub struct HybridModel {
     specs: BTreeMap<String, ClientSpec>,
     server: Option<BTreeMap<String, ServerModule>>,
     torch: OnceLock<Runtime>,
-    keys: Mutex<Option<Arc<ClientKey>>>,
+    keys: Mutex<Option<Arc<ExecuteKeys>>>,
     local_server: Mutex<Option<Arc<LocalServer>>>,
 }
 
@@ -222,9 +222,9 @@ impl HybridModel {
         !self.specs.is_empty()
     }
 
-    /// Use these client keys for `execute` (tests share one set; keygen takes seconds).
-    pub fn use_client_key(&self, key: Arc<ClientKey>) {
-        *self.keys.lock().expect("keys") = Some(key);
+    /// Use these keys for `execute` (models can share one set; key generation takes seconds).
+    pub fn use_keys(&self, keys: Arc<ExecuteKeys>) {
+        *self.keys.lock().expect("keys") = Some(keys);
         *self.local_server.lock().expect("server") = None;
     }
 
@@ -472,7 +472,7 @@ impl HybridModel {
             .keys
             .lock()
             .expect("keys")
-            .get_or_insert_with(|| Arc::new(ClientKey::generate()))
+            .get_or_insert_with(|| Arc::new(ExecuteKeys::new(ClientKey::generate())))
             .clone();
         let s = Arc::new(LocalServer::new(key, server)?);
         *slot = Some(s.clone());

@@ -6,12 +6,13 @@ use std::sync::{Arc, LazyLock};
 
 use hyfhe::commands::{accuracy, read_labels, read_npy};
 use hyfhe::fhe::ClientKey;
-use hyfhe::hybrid::{ArtefactError, CompileOptions, HybridError, HybridModel, Mode};
+use hyfhe::hybrid::{ArtefactError, CompileOptions, ExecuteKeys, HybridError, HybridModel, Mode};
 use hyfhe::model::{runner, ModelError, OnnxModel, Value};
 use hyfhe::progress::Silent;
 
-/// One client key for every model here (keygen takes seconds).
-static CLIENT: LazyLock<Arc<ClientKey>> = LazyLock::new(|| Arc::new(ClientKey::generate()));
+/// One set of keys for every model here (keygen and evaluation keys take seconds).
+static KEYS: LazyLock<Arc<ExecuteKeys>> =
+    LazyLock::new(|| Arc::new(ExecuteKeys::new(ClientKey::generate())));
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -29,7 +30,7 @@ fn compiled(
     let mut m = HybridModel::new(model, onnx, remote).unwrap();
     m.compile(&read_npy(&fixture(calibration)).unwrap(), options, &Silent)
         .unwrap();
-    m.use_client_key(CLIENT.clone());
+    m.use_keys(KEYS.clone());
     m
 }
 
@@ -345,7 +346,7 @@ fn saved_trees_load_back_and_run_every_mode_they_hold() {
     let (dir, _) = saved_fc_small();
     let x = read_npy(&fixture("fc_small_input.npy")).unwrap();
     let full = HybridModel::load(dir.path()).unwrap();
-    full.use_client_key(CLIENT.clone());
+    full.use_keys(KEYS.clone());
     let (sim, _) = full.forward(x.clone(), Mode::Simulate).unwrap();
     let (exe, _) = full.forward(x.clone(), Mode::Execute).unwrap();
     assert_bit_identical(&exe, &sim);
