@@ -425,3 +425,66 @@ fn saving_into_a_non_empty_directory_needs_force() {
     );
     HybridModel::load(dir.path()).unwrap();
 }
+
+#[test]
+fn malformed_models_and_inputs_are_typed_errors() {
+    // Not protobuf at all.
+    let err = OnnxModel::from_bytes(b"definitely not an onnx model")
+        .err()
+        .unwrap();
+    assert!(matches!(err, ModelError::Decode(_)), "{err}");
+    // A truncated real model.
+    let bytes = std::fs::read(fixture("digits_cnn.onnx")).unwrap();
+    assert!(OnnxModel::from_bytes(&bytes[..bytes.len() / 2]).is_err());
+    // A missing file names the path.
+    let err = OnnxModel::load(fixture("nope.onnx"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("nope.onnx"), "{err}");
+
+    // A NaN in the input of a remote module.
+    let m = fc_small();
+    let mut v = vec![0.5f32; 10];
+    v[3] = f32::NAN;
+    let x = runner::f32_tensor(&[1, 10], &v).unwrap();
+    let err = m.forward(x, Mode::Simulate).err().unwrap().to_string();
+    assert!(err.contains("non-finite"), "{err}");
+    // Too many bits for the weights.
+    let onnx = OnnxModel::load(fixture("fc_small.onnx")).unwrap();
+    let mut m = HybridModel::new("fc", onnx, &["seq.0"]).unwrap();
+    let options = CompileOptions {
+        n_bits: 12,
+        ..CompileOptions::default()
+    };
+    let calibration = read_npy(&fixture("fc_small_calibration.npy")).unwrap();
+    let err = m
+        .compile(&calibration, &options, &Silent)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("weight bits must be in 2..=8, got 12"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_tampered_client_spec_is_refused_even_with_a_matching_hash() {
+    use hyfhe::fhe::{decode, encode};
+    use hyfhe::hybrid::ClientSpec;
+    let (dir, _) = saved_fc_small();
+    let spec_path = dir.path().join("client/modules/seq.0.spec");
+    let mut spec: ClientSpec = decode(&std::fs::read(&spec_path).unwrap(), 1 << 20).unwrap();
+    spec.in_features = 11; // disagrees with its plan
+    let bytes = encode(&spec);
+    std::fs::write(&spec_path, &bytes).unwrap();
+    // Re-hash so only the content check can catch it.
+    let manifest_path = dir.path().join("client/manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["files"]["modules/seq.0.spec"] = hyfhe::hybrid::sha256_hex(&bytes).into();
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let err = HybridModel::load(dir.path()).err().unwrap().to_string();
+    assert!(err.contains("invalid client spec"), "{err}");
+}
