@@ -12,15 +12,18 @@ use crate::fhe::Precision;
 use crate::hybrid::{CompileOptions, ForwardStats, HybridError, HybridModel, Mode, ModuleReport};
 use crate::model::{runner, ModelError, OnnxModel, Value};
 use crate::progress::Progress;
+use crate::quant::min_max;
+
+fn open_npy(path: &Path) -> Result<std::fs::File, ModelError> {
+    std::fs::File::open(path).map_err(|e| ModelError::Read {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
 
 /// Read a `.npy` file of f32 (or f64, converted) as a tensor.
 pub fn read_npy(path: &Path) -> Result<Value, HybridError> {
-    let open = || {
-        std::fs::File::open(path).map_err(|e| ModelError::Read {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })
-    };
+    let open = || open_npy(path);
     let as_f32 = ArrayD::<f32>::read_npy(open()?);
     let array = match as_f32 {
         Ok(a) => a,
@@ -42,12 +45,7 @@ pub fn read_npy(path: &Path) -> Result<Value, HybridError> {
 
 /// Read a `.npy` of integer class labels (int64 or int32).
 pub fn read_labels(path: &Path) -> Result<Vec<i64>, HybridError> {
-    let open = || {
-        std::fs::File::open(path).map_err(|e| ModelError::Read {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })
-    };
+    let open = || open_npy(path);
     if let Ok(a) = ArrayD::<i64>::read_npy(open()?) {
         return Ok(a.iter().copied().collect());
     }
@@ -240,6 +238,7 @@ pub fn run(req: &RunRequest<'_>) -> Result<(RunReport, Value), HybridError> {
     if let Some(path) = &req.output {
         write_npy(path, &y)?;
     }
+    let (output_min, output_max) = min_max(values);
     let report = RunReport {
         model: model.name().to_string(),
         mode: req.mode,
@@ -248,8 +247,8 @@ pub fn run(req: &RunRequest<'_>) -> Result<(RunReport, Value), HybridError> {
         setup_ms,
         total_ms,
         stats,
-        output_min: values.iter().copied().fold(f32::INFINITY, f32::min),
-        output_max: values.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        output_min,
+        output_max,
         output_mean: values.iter().map(|&v| v as f64).sum::<f64>() / values.len().max(1) as f64,
         accuracy: top1,
         reference,

@@ -21,7 +21,7 @@ use crate::fhe::{
     MAX_ROWS,
 };
 use crate::model::{LinearModule, Value};
-use crate::quant::integer_matmul;
+use crate::quant::{integer_matmul, min_max};
 
 /// A server that evaluates encrypted rows for a session whose client holds `client_key`.
 ///
@@ -132,11 +132,7 @@ impl ModuleBackend for FloatBackend<'_> {
                 .get(module)
                 .ok_or_else(|| HybridError::UnknownRemote(module.to_string()))?;
             let (x, layout) = to_rows(module, &m.kind, m.in_features, &input)?;
-            let (lo, hi) = x
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
-                    (l.min(v), h.max(v))
-                });
+            let (lo, hi) = min_max(&x);
             let mut ranges = self.ranges.lock().expect("ranges");
             let r = ranges.entry(module.to_string()).or_insert((lo, hi));
             *r = (r.0.min(lo), r.1.max(hi));

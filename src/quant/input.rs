@@ -48,7 +48,8 @@ impl AffineQuantizer {
     }
 }
 
-fn min_max(values: &[f32]) -> (f32, f32) {
+/// Smallest and largest value (`(+inf, −inf)` for an empty slice).
+pub fn min_max(values: &[f32]) -> (f32, f32) {
     values
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {

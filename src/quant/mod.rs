@@ -12,7 +12,7 @@ mod linear;
 mod matmul;
 mod weight;
 
-pub use input::{AffineQuantizer, InputQuantization, QuantizedRows};
+pub use input::{min_max, AffineQuantizer, InputQuantization, QuantizedRows};
 pub use linear::QuantizedLinear;
 pub use matmul::{correct_and_dequantize, integer_matmul, OutputDequantizer};
 pub use weight::{Granularity, QuantizedWeights, WeightScheme};
