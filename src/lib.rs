@@ -10,8 +10,14 @@
 
 pub mod bench;
 pub mod commands;
+pub mod config;
+pub mod coordinator;
 pub mod fhe;
 pub mod hybrid;
 pub mod model;
 pub mod progress;
+pub mod protocol;
 pub mod quant;
+pub mod telemetry;
+pub mod worker;
+pub mod queue;

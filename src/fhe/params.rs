@@ -39,7 +39,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Output precision of a layer, chosen at compile time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// Every accumulator bit survives: decryption equals the integer simulation bit for bit.

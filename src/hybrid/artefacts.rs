@@ -212,3 +212,24 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, ArtefactError> {
     }
     std::fs::read(path).map_err(io(path))
 }
+
+/// The compiled model directories under `dir`: `dir` itself when it holds a `client/` tree,
+/// otherwise each of its subdirectories that does (sorted by name).
+pub fn model_dirs(dir: &Path) -> Result<Vec<std::path::PathBuf>, ArtefactError> {
+    if dir.join("client").join(MANIFEST).exists() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    let mut dirs: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("client").join(MANIFEST).exists())
+        .collect();
+    dirs.sort();
+    if dirs.is_empty() {
+        return Err(ArtefactError::Missing(format!(
+            "compiled models in {} (expected the output of `hyfhe compile`, or a directory of them)",
+            dir.display()
+        )));
+    }
+    Ok(dirs)
+}

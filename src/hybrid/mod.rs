@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use prost::Message;
 use tract_onnx::pb::ModelProto;
 
-pub use artefacts::{ArtefactError, Manifest, FORMAT_VERSION};
+pub use artefacts::{model_dirs, read_tree, ArtefactError, Manifest, Tree, FORMAT_VERSION, MANIFEST};
 pub use backend::{ExecuteKeys, LocalServer, Remote};
 pub use rows::{from_rows, to_rows, RowLayout};
 pub use runtime::{BoxFuture, ForwardStats, ModuleBackend, Runtime};

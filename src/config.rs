@@ -1,0 +1,303 @@
+//! Service configuration: `config/*.toml`, then `HYFHE__SECTION__KEY` environment overrides,
+//! then validation. Unknown keys and invalid values fail at start-up, naming the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::queue::QueueSettings;
+
+/// Prefix of environment overrides: `HYFHE__QUEUE__REDIS_URL=redis://…` sets `queue.redis_url`.
+pub const ENV_PREFIX: &str = "HYFHE__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config: `{key}` {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub coordinator: CoordinatorConfig,
+    pub worker: WorkerConfig,
+    pub queue: QueueConfig,
+    pub sessions: SessionConfig,
+    pub models: ModelsConfig,
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    pub listen: String,
+    pub max_in_flight: usize,
+    pub max_body_bytes: usize,
+    pub request_timeout_ms: u64,
+    pub retry_after_s: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    pub listen: String,
+    /// Empty: `<hostname>-<pid>`.
+    pub id: String,
+    pub evaluator_threads: usize,
+    pub max_pending: usize,
+    pub key_cache_bytes: u64,
+    pub heartbeat_ms: u64,
+    pub read_block_ms: u64,
+    pub claim_idle_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    Memory,
+    Redis,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    pub backend: QueueBackend,
+    pub redis_url: String,
+    pub connect_timeout_ms: u64,
+    pub shards: u32,
+    pub max_depth: usize,
+    pub max_deliveries: u32,
+    pub lease_ttl_ms: u64,
+    pub result_ttl_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    pub ttl_s: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelsConfig {
+    pub dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceExporter {
+    Off,
+    Stdout,
+    Otlp,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub log: String,
+    pub exporter: TraceExporter,
+    pub otlp_endpoint: String,
+    pub service_name: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    /// Hex SHA-256 of the tenant's API key (`hyfhe keys hash` prints it).
+    pub api_key_sha256: String,
+}
+
+/// The configuration compiled into the binary (`config/default.toml`).
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+impl Config {
+    /// `path` (or the built-in defaults), then environment overrides, then validation.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let vars: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                Self::from_toml(&text, &format!(" {}", p.display()), &vars)
+            }
+            None => Self::from_toml(DEFAULT_TOML, " (built-in defaults)", &vars),
+        }
+    }
+
+    /// Parse `text`, apply `overrides` (`HYFHE__SECTION__KEY` → value) and validate.
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        overrides: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
+            origin: origin.to_string(),
+            message,
+        };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            parse_err(e.to_string())
+        })?;
+        for (var, value) in overrides {
+            apply_override(&mut table, var, value)?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let addr = |key: &str, v: &str| {
+            v.parse::<SocketAddr>()
+                .map(|_| ())
+                .map_err(|_| invalid(key, format!("must be host:port, got {v:?}")))
+        };
+        let positive = |key: &str, v: u64| {
+            if v == 0 {
+                Err(invalid(key, "must be greater than 0"))
+            } else {
+                Ok(())
+            }
+        };
+        addr("coordinator.listen", &self.coordinator.listen)?;
+        addr("worker.listen", &self.worker.listen)?;
+        positive("coordinator.max_in_flight", self.coordinator.max_in_flight as u64)?;
+        positive("coordinator.request_timeout_ms", self.coordinator.request_timeout_ms)?;
+        if self.coordinator.max_body_bytes < 1 << 20 {
+            return Err(invalid(
+                "coordinator.max_body_bytes",
+                "must be at least 1 MiB (sessions upload evaluation keys of ~96 MiB)",
+            ));
+        }
+        positive("worker.max_pending", self.worker.max_pending as u64)?;
+        positive("worker.heartbeat_ms", self.worker.heartbeat_ms)?;
+        positive("worker.read_block_ms", self.worker.read_block_ms)?;
+        if self.worker.key_cache_bytes < 1 << 28 {
+            return Err(invalid(
+                "worker.key_cache_bytes",
+                "must be at least 256 MiB: one session's Fourier packing key is 384–576 MiB",
+            ));
+        }
+        if !(1..=1024).contains(&self.queue.shards) {
+            return Err(invalid("queue.shards", "must be in 1..=1024"));
+        }
+        positive("queue.max_depth", self.queue.max_depth as u64)?;
+        positive("queue.max_deliveries", self.queue.max_deliveries as u64)?;
+        positive("queue.result_ttl_ms", self.queue.result_ttl_ms)?;
+        if self.queue.lease_ttl_ms < 2 * self.worker.heartbeat_ms {
+            return Err(invalid(
+                "queue.lease_ttl_ms",
+                format!(
+                    "must be at least twice worker.heartbeat_ms ({}), or leases lapse between heartbeats",
+                    self.worker.heartbeat_ms
+                ),
+            ));
+        }
+        if self.queue.backend == QueueBackend::Redis && !self.queue.redis_url.starts_with("redis")
+        {
+            return Err(invalid("queue.redis_url", "must be a redis:// or rediss:// URL"));
+        }
+        positive("sessions.ttl_s", self.sessions.ttl_s)?;
+        for (i, t) in self.tenants.iter().enumerate() {
+            if t.name.is_empty() {
+                return Err(invalid(&format!("tenants[{i}].name"), "must not be empty"));
+            }
+            let ok = t.api_key_sha256.len() == 64
+                && t.api_key_sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ok {
+                return Err(invalid(
+                    &format!("tenants[{i}].api_key_sha256"),
+                    "must be 64 hex digits (the SHA-256 of the key; `hyfhe keys hash KEY`)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn queue_settings(&self) -> QueueSettings {
+        QueueSettings {
+            shards: self.queue.shards,
+            max_depth: self.queue.max_depth,
+            max_deliveries: self.queue.max_deliveries,
+            lease_ttl_ms: self.queue.lease_ttl_ms,
+            result_ttl_ms: self.queue.result_ttl_ms,
+        }
+    }
+
+    /// The tenant whose API key this is.
+    pub fn tenant_for_key(&self, api_key: &str) -> Option<&TenantConfig> {
+        let digest = hash_api_key(api_key);
+        self.tenants.iter().find(|t| {
+            // Compare every byte: the time taken must not tell how much of a hash matched.
+            let a = t.api_key_sha256.to_ascii_lowercase();
+            a.len() == digest.len()
+                && a.bytes()
+                    .zip(digest.bytes())
+                    .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                    == 0
+        })
+    }
+}
+
+pub fn hash_api_key(api_key: &str) -> String {
+    hex::encode(Sha256::digest(api_key.as_bytes()))
+}
+
+/// `HYFHE__QUEUE__REDIS_URL=v` → `table.queue.redis_url = v`, typed like the value it replaces.
+fn apply_override(table: &mut toml::Table, var: &str, raw: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = var[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    let [section, key] = path.as_slice() else {
+        return Err(invalid(
+            var,
+            "environment overrides take the form HYFHE__SECTION__KEY",
+        ));
+    };
+    let name = format!("{section}.{key}");
+    let section_table = table
+        .get_mut(section)
+        .and_then(|v| v.as_table_mut())
+        .ok_or_else(|| invalid(&name, format!("(from {var}): no section [{section}]")))?;
+    let value = match section_table.get(key) {
+        Some(toml::Value::String(_)) => toml::Value::String(raw.to_string()),
+        Some(toml::Value::Integer(_)) => raw
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| invalid(&name, format!("(from {var}) must be an integer, got {raw:?}")))?,
+        Some(toml::Value::Boolean(_)) => raw
+            .parse::<bool>()
+            .map(toml::Value::Boolean)
+            .map_err(|_| invalid(&name, format!("(from {var}) must be true or false")))?,
+        Some(_) => return Err(invalid(&name, format!("(from {var}) cannot be overridden"))),
+        None => return Err(invalid(&name, format!("(from {var}) is not a known key"))),
+    };
+    section_table.insert(key.clone(), value);
+    Ok(())
+}

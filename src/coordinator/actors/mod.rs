@@ -1,0 +1,9 @@
+//! The coordinator's actors, one file each.
+
+pub mod dispatcher;
+pub mod result_router;
+pub mod session_registry;
+
+pub use dispatcher::{Dispatch, Dispatcher};
+pub use result_router::ResultRouter;
+pub use session_registry::{Authorize, CreateSession, DeleteSession, SessionRegistry};

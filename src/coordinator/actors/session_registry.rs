@@ -1,0 +1,151 @@
+//! Sessions: created with a tenant's evaluation keys, looked up (and their TTL refreshed) on every
+//! compute request, deleted by their client. State lives in the session store, so any
+//! coordinator can serve any session.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use actix::{Actor, Context, Handler, Message, ResponseFuture};
+
+use crate::coordinator::error::ApiError;
+use crate::hybrid::sha256_hex;
+use crate::protocol::{ErrorCode, SessionCreated};
+use crate::queue::{now_unix_ms, Broker, SessionRecord};
+
+pub struct SessionRegistry {
+    broker: Arc<dyn Broker>,
+    ttl_ms: u64,
+}
+
+impl SessionRegistry {
+    pub fn new(broker: Arc<dyn Broker>, ttl_s: u64) -> Self {
+        Self {
+            broker,
+            ttl_ms: ttl_s * 1000,
+        }
+    }
+}
+
+impl Actor for SessionRegistry {
+    type Context = Context<Self>;
+}
+
+/// Open a session; `keys` are (precision name, encoded evaluation key), already validated.
+#[derive(Message)]
+#[rtype(result = "Result<SessionCreated, ApiError>")]
+pub struct CreateSession {
+    pub tenant: String,
+    pub model: String,
+    pub keys: Vec<(String, Vec<u8>)>,
+}
+
+/// The session `id` if `tenant` owns it and `token` is its token.
+#[derive(Message)]
+#[rtype(result = "Result<SessionRecord, ApiError>")]
+pub struct Authorize {
+    pub id: String,
+    pub tenant: String,
+    pub token: Option<String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), ApiError>")]
+pub struct DeleteSession {
+    pub id: String,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::Rng::fill(&mut rand::rngs::OsRng, buf.as_mut_slice());
+    hex::encode(buf)
+}
+
+impl Handler<CreateSession> for SessionRegistry {
+    type Result = ResponseFuture<Result<SessionCreated, ApiError>>;
+
+    fn handle(&mut self, msg: CreateSession, _: &mut Context<Self>) -> Self::Result {
+        let broker = self.broker.clone();
+        let ttl_ms = self.ttl_ms;
+        Box::pin(async move {
+            let mut keys = BTreeMap::new();
+            for (precision, bytes) in &msg.keys {
+                // Content-addressed: a client renewing its session with the same keys reuses the
+                // stored blob and the workers' transformed copy.
+                let key_id = sha256_hex(bytes);
+                broker.put_key(&key_id, bytes, ttl_ms).await?;
+                keys.insert(precision.clone(), key_id);
+            }
+            let id = random_hex(16);
+            let token = random_hex(32);
+            let record = SessionRecord {
+                id: id.clone(),
+                tenant: msg.tenant,
+                model: msg.model,
+                token_sha256: sha256_hex(token.as_bytes()),
+                keys,
+                expires_unix_ms: now_unix_ms() + ttl_ms,
+            };
+            broker.put_session(&record, ttl_ms).await?;
+            tracing::info!(session = %id, tenant = %record.tenant, model = %record.model, "session opened");
+            Ok(SessionCreated {
+                session_id: id,
+                token,
+                expires_unix_ms: record.expires_unix_ms,
+                ttl_s: ttl_ms / 1000,
+            })
+        })
+    }
+}
+
+impl Handler<Authorize> for SessionRegistry {
+    type Result = ResponseFuture<Result<SessionRecord, ApiError>>;
+
+    fn handle(&mut self, msg: Authorize, _: &mut Context<Self>) -> Self::Result {
+        let broker = self.broker.clone();
+        let ttl_ms = self.ttl_ms;
+        Box::pin(async move {
+            let mut record = broker.get_session(&msg.id).await?.ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no session {} (it expired or was closed): open a new one",
+                    msg.id
+                ))
+            })?;
+            if record.tenant != msg.tenant {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!("session {} belongs to another tenant", msg.id),
+                ));
+            }
+            let token_ok = msg
+                .token
+                .as_deref()
+                .is_some_and(|t| sha256_hex(t.as_bytes()) == record.token_sha256);
+            if !token_ok {
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    "missing or wrong session token (x-hyfhe-session-token)",
+                ));
+            }
+            // Refresh the TTL once half of it is used, not on every request.
+            let now = now_unix_ms();
+            if record.expires_unix_ms.saturating_sub(now) < ttl_ms / 2 {
+                record.expires_unix_ms = now + ttl_ms;
+                broker.put_session(&record, ttl_ms).await?;
+            }
+            Ok(record)
+        })
+    }
+}
+
+impl Handler<DeleteSession> for SessionRegistry {
+    type Result = ResponseFuture<Result<(), ApiError>>;
+
+    fn handle(&mut self, msg: DeleteSession, _: &mut Context<Self>) -> Self::Result {
+        let broker = self.broker.clone();
+        Box::pin(async move {
+            broker.delete_session(&msg.id).await?;
+            tracing::info!(session = %msg.id, "session closed");
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,77 @@
+//! The models a coordinator serves: their client specs (to check requests) and client trees
+//! (to hand to clients). No weights: a coordinator needs only `client/`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde_bytes::ByteBuf;
+
+use crate::fhe::Precision;
+use crate::hybrid::{model_dirs, read_tree, ClientSpec, HybridError, HybridModel};
+use crate::protocol::{ClientBundle, ModelInfo, ModuleInfo};
+
+pub struct ServedModel {
+    pub specs: BTreeMap<String, ClientSpec>,
+    pub info: ModelInfo,
+    /// The msgpack-encoded [`ClientBundle`].
+    pub bundle: Vec<u8>,
+}
+
+impl ServedModel {
+    pub fn precisions(&self) -> BTreeSet<Precision> {
+        self.specs.values().map(|s| s.plan.precision).collect()
+    }
+}
+
+pub struct Catalog {
+    pub models: BTreeMap<String, ServedModel>,
+}
+
+impl Catalog {
+    pub fn load(dir: &Path) -> Result<Self, HybridError> {
+        let mut models = BTreeMap::new();
+        for model_dir in model_dirs(dir)? {
+            let model = HybridModel::load(&model_dir)?;
+            let tree = read_tree(&model_dir, "client")?.expect("model_dirs checked client/");
+            let mut files: BTreeMap<String, ByteBuf> = tree
+                .files
+                .into_iter()
+                .map(|(k, v)| (k, ByteBuf::from(v)))
+                .collect();
+            let manifest = serde_json::to_vec_pretty(&tree.manifest)
+                .map_err(|e| HybridError::Unsupported(e.to_string()))?;
+            files.insert(crate::hybrid::MANIFEST.to_string(), ByteBuf::from(manifest));
+            let name = model.name().to_string();
+            let bundle = rmp_serde::to_vec_named(&ClientBundle {
+                model: name.clone(),
+                files,
+            })
+            .expect("msgpack encoding into a Vec");
+            let info = ModelInfo {
+                name: name.clone(),
+                modules: model
+                    .specs()
+                    .iter()
+                    .map(|(m, s)| ModuleInfo {
+                        name: m.clone(),
+                        precision: s.plan.precision,
+                        client_spec_sha256: s.sha256(),
+                    })
+                    .collect(),
+            };
+            models.insert(
+                name,
+                ServedModel {
+                    specs: model.specs().clone(),
+                    info,
+                    bundle,
+                },
+            );
+        }
+        Ok(Self { models })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ServedModel> {
+        self.models.get(name)
+    }
+}

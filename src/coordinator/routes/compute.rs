@@ -1,0 +1,101 @@
+//! `POST /v1/sessions/{id}/modules/{module}/compute`: encrypted rows in, encrypted outputs out.
+
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+
+use super::{read_body, session_token, tenant};
+use crate::coordinator::actors::{Authorize, Dispatch};
+use crate::coordinator::error::ApiError;
+use crate::coordinator::AppState;
+use crate::fhe::{decode, EncryptedRows};
+use crate::protocol::{check_rows, is_valid_job_id, ErrorCode, JOB_ID_HEADER, MSGPACK, TRACEPARENT_HEADER};
+use crate::queue::{now_unix_ms, Job, JobOutcome};
+
+pub async fn compute(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let start = Instant::now();
+    state.metrics.compute_requests.inc();
+    let result = handle(&req, &state, path.into_inner(), payload).await;
+    state
+        .metrics
+        .compute_seconds
+        .observe(start.elapsed().as_secs_f64());
+    match &result {
+        Ok(_) => state.metrics.compute_ok.inc(),
+        Err(_) => state.metrics.compute_errors.inc(),
+    }
+    result
+}
+
+async fn handle(
+    req: &HttpRequest,
+    state: &AppState,
+    (session_id, module): (String, String),
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = tenant(req, state)?;
+    let session = state
+        .sessions
+        .send(Authorize {
+            id: session_id.clone(),
+            tenant,
+            token: session_token(req),
+        })
+        .await??;
+    let model = state
+        .catalog
+        .get(&session.model)
+        .ok_or_else(|| ApiError::not_found(format!("model `{}` is no longer served", session.model)))?;
+    let spec = model.specs.get(&module).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "model `{}` has no remote module `{module}` (it has {:?})",
+            session.model,
+            model.specs.keys().collect::<Vec<_>>()
+        ))
+    })?;
+    let job_id = req
+        .headers()
+        .get(JOB_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| is_valid_job_id(id))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "missing or invalid `{JOB_ID_HEADER}` header (8 to 64 of [A-Za-z0-9_-]; reuse it on retries)"
+            ))
+        })?
+        .to_string();
+    let body = read_body(req, payload, state.config.coordinator.max_body_bytes).await?;
+    let rows: EncryptedRows = decode(&body, state.config.coordinator.max_body_bytes)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    check_rows(&module, &spec.plan, &rows).map_err(ApiError::bad_request)?;
+    let precision = spec.plan.precision.to_string();
+    let key_id = session.keys.get(&precision).cloned().ok_or_else(|| {
+        ApiError::bad_request(format!("the session holds no {precision} evaluation key"))
+    })?;
+    let timeout = Duration::from_millis(state.config.coordinator.request_timeout_ms);
+    let traceparent = req
+        .headers()
+        .get(TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(crate::telemetry::current_traceparent);
+    let job = Job {
+        id: job_id,
+        session: session.id,
+        model: session.model,
+        module,
+        key_id,
+        deadline_unix_ms: now_unix_ms() + timeout.as_millis() as u64,
+        traceparent,
+        payload: body.to_vec(),
+    };
+    match state.dispatcher.send(Dispatch { job, timeout }).await?? {
+        JobOutcome::Done(bytes) => Ok(HttpResponse::Ok().content_type(MSGPACK).body(bytes)),
+        JobOutcome::Failed { code, message } => Err(ApiError::new(ErrorCode::parse(&code), message)),
+    }
+}

@@ -1,0 +1,17 @@
+//! `GET /metrics` (Prometheus text).
+
+use actix_web::{web, HttpResponse};
+
+use crate::coordinator::AppState;
+
+pub async fn render(state: web::Data<AppState>) -> HttpResponse {
+    let depth = state.broker.depth().await.ok();
+    let workers = state.broker.live_workers().await.ok();
+    let mut text = state.metrics.render(depth, workers);
+    if let Some(w) = &state.worker_metrics {
+        text.push_str(&w.render());
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(text)
+}

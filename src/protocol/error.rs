@@ -1,0 +1,74 @@
+//! The stable error codes of the API and their HTTP statuses: the one place they are mapped.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unavailable,
+    DeadlineExceeded,
+    /// The job failed `max_deliveries` times and was moved to the dead-letter stream.
+    DeadLettered,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::TooManyRequests => 429,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::DeadlineExceeded => 504,
+            ErrorCode::DeadLettered | ErrorCode::Internal => 500,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::TooManyRequests => "too_many_requests",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::DeadLettered => "dead_lettered",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The code a worker stored in a failed job outcome.
+    pub fn parse(code: &str) -> Self {
+        match code {
+            "bad_request" => ErrorCode::BadRequest,
+            "not_found" => ErrorCode::NotFound,
+            "deadline_exceeded" => ErrorCode::DeadlineExceeded,
+            "dead_lettered" => ErrorCode::DeadLettered,
+            "unavailable" => ErrorCode::Unavailable,
+            _ => ErrorCode::Internal,
+        }
+    }
+
+    /// Whether a client should retry the same request later.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorCode::TooManyRequests | ErrorCode::Unavailable)
+    }
+}
+
+/// Body of every error response (JSON).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}

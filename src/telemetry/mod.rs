@@ -1,0 +1,106 @@
+//! Logs, traces and metrics.
+//!
+//! - Logs: `tracing` with an env filter (`telemetry.log`, or `RUST_LOG`).
+//! - Traces: `telemetry.exporter = "otlp"` exports spans over OTLP/HTTP; `"stdout"` logs every
+//!   span's close with its duration; `"off"` (the default) neither. The W3C `traceparent` crosses
+//!   HTTP headers and Redis job fields, so one forward call is one trace.
+//! - Metrics: [`metrics`], rendered on each service's `GET /metrics`.
+
+pub mod metrics;
+
+use std::collections::HashMap;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{TelemetryConfig, TraceExporter};
+
+/// Keeps the trace exporter alive; flushes it when dropped.
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            // The OTLP exporter uses a blocking HTTP client: flush it on a plain thread, never on
+            // an async runtime's worker.
+            let _ = std::thread::spawn(move || provider.shutdown()).join();
+        }
+    }
+}
+
+/// Install the global subscriber (once per process; later calls are no-ops).
+pub fn init(config: &TelemetryConfig) -> TelemetryGuard {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let span_events = if config.exporter == TraceExporter::Stdout {
+        FmtSpan::CLOSE
+    } else {
+        FmtSpan::NONE
+    };
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_span_events(span_events);
+    let provider = match config.exporter {
+        TraceExporter::Otlp => match otlp_provider(config) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("warning: OTLP exporter not started ({e}); traces are off");
+                None
+            }
+        },
+        _ => None,
+    };
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer().with_tracer(p.tracer(config.service_name.clone()))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    TelemetryGuard { provider }
+}
+
+fn otlp_provider(config: &TelemetryConfig) -> Result<SdkTracerProvider, String> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(&config.otlp_endpoint)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(config.service_name.clone())
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
+}
+
+/// The current span's W3C trace context, when traces are exported.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Make `span` a child of the remote span `traceparent` names.
+pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(tp) = traceparent {
+        let carrier = HashMap::from([("traceparent".to_string(), tp.to_string())]);
+        let cx = TraceContextPropagator::new().extract(&carrier);
+        let _ = span.set_parent(cx);
+    }
+}

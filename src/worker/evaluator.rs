@@ -1,0 +1,69 @@
+//! FHE evaluation on a dedicated thread pool.
+//!
+//! Evaluation takes milliseconds to seconds of CPU; on the actor system's thread it would stall
+//! every other actor. The pool's queue is not bounded here: the queue reader admits at most
+//! `worker.max_pending` jobs at a time, which is the bound in front of this actor.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::{Actor, Context, Handler, Message, ResponseFuture};
+use tokio::sync::oneshot;
+
+use super::{JobError, WorkerMetrics};
+use crate::fhe::{EncryptedOutputs, EncryptedRows, FourierLinearLayer, FourierPackingKey};
+
+pub struct Evaluator {
+    pool: Arc<rayon::ThreadPool>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl Evaluator {
+    pub fn new(threads: usize, metrics: Arc<WorkerMetrics>) -> Self {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("hyfhe-eval-{i}"))
+            .build()
+            .expect("spawning evaluator threads");
+        Self {
+            pool: Arc::new(pool),
+            metrics,
+        }
+    }
+}
+
+impl Actor for Evaluator {
+    type Context = Context<Self>;
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<EncryptedOutputs, JobError>")]
+pub struct Evaluate {
+    pub layer: Arc<FourierLinearLayer>,
+    pub key: Arc<FourierPackingKey>,
+    pub rows: EncryptedRows,
+}
+
+impl Handler<Evaluate> for Evaluator {
+    type Result = ResponseFuture<Result<EncryptedOutputs, JobError>>;
+
+    fn handle(&mut self, msg: Evaluate, _: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let metrics = self.metrics.clone();
+        let span = tracing::info_span!("evaluate", rows = msg.rows.rows);
+        self.pool.spawn(move || {
+            let _enter = span.enter();
+            let start = Instant::now();
+            let result = msg
+                .layer
+                .evaluate(&msg.key, &msg.rows)
+                .map_err(|e| JobError::BadRequest(e.to_string()));
+            metrics.fhe_seconds.observe(start.elapsed().as_secs_f64());
+            let _ = tx.send(result);
+        });
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(JobError::Internal("evaluator thread panicked".into())))
+        })
+    }
+}

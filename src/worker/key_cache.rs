@@ -1,0 +1,156 @@
+//! Sessions' evaluation keys, Fourier-transformed, in a byte-bounded LRU.
+//!
+//! Key memory is what limits an FHE worker (384–576 MiB per session), which is why sessions are
+//! sharded onto workers and this cache is bounded in bytes, not entries. A miss fetches the
+//! uploaded key from the store and transforms it on the blocking pool (seconds of CPU must not
+//! run on the actor system's thread); concurrent misses for one key wait on that single load.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::{
+    Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseFuture, WrapFuture,
+};
+use tokio::sync::oneshot;
+
+use super::{JobError, WorkerMetrics};
+use crate::fhe::{decode, EvaluationKey, FourierPackingKey, Precision};
+use crate::queue::Broker;
+
+type KeyResult = Result<Arc<FourierPackingKey>, String>;
+
+/// Largest evaluation-key blob accepted from the store (both precisions are ~96 MiB).
+fn max_key_bytes() -> usize {
+    EvaluationKey::expected_len(Precision::Exact)
+        .max(EvaluationKey::expected_len(Precision::Compact))
+        + 4096
+}
+
+struct Entry {
+    key: Arc<FourierPackingKey>,
+    bytes: u64,
+    last_used: u64,
+}
+
+pub struct KeyCache {
+    broker: Arc<dyn Broker>,
+    capacity_bytes: u64,
+    entries: HashMap<String, Entry>,
+    loading: HashMap<String, Vec<oneshot::Sender<KeyResult>>>,
+    clock: u64,
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl KeyCache {
+    pub fn new(broker: Arc<dyn Broker>, capacity_bytes: u64, metrics: Arc<WorkerMetrics>) -> Self {
+        Self {
+            broker,
+            capacity_bytes,
+            entries: HashMap::new(),
+            loading: HashMap::new(),
+            clock: 0,
+            metrics,
+        }
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.entries.values().map(|e| e.bytes).sum()
+    }
+
+    /// Evict least-recently-used keys until `incoming` more bytes fit. Jobs still holding an
+    /// evicted key keep it alive through their `Arc` until they finish.
+    fn make_room(&mut self, incoming: u64) {
+        while !self.entries.is_empty() && self.used_bytes() + incoming > self.capacity_bytes {
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(k, _)| k.clone())
+                .expect("non-empty");
+            self.entries.remove(&oldest);
+            self.metrics.key_cache_evictions.inc();
+            tracing::info!(key = %oldest, "evicted evaluation key");
+        }
+    }
+}
+
+impl Actor for KeyCache {
+    type Context = Context<Self>;
+}
+
+/// The Fourier packing key stored under `key_id`.
+#[derive(Message)]
+#[rtype(result = "Result<Arc<FourierPackingKey>, JobError>")]
+pub struct GetKey {
+    pub key_id: String,
+}
+
+async fn load(broker: Arc<dyn Broker>, key_id: String) -> KeyResult {
+    let bytes = broker
+        .get_key(&key_id)
+        .await
+        .map_err(|e| format!("loading key {key_id}: {e}"))?
+        .ok_or_else(|| format!("evaluation key {key_id} expired or was never uploaded"))?;
+    tokio::task::spawn_blocking(move || {
+        let key: EvaluationKey =
+            decode(&bytes, max_key_bytes()).map_err(|e| format!("stored key {key_id}: {e}"))?;
+        Ok(Arc::new(FourierPackingKey::new(&key)))
+    })
+    .await
+    .map_err(|e| format!("key transform panicked: {e}"))?
+}
+
+impl Handler<GetKey> for KeyCache {
+    type Result = ResponseFuture<Result<Arc<FourierPackingKey>, JobError>>;
+
+    fn handle(&mut self, msg: GetKey, ctx: &mut Context<Self>) -> Self::Result {
+        self.clock += 1;
+        if let Some(entry) = self.entries.get_mut(&msg.key_id) {
+            entry.last_used = self.clock;
+            self.metrics.key_cache_hits.inc();
+            let key = entry.key.clone();
+            return Box::pin(async move { Ok(key) });
+        }
+        self.metrics.key_cache_misses.inc();
+        let (tx, rx) = oneshot::channel();
+        let first = !self.loading.contains_key(&msg.key_id);
+        self.loading.entry(msg.key_id.clone()).or_default().push(tx);
+        if first {
+            let key_id = msg.key_id.clone();
+            let fut = load(self.broker.clone(), key_id.clone()).into_actor(self).map(
+                move |result, act, _| {
+                    if let Ok(key) = &result {
+                        let bytes = key.size_bytes() as u64;
+                        act.make_room(bytes);
+                        act.clock += 1;
+                        act.entries.insert(
+                            key_id.clone(),
+                            Entry {
+                                key: key.clone(),
+                                bytes,
+                                last_used: act.clock,
+                            },
+                        );
+                        act.metrics.key_loads.inc();
+                        tracing::info!(key = %key_id, bytes, "loaded evaluation key");
+                    }
+                    act.metrics.key_cache_bytes.set(act.used_bytes());
+                    for waiter in act.loading.remove(&key_id).unwrap_or_default() {
+                        let _ = waiter.send(result.clone());
+                    }
+                },
+            );
+            ctx.spawn(fut);
+        }
+        Box::pin(async move {
+            match rx.await {
+                Ok(Ok(key)) => Ok(key),
+                Ok(Err(e)) if e.contains("expired or was never uploaded") => {
+                    Err(JobError::NotFound(e))
+                }
+                Ok(Err(e)) => Err(JobError::Internal(e)),
+                Err(_) => Err(JobError::Internal("key cache stopped".into())),
+            }
+        })
+    }
+}

@@ -1,0 +1,47 @@
+//! Stores outcomes under their job id, then acknowledges the entry (see [`crate::queue`]).
+
+use std::sync::Arc;
+
+use actix::{Actor, Context, Handler, Message, ResponseFuture};
+
+use super::WorkerMetrics;
+use crate::queue::{Broker, Delivery, JobOutcome, QueueError};
+
+pub struct ResultWriter {
+    broker: Arc<dyn Broker>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl ResultWriter {
+    pub fn new(broker: Arc<dyn Broker>, metrics: Arc<WorkerMetrics>) -> Self {
+        Self { broker, metrics }
+    }
+}
+
+impl Actor for ResultWriter {
+    type Context = Context<Self>;
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<(), QueueError>")]
+pub struct WriteOutcome {
+    pub delivery: Delivery,
+    pub outcome: JobOutcome,
+}
+
+impl Handler<WriteOutcome> for ResultWriter {
+    type Result = ResponseFuture<Result<(), QueueError>>;
+
+    fn handle(&mut self, msg: WriteOutcome, _: &mut Context<Self>) -> Self::Result {
+        let broker = self.broker.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            broker.complete(&msg.delivery, &msg.outcome).await?;
+            match msg.outcome {
+                JobOutcome::Done(_) => metrics.jobs_done.inc(),
+                JobOutcome::Failed { .. } => metrics.jobs_failed.inc(),
+            }
+            Ok(())
+        })
+    }
+}
