@@ -8,6 +8,7 @@ use ndarray::ArrayD;
 use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use serde::Serialize;
 
+use crate::client::Client;
 use crate::fhe::Precision;
 use crate::hybrid::{CompileOptions, ForwardStats, HybridError, HybridModel, Mode, ModuleReport};
 use crate::model::{runner, ModelError, OnnxModel, Value};
@@ -160,6 +161,8 @@ pub struct RunRequest<'a> {
     pub reference: Option<Mode>,
     /// Only the first samples of the input (and labels).
     pub first: Option<usize>,
+    /// Coordinator URL and API key, for `Mode::Remote`.
+    pub server: Option<(String, String)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -188,7 +191,7 @@ pub struct Comparison {
 }
 
 /// `hyfhe run DIR --input X.npy --mode M`.
-pub fn run(req: &RunRequest<'_>) -> Result<(RunReport, Value), HybridError> {
+pub fn run(req: &RunRequest<'_>, progress: &dyn Progress) -> Result<(RunReport, Value), HybridError> {
     let model = HybridModel::load(req.dir)?;
     let mut x = read_npy(req.input)?;
     let mut labels = req.labels.as_deref().map(read_labels).transpose()?;
@@ -210,15 +213,39 @@ pub fn run(req: &RunRequest<'_>) -> Result<(RunReport, Value), HybridError> {
         model.local_server()?;
         setup_ms = t.elapsed().as_secs_f64() * 1e3;
     }
+    // Remote: keygen and session opening count as setup, like execute's local server.
+    let remote = match (req.mode == Mode::Remote || req.reference == Some(Mode::Remote), &req.server) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(HybridError::Unsupported(
+                "mode remote needs --server URL and --api-key KEY".into(),
+            ))
+        }
+        (true, Some((url, key))) => {
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| HybridError::Remote(e.to_string()))?;
+            let t = Instant::now();
+            let client = Client::new(url, key)?;
+            let session = runtime.block_on(client.open_session(&model, progress))?;
+            setup_ms += t.elapsed().as_secs_f64() * 1e3;
+            Some((runtime, session))
+        }
+    };
+    let forward = |x: Value, mode: Mode| match (&remote, mode) {
+        (Some((runtime, session)), Mode::Remote) => {
+            runtime.block_on(model.forward_remote(x, session))
+        }
+        _ => model.forward(x, mode),
+    };
     let t = Instant::now();
-    let (y, stats) = model.forward(x.clone(), req.mode)?;
+    let (y, stats) = forward(x.clone(), req.mode)?;
     let total_ms = t.elapsed().as_secs_f64() * 1e3;
     let values = runner::f32_values(&y, "the output")?;
     let top1 = labels.as_ref().map(|l| accuracy(&y, l)).transpose()?;
     let reference = match req.reference {
         None => None,
         Some(mode) => {
-            let (r, _) = model.forward(x.clone(), mode)?;
+            let (r, _) = forward(x.clone(), mode)?;
             let rv = runner::f32_values(&r, "the reference output")?;
             let max_abs_diff = values
                 .iter()
@@ -235,6 +262,10 @@ pub fn run(req: &RunRequest<'_>) -> Result<(RunReport, Value), HybridError> {
             })
         }
     };
+    if let Some((runtime, session)) = &remote {
+        // Best effort: the session would expire on its own.
+        let _ = runtime.block_on(session.close());
+    }
     if let Some(path) = &req.output {
         write_npy(path, &y)?;
     }

@@ -9,8 +9,10 @@
 //! - [`bench`]: the `hyfhe bench linear` measurement (encrypted vs. plaintext, same process).
 
 pub mod bench;
+pub mod client;
 pub mod commands;
 pub mod config;
+pub mod demo;
 pub mod coordinator;
 pub mod fhe;
 pub mod hybrid;
@@ -18,6 +20,7 @@ pub mod model;
 pub mod progress;
 pub mod protocol;
 pub mod quant;
+pub mod service;
 pub mod telemetry;
 pub mod worker;
 pub mod queue;

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use hyfhe::bench::{run_linear, LinearBenchConfig, Progress};
 use hyfhe::commands::{self, CompileRequest, RunRequest};
 use hyfhe::fhe::Precision;
+use hyfhe::config::Config;
 use hyfhe::hybrid::{CompileOptions, Mode};
+use hyfhe::service;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +40,61 @@ enum Command {
     Compile(CompileArgs),
     /// Run a compiled model on a .npy input in one mode, with per-stage timings.
     Run(RunArgs),
+    /// Coordinator and worker in one process on the in-memory queue (or Redis with --redis):
+    /// the embedded server.
+    Serve(ServeArgs),
+    /// The HTTP API: sessions, admission, routing of encrypted layer requests to the queue.
+    Coordinator(ServiceArgs),
+    /// A queue worker: holds session keys and evaluates encrypted layers.
+    Worker(ServiceArgs),
+    /// Compile the bundled digits CNN, serve it on loopback and classify test digits remotely.
+    Demo(DemoArgs),
+    /// API-key utilities.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A directory written by `hyfhe compile`, or a directory of them.
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// Use this Redis instead of the in-memory queue (e.g. redis://127.0.0.1:6379).
+    #[arg(long)]
+    redis: Option<String>,
+    /// Configuration file [default: the built-in config/default.toml].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: coordinator.listen from the config].
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+#[derive(Args)]
+struct ServiceArgs {
+    /// Configuration file (config/default.toml documents every key); HYFHE__SECTION__KEY
+    /// environment variables override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Test digits to classify (at most 360).
+    #[arg(long, default_value_t = 40)]
+    images: usize,
+    /// Keep the compiled model and data here instead of a temporary directory.
+    #[arg(long)]
+    workdir: Option<PathBuf>,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print the SHA-256 of an API key, as `tenants[].api_key_sha256` in the config wants it.
+    Hash { key: String },
 }
 
 #[derive(Args)]
@@ -92,6 +149,12 @@ struct RunArgs {
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Coordinator URL for --mode remote (e.g. http://127.0.0.1:8080).
+    #[arg(long)]
+    server: Option<String>,
+    /// Tenant API key for --mode remote.
+    #[arg(long, env = "HYFHE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -158,7 +221,141 @@ fn main() -> ExitCode {
         Command::Inspect { model } => report(commands::inspect(&model)),
         Command::Compile(args) => compile(args),
         Command::Run(args) => run(args),
+        Command::Serve(args) => serve(args),
+        Command::Coordinator(args) => coordinator(args),
+        Command::Worker(args) => worker(args),
+        Command::Demo(args) => demo(args),
+        Command::Keys(KeysCommand::Hash { key }) => {
+            println!("{}", hyfhe::config::hash_api_key(&key));
+            ExitCode::SUCCESS
+        }
     }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Run `service` inside an actix system on a multi-threaded tokio runtime (actors need the
+/// system; a plain `#[tokio::main]` would panic on the first actor).
+fn run_system<F>(config: &Config, service: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let _telemetry = hyfhe::telemetry::init(&config.telemetry);
+    let system = actix_web::rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("building a tokio runtime")
+    });
+    match system.block_on(service) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let mut config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(url) = args.redis {
+        config.queue.backend = hyfhe::config::QueueBackend::Redis;
+        config.queue.redis_url = url;
+    }
+    if let Some(listen) = args.listen {
+        config.coordinator.listen = listen;
+    }
+    if let Err(e) = config.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    let service_config = config.clone();
+    run_system(&config, async move {
+        let listener = service::bind(&service_config.coordinator.listen).map_err(|e| e.to_string())?;
+        let embedded = service::embedded(service_config, &args.model_dir, listener)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Tests and scripts read the port from this line.
+        println!("listening on http://127.0.0.1:{}", embedded.app.port());
+        tracing::info!(port = embedded.app.port(), worker = %embedded.worker.id, "serving");
+        embedded.app.run_until_stopped().await.map_err(|e| e.to_string())
+    })
+}
+
+fn coordinator(args: ServiceArgs) -> ExitCode {
+    let config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    run_system(&config.clone(), async move {
+        let app = service::coordinator(config).await.map_err(|e| e.to_string())?;
+        println!("listening on http://127.0.0.1:{}", app.port());
+        tracing::info!(port = app.port(), "coordinator serving");
+        app.run_until_stopped().await.map_err(|e| e.to_string())
+    })
+}
+
+fn worker(args: ServiceArgs) -> ExitCode {
+    let config = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    run_system(&config.clone(), async move {
+        let (handle, server, port) = service::worker(config).await.map_err(|e| e.to_string())?;
+        println!("worker {} metrics on http://127.0.0.1:{port}", handle.id);
+        let stopper = server.handle();
+        let reader = handle.reader.clone();
+        // On SIGINT/SIGTERM the metrics server stops; give the shard leases back first so
+        // another worker takes them at once instead of after the lease TTL.
+        actix_web::rt::spawn(async move {
+            shutdown_signal().await;
+            let _ = reader.send(hyfhe::worker::Leave).await;
+            stopper.stop(true).await;
+        });
+        server.await.map_err(|e| e.to_string())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn demo(args: DemoArgs) -> ExitCode {
+    let bars = bars();
+    let result = hyfhe::demo::run(
+        &hyfhe::demo::DemoOptions {
+            images: args.images,
+            workdir: args.workdir,
+        },
+        &bars,
+    );
+    bars.finish();
+    report(result.map(|r| {
+        if args.json {
+            format!("{}\n", serde_json::to_string(&r).expect("plain data"))
+        } else {
+            r.render()
+        }
+    }))
 }
 
 fn report<E: std::fmt::Display>(result: Result<String, E>) -> ExitCode {
@@ -218,8 +415,12 @@ fn run(args: RunArgs) -> ExitCode {
         labels: args.labels,
         reference: args.compare,
         first: args.first,
+        server: args.server.map(|url| (url, args.api_key.unwrap_or_default())),
     };
-    report(commands::run(&request).map(|(r, _)| {
+    let bars = bars();
+    let result = commands::run(&request, &bars);
+    bars.finish();
+    report(result.map(|(r, _)| {
         if args.json {
             format!("{}\n", serde_json::to_string(&r).expect("plain data"))
         } else {

@@ -390,9 +390,9 @@ impl HybridModel {
                     run_ready(self.runtime.run(x, &backend, &stats))?
                 }
                 Mode::Remote => return Err(HybridError::Unsupported(
-                    "mode remote needs a server connection (HybridModel::forward_remote with a \
-                     Remote); this build has no HTTP client yet: use execute for real FHE in \
-                     this process"
+                    "mode remote needs a server session: HybridModel::forward_remote with a \
+                     client::RemoteSession (`hyfhe run DIR --mode remote --server URL \
+                     --api-key KEY`)"
                         .into(),
                 )),
             };

@@ -48,6 +48,23 @@ impl ForwardStats {
         self.upload_bytes += other.upload_bytes;
         self.download_bytes += other.download_bytes;
     }
+
+    /// Every figure times `factor` (per-item averages from totals).
+    pub fn scaled(&self, factor: f64) -> Self {
+        let count = |n: usize| (n as f64 * factor).round() as usize;
+        Self {
+            local_ms: self.local_ms * factor,
+            quantize_ms: self.quantize_ms * factor,
+            encrypt_ms: self.encrypt_ms * factor,
+            fhe_ms: self.fhe_ms * factor,
+            decrypt_ms: self.decrypt_ms * factor,
+            dequantize_ms: self.dequantize_ms * factor,
+            clear_ms: self.clear_ms * factor,
+            requests: count(self.requests),
+            upload_bytes: count(self.upload_bytes),
+            download_bytes: count(self.download_bytes),
+        }
+    }
 }
 
 pub(crate) fn ms_since(t: Instant) -> f64 {

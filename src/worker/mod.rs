@@ -26,7 +26,7 @@ pub use http::metrics_app;
 pub use key_cache::KeyCache;
 pub use metrics::WorkerMetrics;
 pub use module_cache::{ModuleCache, ModuleSet};
-pub use queue_reader::QueueReader;
+pub use queue_reader::{Leave, QueueReader};
 pub use result_writer::ResultWriter;
 
 use crate::config::Config;

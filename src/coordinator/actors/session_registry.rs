@@ -105,10 +105,10 @@ impl Handler<Authorize> for SessionRegistry {
         let ttl_ms = self.ttl_ms;
         Box::pin(async move {
             let mut record = broker.get_session(&msg.id).await?.ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "no session {} (it expired or was closed): open a new one",
-                    msg.id
-                ))
+                ApiError::new(
+                    ErrorCode::SessionExpired,
+                    format!("no session {} (it expired or was closed): open a new one", msg.id),
+                )
             })?;
             if record.tenant != msg.tenant {
                 return Err(ApiError::new(

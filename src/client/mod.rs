@@ -1,0 +1,197 @@
+//! The client side of `remote` mode: an HTTP client for the coordinator and a [`RemoteSession`]
+//! that implements [`crate::hybrid::Remote`], so `HybridModel::forward_remote` runs against a
+//! server exactly as `execute` runs in process.
+//!
+//! ```text
+//! let client = Client::new(url, api_key)?;
+//! client.download_model("digits", dir).await?;          // optional: the client tree
+//! let model = HybridModel::load(dir)?;
+//! let session = client.open_session(&model, &progress).await?;   // keygen, upload eval keys
+//! let (y, stats) = model.forward_remote(x, &session).await?;
+//! ```
+//!
+//! Retries: 429 and 503 (honouring `Retry-After`), timeouts and dropped connections are retried
+//! with the *same* job id, which the server treats as the same job. An expired session is renewed
+//! with the same keys and the request retried.
+
+mod session;
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::hybrid::HybridError;
+use crate::protocol::{ClientBundle, ErrorBody, ErrorCode, ModelList};
+
+pub use session::{RemoteSession, RetryPolicy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid server URL {0:?}: expected http://host:port")]
+    Url(String),
+    #[error("cannot reach {url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("server answered {status} {code}: {message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("unexpected response from the server: {0}")]
+    Protocol(String),
+    #[error("the server's `{module}` of model `{model}` was compiled differently from the local client spec (hash {server} vs {local}): download the client tree again")]
+    SpecMismatch {
+        model: String,
+        module: String,
+        server: String,
+        local: String,
+    },
+    #[error("{0}")]
+    Local(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => {
+                serde_json::from_value(serde_json::Value::String(code.clone())).ok()
+            }
+            _ => None,
+        }
+    }
+}
+
+impl From<ClientError> for HybridError {
+    fn from(e: ClientError) -> Self {
+        HybridError::Remote(e.to_string())
+    }
+}
+
+/// A connection to a coordinator with one tenant's API key.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    api_key: String,
+}
+
+/// Largest client tree accepted from a server.
+const MAX_BUNDLE_BYTES: usize = 256 << 20;
+
+impl Client {
+    pub fn new(url: &str, api_key: &str) -> Result<Self, ClientError> {
+        let base = url.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(ClientError::Url(url.to_string()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| ClientError::Local(e.to_string()))?;
+        Ok(Self {
+            http,
+            base,
+            api_key: api_key.to_string(),
+        })
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, self.url(path))
+            .bearer_auth(&self.api_key)
+    }
+
+    pub(crate) fn transport(&self, e: reqwest::Error) -> ClientError {
+        ClientError::Transport {
+            url: self.base.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// The body of a successful response, or the server's error as [`ClientError::Api`].
+    pub(crate) async fn body(
+        &self,
+        response: reqwest::Response,
+        limit: usize,
+    ) -> Result<Vec<u8>, ClientError> {
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| self.transport(e))?;
+        if !status.is_success() {
+            return Err(api_error(status.as_u16(), &bytes));
+        }
+        if bytes.len() > limit {
+            return Err(ClientError::Protocol(format!(
+                "response of {} bytes exceeds {limit}",
+                bytes.len()
+            )));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    /// `GET /v1/models`.
+    pub async fn models(&self) -> Result<ModelList, ClientError> {
+        let response = self
+            .request(reqwest::Method::GET, "/v1/models")
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        let body = self.body(response, 16 << 20).await?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Download `model`'s client tree into `dir/client` (then `HybridModel::load(dir)` verifies
+    /// every file against the manifest's hashes).
+    pub async fn download_model(&self, model: &str, dir: &Path) -> Result<(), ClientError> {
+        let response = self
+            .request(reqwest::Method::GET, &format!("/v1/models/{model}/client"))
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        let body = self.body(response, MAX_BUNDLE_BYTES).await?;
+        let bundle: ClientBundle =
+            rmp_serde::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let root = dir.join("client");
+        for (path, bytes) in &bundle.files {
+            if !ClientBundle::is_safe_path(path) {
+                return Err(ClientError::Protocol(format!(
+                    "client tree holds an unsafe path {path:?}"
+                )));
+            }
+            let target = root.join(path);
+            let io = |e: std::io::Error| ClientError::Local(format!("{}: {e}", target.display()));
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(io)?;
+            }
+            std::fs::write(&target, bytes).map_err(io)?;
+        }
+        Ok(())
+    }
+}
+
+fn api_error(status: u16, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ClientError::Api {
+            status,
+            code: e.code.as_str().to_string(),
+            message: e.message,
+        },
+        Err(_) => ClientError::Api {
+            status,
+            code: "unknown".into(),
+            message: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+        },
+    }
+}
+
+/// Run `future` to completion on a fresh current-thread runtime: the blocking wrapper for
+/// callers without an async runtime.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building a tokio runtime")
+        .block_on(future)
+}

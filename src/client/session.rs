@@ -1,0 +1,256 @@
+//! A session on a coordinator: the client's secret keys stay here, only evaluation keys go up.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+
+use super::{Client, ClientError};
+use crate::fhe::{decode, encode, ClientKey, EncryptedOutputs, EncryptedRows, Precision};
+use crate::hybrid::{BoxFuture, HybridError, HybridModel, Remote};
+use crate::progress::Progress;
+use crate::protocol::{
+    CreateSession, ErrorCode, SessionCreated, JOB_ID_HEADER, MAX_PAYLOAD_BYTES, MSGPACK,
+    SESSION_TOKEN_HEADER, TRACEPARENT_HEADER,
+};
+
+/// How hard a compute request tries before giving up.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    /// First back-off; doubles per attempt up to `max_backoff` (a `Retry-After` overrides it).
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// Per-request HTTP timeout (then retried with the same job id).
+    pub request_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 30,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+pub struct RemoteSession {
+    client: Client,
+    model: String,
+    key: ClientKey,
+    /// Encoded evaluation keys, kept to renew an expired session without regenerating them.
+    evaluation_keys: Vec<Vec<u8>>,
+    current: Mutex<SessionCreated>,
+    retry: RetryPolicy,
+}
+
+impl Client {
+    /// Check the server compiled `model` as the local client spec says, generate fresh keys and
+    /// open a session uploading only the evaluation keys.
+    pub async fn open_session(
+        &self,
+        model: &HybridModel,
+        progress: &dyn Progress,
+    ) -> Result<RemoteSession, ClientError> {
+        self.check_specs(model).await?;
+        let precisions: BTreeSet<Precision> =
+            model.specs().values().map(|s| s.plan.precision).collect();
+        progress.stage("keygen", 1);
+        // Seconds of CPU on the caller's task: a client has nothing else to serve meanwhile.
+        let key = ClientKey::generate();
+        progress.advance(1);
+        let mut evaluation_keys = Vec::new();
+        for precision in precisions {
+            let n = crate::fhe::params::INPUT_GLWE.lwe_dimension();
+            progress.stage(&format!("{precision} evaluation key"), n);
+            let eval = key.evaluation_key(precision, &|k| progress.advance(k));
+            evaluation_keys.push(encode(&eval));
+        }
+        let current = self.create_session(model.name(), &evaluation_keys).await?;
+        Ok(RemoteSession {
+            client: self.clone(),
+            model: model.name().to_string(),
+            key,
+            evaluation_keys,
+            current: Mutex::new(current),
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    async fn check_specs(&self, model: &HybridModel) -> Result<(), ClientError> {
+        let list = self.models().await?;
+        let served = list
+            .models
+            .iter()
+            .find(|m| m.name == model.name())
+            .ok_or_else(|| ClientError::Api {
+                status: 404,
+                code: "not_found".into(),
+                message: format!(
+                    "the server does not serve model `{}` (it serves {:?})",
+                    model.name(),
+                    list.models.iter().map(|m| &m.name).collect::<Vec<_>>()
+                ),
+            })?;
+        for (name, spec) in model.specs() {
+            let local = spec.sha256();
+            let server = served
+                .modules
+                .iter()
+                .find(|m| &m.name == name)
+                .map(|m| m.client_spec_sha256.clone())
+                .unwrap_or_else(|| "none".into());
+            if server != local {
+                return Err(ClientError::SpecMismatch {
+                    model: model.name().into(),
+                    module: name.clone(),
+                    server,
+                    local,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_session(
+        &self,
+        model: &str,
+        keys: &[Vec<u8>],
+    ) -> Result<SessionCreated, ClientError> {
+        let body = rmp_serde::to_vec_named(&CreateSession {
+            model: model.to_string(),
+            keys: keys.iter().map(|k| serde_bytes::ByteBuf::from(k.clone())).collect(),
+        })
+        .expect("msgpack encoding into a Vec");
+        let response = self
+            .request(Method::POST, "/v1/sessions")
+            .header("content-type", MSGPACK)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.transport(e))?;
+        let bytes = self.body(response, 1 << 20).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+}
+
+impl RemoteSession {
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    pub fn id(&self) -> String {
+        self.current.lock().expect("session").session_id.clone()
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Bytes of evaluation keys uploaded per session.
+    pub fn uploaded_key_bytes(&self) -> usize {
+        self.evaluation_keys.iter().map(Vec::len).sum()
+    }
+
+    /// Close the session on the server (its keys are dropped there).
+    pub async fn close(&self) -> Result<(), ClientError> {
+        let s = self.current.lock().expect("session").clone();
+        let response = self
+            .client
+            .request(Method::DELETE, &format!("/v1/sessions/{}", s.session_id))
+            .header(SESSION_TOKEN_HEADER, &s.token)
+            .send()
+            .await
+            .map_err(|e| self.client.transport(e))?;
+        self.client.body(response, 1 << 20).await.map(|_| ())
+    }
+
+    async fn renew(&self) -> Result<(), ClientError> {
+        let fresh = self
+            .client
+            .create_session(&self.model, &self.evaluation_keys)
+            .await?;
+        tracing::info!(session = %fresh.session_id, "session renewed");
+        *self.current.lock().expect("session") = fresh;
+        Ok(())
+    }
+
+    /// One compute call with retries; the job id is fixed for all attempts.
+    pub async fn compute_bytes(&self, module: &str, body: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        let job_id = uuid::Uuid::new_v4().simple().to_string();
+        let body = bytes::Bytes::from(body);
+        let mut backoff = self.retry.backoff;
+        let mut last = None;
+        for _ in 0..self.retry.attempts {
+            let s = self.current.lock().expect("session").clone();
+            let path = format!("/v1/sessions/{}/modules/{module}/compute", s.session_id);
+            let mut request = self
+                .client
+                .request(Method::POST, &path)
+                .header(SESSION_TOKEN_HEADER, &s.token)
+                .header(JOB_ID_HEADER, &job_id)
+                .header("content-type", MSGPACK)
+                .timeout(self.retry.request_timeout)
+                .body(body.clone());
+            if let Some(tp) = crate::telemetry::current_traceparent() {
+                request = request.header(TRACEPARENT_HEADER, tp);
+            }
+            let wait = match request.send().await {
+                Err(e) if e.is_timeout() || e.is_connect() || e.is_request() => {
+                    last = Some(self.client.transport(e));
+                    backoff
+                }
+                Err(e) => return Err(self.client.transport(e)),
+                Ok(response) => {
+                    let status = response.status();
+                    let retry_after = response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    match self.client.body(response, MAX_PAYLOAD_BYTES).await {
+                        Ok(bytes) => return Ok(bytes),
+                        Err(e) if e.code() == Some(ErrorCode::SessionExpired) => {
+                            self.renew().await?;
+                            last = Some(e);
+                            continue;
+                        }
+                        Err(e)
+                            if status == StatusCode::TOO_MANY_REQUESTS
+                                || status == StatusCode::SERVICE_UNAVAILABLE =>
+                        {
+                            last = Some(e);
+                            retry_after.unwrap_or(backoff)
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(self.retry.max_backoff);
+        }
+        Err(last.unwrap_or_else(|| ClientError::Local("no attempt made".into())))
+    }
+}
+
+impl Remote for RemoteSession {
+    fn client_key(&self) -> &ClientKey {
+        &self.key
+    }
+
+    fn compute<'a>(
+        &'a self,
+        module: &'a str,
+        request: EncryptedRows,
+    ) -> BoxFuture<'a, Result<EncryptedOutputs, HybridError>> {
+        Box::pin(async move {
+            let bytes = self.compute_bytes(module, encode(&request)).await?;
+            Ok(decode(&bytes, MAX_PAYLOAD_BYTES)?)
+        })
+    }
+}
