@@ -51,7 +51,10 @@ pub struct Config {
 pub struct CoordinatorConfig {
     pub listen: String,
     pub max_in_flight: usize,
+    /// Largest compute request body.
     pub max_body_bytes: usize,
+    /// Largest session request body (it carries the evaluation keys).
+    pub max_session_bytes: usize,
     pub request_timeout_ms: u64,
     pub retry_after_s: u64,
 }
@@ -188,10 +191,14 @@ impl Config {
         addr("worker.listen", &self.worker.listen)?;
         positive("coordinator.max_in_flight", self.coordinator.max_in_flight as u64)?;
         positive("coordinator.request_timeout_ms", self.coordinator.request_timeout_ms)?;
-        if self.coordinator.max_body_bytes < 1 << 20 {
+        if self.coordinator.max_body_bytes < 1 << 16 {
+            return Err(invalid("coordinator.max_body_bytes", "must be at least 64 KiB"));
+        }
+        let one_key = crate::fhe::EvaluationKey::expected_len(crate::fhe::Precision::Exact);
+        if self.coordinator.max_session_bytes < one_key + (1 << 16) {
             return Err(invalid(
-                "coordinator.max_body_bytes",
-                "must be at least 1 MiB (sessions upload evaluation keys of ~96 MiB)",
+                "coordinator.max_session_bytes",
+                format!("must hold at least one evaluation key ({one_key} bytes) plus 64 KiB"),
             ));
         }
         positive("worker.max_pending", self.worker.max_pending as u64)?;

@@ -22,7 +22,7 @@ use std::time::Duration;
 use crate::hybrid::HybridError;
 use crate::protocol::{ClientBundle, ErrorBody, ErrorCode, ModelList};
 
-pub use session::{RemoteSession, RetryPolicy};
+pub use session::{RemoteSession, RetryPolicy, SessionKeys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -1,7 +1,7 @@
 //! A session on a coordinator: the client's secret keys stay here, only evaluation keys go up.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -40,11 +40,48 @@ impl Default for RetryPolicy {
 pub struct RemoteSession {
     client: Client,
     model: String,
-    key: ClientKey,
-    /// Encoded evaluation keys, kept to renew an expired session without regenerating them.
-    evaluation_keys: Vec<Vec<u8>>,
+    keys: Arc<SessionKeys>,
     current: Mutex<SessionCreated>,
     retry: RetryPolicy,
+}
+
+/// A client's secret key and the encoded evaluation keys derived from it. Generating them takes
+/// seconds; one set can open several sessions (and renews an expired one without regenerating).
+pub struct SessionKeys {
+    key: ClientKey,
+    evaluation_keys: Vec<Vec<u8>>,
+    precisions: BTreeSet<Precision>,
+}
+
+impl SessionKeys {
+    /// Fresh keys with an evaluation key for each of `precisions`.
+    pub fn generate(precisions: &BTreeSet<Precision>, progress: &dyn Progress) -> Self {
+        progress.stage("keygen", 1);
+        let key = ClientKey::generate();
+        progress.advance(1);
+        let mut evaluation_keys = Vec::new();
+        for &precision in precisions {
+            let n = crate::fhe::params::INPUT_GLWE.lwe_dimension();
+            progress.stage(&format!("{precision} evaluation key"), n);
+            let eval = key.evaluation_key(precision, &|k| progress.advance(k));
+            evaluation_keys.push(encode(&eval));
+        }
+        Self {
+            key,
+            evaluation_keys,
+            precisions: precisions.clone(),
+        }
+    }
+
+    /// The precisions `model`'s modules use.
+    pub fn precisions_of(model: &HybridModel) -> BTreeSet<Precision> {
+        model.specs().values().map(|s| s.plan.precision).collect()
+    }
+
+    /// Bytes of evaluation keys a session uploads.
+    pub fn upload_bytes(&self) -> usize {
+        self.evaluation_keys.iter().map(Vec::len).sum()
+    }
 }
 
 impl Client {
@@ -56,25 +93,41 @@ impl Client {
         progress: &dyn Progress,
     ) -> Result<RemoteSession, ClientError> {
         self.check_specs(model).await?;
-        let precisions: BTreeSet<Precision> =
-            model.specs().values().map(|s| s.plan.precision).collect();
-        progress.stage("keygen", 1);
         // Seconds of CPU on the caller's task: a client has nothing else to serve meanwhile.
-        let key = ClientKey::generate();
-        progress.advance(1);
-        let mut evaluation_keys = Vec::new();
-        for precision in precisions {
-            let n = crate::fhe::params::INPUT_GLWE.lwe_dimension();
-            progress.stage(&format!("{precision} evaluation key"), n);
-            let eval = key.evaluation_key(precision, &|k| progress.advance(k));
-            evaluation_keys.push(encode(&eval));
+        let keys = SessionKeys::generate(&SessionKeys::precisions_of(model), progress);
+        self.start_session(model, Arc::new(keys)).await
+    }
+
+    /// Open a session for `model` with existing keys.
+    pub async fn open_session_with(
+        &self,
+        model: &HybridModel,
+        keys: Arc<SessionKeys>,
+    ) -> Result<RemoteSession, ClientError> {
+        self.check_specs(model).await?;
+        self.start_session(model, keys).await
+    }
+
+    async fn start_session(
+        &self,
+        model: &HybridModel,
+        keys: Arc<SessionKeys>,
+    ) -> Result<RemoteSession, ClientError> {
+        let missing: Vec<_> = SessionKeys::precisions_of(model)
+            .difference(&keys.precisions)
+            .map(|p| p.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(ClientError::Local(format!(
+                "these keys have no evaluation key for {missing:?} precision, which `{}` uses",
+                model.name()
+            )));
         }
-        let current = self.create_session(model.name(), &evaluation_keys).await?;
+        let current = self.create_session(model.name(), &keys.evaluation_keys).await?;
         Ok(RemoteSession {
             client: self.clone(),
             model: model.name().to_string(),
-            key,
-            evaluation_keys,
+            keys,
             current: Mutex::new(current),
             retry: RetryPolicy::default(),
         })
@@ -153,7 +206,7 @@ impl RemoteSession {
 
     /// Bytes of evaluation keys uploaded per session.
     pub fn uploaded_key_bytes(&self) -> usize {
-        self.evaluation_keys.iter().map(Vec::len).sum()
+        self.keys.upload_bytes()
     }
 
     /// Close the session on the server (its keys are dropped there).
@@ -172,7 +225,7 @@ impl RemoteSession {
     async fn renew(&self) -> Result<(), ClientError> {
         let fresh = self
             .client
-            .create_session(&self.model, &self.evaluation_keys)
+            .create_session(&self.model, &self.keys.evaluation_keys)
             .await?;
         tracing::info!(session = %fresh.session_id, "session renewed");
         *self.current.lock().expect("session") = fresh;
@@ -215,7 +268,7 @@ impl RemoteSession {
                         .map(Duration::from_secs);
                     match self.client.body(response, MAX_PAYLOAD_BYTES).await {
                         Ok(bytes) => return Ok(bytes),
-                        Err(e) if e.code() == Some(ErrorCode::SessionExpired) => {
+                        Err(e) if e.code() == Some(ErrorCode::SessionNotFound) => {
                             self.renew().await?;
                             last = Some(e);
                             continue;
@@ -240,7 +293,7 @@ impl RemoteSession {
 
 impl Remote for RemoteSession {
     fn client_key(&self) -> &ClientKey {
-        &self.key
+        &self.keys.key
     }
 
     fn compute<'a>(

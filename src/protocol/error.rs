@@ -9,8 +9,8 @@ pub enum ErrorCode {
     Unauthorized,
     Forbidden,
     NotFound,
-    /// The session expired or was closed: open a new one (clients do so themselves).
-    SessionExpired,
+    /// No such session: it never existed, expired or was closed. Clients open a new one.
+    SessionNotFound,
     PayloadTooLarge,
     TooManyRequests,
     Unavailable,
@@ -26,7 +26,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
-            ErrorCode::NotFound | ErrorCode::SessionExpired => 404,
+            ErrorCode::NotFound | ErrorCode::SessionNotFound => 404,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::TooManyRequests => 429,
             ErrorCode::Unavailable => 503,
@@ -41,7 +41,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
-            ErrorCode::SessionExpired => "session_expired",
+            ErrorCode::SessionNotFound => "session_not_found",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::Unavailable => "unavailable",

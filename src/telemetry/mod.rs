@@ -49,6 +49,7 @@ pub fn init(config: &TelemetryConfig) -> TelemetryGuard {
     };
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_span_events(span_events);
     let provider = match config.exporter {
         TraceExporter::Otlp => match otlp_provider(config) {

@@ -106,7 +106,7 @@ impl Handler<Authorize> for SessionRegistry {
         Box::pin(async move {
             let mut record = broker.get_session(&msg.id).await?.ok_or_else(|| {
                 ApiError::new(
-                    ErrorCode::SessionExpired,
+                    ErrorCode::SessionNotFound,
                     format!("no session {} (it expired or was closed): open a new one", msg.id),
                 )
             })?;

@@ -15,7 +15,7 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let tenant = tenant(&req, &state)?;
-    let limit = state.config.coordinator.max_body_bytes;
+    let limit = state.config.coordinator.max_session_bytes;
     let body = read_body(&req, payload, limit).await?;
     let request: protocol::CreateSession = rmp_serde::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed session request (msgpack): {e}")))?;
