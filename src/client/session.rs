@@ -78,6 +78,10 @@ impl SessionKeys {
         model.specs().values().map(|s| s.plan.precision).collect()
     }
 
+    pub fn client_key(&self) -> &ClientKey {
+        &self.key
+    }
+
     /// Bytes of evaluation keys a session uploads.
     pub fn upload_bytes(&self) -> usize {
         self.evaluation_keys.iter().map(Vec::len).sum()
@@ -198,6 +202,11 @@ impl RemoteSession {
 
     pub fn id(&self) -> String {
         self.current.lock().expect("session").session_id.clone()
+    }
+
+    /// The session token (sent as `x-hyfhe-session-token`).
+    pub fn token(&self) -> String {
+        self.current.lock().expect("session").token.clone()
     }
 
     pub fn model(&self) -> &str {

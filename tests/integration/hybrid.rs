@@ -11,7 +11,7 @@ use hyfhe::model::{runner, ModelError, OnnxModel, Value};
 use hyfhe::progress::Silent;
 
 /// One set of keys for every model here (keygen and evaluation keys take seconds).
-static KEYS: LazyLock<Arc<ExecuteKeys>> =
+pub static KEYS: LazyLock<Arc<ExecuteKeys>> =
     LazyLock::new(|| Arc::new(ExecuteKeys::new(ClientKey::generate())));
 
 pub fn fixture(name: &str) -> PathBuf {
@@ -34,7 +34,7 @@ fn compiled(
     m
 }
 
-fn values(v: &Value) -> Vec<f32> {
+pub fn values(v: &Value) -> Vec<f32> {
     runner::f32_values(v, "test").unwrap().to_vec()
 }
 

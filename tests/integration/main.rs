@@ -1,8 +1,11 @@
 //! Integration tests of the encrypted engine (one binary; modules by subject).
 
 mod cli;
+mod cluster;
 mod codecs;
 mod exactness;
 mod helpers;
 mod hybrid;
 mod noise;
+mod queue;
+mod serving;

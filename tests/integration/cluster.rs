@@ -1,0 +1,238 @@
+//! Real servers for the serving tests: a `redis-server` on a free port, and `hyfhe` coordinator,
+//! worker and serve processes. Everything is killed when its handle drops.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Serving tests run one at a time: each cluster holds several 576 MiB keys and all the cores.
+static SERVING: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERVING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    /// `redis-server` on a free port, keeping nothing on disk. `.ci/run` installs Debian's
+    /// package when the binary is missing.
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args(["--bind", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: install Debian's redis-server (`.ci/run` does)");
+        let server = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `hyfhe` child process whose first `http://` line on stdout tells where it listens.
+pub struct Service {
+    child: Child,
+    pub url: String,
+}
+
+impl Service {
+    pub fn spawn(name: &str, args: &[&str], env: &[(String, String)]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hyfhe"))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("http://") {
+                    let _ = tx.send(line[at..].trim().to_string());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| panic!("{name} did not start (args {args:?})"));
+        Self { child, url }
+    }
+
+    /// SIGKILL: no shutdown code runs, leases are left to expire.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A test configuration file: the defaults plus a second tenant ("other", key "other-key").
+pub fn config_file(dir: &Path) -> PathBuf {
+    let mut text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"),
+    )
+    .unwrap();
+    text.push_str(&format!(
+        "\n[[tenants]]\nname = \"other\"\napi_key_sha256 = \"{}\"\n",
+        hyfhe::config::hash_api_key("other-key")
+    ));
+    let path = dir.join("test.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (format!("HYFHE__{k}"), v.to_string()))
+        .collect()
+}
+
+/// Settings every serving test shares: quick leases, quiet logs, loopback on free ports.
+pub fn base_env(models: &Path) -> Vec<(String, String)> {
+    env(&[
+        ("MODELS__DIR", models.to_str().unwrap()),
+        ("COORDINATOR__LISTEN", "127.0.0.1:0"),
+        ("WORKER__LISTEN", "127.0.0.1:0"),
+        ("WORKER__HEARTBEAT_MS", "250"),
+        ("QUEUE__LEASE_TTL_MS", "1500"),
+        ("QUEUE__SHARDS", "8"),
+        ("TELEMETRY__LOG", "warn"),
+    ])
+}
+
+pub struct Cluster {
+    pub coordinator: Service,
+    pub workers: Vec<Service>,
+    /// Held so the server lives as long as the cluster.
+    _redis: Option<RedisServer>,
+}
+
+impl Cluster {
+    /// A coordinator and `workers` worker processes over a fresh redis-server.
+    pub fn redis(models: &Path, config: &Path, workers: usize, extra: &[(&str, &str)]) -> Self {
+        let redis = RedisServer::start();
+        let mut env = base_env(models);
+        env.extend(self::env(&[
+            ("QUEUE__BACKEND", "redis"),
+            ("QUEUE__REDIS_URL", &redis.url()),
+            ("WORKER__EVALUATOR_THREADS", "1"),
+        ]));
+        env.extend(self::env(extra));
+        let config = config.to_str().unwrap();
+        let coordinator = Service::spawn("coordinator", &["coordinator", "--config", config], &env);
+        let workers = (0..workers)
+            .map(|i| Service::spawn(&format!("worker-{i}"), &["worker", "--config", config], &env))
+            .collect();
+        let cluster = Self {
+            coordinator,
+            workers,
+            _redis: Some(redis),
+        };
+        cluster.wait_for_stable_leases(8);
+        cluster
+    }
+
+    /// `hyfhe serve`: coordinator and worker in one process on the in-memory queue.
+    pub fn embedded(models: &Path, config: &Path) -> Self {
+        let env = base_env(models);
+        let coordinator = Service::spawn(
+            "serve",
+            &[
+                "serve",
+                "--model-dir",
+                models.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &env,
+        );
+        Self {
+            coordinator,
+            workers: Vec::new(),
+            _redis: None,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.coordinator.url
+    }
+
+    /// Every shard leased and each worker holding some, so a session's shard has settled.
+    pub fn wait_for_stable_leases(&self, shards: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let owned: Vec<u64> = self
+                .workers
+                .iter()
+                .map(|w| metric(&w.url, "hyfhe_worker_shards_owned") as u64)
+                .collect();
+            if owned.iter().sum::<u64>() == shards && owned.iter().all(|&o| o > 0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "leases never settled: {owned:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// One sample of a service's /metrics (0 when absent).
+pub fn metric(base: &str, name: &str) -> f64 {
+    let text = http_get(&format!("{base}/metrics")).1;
+    hyfhe::telemetry::metrics::sample(&text, name).unwrap_or(0.0)
+}
+
+/// A blocking GET without an async runtime: status and body.
+pub fn http_get(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = std::net::TcpStream::connect(host).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    (status, body)
+}

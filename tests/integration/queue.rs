@@ -1,0 +1,163 @@
+//! The JobQueue contract, run against both implementations: Redis Streams on a redis-server the
+//! test starts, and the in-memory queue of the embedded mode.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use hyfhe::queue::{
+    shard_of, Broker, Job, JobOutcome, MemoryQueue, QueueError, QueueSettings, RedisQueue,
+};
+
+use crate::cluster::RedisServer;
+
+fn settings() -> QueueSettings {
+    QueueSettings {
+        shards: 4,
+        max_depth: 3,
+        max_deliveries: 2,
+        lease_ttl_ms: 600,
+        result_ttl_ms: 60_000,
+    }
+}
+
+fn job(id: &str, session: &str) -> Job {
+    Job {
+        id: id.into(),
+        session: session.into(),
+        model: "m".into(),
+        module: "seq.0".into(),
+        key_id: "k".into(),
+        deadline_unix_ms: u64::MAX,
+        traceparent: None,
+        payload: vec![1, 2, 3],
+    }
+}
+
+/// A session id that lands on `shard`.
+fn session_on(shard: u32) -> String {
+    (0..)
+        .map(|i| format!("session-{i}"))
+        .find(|s| shard_of(s, settings().shards) == shard)
+        .unwrap()
+}
+
+async fn contract(q: Arc<dyn Broker>) {
+    // Leases: one worker takes every shard; a second gets half once the first hands them back.
+    let a = q.heartbeat("worker-a").await.unwrap();
+    assert_eq!(a.owned, vec![0, 1, 2, 3]);
+    assert_eq!(a.acquired.len(), 4);
+    let b = q.heartbeat("worker-b").await.unwrap();
+    assert!(b.owned.is_empty(), "all shards are held: {b:?}");
+    let a = q.heartbeat("worker-a").await.unwrap();
+    assert_eq!(a.owned.len(), 2, "fair share of 4 shards over 2 workers");
+    let b = q.heartbeat("worker-b").await.unwrap();
+    assert_eq!(b.owned.len(), 2);
+    assert_eq!(q.live_workers().await.unwrap(), 2);
+
+    // Enqueue, read by the shard's owner, complete: the outcome is stored and announced.
+    let mut completions = q.completions().await.unwrap();
+    let shard = a.owned[0];
+    let session = session_on(shard);
+    q.enqueue(&job("job-1", &session)).await.unwrap();
+    assert!(q.read("worker-b", &b.owned, 10, 50).await.unwrap().is_empty());
+    let got = q.read("worker-a", &a.owned, 10, 1000).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].shard, got[0].deliveries), (shard, 1));
+    assert_eq!(got[0].job, job("job-1", &session));
+    let done = JobOutcome::Done(vec![9, 9]);
+    q.complete(&got[0], &done).await.unwrap();
+    let announced = tokio::time::timeout(Duration::from_secs(5), completions.next())
+        .await
+        .unwrap();
+    assert_eq!(announced.as_deref(), Some("job-1"));
+    assert_eq!(q.outcome("job-1").await.unwrap(), Some(done.clone()));
+    // SET NX: a second completion of the same job id keeps the first outcome.
+    q.complete(&got[0], &JobOutcome::failed("internal", "late duplicate"))
+        .await
+        .unwrap();
+    assert_eq!(q.outcome("job-1").await.unwrap(), Some(done));
+    assert_eq!(q.depth().await.unwrap(), 0);
+
+    // Cap per shard.
+    for i in 0..3 {
+        q.enqueue(&job(&format!("fill-{i}"), &session)).await.unwrap();
+    }
+    let full = q.enqueue(&job("one-too-many", &session)).await.unwrap_err();
+    assert!(matches!(full, QueueError::Full { cap: 3, .. }), "{full}");
+
+    // worker-a reads and dies: its lease lapses, worker-b takes the shard and claims the entries
+    // with a second delivery count.
+    let taken = q.read("worker-a", &[shard], 10, 1000).await.unwrap();
+    assert_eq!(taken.len(), 3);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let b = q.heartbeat("worker-b").await.unwrap();
+    assert_eq!(b.owned, vec![0, 1, 2, 3], "the dead worker's shards move");
+    assert!(b.acquired.contains(&shard));
+    let claimed = q.claim("worker-b", shard, 0).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    assert!(claimed.iter().all(|d| d.deliveries == 2), "{claimed:?}");
+
+    // Past max_deliveries: dead letter, with a failed outcome the client can read.
+    let again = q.claim("worker-b", shard, 0).await.unwrap();
+    let poisoned = again.iter().find(|d| d.deliveries == 3).unwrap();
+    q.dead_letter(poisoned, "failed 2 deliveries").await.unwrap();
+    assert_eq!(q.dead_letters().await.unwrap(), 1);
+    match q.outcome(&poisoned.job.id).await.unwrap() {
+        Some(JobOutcome::Failed { code, .. }) => assert_eq!(code, "dead_lettered"),
+        other => panic!("{other:?}"),
+    }
+
+    // Leaving gives the leases back at once.
+    q.leave("worker-b").await.unwrap();
+    let c = q.heartbeat("worker-c").await.unwrap();
+    assert_eq!(c.owned.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_queue_keeps_the_job_queue_contract() {
+    let redis = RedisServer::start();
+    let q = RedisQueue::connect(&redis.url(), settings(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    contract(Arc::new(q)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_queue_keeps_the_job_queue_contract() {
+    contract(Arc::new(MemoryQueue::new(settings()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_keys_expire_in_both_stores() {
+    use hyfhe::queue::SessionRecord;
+    let redis = RedisServer::start();
+    let stores: Vec<Arc<dyn Broker>> = vec![
+        Arc::new(MemoryQueue::new(settings())),
+        Arc::new(
+            RedisQueue::connect(&redis.url(), settings(), Duration::from_secs(5))
+                .await
+                .unwrap(),
+        ),
+    ];
+    for store in stores {
+        let record = SessionRecord {
+            id: "s1".into(),
+            tenant: "t".into(),
+            model: "m".into(),
+            token_sha256: "x".into(),
+            keys: [("exact".to_string(), "key-1".to_string())].into(),
+            expires_unix_ms: 0,
+        };
+        store.put_key("key-1", b"blob", 300).await.unwrap();
+        store.put_session(&record, 300).await.unwrap();
+        assert_eq!(store.get_session("s1").await.unwrap(), Some(record.clone()));
+        assert_eq!(store.get_key("key-1").await.unwrap().as_deref(), Some(&b"blob"[..]));
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert_eq!(store.get_session("s1").await.unwrap(), None);
+        assert_eq!(store.get_key("key-1").await.unwrap(), None);
+        store.put_session(&record, 10_000).await.unwrap();
+        assert!(store.delete_session("s1").await.unwrap());
+        assert!(!store.delete_session("s1").await.unwrap());
+    }
+}
