@@ -188,6 +188,7 @@ impl Cluster {
             ],
             &env,
         );
+        wait_ready(&coordinator.url);
         Self {
             coordinator,
             workers: Vec::new(),
@@ -214,6 +215,15 @@ impl Cluster {
             assert!(Instant::now() < deadline, "leases never settled: {owned:?}");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// Poll `/health/ready` until it answers 200 (the first worker heartbeat has landed).
+pub fn wait_ready(base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(&format!("{base}/health/ready")).0 != 200 {
+        assert!(Instant::now() < deadline, "{base} never became ready");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

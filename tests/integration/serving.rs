@@ -270,10 +270,10 @@ async fn assert_bad_requests_are_refused(url: &str) {
     let fc = &MODELS.served[0];
     let (_dir, model, session) = connect(url, fc.name, SESSION_KEYS.clone()).await;
     let spec = &model.specs()["seq.0"];
-    let rows = SESSION_KEYS_client_rows(&model);
+    let rows = encrypted_zero_row(&model);
     let compute = |id: &str, module: &str| format!("/v1/sessions/{id}/modules/{module}/compute");
     let sid = session.id();
-    let token = session_token(&session);
+    let token = session.token();
     let good = |req: reqwest::RequestBuilder| {
         req.header("x-hyfhe-session-token", token.clone())
             .header("idempotency-key", uuid_like())
@@ -307,7 +307,7 @@ async fn assert_bad_requests_are_refused(url: &str) {
     assert_eq!((s, code(&b)), (400, "bad_request"), "{b}");
     let wider = LayerPlan::new("x", Precision::Exact, spec.in_features + 3, spec.out_features, spec.plan.input_bits, spec.plan.weight_bits).unwrap();
     let wrong = encode(
-        &session_client_key(&session)
+        &SESSION_KEYS.client_key()
             .encrypt_rows(&wider, &vec![1; wider.in_features], 1)
             .unwrap(),
     );
@@ -329,8 +329,8 @@ async fn assert_bad_requests_are_refused(url: &str) {
     assert_eq!(bits(&values(&y)), bits(&fc.simulate));
 }
 
-#[allow(non_snake_case)]
-fn SESSION_KEYS_client_rows(model: &HybridModel) -> Vec<u8> {
+/// One encrypted all-zero row for FCSmall's `seq.0`, as a compute body.
+fn encrypted_zero_row(model: &HybridModel) -> Vec<u8> {
     let spec = &model.specs()["seq.0"];
     let rows = SESSION_KEYS
         .client_key()
@@ -339,13 +339,6 @@ fn SESSION_KEYS_client_rows(model: &HybridModel) -> Vec<u8> {
     encode(&rows)
 }
 
-fn session_client_key(session: &RemoteSession) -> &hyfhe::fhe::ClientKey {
-    hyfhe::hybrid::Remote::client_key(session)
-}
-
-fn session_token(session: &RemoteSession) -> String {
-    session.token()
-}
 
 fn uuid_like() -> String {
     format!("test-{:016x}", rand::random::<u64>())
@@ -390,11 +383,11 @@ async fn a_full_queue_or_too_many_in_flight_requests_get_503_or_429_with_retry_a
         http: reqwest::Client::new(),
         url: url.clone(),
     };
-    let rows = SESSION_KEYS_client_rows(&model);
+    let rows = encrypted_zero_row(&model);
     let path = format!("/v1/sessions/{}/modules/seq.0/compute", session.id());
     let request = || {
         api.post(&path, Some(API_KEY))
-            .header("x-hyfhe-session-token", session_token(&session))
+            .header("x-hyfhe-session-token", session.token())
             .header("idempotency-key", uuid_like())
             .body(rows.clone())
     };
@@ -451,6 +444,7 @@ async fn the_embedded_server_refuses_bad_requests_and_renews_expired_sessions() 
         &["serve", "--model-dir", models.to_str().unwrap(), "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"],
         &env,
     );
+    crate::cluster::wait_ready(&serve.url);
     assert_bad_requests_are_refused(&serve.url).await;
     // A session left idle past its TTL: the client opens a new one with the same keys.
     let fc = &MODELS.served[0];
