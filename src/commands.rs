@@ -191,7 +191,10 @@ pub struct Comparison {
 }
 
 /// `hyfhe run DIR --input X.npy --mode M`.
-pub fn run(req: &RunRequest<'_>, progress: &dyn Progress) -> Result<(RunReport, Value), HybridError> {
+pub fn run(
+    req: &RunRequest<'_>,
+    progress: &dyn Progress,
+) -> Result<(RunReport, Value), HybridError> {
     let model = HybridModel::load(req.dir)?;
     let mut x = read_npy(req.input)?;
     let mut labels = req.labels.as_deref().map(read_labels).transpose()?;
@@ -214,7 +217,10 @@ pub fn run(req: &RunRequest<'_>, progress: &dyn Progress) -> Result<(RunReport, 
         setup_ms = t.elapsed().as_secs_f64() * 1e3;
     }
     // Remote: keygen and session opening count as setup, like execute's local server.
-    let remote = match (req.mode == Mode::Remote || req.reference == Some(Mode::Remote), &req.server) {
+    let remote = match (
+        req.mode == Mode::Remote || req.reference == Some(Mode::Remote),
+        &req.server,
+    ) {
         (false, _) => None,
         (true, None) => {
             return Err(HybridError::Unsupported(
@@ -222,8 +228,8 @@ pub fn run(req: &RunRequest<'_>, progress: &dyn Progress) -> Result<(RunReport, 
             ))
         }
         (true, Some((url, key))) => {
-            let runtime = tokio::runtime::Runtime::new()
-                .map_err(|e| HybridError::Remote(e.to_string()))?;
+            let runtime =
+                tokio::runtime::Runtime::new().map_err(|e| HybridError::Remote(e.to_string()))?;
             let t = Instant::now();
             let client = Client::new(url, key)?;
             let session = runtime.block_on(client.open_session(&model, progress))?;

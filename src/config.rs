@@ -161,9 +161,9 @@ impl Config {
             origin: origin.to_string(),
             message,
         };
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            parse_err(e.to_string())
-        })?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| parse_err(e.to_string()))?;
         for (var, value) in overrides {
             apply_override(&mut table, var, value)?;
         }
@@ -189,10 +189,19 @@ impl Config {
         };
         addr("coordinator.listen", &self.coordinator.listen)?;
         addr("worker.listen", &self.worker.listen)?;
-        positive("coordinator.max_in_flight", self.coordinator.max_in_flight as u64)?;
-        positive("coordinator.request_timeout_ms", self.coordinator.request_timeout_ms)?;
+        positive(
+            "coordinator.max_in_flight",
+            self.coordinator.max_in_flight as u64,
+        )?;
+        positive(
+            "coordinator.request_timeout_ms",
+            self.coordinator.request_timeout_ms,
+        )?;
         if self.coordinator.max_body_bytes < 1 << 16 {
-            return Err(invalid("coordinator.max_body_bytes", "must be at least 64 KiB"));
+            return Err(invalid(
+                "coordinator.max_body_bytes",
+                "must be at least 64 KiB",
+            ));
         }
         let one_key = crate::fhe::EvaluationKey::expected_len(crate::fhe::Precision::Exact);
         if self.coordinator.max_session_bytes < one_key + (1 << 16) {
@@ -225,9 +234,11 @@ impl Config {
                 ),
             ));
         }
-        if self.queue.backend == QueueBackend::Redis && !self.queue.redis_url.starts_with("redis")
-        {
-            return Err(invalid("queue.redis_url", "must be a redis:// or rediss:// URL"));
+        if self.queue.backend == QueueBackend::Redis && !self.queue.redis_url.starts_with("redis") {
+            return Err(invalid(
+                "queue.redis_url",
+                "must be a redis:// or rediss:// URL",
+            ));
         }
         positive("sessions.ttl_s", self.sessions.ttl_s)?;
         for (i, t) in self.tenants.iter().enumerate() {
@@ -294,10 +305,14 @@ fn apply_override(table: &mut toml::Table, var: &str, raw: &str) -> Result<(), C
         .ok_or_else(|| invalid(&name, format!("(from {var}): no section [{section}]")))?;
     let value = match section_table.get(key) {
         Some(toml::Value::String(_)) => toml::Value::String(raw.to_string()),
-        Some(toml::Value::Integer(_)) => raw
-            .parse::<i64>()
-            .map(toml::Value::Integer)
-            .map_err(|_| invalid(&name, format!("(from {var}) must be an integer, got {raw:?}")))?,
+        Some(toml::Value::Integer(_)) => {
+            raw.parse::<i64>().map(toml::Value::Integer).map_err(|_| {
+                invalid(
+                    &name,
+                    format!("(from {var}) must be an integer, got {raw:?}"),
+                )
+            })?
+        }
         Some(toml::Value::Boolean(_)) => raw
             .parse::<bool>()
             .map(toml::Value::Boolean)

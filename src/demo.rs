@@ -12,7 +12,7 @@ use crate::client::Client;
 use crate::commands::{accuracy, read_labels, read_npy};
 use crate::config::Config;
 use crate::hybrid::{CompileOptions, ForwardStats, HybridError, HybridModel};
-use crate::model::{OnnxModel, ModelError};
+use crate::model::{ModelError, OnnxModel};
 use crate::progress::Progress;
 
 // The test fixtures double as the demo's bundled model and data (written by
@@ -138,9 +138,7 @@ pub fn run(options: &DemoOptions, progress: &dyn Progress) -> Result<DemoReport,
     let mut times = Vec::with_capacity(n);
     let mut outputs = Vec::with_capacity(n);
     for i in 0..n {
-        let x = images
-            .slice(0, i, i + 1)
-            .map_err(ModelError::tract)?;
+        let x = images.slice(0, i, i + 1).map_err(ModelError::tract)?;
         let t = Instant::now();
         let (y, stats) = runtime.block_on(local.forward_remote(x, &session))?;
         times.push(ms(t));
@@ -151,7 +149,8 @@ pub fn run(options: &DemoOptions, progress: &dyn Progress) -> Result<DemoReport,
     let _ = runtime.block_on(session.close());
     server.stop();
 
-    let logits = tract_onnx::prelude::Tensor::stack_tensors(0, &outputs).map_err(ModelError::tract)?;
+    let logits =
+        tract_onnx::prelude::Tensor::stack_tensors(0, &outputs).map_err(ModelError::tract)?;
     report.accuracy = accuracy(&logits, &labels[..n])?;
     report.forward_ms = times.iter().sum::<f64>() / n as f64;
     times.sort_by(f64::total_cmp);

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use hyfhe::bench::{run_linear, LinearBenchConfig, Progress};
 use hyfhe::commands::{self, CompileRequest, RunRequest};
-use hyfhe::fhe::Precision;
 use hyfhe::config::Config;
+use hyfhe::fhe::Precision;
 use hyfhe::hybrid::{CompileOptions, Mode};
 use hyfhe::service;
 
@@ -279,14 +279,19 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
     let service_config = config.clone();
     run_system(&config, async move {
-        let listener = service::bind(&service_config.coordinator.listen).map_err(|e| e.to_string())?;
+        let listener =
+            service::bind(&service_config.coordinator.listen).map_err(|e| e.to_string())?;
         let embedded = service::embedded(service_config, &args.model_dir, listener)
             .await
             .map_err(|e| e.to_string())?;
         // Tests and scripts read the port from this line.
         println!("listening on http://127.0.0.1:{}", embedded.app.port());
         tracing::info!(port = embedded.app.port(), worker = %embedded.worker.id, "serving");
-        embedded.app.run_until_stopped().await.map_err(|e| e.to_string())
+        embedded
+            .app
+            .run_until_stopped()
+            .await
+            .map_err(|e| e.to_string())
     })
 }
 
@@ -296,7 +301,9 @@ fn coordinator(args: ServiceArgs) -> ExitCode {
         Err(code) => return code,
     };
     run_system(&config.clone(), async move {
-        let app = service::coordinator(config).await.map_err(|e| e.to_string())?;
+        let app = service::coordinator(config)
+            .await
+            .map_err(|e| e.to_string())?;
         println!("listening on http://127.0.0.1:{}", app.port());
         tracing::info!(port = app.port(), "coordinator serving");
         app.run_until_stopped().await.map_err(|e| e.to_string())
@@ -415,7 +422,9 @@ fn run(args: RunArgs) -> ExitCode {
         labels: args.labels,
         reference: args.compare,
         first: args.first,
-        server: args.server.map(|url| (url, args.api_key.unwrap_or_default())),
+        server: args
+            .server
+            .map(|url| (url, args.api_key.unwrap_or_default())),
     };
     let bars = bars();
     let result = commands::run(&request, &bars);

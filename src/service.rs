@@ -140,7 +140,10 @@ impl Drop for EmbeddedThread {
 }
 
 /// Start `hyfhe serve`'s coordinator and worker on a new thread; returns once it listens.
-pub fn spawn_embedded(config: Config, model_dir: std::path::PathBuf) -> Result<EmbeddedThread, ServiceError> {
+pub fn spawn_embedded(
+    config: Config,
+    model_dir: std::path::PathBuf,
+) -> Result<EmbeddedThread, ServiceError> {
     let listener = bind(&config.coordinator.listen)?;
     let port = listener.local_addr()?.port();
     let (tx, rx) = std::sync::mpsc::channel();

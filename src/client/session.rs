@@ -127,7 +127,9 @@ impl Client {
                 model.name()
             )));
         }
-        let current = self.create_session(model.name(), &keys.evaluation_keys).await?;
+        let current = self
+            .create_session(model.name(), &keys.evaluation_keys)
+            .await?;
         Ok(RemoteSession {
             client: self.clone(),
             model: model.name().to_string(),
@@ -179,7 +181,10 @@ impl Client {
     ) -> Result<SessionCreated, ClientError> {
         let body = rmp_serde::to_vec_named(&CreateSession {
             model: model.to_string(),
-            keys: keys.iter().map(|k| serde_bytes::ByteBuf::from(k.clone())).collect(),
+            keys: keys
+                .iter()
+                .map(|k| serde_bytes::ByteBuf::from(k.clone()))
+                .collect(),
         })
         .expect("msgpack encoding into a Vec");
         let response = self

@@ -18,20 +18,64 @@ pub struct CoordinatorMetrics {
 impl CoordinatorMetrics {
     pub fn render(&self, queue_depth: Option<usize>, live_workers: Option<usize>) -> String {
         let mut e = Exposition::default();
-        e.counter("hyfhe_coordinator_compute_requests_total", "Compute requests received.", self.compute_requests.get());
-        e.counter("hyfhe_coordinator_compute_ok_total", "Compute requests answered with a result.", self.compute_ok.get());
-        e.counter("hyfhe_coordinator_compute_errors_total", "Compute requests answered with an error.", self.compute_errors.get());
-        e.counter("hyfhe_coordinator_rejected_in_flight_total", "Requests refused with 429 (max_in_flight).", self.rejected_too_many.get());
-        e.counter("hyfhe_coordinator_rejected_queue_full_total", "Requests refused with 503 (shard over max_depth).", self.rejected_queue_full.get());
-        e.gauge("hyfhe_coordinator_in_flight", "Compute requests admitted and not answered.", self.in_flight.get());
-        e.counter("hyfhe_coordinator_sessions_created_total", "Sessions opened.", self.sessions_created.get());
-        e.counter("hyfhe_coordinator_sessions_deleted_total", "Sessions closed by their client.", self.sessions_deleted.get());
-        e.histogram("hyfhe_coordinator_compute_seconds", "Compute request latency (admit to answer).", &self.compute_seconds);
+        e.counter(
+            "hyfhe_coordinator_compute_requests_total",
+            "Compute requests received.",
+            self.compute_requests.get(),
+        );
+        e.counter(
+            "hyfhe_coordinator_compute_ok_total",
+            "Compute requests answered with a result.",
+            self.compute_ok.get(),
+        );
+        e.counter(
+            "hyfhe_coordinator_compute_errors_total",
+            "Compute requests answered with an error.",
+            self.compute_errors.get(),
+        );
+        e.counter(
+            "hyfhe_coordinator_rejected_in_flight_total",
+            "Requests refused with 429 (max_in_flight).",
+            self.rejected_too_many.get(),
+        );
+        e.counter(
+            "hyfhe_coordinator_rejected_queue_full_total",
+            "Requests refused with 503 (shard over max_depth).",
+            self.rejected_queue_full.get(),
+        );
+        e.gauge(
+            "hyfhe_coordinator_in_flight",
+            "Compute requests admitted and not answered.",
+            self.in_flight.get(),
+        );
+        e.counter(
+            "hyfhe_coordinator_sessions_created_total",
+            "Sessions opened.",
+            self.sessions_created.get(),
+        );
+        e.counter(
+            "hyfhe_coordinator_sessions_deleted_total",
+            "Sessions closed by their client.",
+            self.sessions_deleted.get(),
+        );
+        e.histogram(
+            "hyfhe_coordinator_compute_seconds",
+            "Compute request latency (admit to answer).",
+            &self.compute_seconds,
+        );
         if let Some(d) = queue_depth {
-            e.gauge("hyfhe_queue_depth", "Jobs waiting or running over all shards.", d as u64);
+            e.gauge(
+                "hyfhe_queue_depth",
+                "Jobs waiting or running over all shards.",
+                d as u64,
+            );
         }
         if let Some(w) = live_workers {
-            e.gauge("hyfhe_live_workers", "Workers with a fresh heartbeat.", w as u64);
+            e.gauge(
+                "hyfhe_live_workers",
+                "Workers with a fresh heartbeat.",
+                w as u64,
+            );
         }
         e.finish()
     }

@@ -81,7 +81,8 @@ impl Application {
                 .app_data(state.clone())
                 .wrap_fn(|req, srv| {
                     // One span per request, child of the caller's trace when it sent one.
-                    let span = tracing::info_span!("http", method = %req.method(), path = %req.path());
+                    let span =
+                        tracing::info_span!("http", method = %req.method(), path = %req.path());
                     let parent = req
                         .headers()
                         .get(TRACEPARENT_HEADER)
@@ -113,7 +114,10 @@ impl Application {
 fn routes_config(cfg: &mut web::ServiceConfig) {
     use routes::{compute, health, metrics, models, sessions};
     cfg.route("/v1/models", web::get().to(models::list))
-        .route("/v1/models/{model}/client", web::get().to(models::client_tree))
+        .route(
+            "/v1/models/{model}/client",
+            web::get().to(models::client_tree),
+        )
         .route("/v1/sessions", web::post().to(sessions::create))
         .route("/v1/sessions/{id}", web::delete().to(sessions::delete))
         .route(

@@ -29,7 +29,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use prost::Message;
 use tract_onnx::pb::ModelProto;
 
-pub use artefacts::{model_dirs, read_tree, ArtefactError, Manifest, Tree, FORMAT_VERSION, MANIFEST};
+pub use artefacts::{
+    model_dirs, read_tree, ArtefactError, Manifest, Tree, FORMAT_VERSION, MANIFEST,
+};
 pub use backend::{ExecuteKeys, LocalServer, Remote};
 pub use rows::{from_rows, to_rows, RowLayout};
 pub use runtime::{BoxFuture, ForwardStats, ModuleBackend, Runtime};
@@ -362,40 +364,41 @@ impl HybridModel {
     pub fn forward(&self, x: Value, mode: Mode) -> Result<(Value, ForwardStats), HybridError> {
         let stats = Mutex::new(ForwardStats::default());
         runner::check_input_shape(self.client_graph(), &self.runtime.input, x.shape())?;
-        let y =
-            match mode {
-                Mode::Torch => {
-                    let runtime = self.torch_runtime()?;
-                    let backend = FloatBackend {
-                        modules: &self.linear,
-                        ranges: Mutex::new(HashMap::new()),
-                    };
-                    run_ready(runtime.run(x, &backend, &stats))?
-                }
-                Mode::Disable | Mode::Simulate => {
-                    let server = self.clear_server(mode)?;
-                    let backend = ClearBackend {
-                        specs: &self.specs,
-                        server,
-                        integer: mode == Mode::Simulate,
-                    };
-                    run_ready(self.runtime.run(x, &backend, &stats))?
-                }
-                Mode::Execute => {
-                    let server = self.local_server()?;
-                    let backend = EncryptedBackend {
-                        specs: &self.specs,
-                        remote: server.as_ref(),
-                    };
-                    run_ready(self.runtime.run(x, &backend, &stats))?
-                }
-                Mode::Remote => return Err(HybridError::Unsupported(
+        let y = match mode {
+            Mode::Torch => {
+                let runtime = self.torch_runtime()?;
+                let backend = FloatBackend {
+                    modules: &self.linear,
+                    ranges: Mutex::new(HashMap::new()),
+                };
+                run_ready(runtime.run(x, &backend, &stats))?
+            }
+            Mode::Disable | Mode::Simulate => {
+                let server = self.clear_server(mode)?;
+                let backend = ClearBackend {
+                    specs: &self.specs,
+                    server,
+                    integer: mode == Mode::Simulate,
+                };
+                run_ready(self.runtime.run(x, &backend, &stats))?
+            }
+            Mode::Execute => {
+                let server = self.local_server()?;
+                let backend = EncryptedBackend {
+                    specs: &self.specs,
+                    remote: server.as_ref(),
+                };
+                run_ready(self.runtime.run(x, &backend, &stats))?
+            }
+            Mode::Remote => {
+                return Err(HybridError::Unsupported(
                     "mode remote needs a server session: HybridModel::forward_remote with a \
                      client::RemoteSession (`hyfhe run DIR --mode remote --server URL \
                      --api-key KEY`)"
                         .into(),
-                )),
-            };
+                ))
+            }
+        };
         Ok((y, stats.into_inner().expect("stats")))
     }
 

@@ -122,7 +122,15 @@ mod tests {
     fn bundle_paths_cannot_escape() {
         assert!(ClientBundle::is_safe_path("modules/seq.0.spec"));
         assert!(ClientBundle::is_safe_path("manifest.json"));
-        for bad in ["", "../x", "a/../../x", "/etc/passwd", "a//b", "a\\b", "./a"] {
+        for bad in [
+            "",
+            "../x",
+            "a/../../x",
+            "/etc/passwd",
+            "a//b",
+            "a\\b",
+            "./a",
+        ] {
             assert!(!ClientBundle::is_safe_path(bad), "{bad}");
         }
         assert!(is_valid_job_id("0f8e7d6c-aaaa"));

@@ -12,8 +12,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
 use super::{
-    fair_share, shard_of, BoxFuture, CompletionStream, Delivery, Job, JobOutcome, JobQueue,
-    Leases, QueueError, QueueSettings, SessionRecord, SessionStore,
+    fair_share, shard_of, BoxFuture, CompletionStream, Delivery, Job, JobOutcome, JobQueue, Leases,
+    QueueError, QueueSettings, SessionRecord, SessionStore,
 };
 
 #[derive(Default)]

@@ -110,7 +110,11 @@ pub struct QueueSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("shard {shard} holds {depth} jobs (cap {cap})")]
-    Full { shard: u32, depth: usize, cap: usize },
+    Full {
+        shard: u32,
+        depth: usize,
+        cap: usize,
+    },
     #[error("queue unavailable: {0}")]
     Unavailable(String),
     #[error("corrupt queue entry: {0}")]
@@ -124,8 +128,10 @@ pub trait JobQueue: Send + Sync {
 
     /// Append `job` to its session's shard; refuses with [`QueueError::Full`] past the cap.
     fn enqueue<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), QueueError>>;
-    fn outcome<'a>(&'a self, job_id: &'a str)
-        -> BoxFuture<'a, Result<Option<JobOutcome>, QueueError>>;
+    fn outcome<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<JobOutcome>, QueueError>>;
     /// Every job id completed from now on (one subscription per coordinator).
     fn completions(&self) -> BoxFuture<'_, Result<CompletionStream, QueueError>>;
     /// Workers whose heartbeat is younger than the lease TTL.

@@ -150,7 +150,12 @@ impl RedisQueue {
         let job = match entry.map.get("job") {
             Some(Value::BulkString(bytes)) => rmp_serde::from_slice::<Job>(bytes)
                 .map_err(|e| QueueError::Corrupt(format!("entry {}: {e}", entry.id)))?,
-            _ => return Err(QueueError::Corrupt(format!("entry {} has no job", entry.id))),
+            _ => {
+                return Err(QueueError::Corrupt(format!(
+                    "entry {} has no job",
+                    entry.id
+                )))
+            }
         };
         Ok(Delivery {
             shard,

@@ -34,7 +34,9 @@ impl Gauge {
         // Saturating: a stray extra decrement must not wrap to 2^64.
         let _ = self
             .0
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(1))
+            });
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -115,10 +117,8 @@ impl Exposition {
 
 /// Reads one un-labelled sample from exposition text (tests and the load generator use it).
 pub fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.split_once(' ')?;
-            (n == name).then(|| v.trim().parse().ok())?
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
 }

@@ -62,9 +62,9 @@ pub fn init(config: &TelemetryConfig) -> TelemetryGuard {
         _ => None,
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer().with_tracer(p.tracer(config.service_name.clone()))
-    });
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(config.service_name.clone())));
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(fmt)

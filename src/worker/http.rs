@@ -11,7 +11,10 @@ pub fn metrics_app(metrics: Arc<WorkerMetrics>) -> impl Fn(&mut web::ServiceConf
     move |cfg: &mut web::ServiceConfig| {
         cfg.app_data(web::Data::from(metrics.clone()))
             .route("/metrics", web::get().to(render))
-            .route("/health/live", web::get().to(|| async { HttpResponse::Ok().body("ok") }))
+            .route(
+                "/health/live",
+                web::get().to(|| async { HttpResponse::Ok().body("ok") }),
+            )
             .route("/health/ready", web::get().to(ready));
     }
 }

@@ -117,8 +117,9 @@ impl Handler<GetKey> for KeyCache {
         self.loading.entry(msg.key_id.clone()).or_default().push(tx);
         if first {
             let key_id = msg.key_id.clone();
-            let fut = load(self.broker.clone(), key_id.clone()).into_actor(self).map(
-                move |result, act, _| {
+            let fut = load(self.broker.clone(), key_id.clone())
+                .into_actor(self)
+                .map(move |result, act, _| {
                     if let Ok(key) = &result {
                         let bytes = key.size_bytes() as u64;
                         act.make_room(bytes);
@@ -138,8 +139,7 @@ impl Handler<GetKey> for KeyCache {
                     for waiter in act.loading.remove(&key_id).unwrap_or_default() {
                         let _ = waiter.send(result.clone());
                     }
-                },
-            );
+                });
             ctx.spawn(fut);
         }
         Box::pin(async move {

@@ -72,7 +72,12 @@ pub fn start(config: &Config, broker: Arc<dyn Broker>, modules: Arc<ModuleSet>) 
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,
     };
-    let keys = KeyCache::new(broker.clone(), config.worker.key_cache_bytes, metrics.clone()).start();
+    let keys = KeyCache::new(
+        broker.clone(),
+        config.worker.key_cache_bytes,
+        metrics.clone(),
+    )
+    .start();
     let module_cache = ModuleCache::new(modules).start();
     let evaluator = Evaluator::new(threads, metrics.clone()).start();
     let writer = ResultWriter::new(broker.clone(), metrics.clone()).start();

@@ -67,7 +67,9 @@ impl Actor for QueueReader {
             )
             .into_actor(self),
         );
-        ctx.spawn(reads(self.id.clone(), self.settings.clone(), pipeline, shards_rx).into_actor(self));
+        ctx.spawn(
+            reads(self.id.clone(), self.settings.clone(), pipeline, shards_rx).into_actor(self),
+        );
     }
 }
 
@@ -204,7 +206,8 @@ async fn process(p: Arc<Pipeline>, delivery: Delivery, _permit: OwnedSemaphorePe
     p.metrics.jobs_received.inc();
     p.metrics.jobs_in_progress.inc();
     let job = &delivery.job;
-    let span = tracing::info_span!("job", job = %job.id, module = %job.module, shard = delivery.shard);
+    let span =
+        tracing::info_span!("job", job = %job.id, module = %job.module, shard = delivery.shard);
     crate::telemetry::set_parent(&span, job.traceparent.as_deref());
     async {
         if delivery.deliveries > p.max_deliveries {
@@ -223,7 +226,10 @@ async fn process(p: Arc<Pipeline>, delivery: Delivery, _permit: OwnedSemaphorePe
         }
         let outcome = if now_unix_ms() > job.deadline_unix_ms {
             p.metrics.jobs_expired.inc();
-            JobOutcome::failed("deadline_exceeded", "the job's deadline passed before a worker took it")
+            JobOutcome::failed(
+                "deadline_exceeded",
+                "the job's deadline passed before a worker took it",
+            )
         } else {
             match p.broker.outcome(&job.id).await {
                 // A redelivery of a job whose outcome is stored: acknowledge, do not recompute.
@@ -262,8 +268,8 @@ async fn evaluate(p: &Pipeline, delivery: &Delivery) -> Result<Vec<u8>, JobError
         })
         .await
         .map_err(mailbox)??;
-    let rows: EncryptedRows = decode(&job.payload, MAX_PAYLOAD_BYTES)
-        .map_err(|e| JobError::BadRequest(e.to_string()))?;
+    let rows: EncryptedRows =
+        decode(&job.payload, MAX_PAYLOAD_BYTES).map_err(|e| JobError::BadRequest(e.to_string()))?;
     let key = p
         .keys
         .send(GetKey {

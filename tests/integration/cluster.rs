@@ -34,7 +34,14 @@ impl RedisServer {
     pub fn start() -> Self {
         let port = free_port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(["--bind", "127.0.0.1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -72,7 +79,10 @@ impl Service {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hyfhe"))
             .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -107,10 +117,9 @@ impl Drop for Service {
 
 /// A test configuration file: the defaults plus a second tenant ("other", key "other-key").
 pub fn config_file(dir: &Path) -> PathBuf {
-    let mut text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"),
-    )
-    .unwrap();
+    let mut text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml"))
+            .unwrap();
     text.push_str(&format!(
         "\n[[tenants]]\nname = \"other\"\napi_key_sha256 = \"{}\"\n",
         hyfhe::config::hash_api_key("other-key")
@@ -161,7 +170,13 @@ impl Cluster {
         let config = config.to_str().unwrap();
         let coordinator = Service::spawn("coordinator", &["coordinator", "--config", config], &env);
         let workers = (0..workers)
-            .map(|i| Service::spawn(&format!("worker-{i}"), &["worker", "--config", config], &env))
+            .map(|i| {
+                Service::spawn(
+                    &format!("worker-{i}"),
+                    &["worker", "--config", config],
+                    &env,
+                )
+            })
             .collect();
         let cluster = Self {
             coordinator,
@@ -237,12 +252,17 @@ pub fn metric(base: &str, name: &str) -> f64 {
 pub fn http_get(url: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").unwrap();
-    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
     let mut stream = std::net::TcpStream::connect(host).unwrap();
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     (status, body)
 }

@@ -3,6 +3,8 @@
 mod cli;
 mod cluster;
 mod codecs;
+mod compose;
+mod config;
 mod exactness;
 mod helpers;
 mod hybrid;

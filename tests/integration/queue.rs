@@ -60,7 +60,11 @@ async fn contract(q: Arc<dyn Broker>) {
     let shard = a.owned[0];
     let session = session_on(shard);
     q.enqueue(&job("job-1", &session)).await.unwrap();
-    assert!(q.read("worker-b", &b.owned, 10, 50).await.unwrap().is_empty());
+    assert!(q
+        .read("worker-b", &b.owned, 10, 50)
+        .await
+        .unwrap()
+        .is_empty());
     let got = q.read("worker-a", &a.owned, 10, 1000).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].shard, got[0].deliveries), (shard, 1));
@@ -81,7 +85,9 @@ async fn contract(q: Arc<dyn Broker>) {
 
     // Cap per shard.
     for i in 0..3 {
-        q.enqueue(&job(&format!("fill-{i}"), &session)).await.unwrap();
+        q.enqueue(&job(&format!("fill-{i}"), &session))
+            .await
+            .unwrap();
     }
     let full = q.enqueue(&job("one-too-many", &session)).await.unwrap_err();
     assert!(matches!(full, QueueError::Full { cap: 3, .. }), "{full}");
@@ -101,7 +107,9 @@ async fn contract(q: Arc<dyn Broker>) {
     // Past max_deliveries: dead letter, with a failed outcome the client can read.
     let again = q.claim("worker-b", shard, 0).await.unwrap();
     let poisoned = again.iter().find(|d| d.deliveries == 3).unwrap();
-    q.dead_letter(poisoned, "failed 2 deliveries").await.unwrap();
+    q.dead_letter(poisoned, "failed 2 deliveries")
+        .await
+        .unwrap();
     assert_eq!(q.dead_letters().await.unwrap(), 1);
     match q.outcome(&poisoned.job.id).await.unwrap() {
         Some(JobOutcome::Failed { code, .. }) => assert_eq!(code, "dead_lettered"),
@@ -152,7 +160,10 @@ async fn sessions_and_keys_expire_in_both_stores() {
         store.put_key("key-1", b"blob", 300).await.unwrap();
         store.put_session(&record, 300).await.unwrap();
         assert_eq!(store.get_session("s1").await.unwrap(), Some(record.clone()));
-        assert_eq!(store.get_key("key-1").await.unwrap().as_deref(), Some(&b"blob"[..]));
+        assert_eq!(
+            store.get_key("key-1").await.unwrap().as_deref(),
+            Some(&b"blob"[..])
+        );
         tokio::time::sleep(Duration::from_millis(450)).await;
         assert_eq!(store.get_session("s1").await.unwrap(), None);
         assert_eq!(store.get_key("key-1").await.unwrap(), None);

@@ -34,7 +34,13 @@ pub struct Models {
 pub static MODELS: LazyLock<Models> = LazyLock::new(|| {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("serving-models");
     let cases: [(&str, &str, &[&str], &str, &str); 3] = [
-        ("fc_small", "fc_small.onnx", &["seq.0"], "fc_small_calibration.npy", "fc_small_input.npy"),
+        (
+            "fc_small",
+            "fc_small.onnx",
+            &["seq.0"],
+            "fc_small_calibration.npy",
+            "fc_small_input.npy",
+        ),
         (
             "digits_mlp",
             "digits_mlp.onnx",
@@ -54,8 +60,12 @@ pub static MODELS: LazyLock<Models> = LazyLock::new(|| {
     for (name, file, remote, calibration, input) in cases {
         let onnx = OnnxModel::load(fixture(file)).unwrap();
         let mut m = HybridModel::new(name, onnx, remote).unwrap();
-        m.compile(&read_npy(&fixture(calibration)).unwrap(), &CompileOptions::default(), &Silent)
-            .unwrap();
+        m.compile(
+            &read_npy(&fixture(calibration)).unwrap(),
+            &CompileOptions::default(),
+            &Silent,
+        )
+        .unwrap();
         m.use_keys(KEYS.clone());
         let x = read_npy(&fixture(input)).unwrap();
         let x = x.slice(0, 0, 8.min(x.shape()[0])).unwrap();
@@ -73,9 +83,8 @@ pub static MODELS: LazyLock<Models> = LazyLock::new(|| {
 });
 
 /// One exact-precision key set for the tests that do not test key placement.
-pub static SESSION_KEYS: LazyLock<Arc<SessionKeys>> = LazyLock::new(|| {
-    Arc::new(SessionKeys::generate(&[Precision::Exact].into(), &Silent))
-});
+pub static SESSION_KEYS: LazyLock<Arc<SessionKeys>> =
+    LazyLock::new(|| Arc::new(SessionKeys::generate(&[Precision::Exact].into(), &Silent)));
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -99,9 +108,22 @@ async fn connect(
 async fn assert_remote_is_exact(url: &str) {
     for m in &MODELS.served {
         let (_dir, model, session) = connect(url, m.name, SESSION_KEYS.clone()).await;
-        let (y, stats) = model.forward_remote(m.input.clone(), &session).await.unwrap();
-        assert_eq!(bits(&values(&y)), bits(&m.simulate), "{}: remote vs simulate", m.name);
-        assert_eq!(bits(&m.execute), bits(&m.simulate), "{}: execute vs simulate", m.name);
+        let (y, stats) = model
+            .forward_remote(m.input.clone(), &session)
+            .await
+            .unwrap();
+        assert_eq!(
+            bits(&values(&y)),
+            bits(&m.simulate),
+            "{}: remote vs simulate",
+            m.name
+        );
+        assert_eq!(
+            bits(&m.execute),
+            bits(&m.simulate),
+            "{}: execute vs simulate",
+            m.name
+        );
         assert!(stats.requests >= 1 && stats.upload_bytes > 0 && stats.download_bytes > 0);
         session.close().await.unwrap();
     }
@@ -116,7 +138,10 @@ fn concurrent_clients(url: &str, clients: usize, forwards: usize) {
                 hyfhe::client::block_on(async {
                     let (_dir, model, session) = connect(url, m.name, SESSION_KEYS.clone()).await;
                     for _ in 0..forwards {
-                        let (y, _) = model.forward_remote(m.input.clone(), &session).await.unwrap();
+                        let (y, _) = model
+                            .forward_remote(m.input.clone(), &session)
+                            .await
+                            .unwrap();
                         assert_eq!(bits(&values(&y)), bits(&m.simulate));
                     }
                 })
@@ -125,19 +150,25 @@ fn concurrent_clients(url: &str, clients: usize, forwards: usize) {
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_forward_is_bit_identical_to_execute_and_simulate_over_redis_with_two_workers() {
+#[test]
+fn remote_forward_is_bit_identical_to_execute_and_simulate_over_redis_with_two_workers() {
     let _serial = serial();
-    let config_dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::redis(&MODELS.dir, &config_file(config_dir.path()), 2, &[]);
-    assert_remote_is_exact(cluster.url()).await;
-    // Both workers took part: sessions spread over shards, shards over workers.
-    let done: Vec<f64> = cluster
-        .workers
-        .iter()
-        .map(|w| metric(&w.url, "hyfhe_worker_jobs_done_total"))
-        .collect();
-    assert_eq!(done.iter().sum::<f64>(), 7.0, "1 + 3 + 3 module requests: {done:?}");
+    hyfhe::client::block_on(async {
+        let config_dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::redis(&MODELS.dir, &config_file(config_dir.path()), 2, &[]);
+        assert_remote_is_exact(cluster.url()).await;
+        // Both workers took part: sessions spread over shards, shards over workers.
+        let done: Vec<f64> = cluster
+            .workers
+            .iter()
+            .map(|w| metric(&w.url, "hyfhe_worker_jobs_done_total"))
+            .collect();
+        assert_eq!(
+            done.iter().sum::<f64>(),
+            7.0,
+            "1 + 3 + 3 module requests: {done:?}"
+        );
+    })
 }
 
 #[test]
@@ -165,13 +196,20 @@ fn a_sessions_keys_are_loaded_by_one_worker_only() {
             let keys = Arc::new(SessionKeys::generate(&[Precision::Exact].into(), &Silent));
             let (_dir, model, session) = connect(cluster.url(), m.name, keys).await;
             for _ in 0..3 {
-                let (y, _) = model.forward_remote(m.input.clone(), &session).await.unwrap();
+                let (y, _) = model
+                    .forward_remote(m.input.clone(), &session)
+                    .await
+                    .unwrap();
                 assert_eq!(bits(&values(&y)), bits(&m.simulate));
             }
         }
     });
     let per_worker = |name: &str| -> Vec<f64> {
-        cluster.workers.iter().map(|w| metric(&w.url, name)).collect()
+        cluster
+            .workers
+            .iter()
+            .map(|w| metric(&w.url, name))
+            .collect()
     };
     let loads = per_worker("hyfhe_worker_key_loads_total");
     let received = per_worker("hyfhe_worker_jobs_received_total");
@@ -180,7 +218,11 @@ fn a_sessions_keys_are_loaded_by_one_worker_only() {
     // 3 sessions × 3 forwards × 3 modules = 27 jobs. Without affinity nearly every session's key
     // would be loaded by both workers (6 loads).
     assert_eq!(received.iter().sum::<f64>(), 27.0);
-    assert_eq!(loads.iter().sum::<f64>(), sessions as f64, "each key loaded once, by one worker");
+    assert_eq!(
+        loads.iter().sum::<f64>(),
+        sessions as f64,
+        "each key loaded once, by one worker"
+    );
     assert_eq!(hits.iter().sum::<f64>(), 27.0 - sessions as f64);
 }
 
@@ -205,8 +247,10 @@ fn a_worker_killed_with_sigkill_mid_load_loses_no_request() {
                         let (_dir, model, session) =
                             connect(&url, m.name, SESSION_KEYS.clone()).await;
                         for _ in 0..4 {
-                            let (y, _) =
-                                model.forward_remote(m.input.clone(), &session).await.unwrap();
+                            let (y, _) = model
+                                .forward_remote(m.input.clone(), &session)
+                                .await
+                                .unwrap();
                             assert_eq!(bits(&values(&y)), bits(&m.simulate));
                         }
                     })
@@ -216,7 +260,10 @@ fn a_worker_killed_with_sigkill_mid_load_loses_no_request() {
         // Kill the first worker while it holds a job it has not finished.
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while metric(&victim_url, "hyfhe_worker_jobs_in_progress") < 1.0 {
-            assert!(std::time::Instant::now() < deadline, "the victim never got a job");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the victim never got a job"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         cluster.workers[0].kill();
@@ -225,10 +272,23 @@ fn a_worker_killed_with_sigkill_mid_load_loses_no_request() {
         }
     });
     let survivor = &cluster.workers[1].url;
-    assert_eq!(metric(survivor, "hyfhe_worker_shards_owned"), 8.0, "took every shard");
-    assert!(metric(survivor, "hyfhe_worker_jobs_claimed_total") >= 1.0, "claimed the victim's entries");
-    assert_eq!(metric(survivor, "hyfhe_worker_jobs_dead_lettered_total"), 0.0);
-    assert_eq!(metric(cluster.url(), "hyfhe_coordinator_compute_errors_total"), 0.0);
+    assert_eq!(
+        metric(survivor, "hyfhe_worker_shards_owned"),
+        8.0,
+        "took every shard"
+    );
+    assert!(
+        metric(survivor, "hyfhe_worker_jobs_claimed_total") >= 1.0,
+        "claimed the victim's entries"
+    );
+    assert_eq!(
+        metric(survivor, "hyfhe_worker_jobs_dead_lettered_total"),
+        0.0
+    );
+    assert_eq!(
+        metric(cluster.url(), "hyfhe_coordinator_compute_errors_total"),
+        0.0
+    );
 }
 
 /// Raw HTTP for the error cases.
@@ -242,7 +302,10 @@ impl Api {
         let _ = &self.http;
         let r = req.send().await.unwrap();
         let status = r.status().as_u16();
-        let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let retry = r
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
         let body = r.bytes().await.unwrap();
         let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
         (status, json, retry)
@@ -281,51 +344,98 @@ async fn assert_bad_requests_are_refused(url: &str) {
     };
 
     // 401: no key, unknown key.
-    let (s, b, _) = api.send(good(api.post(&compute(&sid, "seq.0"), None)).body(rows.clone())).await;
+    let (s, b, _) = api
+        .send(good(api.post(&compute(&sid, "seq.0"), None)).body(rows.clone()))
+        .await;
     assert_eq!((s, code(&b)), (401, "unauthorized"), "{b}");
-    let (s, b, _) = api.send(good(api.post(&compute(&sid, "seq.0"), Some("nope"))).body(rows.clone())).await;
+    let (s, b, _) = api
+        .send(good(api.post(&compute(&sid, "seq.0"), Some("nope"))).body(rows.clone()))
+        .await;
     assert_eq!((s, code(&b)), (401, "unauthorized"), "{b}");
     // 403: another tenant's session; a wrong session token.
-    let (s, b, _) = api.send(good(api.post(&compute(&sid, "seq.0"), Some("other-key"))).body(rows.clone())).await;
+    let (s, b, _) = api
+        .send(good(api.post(&compute(&sid, "seq.0"), Some("other-key"))).body(rows.clone()))
+        .await;
     assert_eq!((s, code(&b)), (403, "forbidden"), "{b}");
     let (s, b, _) = api
-        .send(api.post(&compute(&sid, "seq.0"), Some(API_KEY)).header("x-hyfhe-session-token", "wrong").header("idempotency-key", uuid_like()).body(rows.clone()))
+        .send(
+            api.post(&compute(&sid, "seq.0"), Some(API_KEY))
+                .header("x-hyfhe-session-token", "wrong")
+                .header("idempotency-key", uuid_like())
+                .body(rows.clone()),
+        )
         .await;
     assert_eq!((s, code(&b)), (403, "forbidden"), "{b}");
     // 404: unknown session, unknown module, unknown model, unknown route.
-    let (s, b, _) = api.send(good(api.post(&compute("0123456789abcdef", "seq.0"), Some(API_KEY))).body(rows.clone())).await;
+    let (s, b, _) = api
+        .send(
+            good(api.post(&compute("0123456789abcdef", "seq.0"), Some(API_KEY))).body(rows.clone()),
+        )
+        .await;
     assert_eq!((s, code(&b)), (404, "session_not_found"), "{b}");
-    let (s, b, _) = api.send(good(api.post(&compute(&sid, "seq.9"), Some(API_KEY))).body(rows.clone())).await;
+    let (s, b, _) = api
+        .send(good(api.post(&compute(&sid, "seq.9"), Some(API_KEY))).body(rows.clone()))
+        .await;
     assert_eq!((s, code(&b)), (404, "not_found"), "{b}");
-    assert!(b["message"].as_str().unwrap().contains("seq.0"), "names the modules there are: {b}");
+    assert!(
+        b["message"].as_str().unwrap().contains("seq.0"),
+        "names the modules there are: {b}"
+    );
     let (s, b, _) = api.send(api.post("/v1/nowhere", Some(API_KEY))).await;
     assert_eq!((s, code(&b)), (404, "not_found"), "{b}");
     // 400: malformed msgpack (compute and session), wrong ciphertext dimensions, no job id.
-    let (s, b, _) = api.send(good(api.post(&compute(&sid, "seq.0"), Some(API_KEY))).body(vec![0xc1, 0x00, 0x13])).await;
+    let (s, b, _) = api
+        .send(good(api.post(&compute(&sid, "seq.0"), Some(API_KEY))).body(vec![0xc1, 0x00, 0x13]))
+        .await;
     assert_eq!((s, code(&b)), (400, "bad_request"), "{b}");
-    let (s, b, _) = api.send(api.post("/v1/sessions", Some(API_KEY)).body(vec![0x93, 0xc1])).await;
+    let (s, b, _) = api
+        .send(
+            api.post("/v1/sessions", Some(API_KEY))
+                .body(vec![0x93, 0xc1]),
+        )
+        .await;
     assert_eq!((s, code(&b)), (400, "bad_request"), "{b}");
-    let wider = LayerPlan::new("x", Precision::Exact, spec.in_features + 3, spec.out_features, spec.plan.input_bits, spec.plan.weight_bits).unwrap();
+    let wider = LayerPlan::new(
+        "x",
+        Precision::Exact,
+        spec.in_features + 3,
+        spec.out_features,
+        spec.plan.input_bits,
+        spec.plan.weight_bits,
+    )
+    .unwrap();
     let wrong = encode(
-        &SESSION_KEYS.client_key()
+        &SESSION_KEYS
+            .client_key()
             .encrypt_rows(&wider, &vec![1; wider.in_features], 1)
             .unwrap(),
     );
-    let (s, b, _) = api.send(good(api.post(&compute(&sid, "seq.0"), Some(API_KEY))).body(wrong)).await;
+    let (s, b, _) = api
+        .send(good(api.post(&compute(&sid, "seq.0"), Some(API_KEY))).body(wrong))
+        .await;
     assert_eq!((s, code(&b)), (400, "bad_request"), "{b}");
     assert!(b["message"].as_str().unwrap().contains("features"), "{b}");
     let (s, b, _) = api
-        .send(api.post(&compute(&sid, "seq.0"), Some(API_KEY)).header("x-hyfhe-session-token", token.clone()).body(rows.clone()))
+        .send(
+            api.post(&compute(&sid, "seq.0"), Some(API_KEY))
+                .header("x-hyfhe-session-token", token.clone())
+                .body(rows.clone()),
+        )
         .await;
     assert_eq!((s, code(&b)), (400, "bad_request"), "{b}");
     // 413: a body over coordinator.max_body_bytes (1 MiB in these tests).
-    let (s, b, _) = api.send(good(api.post(&compute(&sid, "seq.0"), Some(API_KEY))).body(vec![0u8; 2 << 20])).await;
+    let (s, b, _) = api
+        .send(good(api.post(&compute(&sid, "seq.0"), Some(API_KEY))).body(vec![0u8; 2 << 20]))
+        .await;
     assert_eq!((s, code(&b)), (413, "payload_too_large"), "{b}");
 
     // Still healthy, and the session still computes.
     assert_eq!(http_get(&format!("{url}/health/live")).0, 200);
     assert_eq!(http_get(&format!("{url}/health/ready")).0, 200);
-    let (y, _) = model.forward_remote(fc.input.clone(), &session).await.unwrap();
+    let (y, _) = model
+        .forward_remote(fc.input.clone(), &session)
+        .await
+        .unwrap();
     assert_eq!(bits(&values(&y)), bits(&fc.simulate));
 }
 
@@ -339,119 +449,155 @@ fn encrypted_zero_row(model: &HybridModel) -> Vec<u8> {
     encode(&rows)
 }
 
-
 fn uuid_like() -> String {
     format!("test-{:016x}", rand::random::<u64>())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_requests_get_their_4xx_code_and_the_server_stays_healthy() {
+#[test]
+fn bad_requests_get_their_4xx_code_and_the_server_stays_healthy() {
     let _serial = serial();
-    let config_dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::redis(
-        &MODELS.dir,
-        &config_file(config_dir.path()),
-        2,
-        &[("COORDINATOR__MAX_BODY_BYTES", "1048576")],
-    );
-    assert_bad_requests_are_refused(cluster.url()).await;
+    hyfhe::client::block_on(async {
+        let config_dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::redis(
+            &MODELS.dir,
+            &config_file(config_dir.path()),
+            2,
+            &[("COORDINATOR__MAX_BODY_BYTES", "1048576")],
+        );
+        assert_bad_requests_are_refused(cluster.url()).await;
+    })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_queue_or_too_many_in_flight_requests_get_503_or_429_with_retry_after() {
+#[test]
+fn a_full_queue_or_too_many_in_flight_requests_get_503_or_429_with_retry_after() {
     let _serial = serial();
-    // A coordinator with no worker: nothing drains the queue.
-    let redis = crate::cluster::RedisServer::start();
-    let config_dir = tempfile::tempdir().unwrap();
-    let mut env = crate::cluster::base_env(&MODELS.dir);
-    env.extend(crate::cluster::env(&[
-        ("QUEUE__BACKEND", "redis"),
-        ("QUEUE__REDIS_URL", &redis.url()),
-        ("COORDINATOR__MAX_IN_FLIGHT", "1"),
-        ("COORDINATOR__REQUEST_TIMEOUT_MS", "3000"),
-        ("COORDINATOR__RETRY_AFTER_S", "2"),
-        ("QUEUE__MAX_DEPTH", "1"),
-    ]));
-    let config = config_file(config_dir.path());
-    let coordinator = Service::spawn("coordinator", &["coordinator", "--config", config.to_str().unwrap()], &env);
-    let url = coordinator.url.clone();
-    assert_eq!(http_get(&format!("{url}/health/ready")).0, 503, "no worker: not ready");
+    hyfhe::client::block_on(async {
+        // A coordinator with no worker: nothing drains the queue.
+        let redis = crate::cluster::RedisServer::start();
+        let config_dir = tempfile::tempdir().unwrap();
+        let mut env = crate::cluster::base_env(&MODELS.dir);
+        env.extend(crate::cluster::env(&[
+            ("QUEUE__BACKEND", "redis"),
+            ("QUEUE__REDIS_URL", &redis.url()),
+            ("COORDINATOR__MAX_IN_FLIGHT", "1"),
+            ("COORDINATOR__REQUEST_TIMEOUT_MS", "3000"),
+            ("COORDINATOR__RETRY_AFTER_S", "2"),
+            ("QUEUE__MAX_DEPTH", "1"),
+        ]));
+        let config = config_file(config_dir.path());
+        let coordinator = Service::spawn(
+            "coordinator",
+            &["coordinator", "--config", config.to_str().unwrap()],
+            &env,
+        );
+        let url = coordinator.url.clone();
+        assert_eq!(
+            http_get(&format!("{url}/health/ready")).0,
+            503,
+            "no worker: not ready"
+        );
 
-    let fc = &MODELS.served[0];
-    let (_dir, model, session) = connect(&url, fc.name, SESSION_KEYS.clone()).await;
-    let api = Api {
-        http: reqwest::Client::new(),
-        url: url.clone(),
-    };
-    let rows = encrypted_zero_row(&model);
-    let path = format!("/v1/sessions/{}/modules/seq.0/compute", session.id());
-    let request = || {
-        api.post(&path, Some(API_KEY))
-            .header("x-hyfhe-session-token", session.token())
-            .header("idempotency-key", uuid_like())
-            .body(rows.clone())
-    };
-    // The first request is admitted and waits in the queue; the second finds no room in flight.
-    let first = tokio::spawn(request().send());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (s, b, retry) = api.send(request()).await;
-    assert_eq!((s, code(&b)), (429, "too_many_requests"), "{b}");
-    assert_eq!(retry.as_deref(), Some("2"));
-    // The first times out (its job is still queued), leaving the shard at its cap.
-    let first = first.await.unwrap().unwrap();
-    assert_eq!(first.status().as_u16(), 504);
-    let (s, b, retry) = api.send(request()).await;
-    assert_eq!((s, code(&b)), (503, "unavailable"), "{b}");
-    assert!(b["message"].as_str().unwrap().contains("queue full"), "{b}");
-    assert_eq!(retry.as_deref(), Some("2"));
-    assert_eq!(http_get(&format!("{url}/health/live")).0, 200);
-    // The client library retries 429/503 with the same job id and then reports the refusal.
-    let quick = session.with_retry(hyfhe::client::RetryPolicy {
-        attempts: 2,
-        backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(10),
-        request_timeout: Duration::from_secs(10),
-    });
-    let err = quick.compute_bytes("seq.0", rows.clone()).await.unwrap_err();
-    assert!(matches!(err, ClientError::Api { status: 503, .. }), "{err}");
+        let fc = &MODELS.served[0];
+        let (_dir, model, session) = connect(&url, fc.name, SESSION_KEYS.clone()).await;
+        let api = Api {
+            http: reqwest::Client::new(),
+            url: url.clone(),
+        };
+        let rows = encrypted_zero_row(&model);
+        let path = format!("/v1/sessions/{}/modules/seq.0/compute", session.id());
+        let request = || {
+            api.post(&path, Some(API_KEY))
+                .header("x-hyfhe-session-token", session.token())
+                .header("idempotency-key", uuid_like())
+                .body(rows.clone())
+        };
+        // The first request is admitted and waits in the queue; the second finds no room in flight.
+        let first = tokio::spawn(request().send());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (s, b, retry) = api.send(request()).await;
+        assert_eq!((s, code(&b)), (429, "too_many_requests"), "{b}");
+        assert_eq!(retry.as_deref(), Some("2"));
+        // The first times out (its job is still queued), leaving the shard at its cap.
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.status().as_u16(), 504);
+        let (s, b, retry) = api.send(request()).await;
+        assert_eq!((s, code(&b)), (503, "unavailable"), "{b}");
+        assert!(b["message"].as_str().unwrap().contains("queue full"), "{b}");
+        assert_eq!(retry.as_deref(), Some("2"));
+        assert_eq!(http_get(&format!("{url}/health/live")).0, 200);
+        // The client library retries 429/503 with the same job id and then reports the refusal.
+        let quick = session.with_retry(hyfhe::client::RetryPolicy {
+            attempts: 2,
+            backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            request_timeout: Duration::from_secs(10),
+        });
+        let err = quick
+            .compute_bytes("seq.0", rows.clone())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Api { status: 503, .. }), "{err}");
+    })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_embedded_server_passes_the_same_end_to_end_test_without_redis() {
+#[test]
+fn the_embedded_server_passes_the_same_end_to_end_test_without_redis() {
     let _serial = serial();
-    let config_dir = tempfile::tempdir().unwrap();
-    let config = config_file(config_dir.path());
-    let cluster = Cluster::embedded(&MODELS.dir, &config);
-    let url = cluster.url().to_string();
-    assert_eq!(http_get(&format!("{url}/health/ready")).0, 200);
-    assert_remote_is_exact(&url).await;
-    tokio::task::spawn_blocking(move || concurrent_clients(&url, 4, 1))
-        .await
-        .unwrap();
-    assert_eq!(metric(cluster.url(), "hyfhe_worker_key_loads_total"), 1.0, "one key, loaded once");
+    hyfhe::client::block_on(async {
+        let config_dir = tempfile::tempdir().unwrap();
+        let config = config_file(config_dir.path());
+        let cluster = Cluster::embedded(&MODELS.dir, &config);
+        let url = cluster.url().to_string();
+        assert_eq!(http_get(&format!("{url}/health/ready")).0, 200);
+        assert_remote_is_exact(&url).await;
+        tokio::task::spawn_blocking(move || concurrent_clients(&url, 4, 1))
+            .await
+            .unwrap();
+        assert_eq!(
+            metric(cluster.url(), "hyfhe_worker_key_loads_total"),
+            1.0,
+            "one key, loaded once"
+        );
+    })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_embedded_server_refuses_bad_requests_and_renews_expired_sessions() {
+#[test]
+fn the_embedded_server_refuses_bad_requests_and_renews_expired_sessions() {
     let _serial = serial();
-    let config_dir = tempfile::tempdir().unwrap();
-    let config = config_file(config_dir.path());
-    let models = MODELS.dir.clone();
-    let mut env = crate::cluster::base_env(&models);
-    env.extend(crate::cluster::env(&[("COORDINATOR__MAX_BODY_BYTES", "1048576"), ("SESSIONS__TTL_S", "2")]));
-    let serve = Service::spawn(
-        "serve",
-        &["serve", "--model-dir", models.to_str().unwrap(), "--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"],
-        &env,
-    );
-    crate::cluster::wait_ready(&serve.url);
-    assert_bad_requests_are_refused(&serve.url).await;
-    // A session left idle past its TTL: the client opens a new one with the same keys.
-    let fc = &MODELS.served[0];
-    let (_dir, model, session) = connect(&serve.url, fc.name, SESSION_KEYS.clone()).await;
-    let before = session.id();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (y, _) = model.forward_remote(fc.input.clone(), &session).await.unwrap();
-    assert_eq!(bits(&values(&y)), bits(&fc.simulate));
-    assert_ne!(session.id(), before, "renewed");
+    hyfhe::client::block_on(async {
+        let config_dir = tempfile::tempdir().unwrap();
+        let config = config_file(config_dir.path());
+        let models = MODELS.dir.clone();
+        let mut env = crate::cluster::base_env(&models);
+        env.extend(crate::cluster::env(&[
+            ("COORDINATOR__MAX_BODY_BYTES", "1048576"),
+            ("SESSIONS__TTL_S", "2"),
+        ]));
+        let serve = Service::spawn(
+            "serve",
+            &[
+                "serve",
+                "--model-dir",
+                models.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            &env,
+        );
+        crate::cluster::wait_ready(&serve.url);
+        assert_bad_requests_are_refused(&serve.url).await;
+        // A session left idle past its TTL: the client opens a new one with the same keys.
+        let fc = &MODELS.served[0];
+        let (_dir, model, session) = connect(&serve.url, fc.name, SESSION_KEYS.clone()).await;
+        let before = session.id();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let (y, _) = model
+            .forward_remote(fc.input.clone(), &session)
+            .await
+            .unwrap();
+        assert_eq!(bits(&values(&y)), bits(&fc.simulate));
+        assert_ne!(session.id(), before, "renewed");
+    })
 }

@@ -96,8 +96,11 @@ impl Handler<Dispatch> for Dispatcher {
                 match broker.enqueue(&job).await {
                     Err(e @ QueueError::Full { .. }) => {
                         metrics.rejected_queue_full.inc();
-                        return Err(ApiError::new(ErrorCode::Unavailable, format!("queue full: {e}"))
-                            .retry_after(retry_after));
+                        return Err(ApiError::new(
+                            ErrorCode::Unavailable,
+                            format!("queue full: {e}"),
+                        )
+                        .retry_after(retry_after));
                     }
                     Err(e) => return Err(ApiError::from(e).retry_after(retry_after)),
                     Ok(()) => {}

@@ -107,7 +107,10 @@ impl Handler<Authorize> for SessionRegistry {
             let mut record = broker.get_session(&msg.id).await?.ok_or_else(|| {
                 ApiError::new(
                     ErrorCode::SessionNotFound,
-                    format!("no session {} (it expired or was closed): open a new one", msg.id),
+                    format!(
+                        "no session {} (it expired or was closed): open a new one",
+                        msg.id
+                    ),
                 )
             })?;
             if record.tenant != msg.tenant {

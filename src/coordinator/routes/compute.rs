@@ -9,7 +9,9 @@ use crate::coordinator::actors::{Authorize, Dispatch};
 use crate::coordinator::error::ApiError;
 use crate::coordinator::AppState;
 use crate::fhe::{decode, EncryptedRows};
-use crate::protocol::{check_rows, is_valid_job_id, ErrorCode, JOB_ID_HEADER, MSGPACK, TRACEPARENT_HEADER};
+use crate::protocol::{
+    check_rows, is_valid_job_id, ErrorCode, JOB_ID_HEADER, MSGPACK, TRACEPARENT_HEADER,
+};
 use crate::queue::{now_unix_ms, Job, JobOutcome};
 
 pub async fn compute(
@@ -47,10 +49,9 @@ async fn handle(
             token: session_token(req),
         })
         .await??;
-    let model = state
-        .catalog
-        .get(&session.model)
-        .ok_or_else(|| ApiError::not_found(format!("model `{}` is no longer served", session.model)))?;
+    let model = state.catalog.get(&session.model).ok_or_else(|| {
+        ApiError::not_found(format!("model `{}` is no longer served", session.model))
+    })?;
     let spec = model.specs.get(&module).ok_or_else(|| {
         ApiError::not_found(format!(
             "model `{}` has no remote module `{module}` (it has {:?})",
@@ -96,6 +97,8 @@ async fn handle(
     };
     match state.dispatcher.send(Dispatch { job, timeout }).await?? {
         JobOutcome::Done(bytes) => Ok(HttpResponse::Ok().content_type(MSGPACK).body(bytes)),
-        JobOutcome::Failed { code, message } => Err(ApiError::new(ErrorCode::parse(&code), message)),
+        JobOutcome::Failed { code, message } => {
+            Err(ApiError::new(ErrorCode::parse(&code), message))
+        }
     }
 }

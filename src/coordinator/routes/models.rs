@@ -9,7 +9,12 @@ use crate::protocol::{ModelList, MSGPACK};
 
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     tenant(&req, &state)?;
-    let models = state.catalog.models.values().map(|m| m.info.clone()).collect();
+    let models = state
+        .catalog
+        .models
+        .values()
+        .map(|m| m.info.clone())
+        .collect();
     Ok(HttpResponse::Ok().json(ModelList { models }))
 }
 

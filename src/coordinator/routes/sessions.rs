@@ -24,8 +24,8 @@ pub async fn create(
     })?;
     let mut keys = Vec::new();
     for (i, blob) in request.keys.iter().enumerate() {
-        let key: EvaluationKey = decode(blob, limit)
-            .map_err(|e| ApiError::bad_request(format!("keys[{i}]: {e}")))?;
+        let key: EvaluationKey =
+            decode(blob, limit).map_err(|e| ApiError::bad_request(format!("keys[{i}]: {e}")))?;
         keys.push((key.precision.to_string(), blob.to_vec()));
     }
     for precision in model.precisions() {

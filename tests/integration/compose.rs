@@ -1,0 +1,154 @@
+//! docker-compose.yml and the Dockerfile, checked by parsing (no Docker engine here): the
+//! services, commands, ports, volumes and environment must agree with the configuration.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use hyfhe::config::Config;
+use serde_yaml::Value;
+
+fn read(name: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(name)).unwrap()
+}
+
+fn compose() -> Value {
+    serde_yaml::from_str(&read("docker-compose.yml")).unwrap()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .unwrap_or_else(|| panic!("expected a list, got {v:?}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `${VAR:-default}` as Compose resolves it with VAR unset.
+fn resolve(value: &str) -> String {
+    match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+        Some(inner) => inner
+            .split_once(":-")
+            .map_or(String::new(), |(_, d)| d.to_string()),
+        None => value.to_string(),
+    }
+}
+
+/// The service's environment with YAML merge keys (`<<: *anchor`) applied.
+fn environment(service: &Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Some(env) = service.get("environment").and_then(Value::as_mapping) else {
+        return out;
+    };
+    for (k, v) in env {
+        let k = k.as_str().unwrap();
+        if k == "<<" {
+            for (k2, v2) in v.as_mapping().unwrap() {
+                out.insert(k2.as_str().unwrap().into(), resolve(v2.as_str().unwrap()));
+            }
+        } else {
+            out.insert(k.into(), resolve(v.as_str().unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_compose_file_matches_the_config_and_the_cli() {
+    let doc = compose();
+    let services = doc["services"].as_mapping().unwrap();
+    for name in [
+        "redis",
+        "coordinator",
+        "worker",
+        "otel-collector",
+        "jaeger",
+        "prometheus",
+    ] {
+        assert!(services.contains_key(name), "service {name} missing");
+    }
+    let docker_toml = read("config/docker.toml");
+    for (role, service) in [
+        ("coordinator", &doc["services"]["coordinator"]),
+        ("worker", &doc["services"]["worker"]),
+    ] {
+        // The command is a real subcommand with the config the image ships.
+        let command = strings(&service["command"]);
+        assert_eq!(command, vec![role, "--config", "/etc/hyfhe/docker.toml"]);
+        // Every variable is a config override that applies cleanly to docker.toml.
+        let env = environment(service);
+        assert!(env.keys().all(|k| k.starts_with("HYFHE__")), "{env:?}");
+        let config = Config::from_toml(&docker_toml, " docker.toml", &env)
+            .unwrap_or_else(|e| panic!("{role}'s environment: {e}"));
+        assert_eq!(
+            config.queue.redis_url, "redis://redis:6379",
+            "points at the redis service"
+        );
+        // The model directory is mounted where the config looks for it.
+        let volumes = strings(&service["volumes"]);
+        let dir = config.models.dir.to_str().unwrap().to_string();
+        assert!(
+            volumes
+                .iter()
+                .any(|v| v.split(':').nth(1) == Some(dir.as_str())),
+            "{volumes:?} vs {dir}"
+        );
+        if role == "coordinator" {
+            let port = config
+                .coordinator
+                .listen
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .to_string();
+            let ports = strings(&service["ports"]);
+            assert!(
+                ports.iter().any(|p| p.ends_with(&format!(":{port}"))),
+                "{ports:?} vs {port}"
+            );
+        }
+    }
+    let worker = &doc["services"]["worker"];
+    assert_eq!(worker["deploy"]["replicas"].as_u64(), Some(3));
+    for optional in ["otel-collector", "jaeger", "prometheus"] {
+        let profiles = strings(&doc["services"][optional]["profiles"]);
+        assert!(!profiles.is_empty(), "{optional} must be behind a profile");
+    }
+    // Mounted deploy files exist.
+    for service in ["otel-collector", "prometheus"] {
+        for v in strings(&doc["services"][service]["volumes"]) {
+            let host = v.split(':').next().unwrap();
+            assert!(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(host).exists(),
+                "{host}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_dockerfile_builds_one_image_that_ships_the_configs() {
+    let dockerfile = read("Dockerfile");
+    assert!(dockerfile.matches("FROM ").count() >= 2, "multi-stage");
+    assert!(dockerfile.contains("COPY config /etc/hyfhe"));
+    assert!(dockerfile.contains("ENTRYPOINT [\"hyfhe\"]"));
+    // Everything the build needs is copied into the build stage.
+    for path in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "src",
+        "config",
+        "benches",
+        "loadtest",
+        "tests/fixtures",
+    ] {
+        assert!(
+            dockerfile.contains(&format!("COPY {path}"))
+                || dockerfile.contains(&format!(" {path} ")),
+            "{path}"
+        );
+        assert!(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(path).exists(),
+            "{path}"
+        );
+    }
+}
