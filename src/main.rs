@@ -162,6 +162,33 @@ enum BenchCommand {
     /// One random quantized linear layer (8-bit inputs and weights): keygen, encrypt, evaluate,
     /// decrypt, vs. an ndarray f32 matmul of the same shape.
     Linear(LinearArgs),
+    /// One linear module served over HTTP and a queue vs. the same module in `execute` mode,
+    /// alternating in one run.
+    Remote(RemoteArgs),
+}
+
+#[derive(Args)]
+struct RemoteArgs {
+    /// Rows (tokens / batch) per request.
+    #[arg(long, default_value_t = 1)]
+    rows: usize,
+    /// Input features.
+    #[arg(long = "in", default_value_t = 2048)]
+    in_features: usize,
+    /// Output features.
+    #[arg(long = "out", default_value_t = 2048)]
+    out_features: usize,
+    /// Timed repetitions of each mode (medians are reported).
+    #[arg(long, default_value_t = 10)]
+    repetitions: usize,
+    /// Serve over this Redis (e.g. redis://127.0.0.1:6379) instead of the in-memory queue.
+    #[arg(long)]
+    redis: Option<String>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -218,6 +245,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(BenchCommand::Linear(args)) => bench_linear(args),
+        Command::Bench(BenchCommand::Remote(args)) => bench_remote(args),
         Command::Inspect { model } => report(commands::inspect(&model)),
         Command::Compile(args) => compile(args),
         Command::Run(args) => run(args),
@@ -344,6 +372,27 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+fn bench_remote(args: RemoteArgs) -> ExitCode {
+    let config = hyfhe::bench::remote::RemoteBenchConfig {
+        rows: args.rows,
+        in_features: args.in_features,
+        out_features: args.out_features,
+        repetitions: args.repetitions.max(1),
+        redis: args.redis,
+        seed: args.seed,
+    };
+    let bars = bars();
+    let result = hyfhe::bench::remote::run_remote(&config, &bars);
+    bars.finish();
+    report(result.map(|r| {
+        if args.json {
+            format!("{}\n", serde_json::to_string(&r).expect("plain data"))
+        } else {
+            r.render()
+        }
+    }))
 }
 
 fn demo(args: DemoArgs) -> ExitCode {

@@ -9,6 +9,7 @@ pub mod graph;
 pub mod linear;
 pub mod modules;
 pub mod runner;
+pub mod synthetic;
 mod tensor;
 
 use std::path::Path;

@@ -93,7 +93,7 @@ impl LocalSegment {
     }
 }
 
-fn tensor_type(dt: DatumType, shape: &[usize]) -> Result<TypeProto, ModelError> {
+pub(crate) fn tensor_type(dt: DatumType, shape: &[usize]) -> Result<TypeProto, ModelError> {
     let elem_type = match dt {
         DatumType::F32 => 1,
         DatumType::U8 => 2,

@@ -62,6 +62,8 @@ pub struct LinearBenchReport {
 
 pub use crate::progress::Progress;
 
+pub mod remote;
+
 pub fn run_linear(
     config: &LinearBenchConfig,
     progress: &dyn Progress,
@@ -211,11 +213,11 @@ fn plaintext_matmul_ms(
     median(times)
 }
 
-fn ms(started: Instant) -> f64 {
+pub(crate) fn ms(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1e3
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

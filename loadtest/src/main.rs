@@ -1,0 +1,208 @@
+//! `hyfhe-loadtest`: N concurrent clients, each with its own session, calling `forward` on a
+//! served model for a fixed time; prints throughput and latency percentiles.
+//!
+//! Uses the public client API only (download the client tree, open sessions, forward), so what
+//! it measures is what an application sees.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use hyfhe::client::{block_on, Client, SessionKeys};
+use hyfhe::commands::read_npy;
+use hyfhe::hybrid::HybridModel;
+use hyfhe::progress::Silent;
+
+#[derive(Parser)]
+#[command(
+    name = "hyfhe-loadtest",
+    version,
+    about = "Load generator for a hyfhe coordinator"
+)]
+struct Args {
+    /// Coordinator URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// Tenant API key.
+    #[arg(long, env = "HYFHE_API_KEY", hide_env_values = true)]
+    api_key: String,
+    /// Served model name (see GET /v1/models).
+    #[arg(long)]
+    model: String,
+    /// Input samples (.npy, f32); each forward sends the first --batch of them.
+    #[arg(long)]
+    input: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Concurrent clients, each with its own session.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Seconds of load after the warm-up forward of every session.
+    #[arg(long, default_value_t = 20)]
+    duration_s: u64,
+    /// Generate a key set per client (as separate users would) instead of sharing one.
+    #[arg(long)]
+    distinct_keys: bool,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    clients: usize,
+    duration_s: f64,
+    forwards: usize,
+    module_requests: usize,
+    errors: usize,
+    forwards_per_s: f64,
+    requests_per_s: f64,
+    latency_ms_p50: f64,
+    latency_ms_p95: f64,
+    latency_ms_p99: f64,
+    /// Server round trip per module request (queue + evaluation + HTTP), mean.
+    round_trip_ms_mean: f64,
+}
+
+struct ClientResult {
+    latencies_ms: Vec<f64>,
+    requests: usize,
+    round_trip_ms: f64,
+    errors: usize,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(report) if args.json => {
+            println!("{}", serde_json::to_string(&report).expect("plain numbers"));
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            println!(
+                "{} clients for {:.1} s: {} forwards ({:.2}/s), {} module requests ({:.2}/s), {} errors\n\
+                 forward latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; server round trip per request {:.1} ms",
+                r.clients, r.duration_s, r.forwards, r.forwards_per_s, r.module_requests,
+                r.requests_per_s, r.errors, r.latency_ms_p50, r.latency_ms_p95, r.latency_ms_p99,
+                r.round_trip_ms_mean
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
+    let client = Client::new(&args.server, &args.api_key)?;
+    let dir = tempfile::tempdir()?;
+    block_on(client.download_model(&args.model, dir.path()))?;
+    let model = HybridModel::load(dir.path())?;
+    let input = read_npy(&args.input)?;
+    let x = input.slice(0, 0, args.batch.min(input.shape()[0]))?;
+
+    let bar = ProgressBar::new(args.clients as u64).with_message("sessions");
+    bar.set_style(ProgressStyle::with_template(
+        "{msg:>10} [{bar:30}] {pos}/{len} {elapsed}",
+    )?);
+    let precisions = SessionKeys::precisions_of(&model);
+    let shared = Arc::new(SessionKeys::generate(&precisions, &Silent));
+    let mut sessions = Vec::new();
+    for _ in 0..args.clients {
+        let keys = if args.distinct_keys {
+            Arc::new(SessionKeys::generate(&precisions, &Silent))
+        } else {
+            shared.clone()
+        };
+        let session = block_on(client.open_session_with(&model, keys))?;
+        // Warm-up: the worker loads this session's key on its first request.
+        block_on(model.forward_remote(x.clone(), &session))?;
+        sessions.push(session);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+
+    let duration = Duration::from_secs(args.duration_s);
+    let bar = ProgressBar::new(args.duration_s).with_message("load");
+    bar.set_style(ProgressStyle::with_template(
+        "{msg:>10} [{bar:30}] {pos}/{len} s",
+    )?);
+    let start = Instant::now();
+    let results: Vec<ClientResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sessions
+            .iter()
+            .map(|session| {
+                let (model, x) = (&model, &x);
+                scope.spawn(move || {
+                    let mut r = ClientResult {
+                        latencies_ms: Vec::new(),
+                        requests: 0,
+                        round_trip_ms: 0.0,
+                        errors: 0,
+                    };
+                    while start.elapsed() < duration {
+                        let t = Instant::now();
+                        match block_on(model.forward_remote(x.clone(), session)) {
+                            Ok((_, stats)) => {
+                                r.latencies_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                                r.requests += stats.requests;
+                                r.round_trip_ms += stats.fhe_ms;
+                            }
+                            Err(e) => {
+                                eprintln!("forward failed: {e}");
+                                r.errors += 1;
+                            }
+                        }
+                    }
+                    r
+                })
+            })
+            .collect();
+        while start.elapsed() < duration {
+            bar.set_position(start.elapsed().as_secs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    bar.finish_and_clear();
+    let elapsed = start.elapsed().as_secs_f64();
+    for s in &sessions {
+        let _ = block_on(s.close());
+    }
+    let mut latencies: Vec<f64> = results
+        .iter()
+        .flat_map(|r| r.latencies_ms.clone())
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let requests: usize = results.iter().map(|r| r.requests).sum();
+    Ok(Report {
+        clients: args.clients,
+        duration_s: elapsed,
+        forwards: latencies.len(),
+        module_requests: requests,
+        errors: results.iter().map(|r| r.errors).sum(),
+        forwards_per_s: latencies.len() as f64 / elapsed,
+        requests_per_s: requests as f64 / elapsed,
+        latency_ms_p50: percentile(&latencies, 0.5),
+        latency_ms_p95: percentile(&latencies, 0.95),
+        latency_ms_p99: percentile(&latencies, 0.99),
+        round_trip_ms_mean: results.iter().map(|r| r.round_trip_ms).sum::<f64>()
+            / requests.max(1) as f64,
+    })
+}
