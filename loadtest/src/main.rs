@@ -5,7 +5,7 @@
 //! it measures is what an application sees.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -75,6 +75,63 @@ struct ClientResult {
     errors: usize,
 }
 
+#[allow(clippy::too_many_arguments)]
+async fn client_loop(
+    model: &HybridModel,
+    x: &hyfhe::model::Value,
+    client: &Client,
+    keys: Arc<SessionKeys>,
+    ready: &Barrier,
+    start: &std::sync::OnceLock<Instant>,
+    bar: &ProgressBar,
+    duration: Duration,
+) -> ClientResult {
+    let mut r = ClientResult {
+        latencies_ms: Vec::new(),
+        requests: 0,
+        round_trip_ms: 0.0,
+        errors: 0,
+    };
+    // A client per thread: its connection pool lives on this thread's runtime.
+    let client = client.clone_fresh();
+    let session = match client.open_session_with(model, keys).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("opening a session failed: {e}");
+            None
+        }
+    };
+    // Warm-up: the worker loads this session's key on its first request.
+    if let Some(s) = &session {
+        if let Err(e) = model.forward_remote(x.clone(), s).await {
+            eprintln!("warm-up forward failed: {e}");
+        }
+    }
+    bar.inc(1);
+    ready.wait();
+    let start = *start.get_or_init(Instant::now);
+    let Some(session) = session else {
+        r.errors += 1;
+        return r;
+    };
+    while start.elapsed() < duration {
+        let t = Instant::now();
+        match model.forward_remote(x.clone(), &session).await {
+            Ok((_, stats)) => {
+                r.latencies_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                r.requests += stats.requests;
+                r.round_trip_ms += stats.fhe_ms;
+            }
+            Err(e) => {
+                eprintln!("forward failed: {e}");
+                r.errors += 1;
+            }
+        }
+    }
+    let _ = session.close().await;
+    r
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -115,76 +172,47 @@ fn run(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
     let x = input.slice(0, 0, args.batch.min(input.shape()[0]))?;
 
     let bar = ProgressBar::new(args.clients as u64).with_message("sessions");
-    bar.set_style(ProgressStyle::with_template(
-        "{msg:>10} [{bar:30}] {pos}/{len} {elapsed}",
-    )?);
+    bar.set_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {elapsed}")?);
     let precisions = SessionKeys::precisions_of(&model);
     let shared = Arc::new(SessionKeys::generate(&precisions, &Silent));
-    let mut sessions = Vec::new();
-    for _ in 0..args.clients {
-        let keys = if args.distinct_keys {
-            Arc::new(SessionKeys::generate(&precisions, &Silent))
-        } else {
-            shared.clone()
-        };
-        let session = block_on(client.open_session_with(&model, keys))?;
-        // Warm-up: the worker loads this session's key on its first request.
-        block_on(model.forward_remote(x.clone(), &session))?;
-        sessions.push(session);
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-
     let duration = Duration::from_secs(args.duration_s);
-    let bar = ProgressBar::new(args.duration_s).with_message("load");
-    bar.set_style(ProgressStyle::with_template(
-        "{msg:>10} [{bar:30}] {pos}/{len} s",
-    )?);
-    let start = Instant::now();
+    // Everyone starts the timed phase together, after every session's warm-up forward.
+    let ready = Barrier::new(args.clients + 1);
+    let start = std::sync::OnceLock::new();
     let results: Vec<ClientResult> = std::thread::scope(|scope| {
-        let handles: Vec<_> = sessions
-            .iter()
-            .map(|session| {
-                let (model, x) = (&model, &x);
+        let handles: Vec<_> = (0..args.clients)
+            .map(|_| {
+                let (model, x, client, ready, start, bar) = (&model, &x, &client, &ready, &start, &bar);
+                let keys = if args.distinct_keys {
+                    Arc::new(SessionKeys::generate(&precisions, &Silent))
+                } else {
+                    shared.clone()
+                };
                 scope.spawn(move || {
-                    let mut r = ClientResult {
-                        latencies_ms: Vec::new(),
-                        requests: 0,
-                        round_trip_ms: 0.0,
-                        errors: 0,
-                    };
-                    while start.elapsed() < duration {
-                        let t = Instant::now();
-                        match block_on(model.forward_remote(x.clone(), session)) {
-                            Ok((_, stats)) => {
-                                r.latencies_ms.push(t.elapsed().as_secs_f64() * 1e3);
-                                r.requests += stats.requests;
-                                r.round_trip_ms += stats.fhe_ms;
-                            }
-                            Err(e) => {
-                                eprintln!("forward failed: {e}");
-                                r.errors += 1;
-                            }
-                        }
-                    }
-                    r
+                    // One runtime per client thread, for its whole life: pooled connections
+                    // belong to the runtime that opened them.
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("tokio runtime");
+                    runtime.block_on(client_loop(model, x, client, keys, ready, start, bar, duration))
                 })
             })
             .collect();
-        while start.elapsed() < duration {
-            bar.set_position(start.elapsed().as_secs());
+        ready.wait();
+        bar.finish_and_clear();
+        let started = *start.get_or_init(Instant::now);
+        let load = ProgressBar::new(args.duration_s).with_message("load");
+        load.set_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} s").expect("template"));
+        while started.elapsed() < duration {
+            load.set_position(started.elapsed().as_secs());
             std::thread::sleep(Duration::from_millis(200));
         }
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("client thread"))
-            .collect()
+        load.finish_and_clear();
+        handles.into_iter().map(|h| h.join().expect("client thread")).collect()
     });
-    bar.finish_and_clear();
+    let start = *start.get().expect("started");
     let elapsed = start.elapsed().as_secs_f64();
-    for s in &sessions {
-        let _ = block_on(s.close());
-    }
     let mut latencies: Vec<f64> = results
         .iter()
         .flat_map(|r| r.latencies_ms.clone())

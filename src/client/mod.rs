@@ -94,6 +94,11 @@ impl Client {
         })
     }
 
+    /// The same server and key with a connection pool of its own (for use on another runtime).
+    pub fn clone_fresh(&self) -> Self {
+        Self::new(&self.base, &self.api_key).expect("this URL was accepted before")
+    }
+
     pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -188,6 +193,10 @@ fn api_error(status: u16, body: &[u8]) -> ClientError {
 
 /// Run `future` to completion on a fresh current-thread runtime: the blocking wrapper for
 /// callers without an async runtime.
+///
+/// A [`Client`]'s pooled connections belong to the runtime that opened them: a caller making
+/// many calls should keep one runtime (and open its session on it) rather than call this per
+/// request.
 pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()

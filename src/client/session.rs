@@ -282,6 +282,11 @@ impl RemoteSession {
                         .map(Duration::from_secs);
                     match self.client.body(response, MAX_PAYLOAD_BYTES).await {
                         Ok(bytes) => return Ok(bytes),
+                        // The connection broke while the answer was coming: same job id again.
+                        Err(e @ ClientError::Transport { .. }) => {
+                            last = Some(e);
+                            backoff
+                        }
                         Err(e) if e.code() == Some(ErrorCode::SessionNotFound) => {
                             self.renew().await?;
                             last = Some(e);
