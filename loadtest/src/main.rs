@@ -172,7 +172,9 @@ fn run(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
     let x = input.slice(0, 0, args.batch.min(input.shape()[0]))?;
 
     let bar = ProgressBar::new(args.clients as u64).with_message("sessions");
-    bar.set_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {elapsed}")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{msg:>10} [{bar:30}] {pos}/{len} {elapsed}",
+    )?);
     let precisions = SessionKeys::precisions_of(&model);
     let shared = Arc::new(SessionKeys::generate(&precisions, &Silent));
     let duration = Duration::from_secs(args.duration_s);
@@ -182,7 +184,8 @@ fn run(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
     let results: Vec<ClientResult> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..args.clients)
             .map(|_| {
-                let (model, x, client, ready, start, bar) = (&model, &x, &client, &ready, &start, &bar);
+                let (model, x, client, ready, start, bar) =
+                    (&model, &x, &client, &ready, &start, &bar);
                 let keys = if args.distinct_keys {
                     Arc::new(SessionKeys::generate(&precisions, &Silent))
                 } else {
@@ -195,7 +198,9 @@ fn run(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
                         .enable_all()
                         .build()
                         .expect("tokio runtime");
-                    runtime.block_on(client_loop(model, x, client, keys, ready, start, bar, duration))
+                    runtime.block_on(client_loop(
+                        model, x, client, keys, ready, start, bar, duration,
+                    ))
                 })
             })
             .collect();
@@ -203,13 +208,18 @@ fn run(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
         bar.finish_and_clear();
         let started = *start.get_or_init(Instant::now);
         let load = ProgressBar::new(args.duration_s).with_message("load");
-        load.set_style(ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} s").expect("template"));
+        load.set_style(
+            ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} s").expect("template"),
+        );
         while started.elapsed() < duration {
             load.set_position(started.elapsed().as_secs());
             std::thread::sleep(Duration::from_millis(200));
         }
         load.finish_and_clear();
-        handles.into_iter().map(|h| h.join().expect("client thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
     });
     let start = *start.get().expect("started");
     let elapsed = start.elapsed().as_secs_f64();

@@ -601,3 +601,124 @@ fn the_embedded_server_refuses_bad_requests_and_renews_expired_sessions() {
         assert_ne!(session.id(), before, "renewed");
     })
 }
+
+#[test]
+fn the_key_cache_evicts_least_recently_used_keys_to_stay_under_its_byte_bound() {
+    let _serial = serial();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_file(config_dir.path());
+    let models = MODELS.dir.clone();
+    let mut env = crate::cluster::base_env(&models);
+    // 256 MiB: less than one exact key (576 MiB), so each new key evicts the previous one.
+    env.extend(crate::cluster::env(&[(
+        "WORKER__KEY_CACHE_BYTES",
+        "268435456",
+    )]));
+    let serve = Service::spawn(
+        "serve",
+        &[
+            "serve",
+            "--model-dir",
+            models.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &env,
+    );
+    crate::cluster::wait_ready(&serve.url);
+    let fc = &MODELS.served[0];
+    hyfhe::client::block_on(async {
+        let other = Arc::new(SessionKeys::generate(&[Precision::Exact].into(), &Silent));
+        let (_d1, model, a) = connect(&serve.url, fc.name, SESSION_KEYS.clone()).await;
+        let (_d2, _, b) = connect(&serve.url, fc.name, other).await;
+        for session in [&a, &b, &a] {
+            let (y, _) = model
+                .forward_remote(fc.input.clone(), session)
+                .await
+                .unwrap();
+            assert_eq!(bits(&values(&y)), bits(&fc.simulate));
+        }
+    });
+    assert_eq!(metric(&serve.url, "hyfhe_worker_key_loads_total"), 3.0);
+    assert_eq!(
+        metric(&serve.url, "hyfhe_worker_key_cache_evictions_total"),
+        2.0
+    );
+    let bytes = metric(&serve.url, "hyfhe_worker_key_cache_bytes");
+    assert!(
+        bytes > 0.0 && bytes < 2.0 * 576.0 * 1024.0 * 1024.0,
+        "one key held: {bytes}"
+    );
+}
+
+#[test]
+fn hyfhe_run_in_remote_mode_matches_simulate_and_the_demo_classifies_digits() {
+    let _serial = serial();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_file(config_dir.path());
+    let cluster = Cluster::embedded(&MODELS.dir, &config);
+    let dir = MODELS.dir.join("fc_small");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyfhe"))
+        .args([
+            "run",
+            dir.to_str().unwrap(),
+            "--mode",
+            "remote",
+            "--compare",
+            "simulate",
+            "--json",
+        ])
+        .args(["--input", fixture("fc_small_input.npy").to_str().unwrap()])
+        .args(["--server", cluster.url()])
+        .env("HYFHE_API_KEY", API_KEY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["mode"], "remote");
+    assert_eq!(report["reference"]["bit_identical"], true, "{report}");
+    assert!(report["stats"]["upload_bytes"].as_u64().unwrap() > 0);
+    // Without a key the server's refusal is reported, not a panic.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyfhe"))
+        .args([
+            "run",
+            dir.to_str().unwrap(),
+            "--mode",
+            "remote",
+            "--server",
+            cluster.url(),
+        ])
+        .args(["--input", fixture("fc_small_input.npy").to_str().unwrap()])
+        .env_remove("HYFHE_API_KEY")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("401") && stderr.contains("API key"),
+        "{stderr}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyfhe"))
+        .args(["demo", "--images", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["images"], 4);
+    assert!(report["accuracy"].as_f64().unwrap() >= 0.5, "{report}");
+    assert_eq!(
+        report["stats_per_image"]["requests"], 3,
+        "three remote modules per image"
+    );
+}
