@@ -6,7 +6,15 @@
 //!   the clear integer simulation every encrypted result is checked against.
 //! - [`fhe`]: the only module that touches `tfhe`: parameters and noise budget, keys, the encrypted
 //!   linear-layer engine (GLWE products + Fourier-domain packing keyswitch) and wire codecs.
-//! - [`bench`]: the `hyfhe bench linear` measurement (encrypted vs. plaintext, same process).
+//! - [`model`]: ONNX import, PyTorch module paths, graph cutting, tract execution.
+//! - [`hybrid`]: `HybridModel`: compile, modes, save/clear private info, artefact trees.
+//! - [`protocol`]: wire types shared by client, coordinator and worker; error codes.
+//! - [`queue`]: the `JobQueue` trait; Redis Streams and in-memory implementations.
+//! - [`coordinator`]: the HTTP API (actix-web routes) and its actors.
+//! - [`worker`]: actors that read jobs, hold keys and modules, and evaluate.
+//! - [`client`]: sessions and remote calls (`hybrid::Remote` over HTTP).
+//! - [`config`], [`service`], [`telemetry`]: configuration, service assembly, logs/traces/metrics.
+//! - [`commands`], [`bench`], [`demo`], [`progress`]: what the CLI runs.
 
 pub mod bench;
 pub mod client;
