@@ -126,8 +126,13 @@ impl EmbeddedThread {
     fn shutdown(&mut self) {
         if let Some(thread) = self.thread.take() {
             let server = self.server.clone();
-            // Stopping the HTTP server ends the thread's `block_on`, which drops its system.
-            actix_web::rt::System::new().block_on(server.stop(true));
+            // Stopping the HTTP server ends the thread's `block_on`, which drops its system. The
+            // stop future needs a runtime of its own: on a plain thread, so that this also works
+            // when dropped inside someone else's runtime.
+            let _ = std::thread::spawn(move || {
+                actix_web::rt::System::new().block_on(server.stop(true))
+            })
+            .join();
             let _ = thread.join();
         }
     }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::{Actor, ActorContext, Addr, AsyncContext, Context, WrapFuture};
+use actix::{Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, WrapFuture};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
@@ -95,8 +95,6 @@ impl actix::Handler<Leave> for QueueReader {
         )
     }
 }
-
-use actix::ActorFutureExt;
 
 async fn heartbeats(
     id: String,

@@ -238,7 +238,8 @@ fn a_worker_killed_with_sigkill_mid_load_loses_no_request() {
     );
     let m = &MODELS.served[2];
     let url = cluster.url().to_string();
-    let victim_url = cluster.workers[0].url.clone();
+    let worker_urls: Vec<String> = cluster.workers.iter().map(|w| w.url.clone()).collect();
+    let mut survivor = None;
     std::thread::scope(|scope| {
         let clients: Vec<_> = (0..6)
             .map(|_| {
@@ -257,32 +258,39 @@ fn a_worker_killed_with_sigkill_mid_load_loses_no_request() {
                 })
             })
             .collect();
-        // Kill the first worker while it holds a job it has not finished.
+        // Kill whichever worker is first seen holding a job it has not finished.
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while metric(&victim_url, "hyfhe_worker_jobs_in_progress") < 1.0 {
+        let victim = loop {
+            let busy = worker_urls
+                .iter()
+                .position(|u| metric(u, "hyfhe_worker_jobs_in_progress") >= 1.0);
+            if let Some(i) = busy {
+                break i;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the victim never got a job"
+                "no worker ever got a job"
             );
             std::thread::sleep(Duration::from_millis(5));
-        }
-        cluster.workers[0].kill();
+        };
+        cluster.workers[victim].kill();
+        survivor = Some(worker_urls[1 - victim].clone());
         for c in clients {
             c.join().unwrap();
         }
     });
-    let survivor = &cluster.workers[1].url;
+    let survivor = survivor.unwrap();
     assert_eq!(
-        metric(survivor, "hyfhe_worker_shards_owned"),
+        metric(&survivor, "hyfhe_worker_shards_owned"),
         8.0,
         "took every shard"
     );
     assert!(
-        metric(survivor, "hyfhe_worker_jobs_claimed_total") >= 1.0,
+        metric(&survivor, "hyfhe_worker_jobs_claimed_total") >= 1.0,
         "claimed the victim's entries"
     );
     assert_eq!(
-        metric(survivor, "hyfhe_worker_jobs_dead_lettered_total"),
+        metric(&survivor, "hyfhe_worker_jobs_dead_lettered_total"),
         0.0
     );
     assert_eq!(
@@ -562,17 +570,17 @@ fn the_embedded_server_passes_the_same_end_to_end_test_without_redis() {
 }
 
 #[test]
-fn the_embedded_server_refuses_bad_requests_and_renews_expired_sessions() {
+fn the_embedded_server_refuses_bad_requests_with_their_codes() {
     let _serial = serial();
     hyfhe::client::block_on(async {
         let config_dir = tempfile::tempdir().unwrap();
         let config = config_file(config_dir.path());
         let models = MODELS.dir.clone();
         let mut env = crate::cluster::base_env(&models);
-        env.extend(crate::cluster::env(&[
-            ("COORDINATOR__MAX_BODY_BYTES", "1048576"),
-            ("SESSIONS__TTL_S", "2"),
-        ]));
+        env.extend(crate::cluster::env(&[(
+            "COORDINATOR__MAX_BODY_BYTES",
+            "1048576",
+        )]));
         let serve = Service::spawn(
             "serve",
             &[
@@ -588,18 +596,47 @@ fn the_embedded_server_refuses_bad_requests_and_renews_expired_sessions() {
         );
         crate::cluster::wait_ready(&serve.url);
         assert_bad_requests_are_refused(&serve.url).await;
-        // A session left idle past its TTL: the client opens a new one with the same keys.
+    })
+}
+
+#[test]
+fn an_expired_session_is_renewed_by_the_client_with_the_same_keys() {
+    let _serial = serial();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_file(config_dir.path());
+    let models = MODELS.dir.clone();
+    let mut env = crate::cluster::base_env(&models);
+    env.extend(crate::cluster::env(&[("SESSIONS__TTL_S", "1")]));
+    let serve = Service::spawn(
+        "serve",
+        &[
+            "serve",
+            "--model-dir",
+            models.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &env,
+    );
+    crate::cluster::wait_ready(&serve.url);
+    hyfhe::client::block_on(async {
         let fc = &MODELS.served[0];
         let (_dir, model, session) = connect(&serve.url, fc.name, SESSION_KEYS.clone()).await;
         let before = session.id();
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let (y, _) = model
             .forward_remote(fc.input.clone(), &session)
             .await
             .unwrap();
         assert_eq!(bits(&values(&y)), bits(&fc.simulate));
         assert_ne!(session.id(), before, "renewed");
-    })
+    });
+    assert_eq!(
+        metric(&serve.url, "hyfhe_coordinator_sessions_created_total"),
+        2.0
+    );
 }
 
 #[test]
