@@ -14,11 +14,13 @@ use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Level;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{TelemetryConfig, TraceExporter};
 
@@ -62,12 +64,14 @@ pub fn init(config: &TelemetryConfig) -> TelemetryGuard {
         _ => None,
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(config.service_name.clone())));
+    // Each layer has its own filter: a quiet log level must not silence the traces.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(config.service_name.clone()))
+            .with_filter(Targets::new().with_target("hyfhe", Level::INFO))
+    });
     let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel)
         .try_init();
     TelemetryGuard { provider }

@@ -42,6 +42,8 @@ pub struct Evaluate {
     pub layer: Arc<FourierLinearLayer>,
     pub key: Arc<FourierPackingKey>,
     pub rows: EncryptedRows,
+    /// The job's span: actor handlers run outside it, so the parent is passed along.
+    pub parent: tracing::Span,
 }
 
 impl Handler<Evaluate> for Evaluator {
@@ -50,7 +52,7 @@ impl Handler<Evaluate> for Evaluator {
     fn handle(&mut self, msg: Evaluate, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         let metrics = self.metrics.clone();
-        let span = tracing::info_span!("evaluate", rows = msg.rows.rows);
+        let span = tracing::info_span!(parent: &msg.parent, "evaluate", rows = msg.rows.rows);
         self.pool.spawn(move || {
             let _enter = span.enter();
             let start = Instant::now();

@@ -12,6 +12,7 @@ use actix::{
     Actor, ActorFutureExt, AsyncContext, Context, Handler, Message, ResponseFuture, WrapFuture,
 };
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use super::{JobError, WorkerMetrics};
 use crate::fhe::{decode, EvaluationKey, FourierPackingKey, Precision};
@@ -83,6 +84,8 @@ impl Actor for KeyCache {
 #[rtype(result = "Result<Arc<FourierPackingKey>, JobError>")]
 pub struct GetKey {
     pub key_id: String,
+    /// The job's span (the load is traced under the job that missed first).
+    pub parent: tracing::Span,
 }
 
 async fn load(broker: Arc<dyn Broker>, key_id: String) -> KeyResult {
@@ -117,7 +120,9 @@ impl Handler<GetKey> for KeyCache {
         self.loading.entry(msg.key_id.clone()).or_default().push(tx);
         if first {
             let key_id = msg.key_id.clone();
+            let span = tracing::info_span!(parent: &msg.parent, "key_load", key = %key_id);
             let fut = load(self.broker.clone(), key_id.clone())
+                .instrument(span)
                 .into_actor(self)
                 .map(move |result, act, _| {
                     if let Ok(key) = &result {

@@ -242,7 +242,7 @@ async fn process(p: Arc<Pipeline>, delivery: Delivery, _permit: OwnedSemaphorePe
             delivery: delivery.clone(),
             outcome,
         });
-        match write.await {
+        match write.instrument(tracing::info_span!("publish")).await {
             Ok(Ok(())) => {}
             // The entry stays pending and is claimed again later.
             Ok(Err(e)) => tracing::warn!(error = %e, "storing outcome failed"),
@@ -272,12 +272,18 @@ async fn evaluate(p: &Pipeline, delivery: &Delivery) -> Result<Vec<u8>, JobError
         .keys
         .send(GetKey {
             key_id: job.key_id.clone(),
+            parent: tracing::Span::current(),
         })
         .await
         .map_err(mailbox)??;
     let outputs = p
         .evaluator
-        .send(Evaluate { layer, key, rows })
+        .send(Evaluate {
+            layer,
+            key,
+            rows,
+            parent: tracing::Span::current(),
+        })
         .await
         .map_err(mailbox)??;
     Ok(encode(&outputs))

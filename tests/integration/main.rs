@@ -11,3 +11,4 @@ mod hybrid;
 mod noise;
 mod queue;
 mod serving;
+mod telemetry;

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, Context, Handler, Message, ResponseFuture};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use super::result_router::{ResultRouter, Unwatch, Watch};
 use crate::coordinator::error::ApiError;
@@ -53,6 +54,8 @@ impl Actor for Dispatcher {
 pub struct Dispatch {
     pub job: Job,
     pub timeout: Duration,
+    /// The request's span: actor handlers run outside it.
+    pub parent: tracing::Span,
 }
 
 struct InFlight(Arc<CoordinatorMetrics>);
@@ -86,6 +89,7 @@ impl Handler<Dispatch> for Dispatcher {
             let _permit = permit;
             let _in_flight = in_flight;
             let job = msg.job;
+            let parent = msg.parent;
             let deadline = Instant::now() + msg.timeout;
             let mut done = router.send(Watch(job.id.clone())).await?;
             let result = async {
@@ -93,7 +97,11 @@ impl Handler<Dispatch> for Dispatcher {
                 if let Some(outcome) = broker.outcome(&job.id).await? {
                     return Ok(outcome);
                 }
-                match broker.enqueue(&job).await {
+                let enqueued = broker
+                    .enqueue(&job)
+                    .instrument(tracing::info_span!("enqueue"))
+                    .await;
+                match enqueued {
                     Err(e @ QueueError::Full { .. }) => {
                         metrics.rejected_queue_full.inc();
                         return Err(ApiError::new(
@@ -105,20 +113,25 @@ impl Handler<Dispatch> for Dispatcher {
                     Err(e) => return Err(ApiError::from(e).retry_after(retry_after)),
                     Ok(()) => {}
                 }
-                loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(ApiError::new(
-                            ErrorCode::DeadlineExceeded,
-                            format!("no result within {} ms", msg.timeout.as_millis()),
-                        ));
-                    }
-                    let _ = tokio::time::timeout(left.min(RECHECK), done.changed()).await;
-                    if let Some(outcome) = broker.outcome(&job.id).await? {
-                        return Ok(outcome);
+                async {
+                    loop {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return Err(ApiError::new(
+                                ErrorCode::DeadlineExceeded,
+                                format!("no result within {} ms", msg.timeout.as_millis()),
+                            ));
+                        }
+                        let _ = tokio::time::timeout(left.min(RECHECK), done.changed()).await;
+                        if let Some(outcome) = broker.outcome(&job.id).await? {
+                            return Ok(outcome);
+                        }
                     }
                 }
+                .instrument(tracing::info_span!("wait"))
+                .await
             }
+            .instrument(tracing::info_span!(parent: &parent, "dispatch", job = %job.id))
             .await;
             router.do_send(Unwatch(job.id.clone()));
             result

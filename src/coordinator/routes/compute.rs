@@ -95,7 +95,12 @@ async fn handle(
         traceparent,
         payload: body.to_vec(),
     };
-    match state.dispatcher.send(Dispatch { job, timeout }).await?? {
+    let dispatch = Dispatch {
+        job,
+        timeout,
+        parent: tracing::Span::current(),
+    };
+    match state.dispatcher.send(dispatch).await?? {
         JobOutcome::Done(bytes) => Ok(HttpResponse::Ok().content_type(MSGPACK).body(bytes)),
         JobOutcome::Failed { code, message } => {
             Err(ApiError::new(ErrorCode::parse(&code), message))
