@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Measure the encrypted engine against a plaintext baseline in the same process.
+    /// Measure against a baseline in the same run: the engine vs. plaintext, or a served module
+    /// vs. execute.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// List a model's module paths (as PyTorch's named_modules() names them), their ops and
