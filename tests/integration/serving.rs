@@ -129,14 +129,20 @@ async fn assert_remote_is_exact(url: &str) {
     }
 }
 
-/// `clients` threads, each with its own client and session, all correct.
-fn concurrent_clients(url: &str, clients: usize, forwards: usize) {
+/// `clients` threads, each with its own client and session (and, with `fresh_keys`, its own
+/// keys, as separate users would have), all correct.
+fn concurrent_clients(url: &str, clients: usize, forwards: usize, fresh_keys: bool) {
     let m = &MODELS.served[1];
     std::thread::scope(|scope| {
         for _ in 0..clients {
             scope.spawn(|| {
+                let keys = if fresh_keys {
+                    Arc::new(SessionKeys::generate(&[Precision::Exact].into(), &Silent))
+                } else {
+                    SESSION_KEYS.clone()
+                };
                 hyfhe::client::block_on(async {
-                    let (_dir, model, session) = connect(url, m.name, SESSION_KEYS.clone()).await;
+                    let (_dir, model, session) = connect(url, m.name, keys).await;
                     for _ in 0..forwards {
                         let (y, _) = model
                             .forward_remote(m.input.clone(), &session)
@@ -176,7 +182,7 @@ fn sixteen_concurrent_clients_with_their_own_sessions_all_get_correct_results() 
     let _serial = serial();
     let config_dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::redis(&MODELS.dir, &config_file(config_dir.path()), 2, &[]);
-    concurrent_clients(cluster.url(), 16, 2);
+    concurrent_clients(cluster.url(), 16, 2, true);
     let sessions = metric(cluster.url(), "hyfhe_coordinator_sessions_created_total");
     assert_eq!(sessions, 16.0);
     let ok = metric(cluster.url(), "hyfhe_coordinator_compute_ok_total");
@@ -558,7 +564,7 @@ fn the_embedded_server_passes_the_same_end_to_end_test_without_redis() {
         let url = cluster.url().to_string();
         assert_eq!(http_get(&format!("{url}/health/ready")).0, 200);
         assert_remote_is_exact(&url).await;
-        tokio::task::spawn_blocking(move || concurrent_clients(&url, 4, 1))
+        tokio::task::spawn_blocking(move || concurrent_clients(&url, 4, 1, false))
             .await
             .unwrap();
         assert_eq!(
