@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::client::Client;
+use crate::client::BlockingRemoteModel;
 use crate::commands::{accuracy, read_labels, read_npy};
 use crate::config::Config;
 use crate::hybrid::{CompileOptions, ForwardStats, HybridError, HybridModel};
@@ -37,7 +37,7 @@ pub struct DemoReport {
     pub accuracy: f64,
     pub compile_ms: f64,
     pub server_start_ms: f64,
-    /// Keygen, evaluation keys and the session upload.
+    /// Client tree download, keygen, evaluation keys and the session upload.
     pub session_ms: f64,
     pub evaluation_key_bytes: usize,
     /// Per image, averaged.
@@ -122,16 +122,13 @@ pub fn run(options: &DemoOptions, progress: &dyn Progress) -> Result<DemoReport,
     report.server_start_ms = ms(t);
     let url = format!("http://127.0.0.1:{}", server.port);
 
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| HybridError::Remote(e.to_string()))?;
-    let client = Client::new(&url, DEMO_API_KEY)?;
     let client_dir = root.join("client-side");
     let _ = std::fs::remove_dir_all(&client_dir);
-    runtime.block_on(client.download_model("digits_cnn", &client_dir))?;
-    let local = HybridModel::load(&client_dir)?;
     let t = Instant::now();
-    let session = runtime.block_on(client.open_session(&local, progress))?;
+    let remote =
+        BlockingRemoteModel::connect(&url, DEMO_API_KEY, "digits_cnn", &client_dir, progress)?;
     report.session_ms = ms(t);
-    report.evaluation_key_bytes = session.uploaded_key_bytes();
+    report.evaluation_key_bytes = remote.session().uploaded_key_bytes();
 
     progress.stage("classify", n);
     let mut totals = ForwardStats::default();
@@ -140,13 +137,13 @@ pub fn run(options: &DemoOptions, progress: &dyn Progress) -> Result<DemoReport,
     for i in 0..n {
         let x = images.slice(0, i, i + 1).map_err(ModelError::tract)?;
         let t = Instant::now();
-        let (y, stats) = runtime.block_on(local.forward_remote(x, &session))?;
+        let (y, stats) = remote.forward(x)?;
         times.push(ms(t));
         totals.add(&stats);
         outputs.push(y);
         progress.advance(1);
     }
-    let _ = runtime.block_on(session.close());
+    let _ = remote.close();
     server.stop();
 
     let logits =

@@ -3,6 +3,10 @@
 //! server exactly as `execute` runs in process.
 //!
 //! ```text
+//! let remote = RemoteModel::connect(url, api_key, "digits_cnn", dir, &progress).await?;
+//! let (y, stats) = remote.forward(x).await?;           // BlockingRemoteModel: the same, sync
+//!
+//! // or step by step:
 //! let client = Client::new(url, api_key)?;
 //! client.download_model("digits", dir).await?;          // optional: the client tree
 //! let model = HybridModel::load(dir)?;
@@ -14,6 +18,7 @@
 //! with the *same* job id, which the server treats as the same job. An expired session is renewed
 //! with the same keys and the request retried.
 
+mod remote_model;
 mod session;
 
 use std::path::Path;
@@ -22,6 +27,7 @@ use std::time::Duration;
 use crate::hybrid::HybridError;
 use crate::protocol::{ClientBundle, ErrorBody, ErrorCode, ModelList};
 
+pub use remote_model::{BlockingRemoteModel, RemoteModel};
 pub use session::{RemoteSession, RetryPolicy, SessionKeys};
 
 #[derive(Debug, thiserror::Error)]
