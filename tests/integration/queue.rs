@@ -16,7 +16,7 @@ fn settings() -> QueueSettings {
         shards: 4,
         max_depth: 3,
         max_deliveries: 2,
-        lease_ttl_ms: 600,
+        lease_ttl_ms: 1500,
         result_ttl_ms: 60_000,
     }
 }
@@ -96,7 +96,7 @@ async fn contract(q: Arc<dyn Broker>) {
     // with a second delivery count.
     let taken = q.read("worker-a", &[shard], 10, 1000).await.unwrap();
     assert_eq!(taken.len(), 3);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1700)).await;
     let b = q.heartbeat("worker-b").await.unwrap();
     assert_eq!(b.owned, vec![0, 1, 2, 3], "the dead worker's shards move");
     assert!(b.acquired.contains(&shard));
@@ -157,14 +157,14 @@ async fn sessions_and_keys_expire_in_both_stores() {
             keys: [("exact".to_string(), "key-1".to_string())].into(),
             expires_unix_ms: 0,
         };
-        store.put_key("key-1", b"blob", 300).await.unwrap();
-        store.put_session(&record, 300).await.unwrap();
+        store.put_key("key-1", b"blob", 1000).await.unwrap();
+        store.put_session(&record, 1000).await.unwrap();
         assert_eq!(store.get_session("s1").await.unwrap(), Some(record.clone()));
         assert_eq!(
             store.get_key("key-1").await.unwrap().as_deref(),
             Some(&b"blob"[..])
         );
-        tokio::time::sleep(Duration::from_millis(450)).await;
+        tokio::time::sleep(Duration::from_millis(1300)).await;
         assert_eq!(store.get_session("s1").await.unwrap(), None);
         assert_eq!(store.get_key("key-1").await.unwrap(), None);
         store.put_session(&record, 10_000).await.unwrap();
