@@ -102,6 +102,14 @@ impl Service {
         Self { child, url }
     }
 
+    /// SIGTERM: the graceful stop a container runtime sends; waits for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        self.child.wait().unwrap()
+    }
+
     /// SIGKILL: no shutdown code runs, leases are left to expire.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

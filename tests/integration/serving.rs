@@ -305,6 +305,40 @@ fn a_worker_killed_with_sigkill_mid_load_loses_no_request() {
     );
 }
 
+#[test]
+fn a_worker_stopped_with_sigterm_hands_its_shards_over_at_once() {
+    let _serial = serial();
+    let config_dir = tempfile::tempdir().unwrap();
+    // Leases that would take 20 s to lapse: only an explicit hand-over is quick.
+    let mut cluster = Cluster::redis(
+        &MODELS.dir,
+        &config_file(config_dir.path()),
+        2,
+        &[("QUEUE__LEASE_TTL_MS", "20000")],
+    );
+    let started = std::time::Instant::now();
+    let status = cluster.workers[0].terminate();
+    assert!(status.success(), "clean exit: {status}");
+    let survivor = cluster.workers[1].url.clone();
+    while metric(&survivor, "hyfhe_worker_shards_owned") < 8.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "shards not handed over"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // And the cluster still serves.
+    hyfhe::client::block_on(async {
+        let fc = &MODELS.served[0];
+        let (_dir, model, session) = connect(cluster.url(), fc.name, SESSION_KEYS.clone()).await;
+        let (y, _) = model
+            .forward_remote(fc.input.clone(), &session)
+            .await
+            .unwrap();
+        assert_eq!(bits(&values(&y)), bits(&fc.simulate));
+    });
+}
+
 /// Raw HTTP for the error cases.
 struct Api {
     http: reqwest::Client,
