@@ -464,6 +464,15 @@ fn compile(args: CompileArgs) -> ExitCode {
 }
 
 fn run(args: RunArgs) -> ExitCode {
+    // The client's spans (quantize, encrypt, request, decrypt) follow `telemetry` from the
+    // built-in config and HYFHE__TELEMETRY__* overrides; off by default.
+    let _telemetry = match Config::load(None) {
+        Ok(config) => Some(hyfhe::telemetry::init(&config.telemetry)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let request = RunRequest {
         dir: &args.dir,
         input: &args.input,

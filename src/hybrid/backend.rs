@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use ndarray::{Array2, ArrayView2};
+use tracing::Instrument;
 
 use super::rows::{from_rows, to_rows};
 use super::runtime::{ms_since, BoxFuture, ForwardStats, ModuleBackend};
@@ -218,43 +219,59 @@ impl ModuleBackend for EncryptedBackend<'_> {
         input: Value,
         stats: &'a Mutex<ForwardStats>,
     ) -> BoxFuture<'a, Result<Value, HybridError>> {
-        Box::pin(async move {
-            let spec = self
-                .specs
-                .get(module)
-                .ok_or_else(|| HybridError::UnknownRemote(module.to_string()))?;
-            let mut s = ForwardStats::default();
-            let t = Instant::now();
-            let (x, layout) = to_rows(module, &spec.kind, spec.in_features, &input)?;
-            let q = spec.input.quantize(&x, spec.in_features)?;
-            s.quantize_ms += ms_since(t);
+        Box::pin(
+            async move {
+                let spec = self
+                    .specs
+                    .get(module)
+                    .ok_or_else(|| HybridError::UnknownRemote(module.to_string()))?;
+                let mut s = ForwardStats::default();
+                let t = Instant::now();
+                let (layout, q) = tracing::info_span!("quantize").in_scope(|| {
+                    let (x, layout) = to_rows(module, &spec.kind, spec.in_features, &input)?;
+                    let q = spec.input.quantize(&x, spec.in_features)?;
+                    Ok::<_, HybridError>((layout, q))
+                })?;
+                s.quantize_ms += ms_since(t);
 
-            let key = self.remote.client_key();
-            let mut acc = Vec::with_capacity(q.rows * spec.out_features);
-            // Requests of at most MAX_ROWS rows: a conv over a batch easily has tens of
-            // thousands of im2col rows.
-            for chunk in q.values.chunks(MAX_ROWS * spec.in_features) {
-                let rows = chunk.len() / spec.in_features;
+                let key = self.remote.client_key();
+                let mut acc = Vec::with_capacity(q.rows * spec.out_features);
+                // Requests of at most MAX_ROWS rows: a conv over a batch easily has tens of
+                // thousands of im2col rows.
+                for chunk in q.values.chunks(MAX_ROWS * spec.in_features) {
+                    let rows = chunk.len() / spec.in_features;
+                    let t = Instant::now();
+                    let request = tracing::info_span!("encrypt", rows)
+                        .in_scope(|| key.encrypt_rows(&spec.plan, chunk, rows))?;
+                    s.encrypt_ms += ms_since(t);
+                    s.upload_bytes += request.wire_len();
+                    let t = Instant::now();
+                    // The request's span is current while the call runs, so a remote `Remote` sends
+                    // it as the `traceparent` of the server's spans.
+                    let response = self
+                        .remote
+                        .compute(module, request)
+                        .instrument(tracing::info_span!("request"))
+                        .await?;
+                    s.fhe_ms += ms_since(t);
+                    s.download_bytes += response.wire_len();
+                    s.requests += 1;
+                    let t = Instant::now();
+                    acc.extend(
+                        tracing::info_span!("decrypt")
+                            .in_scope(|| key.decrypt_outputs(&spec.plan, &response))?,
+                    );
+                    s.decrypt_ms += ms_since(t);
+                }
                 let t = Instant::now();
-                let request = key.encrypt_rows(&spec.plan, chunk, rows)?;
-                s.encrypt_ms += ms_since(t);
-                s.upload_bytes += request.wire_len();
-                let t = Instant::now();
-                let response = self.remote.compute(module, request).await?;
-                s.fhe_ms += ms_since(t);
-                s.download_bytes += response.wire_len();
-                s.requests += 1;
-                let t = Instant::now();
-                acc.extend(key.decrypt_outputs(&spec.plan, &response)?);
-                s.decrypt_ms += ms_since(t);
+                let y = spec.dequantizer.apply(&acc, &q)?;
+                let out = from_rows(&layout, spec.out_features, &y)?;
+                s.dequantize_ms += ms_since(t);
+                stats.lock().expect("stats").add(&s);
+                Ok(out)
             }
-            let t = Instant::now();
-            let y = spec.dequantizer.apply(&acc, &q)?;
-            let out = from_rows(&layout, spec.out_features, &y)?;
-            s.dequantize_ms += ms_since(t);
-            stats.lock().expect("stats").add(&s);
-            Ok(out)
-        })
+            .instrument(tracing::info_span!("remote_module", module)),
+        )
     }
 }
 

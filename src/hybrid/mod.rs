@@ -27,6 +27,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use prost::Message;
+use tracing::Instrument;
 use tract_onnx::pb::ModelProto;
 
 pub use artefacts::{
@@ -438,7 +439,11 @@ impl HybridModel {
             specs: &self.specs,
             remote,
         };
-        let y = self.runtime.run(x, &backend, &stats).await?;
+        let y = self
+            .runtime
+            .run(x, &backend, &stats)
+            .instrument(tracing::info_span!("forward", model = %self.name))
+            .await?;
         Ok((y, stats.into_inner().expect("stats")))
     }
 

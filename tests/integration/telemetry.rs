@@ -1,5 +1,5 @@
-//! Traces leave the process over OTLP/HTTP, and one compute request is one trace from the
-//! coordinator's HTTP span through the worker's job, key load and evaluation.
+//! Traces leave every process over OTLP/HTTP, and one forward call is one trace: the client's
+//! quantize/encrypt/request/decrypt, the coordinator's HTTP span and the worker's job and evaluation.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -43,6 +43,66 @@ fn otlp_sink() -> (u16, Arc<Mutex<Vec<Vec<u8>>>>) {
     (port, bodies)
 }
 
+/// The length-delimited fields `field` of one protobuf message.
+fn submessages(buf: &[u8], field: u64) -> Vec<&[u8]> {
+    fn varint(buf: &[u8], i: &mut usize) -> u64 {
+        let mut v = 0;
+        for shift in (0..64).step_by(7) {
+            let b = buf[*i];
+            *i += 1;
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                break;
+            }
+        }
+        v
+    }
+    let (mut i, mut out) = (0, Vec::new());
+    while i < buf.len() {
+        let key = varint(buf, &mut i);
+        match key & 7 {
+            0 => {
+                varint(buf, &mut i);
+            }
+            1 => i += 8,
+            5 => i += 4,
+            2 => {
+                let len = varint(buf, &mut i) as usize;
+                if key >> 3 == field {
+                    out.push(&buf[i..i + len]);
+                }
+                i += len;
+            }
+            other => panic!("wire type {other}"),
+        }
+    }
+    out
+}
+
+/// (trace id, span name) of every span in OTLP `ExportTraceServiceRequest` bodies:
+/// resource_spans = 1 → scope_spans = 2 → spans = 2 → trace_id = 1, name = 5.
+fn spans(bodies: &[Vec<u8>]) -> Vec<(Vec<u8>, String)> {
+    let mut out = Vec::new();
+    for body in bodies {
+        for resource in submessages(body, 1) {
+            for scope in submessages(resource, 2) {
+                for span in submessages(scope, 2) {
+                    let id = submessages(span, 1)
+                        .first()
+                        .map(|b| b.to_vec())
+                        .unwrap_or_default();
+                    let name = submessages(span, 5)
+                        .first()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    out.push((id, name));
+                }
+            }
+        }
+    }
+    out
+}
+
 fn count(haystack: &[u8], needle: &[u8]) -> usize {
     haystack
         .windows(needle.len())
@@ -51,7 +111,7 @@ fn count(haystack: &[u8], needle: &[u8]) -> usize {
 }
 
 #[test]
-fn one_compute_request_is_one_trace_exported_over_otlp() {
+fn one_forward_is_one_trace_across_client_coordinator_and_worker() {
     let _serial = serial();
     let (port, bodies) = otlp_sink();
     let config_dir = tempfile::tempdir().unwrap();
@@ -141,6 +201,73 @@ fn one_compute_request_is_one_trace_exported_over_otlp() {
             "exported {} bodies; {spans_in_trace} spans carry the caller's trace id",
             bodies.lock().unwrap().len()
         );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A client process with tracing on: its forward and the servers' spans are one trace.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyfhe"))
+        .args([
+            "run",
+            models.join("fc_small").to_str().unwrap(),
+            "--mode",
+            "remote",
+        ])
+        .args([
+            "--input",
+            crate::hybrid::fixture("fc_small_input.npy")
+                .to_str()
+                .unwrap(),
+        ])
+        .args(["--server", &serve.url, "--api-key", API_KEY])
+        .env("HYFHE__TELEMETRY__EXPORTER", "otlp")
+        .env("HYFHE__TELEMETRY__OTLP_ENDPOINT", &endpoint)
+        .env("HYFHE__TELEMETRY__LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = spans(&bodies.lock().unwrap());
+        let client_trace = all
+            .iter()
+            .find(|(_, n)| n == "encrypt")
+            .map(|(t, _)| t.clone());
+        if let Some(trace) = client_trace {
+            let in_trace: Vec<&str> = all
+                .iter()
+                .filter(|(t, _)| *t == trace)
+                .map(|(_, n)| n.as_str())
+                .collect();
+            let want = [
+                "forward",
+                "remote_module",
+                "quantize",
+                "encrypt",
+                "request",
+                "decrypt",
+                "http",
+                "dispatch",
+                "job",
+                "evaluate",
+                "publish",
+            ];
+            if want.iter().all(|w| in_trace.contains(w)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the client's trace holds only {in_trace:?}"
+            );
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "no client span exported: {all:?}"
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
