@@ -12,3 +12,4 @@ mod noise;
 mod queue;
 mod serving;
 mod telemetry;
+mod worker;

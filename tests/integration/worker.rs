@@ -1,0 +1,102 @@
+//! Worker actors driven in process over the in-memory queue.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyfhe::config::Config;
+use hyfhe::queue::{Broker, Job, JobOutcome, JobQueue, MemoryQueue};
+use hyfhe::worker::{self, ModuleSet};
+
+use crate::serving::MODELS;
+
+#[test]
+fn a_job_past_max_deliveries_is_dead_lettered_with_a_clear_error() {
+    let mut config = Config::load(None).unwrap();
+    config.queue.shards = 1;
+    config.queue.max_deliveries = 2;
+    config.worker.heartbeat_ms = 50;
+    let queue = Arc::new(MemoryQueue::new(config.queue_settings()));
+    let broker: Arc<dyn Broker> = queue.clone();
+    let job = Job {
+        id: "poison-0001".into(),
+        session: "s".into(),
+        model: "fc_small".into(),
+        module: "seq.0".into(),
+        key_id: "k".into(),
+        deadline_unix_ms: u64::MAX,
+        traceparent: None,
+        payload: vec![0; 8],
+    };
+    let modules = Arc::new(ModuleSet::load(&MODELS.dir).unwrap());
+    actix::System::new().block_on(async move {
+        queue.enqueue(&job).await.unwrap();
+        // Two deliveries to consumers that died before finishing (read, then a takeover).
+        assert_eq!(queue.read("ghost", &[0], 1, 10).await.unwrap().len(), 1);
+        assert_eq!(queue.claim("ghost", 0, 0).await.unwrap()[0].deliveries, 2);
+        // A real worker takes the shard over: the third delivery is past the limit.
+        let handle = worker::start(&config, broker, modules);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let outcome = loop {
+            if let Some(o) = queue.outcome(&job.id).await.unwrap() {
+                break o;
+            }
+            assert!(Instant::now() < deadline, "never dead-lettered");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        match outcome {
+            JobOutcome::Failed { code, message } => {
+                assert_eq!(code, "dead_lettered");
+                assert!(
+                    message.contains("poison-0001") && message.contains("dead-letter"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(queue.dead_letters().await.unwrap(), 1);
+        assert_eq!(handle.metrics.jobs_dead_lettered.get(), 1);
+        assert_eq!(handle.metrics.jobs_done.get(), 0, "never evaluated");
+    });
+}
+
+#[test]
+fn a_job_past_its_deadline_is_dropped_not_computed() {
+    let mut config = Config::load(None).unwrap();
+    config.queue.shards = 1;
+    config.worker.heartbeat_ms = 50;
+    let queue = Arc::new(MemoryQueue::new(config.queue_settings()));
+    let broker: Arc<dyn Broker> = queue.clone();
+    let job = Job {
+        id: "late-0001".into(),
+        session: "s".into(),
+        model: "fc_small".into(),
+        module: "seq.0".into(),
+        key_id: "k".into(),
+        deadline_unix_ms: 1,
+        traceparent: None,
+        payload: vec![0; 8],
+    };
+    let modules = Arc::new(ModuleSet::load(&MODELS.dir).unwrap());
+    actix::System::new().block_on(async move {
+        queue.enqueue(&job).await.unwrap();
+        let handle = worker::start(&config, broker, modules);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let outcome = loop {
+            if let Some(o) = queue.outcome(&job.id).await.unwrap() {
+                break o;
+            }
+            assert!(Instant::now() < deadline, "never completed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            matches!(&outcome, JobOutcome::Failed { code, .. } if code == "deadline_exceeded"),
+            "{outcome:?}"
+        );
+        assert_eq!(handle.metrics.jobs_expired.get(), 1);
+        assert_eq!(
+            handle.metrics.key_cache_misses.get(),
+            0,
+            "no key was even looked up"
+        );
+    });
+}
