@@ -561,7 +561,14 @@ fn a_full_queue_or_too_many_in_flight_requests_get_503_or_429_with_retry_after()
         };
         // The first request is admitted and waits in the queue; the second finds no room in flight.
         let first = tokio::spawn(request().send());
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let admitted = std::time::Instant::now();
+        while metric(&url, "hyfhe_coordinator_in_flight") < 1.0 {
+            assert!(
+                admitted.elapsed() < Duration::from_secs(30),
+                "first request never admitted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let (s, b, retry) = api.send(request()).await;
         assert_eq!((s, code(&b)), (429, "too_many_requests"), "{b}");
         assert_eq!(retry.as_deref(), Some("2"));
