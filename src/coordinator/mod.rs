@@ -127,5 +127,5 @@ fn routes_config(cfg: &mut web::ServiceConfig) {
         .route("/health/live", web::get().to(health::live))
         .route("/health/ready", web::get().to(health::ready))
         .route("/metrics", web::get().to(metrics::render))
-        .default_service(web::to(sessions::not_found));
+        .default_service(web::to(routes::not_found));
 }

@@ -46,7 +46,7 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
-            ErrorCode::DeadLettered => "dead_lettered",
+            ErrorCode::DeadLettered => crate::queue::DEAD_LETTERED,
             ErrorCode::Internal => "internal",
         }
     }
@@ -57,7 +57,7 @@ impl ErrorCode {
             "bad_request" => ErrorCode::BadRequest,
             "not_found" => ErrorCode::NotFound,
             "deadline_exceeded" => ErrorCode::DeadlineExceeded,
-            "dead_lettered" => ErrorCode::DeadLettered,
+            crate::queue::DEAD_LETTERED => ErrorCode::DeadLettered,
             "unavailable" => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
         }

@@ -309,7 +309,7 @@ impl JobQueue for MemoryQueue {
             self.lock()
                 .dead_letters
                 .push((delivery.job.clone(), reason.to_string()));
-            self.store_outcome(delivery, &JobOutcome::failed("dead_lettered", reason))
+            self.store_outcome(delivery, &JobOutcome::failed(super::DEAD_LETTERED, reason))
         })
     }
 

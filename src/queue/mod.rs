@@ -58,6 +58,9 @@ pub struct Delivery {
     pub job: Job,
 }
 
+/// The failed outcome's code of a dead-lettered job (`protocol::ErrorCode::DeadLettered`).
+pub const DEAD_LETTERED: &str = "dead_lettered";
+
 /// What a job ended as, stored under its id.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum JobOutcome {

@@ -522,7 +522,7 @@ impl JobQueue for RedisQueue {
                 .query_async(&mut self.conn())
                 .await
                 .map_err(unavailable)?;
-            self.complete(delivery, &JobOutcome::failed("dead_lettered", reason))
+            self.complete(delivery, &JobOutcome::failed(super::DEAD_LETTERED, reason))
                 .await
         })
     }

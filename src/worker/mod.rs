@@ -30,6 +30,7 @@ pub use queue_reader::{Leave, QueueReader};
 pub use result_writer::ResultWriter;
 
 use crate::config::Config;
+use crate::protocol::ErrorCode;
 use crate::queue::Broker;
 
 /// Why a job could not be evaluated; becomes a failed outcome with the code's name.
@@ -44,11 +45,11 @@ pub enum JobError {
 }
 
 impl JobError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            JobError::NotFound(_) => "not_found",
-            JobError::BadRequest(_) => "bad_request",
-            JobError::Internal(_) => "internal",
+            JobError::NotFound(_) => ErrorCode::NotFound,
+            JobError::BadRequest(_) => ErrorCode::BadRequest,
+            JobError::Internal(_) => ErrorCode::Internal,
         }
     }
 }

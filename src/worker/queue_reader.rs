@@ -14,7 +14,7 @@ use super::result_writer::WriteOutcome;
 use super::{Evaluator, JobError, KeyCache, ModuleCache, ResultWriter, WorkerMetrics};
 use crate::config::WorkerConfig;
 use crate::fhe::{decode, encode, EncryptedRows};
-use crate::protocol::MAX_PAYLOAD_BYTES;
+use crate::protocol::{ErrorCode, MAX_PAYLOAD_BYTES};
 use crate::queue::{now_unix_ms, Broker, Delivery, JobOutcome};
 
 pub struct QueueReader {
@@ -225,7 +225,7 @@ async fn process(p: Arc<Pipeline>, delivery: Delivery, _permit: OwnedSemaphorePe
         let outcome = if now_unix_ms() > job.deadline_unix_ms {
             p.metrics.jobs_expired.inc();
             JobOutcome::failed(
-                "deadline_exceeded",
+                ErrorCode::DeadlineExceeded.as_str(),
                 "the job's deadline passed before a worker took it",
             )
         } else {
@@ -234,7 +234,7 @@ async fn process(p: Arc<Pipeline>, delivery: Delivery, _permit: OwnedSemaphorePe
                 Ok(Some(stored)) => stored,
                 _ => match evaluate(&p, &delivery).await {
                     Ok(bytes) => JobOutcome::Done(bytes),
-                    Err(e) => JobOutcome::failed(e.code(), e.to_string()),
+                    Err(e) => JobOutcome::failed(e.code().as_str(), e.to_string()),
                 },
             }
         };

@@ -6,7 +6,7 @@ pub mod metrics;
 pub mod models;
 pub mod sessions;
 
-use actix_web::{web, HttpRequest};
+use actix_web::{web, HttpRequest, HttpResponse};
 use futures::StreamExt;
 
 use super::error::ApiError;
@@ -70,4 +70,12 @@ pub async fn read_body(
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// Unknown routes answer in the API's error format too.
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        ErrorCode::NotFound,
+        format!("no route {} {}", req.method(), req.path()),
+    ))
 }

@@ -7,7 +7,7 @@ use crate::coordinator::actors::{Authorize, CreateSession, DeleteSession};
 use crate::coordinator::error::ApiError;
 use crate::coordinator::AppState;
 use crate::fhe::{decode, EvaluationKey};
-use crate::protocol::{self, ErrorCode};
+use crate::protocol;
 
 pub async fn create(
     req: HttpRequest,
@@ -66,12 +66,4 @@ pub async fn delete(
     state.sessions.send(DeleteSession { id }).await??;
     state.metrics.sessions_deleted.inc();
     Ok(HttpResponse::NoContent().finish())
-}
-
-/// Unknown routes answer in the API's error format too.
-pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::new(
-        ErrorCode::NotFound,
-        format!("no route {} {}", req.method(), req.path()),
-    ))
 }
