@@ -387,13 +387,7 @@ fn bench_remote(args: RemoteArgs) -> ExitCode {
     let bars = bars();
     let result = hyfhe::bench::remote::run_remote(&config, &bars);
     bars.finish();
-    report(result.map(|r| {
-        if args.json {
-            format!("{}\n", serde_json::to_string(&r).expect("plain data"))
-        } else {
-            r.render()
-        }
-    }))
+    report(result.map(|r| summary(&r, args.json, |r| r.render())))
 }
 
 fn demo(args: DemoArgs) -> ExitCode {
@@ -406,13 +400,7 @@ fn demo(args: DemoArgs) -> ExitCode {
         &bars,
     );
     bars.finish();
-    report(result.map(|r| {
-        if args.json {
-            format!("{}\n", serde_json::to_string(&r).expect("plain data"))
-        } else {
-            r.render()
-        }
-    }))
+    report(result.map(|r| summary(&r, args.json, |r| r.render())))
 }
 
 fn report<E: std::fmt::Display>(result: Result<String, E>) -> ExitCode {
@@ -425,6 +413,19 @@ fn report<E: std::fmt::Display>(result: Result<String, E>) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One JSON object (`--json`) or the human-readable summary.
+fn summary<T: serde::Serialize>(
+    value: &T,
+    json: bool,
+    render: impl FnOnce(&T) -> String,
+) -> String {
+    if json {
+        format!("{}\n", serde_json::to_string(value).expect("plain data"))
+    } else {
+        render(value)
     }
 }
 
@@ -488,13 +489,7 @@ fn run(args: RunArgs) -> ExitCode {
     let bars = bars();
     let result = commands::run(&request, &bars);
     bars.finish();
-    report(result.map(|(r, _)| {
-        if args.json {
-            format!("{}\n", serde_json::to_string(&r).expect("plain data"))
-        } else {
-            r.render()
-        }
-    }))
+    report(result.map(|(r, _)| summary(&r, args.json, |r| r.render())))
 }
 
 fn bench_linear(args: LinearArgs) -> ExitCode {

@@ -95,7 +95,12 @@ pub async fn embedded(
     let broker = connect_broker(&config).await?;
     let dir = model_dir.to_path_buf();
     let (catalog, modules) = tokio::task::spawn_blocking(move || {
-        Ok::<_, HybridError>((Catalog::load(&dir)?, ModuleSet::load(&dir)?))
+        // Each model is read and verified once, for both roles.
+        let models = crate::hybrid::HybridModel::load_all(&dir)?;
+        Ok::<_, HybridError>((
+            Catalog::from_models(&models)?,
+            ModuleSet::from_models(&models)?,
+        ))
     })
     .await
     .map_err(|e| ServiceError::Io(std::io::Error::other(e)))??;

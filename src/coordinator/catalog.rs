@@ -2,12 +2,12 @@
 //! (to hand to clients). No weights: a coordinator needs only `client/`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_bytes::ByteBuf;
 
 use crate::fhe::Precision;
-use crate::hybrid::{model_dirs, read_tree, ClientSpec, HybridError, HybridModel};
+use crate::hybrid::{read_tree, ClientSpec, HybridError, HybridModel};
 use crate::protocol::{ClientBundle, ModelInfo, ModuleInfo};
 
 pub struct ServedModel {
@@ -29,10 +29,14 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn load(dir: &Path) -> Result<Self, HybridError> {
+        Self::from_models(&HybridModel::load_all(dir)?)
+    }
+
+    /// The catalog of models already loaded from their directories.
+    pub fn from_models(loaded: &[(PathBuf, HybridModel)]) -> Result<Self, HybridError> {
         let mut models = BTreeMap::new();
-        for model_dir in model_dirs(dir)? {
-            let model = HybridModel::load(&model_dir)?;
-            let tree = read_tree(&model_dir, "client")?.expect("model_dirs checked client/");
+        for (model_dir, model) in loaded {
+            let tree = read_tree(model_dir, "client")?.expect("a loaded model has client/");
             let mut files: BTreeMap<String, ByteBuf> = tree
                 .files
                 .into_iter()

@@ -613,6 +613,14 @@ impl HybridModel {
         })
     }
 
+    /// Every compiled model under `dir` (one model, or a directory of them), with its directory.
+    pub fn load_all(dir: &Path) -> Result<Vec<(std::path::PathBuf, Self)>, HybridError> {
+        model_dirs(dir)?
+            .into_iter()
+            .map(|d| Ok((d.clone(), Self::load(&d)?)))
+            .collect()
+    }
+
     /// The client tree's model: remote modules replaced by placeholders, no private weights.
     pub fn client_model(&self) -> &ModelProto {
         &self.client_model

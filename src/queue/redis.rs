@@ -165,6 +165,23 @@ impl RedisQueue {
         })
     }
 
+    /// `GET key`, decoded from msgpack; `None` when the key is absent (or expired).
+    async fn get_msgpack<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, QueueError> {
+        let bytes: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(unavailable)?;
+        bytes
+            .map(|b| {
+                rmp_serde::from_slice(&b).map_err(|e| QueueError::Corrupt(format!("{key}: {e}")))
+            })
+            .transpose()
+    }
+
     async fn delivery_count(&self, shard: u32, entry_id: &str) -> Result<u32, QueueError> {
         let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
             .arg(stream_key(shard))
@@ -225,19 +242,7 @@ impl JobQueue for RedisQueue {
         &'a self,
         job_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<JobOutcome>, QueueError>> {
-        Box::pin(async move {
-            let bytes: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(result_key(job_id))
-                .query_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-            bytes
-                .map(|b| {
-                    rmp_serde::from_slice(&b)
-                        .map_err(|e| QueueError::Corrupt(format!("result of {job_id}: {e}")))
-                })
-                .transpose()
-        })
+        Box::pin(async move { self.get_msgpack(&result_key(job_id)).await })
     }
 
     fn completions(&self) -> BoxFuture<'_, Result<CompletionStream, QueueError>> {
@@ -619,19 +624,7 @@ impl SessionStore for RedisQueue {
         &'a self,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<SessionRecord>, QueueError>> {
-        Box::pin(async move {
-            let bytes: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(session_key(id))
-                .query_async(&mut self.conn())
-                .await
-                .map_err(unavailable)?;
-            bytes
-                .map(|b| {
-                    rmp_serde::from_slice(&b)
-                        .map_err(|e| QueueError::Corrupt(format!("session {id}: {e}")))
-                })
-                .transpose()
-        })
+        Box::pin(async move { self.get_msgpack(&session_key(id)).await })
     }
 
     fn delete_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<bool, QueueError>> {

@@ -1,14 +1,14 @@
 //! Served modules, their weights Fourier-transformed once at start.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use actix::{Actor, Context, Handler, Message};
 
 use super::JobError;
 use crate::fhe::FourierLinearLayer;
-use crate::hybrid::{model_dirs, HybridError, HybridModel};
+use crate::hybrid::{HybridError, HybridModel};
 
 /// Every (model, module) this worker can evaluate.
 pub struct ModuleSet {
@@ -18,9 +18,13 @@ pub struct ModuleSet {
 impl ModuleSet {
     /// The server trees of the compiled models under `dir` (one model, or a directory of them).
     pub fn load(dir: &Path) -> Result<Self, HybridError> {
+        Self::from_models(&HybridModel::load_all(dir)?)
+    }
+
+    /// The server modules of models already loaded from their directories.
+    pub fn from_models(loaded: &[(PathBuf, HybridModel)]) -> Result<Self, HybridError> {
         let mut layers = HashMap::new();
-        for model_dir in model_dirs(dir)? {
-            let model = HybridModel::load(&model_dir)?;
+        for (model_dir, model) in loaded {
             let server = model.server_modules().ok_or_else(|| {
                 HybridError::Unsupported(format!(
                     "{} has no server/ tree: a worker needs the output of `hyfhe compile`",

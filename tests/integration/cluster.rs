@@ -199,23 +199,8 @@ impl Cluster {
 
     /// `hyfhe serve`: coordinator and worker in one process on the in-memory queue.
     pub fn embedded(models: &Path, config: &Path) -> Self {
-        let env = base_env(models);
-        let coordinator = Service::spawn(
-            "serve",
-            &[
-                "serve",
-                "--model-dir",
-                models.to_str().unwrap(),
-                "--config",
-                config.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            &env,
-        );
-        wait_ready(&coordinator.url);
         Self {
-            coordinator,
+            coordinator: serve(models, config, &[]),
             workers: Vec::new(),
             _redis: None,
         }
@@ -241,6 +226,28 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// `hyfhe serve` on `models` with the shared test settings plus `extra` overrides (names
+/// without the `HYFHE__` prefix); returns once it is ready.
+pub fn serve(models: &Path, config: &Path, extra: &[(&str, &str)]) -> Service {
+    let mut vars = base_env(models);
+    vars.extend(env(extra));
+    let serve = Service::spawn(
+        "serve",
+        &[
+            "serve",
+            "--model-dir",
+            models.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &vars,
+    );
+    wait_ready(&serve.url);
+    serve
 }
 
 /// Poll `/health/ready` until it answers 200 (the first worker heartbeat has landed).

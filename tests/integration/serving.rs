@@ -626,26 +626,11 @@ fn the_embedded_server_refuses_bad_requests_with_their_codes() {
     hyfhe::client::block_on(async {
         let config_dir = tempfile::tempdir().unwrap();
         let config = config_file(config_dir.path());
-        let models = MODELS.dir.clone();
-        let mut env = crate::cluster::base_env(&models);
-        env.extend(crate::cluster::env(&[(
-            "COORDINATOR__MAX_BODY_BYTES",
-            "1048576",
-        )]));
-        let serve = Service::spawn(
-            "serve",
-            &[
-                "serve",
-                "--model-dir",
-                models.to_str().unwrap(),
-                "--config",
-                config.to_str().unwrap(),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            &env,
+        let serve = crate::cluster::serve(
+            &MODELS.dir,
+            &config,
+            &[("COORDINATOR__MAX_BODY_BYTES", "1048576")],
         );
-        crate::cluster::wait_ready(&serve.url);
         assert_bad_requests_are_refused(&serve.url).await;
     })
 }
@@ -655,23 +640,7 @@ fn an_expired_session_is_renewed_by_the_client_with_the_same_keys() {
     let _serial = serial();
     let config_dir = tempfile::tempdir().unwrap();
     let config = config_file(config_dir.path());
-    let models = MODELS.dir.clone();
-    let mut env = crate::cluster::base_env(&models);
-    env.extend(crate::cluster::env(&[("SESSIONS__TTL_S", "1")]));
-    let serve = Service::spawn(
-        "serve",
-        &[
-            "serve",
-            "--model-dir",
-            models.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        &env,
-    );
-    crate::cluster::wait_ready(&serve.url);
+    let serve = crate::cluster::serve(&MODELS.dir, &config, &[("SESSIONS__TTL_S", "1")]);
     hyfhe::client::block_on(async {
         let fc = &MODELS.served[0];
         let (_dir, model, session) = connect(&serve.url, fc.name, SESSION_KEYS.clone()).await;
@@ -695,27 +664,12 @@ fn the_key_cache_evicts_least_recently_used_keys_to_stay_under_its_byte_bound() 
     let _serial = serial();
     let config_dir = tempfile::tempdir().unwrap();
     let config = config_file(config_dir.path());
-    let models = MODELS.dir.clone();
-    let mut env = crate::cluster::base_env(&models);
     // 256 MiB: less than one exact key (576 MiB), so each new key evicts the previous one.
-    env.extend(crate::cluster::env(&[(
-        "WORKER__KEY_CACHE_BYTES",
-        "268435456",
-    )]));
-    let serve = Service::spawn(
-        "serve",
-        &[
-            "serve",
-            "--model-dir",
-            models.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        &env,
+    let serve = crate::cluster::serve(
+        &MODELS.dir,
+        &config,
+        &[("WORKER__KEY_CACHE_BYTES", "268435456")],
     );
-    crate::cluster::wait_ready(&serve.url);
     let fc = &MODELS.served[0];
     hyfhe::client::block_on(async {
         let other = Arc::new(SessionKeys::generate(&[Precision::Exact].into(), &Silent));

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use hyfhe::fhe::encode;
 
-use crate::cluster::{base_env, config_file, env, serial, wait_ready, Service};
+use crate::cluster::{config_file, serial, serve};
 use crate::serving::{API_KEY, MODELS, SESSION_KEYS};
 
 /// An HTTP endpoint that records every POST body (an OTLP/HTTP receiver's transport; the bytes
@@ -117,27 +117,16 @@ fn one_forward_is_one_trace_across_client_coordinator_and_worker() {
     let config_dir = tempfile::tempdir().unwrap();
     let config = config_file(config_dir.path());
     let models = MODELS.dir.clone();
-    let mut vars = base_env(&models);
     let endpoint = format!("http://127.0.0.1:{port}/v1/traces");
-    vars.extend(env(&[
-        ("TELEMETRY__EXPORTER", "otlp"),
-        ("TELEMETRY__OTLP_ENDPOINT", &endpoint),
-        ("TELEMETRY__SERVICE_NAME", "hyfhe-trace-test"),
-    ]));
-    let serve = Service::spawn(
-        "serve",
+    let serve = serve(
+        &models,
+        &config,
         &[
-            "serve",
-            "--model-dir",
-            models.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
+            ("TELEMETRY__EXPORTER", "otlp"),
+            ("TELEMETRY__OTLP_ENDPOINT", &endpoint),
+            ("TELEMETRY__SERVICE_NAME", "hyfhe-trace-test"),
         ],
-        &vars,
     );
-    wait_ready(&serve.url);
 
     // A caller's trace context, as an instrumented client would send it.
     let trace_id: [u8; 16] = rand::random();
