@@ -9,6 +9,32 @@ use hyfhe::worker::{self, ModuleSet};
 
 use crate::serving::MODELS;
 
+/// A job for FCSmall's `seq.0` whose payload no worker should ever get to evaluate.
+fn job(id: &str, deadline_unix_ms: u64) -> Job {
+    Job {
+        id: id.into(),
+        session: "s".into(),
+        model: "fc_small".into(),
+        module: "seq.0".into(),
+        key_id: "k".into(),
+        deadline_unix_ms,
+        traceparent: None,
+        payload: vec![0; 8],
+    }
+}
+
+/// The outcome the worker stores for `job_id`, waiting up to 10 s for it.
+async fn outcome_of(queue: &MemoryQueue, job_id: &str) -> JobOutcome {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(o) = queue.outcome(job_id).await.unwrap() {
+            return o;
+        }
+        assert!(Instant::now() < deadline, "no outcome for {job_id}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn a_job_past_max_deliveries_is_dead_lettered_with_a_clear_error() {
     let mut config = Config::load(None).unwrap();
@@ -17,16 +43,7 @@ fn a_job_past_max_deliveries_is_dead_lettered_with_a_clear_error() {
     config.worker.heartbeat_ms = 50;
     let queue = Arc::new(MemoryQueue::new(config.queue_settings()));
     let broker: Arc<dyn Broker> = queue.clone();
-    let job = Job {
-        id: "poison-0001".into(),
-        session: "s".into(),
-        model: "fc_small".into(),
-        module: "seq.0".into(),
-        key_id: "k".into(),
-        deadline_unix_ms: u64::MAX,
-        traceparent: None,
-        payload: vec![0; 8],
-    };
+    let job = job("poison-0001", u64::MAX);
     let modules = Arc::new(ModuleSet::load(&MODELS.dir).unwrap());
     actix::System::new().block_on(async move {
         queue.enqueue(&job).await.unwrap();
@@ -35,14 +52,7 @@ fn a_job_past_max_deliveries_is_dead_lettered_with_a_clear_error() {
         assert_eq!(queue.claim("ghost", 0, 0).await.unwrap()[0].deliveries, 2);
         // A real worker takes the shard over: the third delivery is past the limit.
         let handle = worker::start(&config, broker, modules);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let outcome = loop {
-            if let Some(o) = queue.outcome(&job.id).await.unwrap() {
-                break o;
-            }
-            assert!(Instant::now() < deadline, "never dead-lettered");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let outcome = outcome_of(&queue, &job.id).await;
         match outcome {
             JobOutcome::Failed { code, message } => {
                 assert_eq!(code, "dead_lettered");
@@ -66,28 +76,12 @@ fn a_job_past_its_deadline_is_dropped_not_computed() {
     config.worker.heartbeat_ms = 50;
     let queue = Arc::new(MemoryQueue::new(config.queue_settings()));
     let broker: Arc<dyn Broker> = queue.clone();
-    let job = Job {
-        id: "late-0001".into(),
-        session: "s".into(),
-        model: "fc_small".into(),
-        module: "seq.0".into(),
-        key_id: "k".into(),
-        deadline_unix_ms: 1,
-        traceparent: None,
-        payload: vec![0; 8],
-    };
+    let job = job("late-0001", 1);
     let modules = Arc::new(ModuleSet::load(&MODELS.dir).unwrap());
     actix::System::new().block_on(async move {
         queue.enqueue(&job).await.unwrap();
         let handle = worker::start(&config, broker, modules);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let outcome = loop {
-            if let Some(o) = queue.outcome(&job.id).await.unwrap() {
-                break o;
-            }
-            assert!(Instant::now() < deadline, "never completed");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let outcome = outcome_of(&queue, &job.id).await;
         assert!(
             matches!(&outcome, JobOutcome::Failed { code, .. } if code == "deadline_exceeded"),
             "{outcome:?}"
