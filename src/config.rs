@@ -12,6 +12,11 @@ use crate::queue::QueueSettings;
 
 /// Prefix of environment overrides: `HYFHE__QUEUE__REDIS_URL=redis://…` sets `queue.redis_url`.
 pub const ENV_PREFIX: &str = "HYFHE__";
+/// A TOML file of `[[tenants]]` entries added to the configuration's: how a deployment keeps its
+/// tenants (secrets) out of the shipped configuration.
+pub const TENANTS_FILE_ENV: &str = "HYFHE_TENANTS_FILE";
+/// Tenants given inline: `name:sha256hex[,name:sha256hex…]`.
+pub const TENANTS_ENV: &str = "HYFHE_TENANTS";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,6 +47,7 @@ pub struct Config {
     pub sessions: SessionConfig,
     pub models: ModelsConfig,
     pub telemetry: TelemetryConfig,
+    pub quotas: QuotaConfig,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
 }
@@ -50,7 +56,13 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorConfig {
     pub listen: String,
+    /// Address of the coordinator's `/metrics` (kept off the public API's listener).
+    pub metrics_listen: String,
     pub max_in_flight: usize,
+    /// Session creations (each reads a ~100 MiB body) admitted at once.
+    pub max_session_creations: usize,
+    /// Largest `rows × outputs` of one compute request; clients split larger ones.
+    pub max_job_values: u64,
     /// Largest compute request body.
     pub max_body_bytes: usize,
     /// Largest session request body (it carries the evaluation keys).
@@ -67,6 +79,8 @@ pub struct WorkerConfig {
     pub id: String,
     pub evaluator_threads: usize,
     pub max_pending: usize,
+    /// Working memory (digit buffers) of one evaluation, whatever its row count.
+    pub max_job_bytes: u64,
     pub key_cache_bytes: u64,
     pub heartbeat_ms: u64,
     pub read_block_ms: u64,
@@ -122,12 +136,45 @@ pub struct TelemetryConfig {
     pub service_name: String,
 }
 
+/// Per-tenant limits; a tenant entry may override each.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// Live sessions per tenant.
+    pub sessions: usize,
+    /// Compute requests in flight per tenant on one coordinator.
+    pub in_flight: usize,
+    /// Bytes of evaluation keys held by a tenant's live sessions.
+    pub key_bytes: u64,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     pub name: String,
     /// Hex SHA-256 of the tenant's API key (`hyfhe keys hash` prints it).
     pub api_key_sha256: String,
+    #[serde(default)]
+    pub max_sessions: Option<usize>,
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
+    #[serde(default)]
+    pub max_key_bytes: Option<u64>,
+}
+
+/// A tenant's quotas after its overrides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub sessions: usize,
+    pub in_flight: usize,
+    pub key_bytes: u64,
+}
+
+/// Tenants as a `HYFHE_TENANTS_FILE` holds them.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantsFile {
+    tenants: Vec<TenantConfig>,
 }
 
 /// The configuration compiled into the binary (`config/default.toml`).
@@ -139,15 +186,66 @@ impl Config {
         let vars: BTreeMap<String, String> = std::env::vars()
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
+        let mut config = Self::load_file(path, &vars)?;
+        let file = std::env::var_os(TENANTS_FILE_ENV).map(PathBuf::from);
+        let inline = std::env::var(TENANTS_ENV).ok();
+        config.add_tenants(file.as_deref(), inline.as_deref())?;
+        Ok(config)
+    }
+
+    /// Add the tenants of a `HYFHE_TENANTS_FILE` and of `HYFHE_TENANTS` (`name:sha256,…`), then
+    /// validate again.
+    pub fn add_tenants(
+        &mut self,
+        file: Option<&Path>,
+        inline: Option<&str>,
+    ) -> Result<(), ConfigError> {
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let parsed: TenantsFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                origin: format!(" {} ({TENANTS_FILE_ENV})", path.display()),
+                message: e.to_string(),
+            })?;
+            self.tenants.extend(parsed.tenants);
+        }
+        for entry in inline
+            .unwrap_or("")
+            .split(',')
+            .filter(|e| !e.trim().is_empty())
+        {
+            let (name, hash) = entry.trim().split_once(':').ok_or_else(|| {
+                invalid(
+                    TENANTS_ENV,
+                    format!("entry {entry:?} is not name:sha256hex"),
+                )
+            })?;
+            self.tenants.push(TenantConfig {
+                name: name.to_string(),
+                api_key_sha256: hash.to_string(),
+                max_sessions: None,
+                max_in_flight: None,
+                max_key_bytes: None,
+            });
+        }
+        self.validate()
+    }
+
+    fn load_file(
+        path: Option<&Path>,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
         match path {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                     path: p.to_path_buf(),
                     source,
                 })?;
-                Self::from_toml(&text, &format!(" {}", p.display()), &vars)
+                Self::from_toml(&text, &format!(" {}", p.display()), vars)
             }
-            None => Self::from_toml(DEFAULT_TOML, " (built-in defaults)", &vars),
+            None => Self::from_toml(DEFAULT_TOML, " (built-in defaults)", vars),
         }
     }
 
@@ -189,6 +287,35 @@ impl Config {
         };
         addr("coordinator.listen", &self.coordinator.listen)?;
         addr("worker.listen", &self.worker.listen)?;
+        addr(
+            "coordinator.metrics_listen",
+            &self.coordinator.metrics_listen,
+        )?;
+        positive(
+            "coordinator.max_session_creations",
+            self.coordinator.max_session_creations as u64,
+        )?;
+        let one_pack = crate::fhe::params::packing_params(crate::fhe::Precision::Exact)
+            .output
+            .polynomial_size as u64;
+        if self.coordinator.max_job_values < one_pack {
+            return Err(invalid(
+                "coordinator.max_job_values",
+                format!("must be at least {one_pack} (one packed output ciphertext)"),
+            ));
+        }
+        let min_job = (crate::fhe::outputs_per_group(crate::fhe::Precision::Exact, 0)
+            * crate::fhe::digit_bytes_per_output(crate::fhe::Precision::Exact))
+            as u64;
+        if self.worker.max_job_bytes < min_job {
+            return Err(invalid(
+                "worker.max_job_bytes",
+                format!("must be at least {min_job} (the digits of one packed output group)"),
+            ));
+        }
+        positive("quotas.sessions", self.quotas.sessions as u64)?;
+        positive("quotas.in_flight", self.quotas.in_flight as u64)?;
+        positive("quotas.key_bytes", self.quotas.key_bytes)?;
         positive(
             "coordinator.max_in_flight",
             self.coordinator.max_in_flight as u64,
@@ -245,6 +372,12 @@ impl Config {
             if t.name.is_empty() {
                 return Err(invalid(&format!("tenants[{i}].name"), "must not be empty"));
             }
+            if self.tenants[..i].iter().any(|o| o.name == t.name) {
+                return Err(invalid(
+                    &format!("tenants[{i}].name"),
+                    format!("tenant {:?} is listed twice", t.name),
+                ));
+            }
             let ok = t.api_key_sha256.len() == 64
                 && t.api_key_sha256.bytes().all(|b| b.is_ascii_hexdigit());
             if !ok {
@@ -264,6 +397,23 @@ impl Config {
             max_deliveries: self.queue.max_deliveries,
             lease_ttl_ms: self.queue.lease_ttl_ms,
             result_ttl_ms: self.queue.result_ttl_ms,
+            read_block_ms: self.worker.read_block_ms,
+        }
+    }
+
+    /// `tenant`'s quotas: the `[quotas]` defaults with the tenant's own overrides.
+    pub fn quota_of(&self, tenant: &str) -> Quota {
+        let t = self.tenants.iter().find(|t| t.name == tenant);
+        Quota {
+            sessions: t
+                .and_then(|t| t.max_sessions)
+                .unwrap_or(self.quotas.sessions),
+            in_flight: t
+                .and_then(|t| t.max_in_flight)
+                .unwrap_or(self.quotas.in_flight),
+            key_bytes: t
+                .and_then(|t| t.max_key_bytes)
+                .unwrap_or(self.quotas.key_bytes),
         }
     }
 

@@ -117,6 +117,7 @@ pub fn run(options: &DemoOptions, progress: &dyn Progress) -> Result<DemoReport,
     let t = Instant::now();
     let mut config = Config::load(None).map_err(|e| HybridError::Unsupported(e.to_string()))?;
     config.coordinator.listen = "127.0.0.1:0".into();
+    config.coordinator.metrics_listen = "127.0.0.1:0".into();
     let server = crate::service::spawn_embedded(config, server_dir)
         .map_err(|e| HybridError::Remote(e.to_string()))?;
     report.server_start_ms = ms(t);

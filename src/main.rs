@@ -315,6 +315,10 @@ fn serve(args: ServeArgs) -> ExitCode {
             .map_err(|e| e.to_string())?;
         // Tests and scripts read the port from this line.
         println!("listening on http://127.0.0.1:{}", embedded.app.port());
+        println!(
+            "metrics on http://127.0.0.1:{}",
+            embedded.app.metrics_port()
+        );
         tracing::info!(port = embedded.app.port(), worker = %embedded.worker.id, "serving");
         embedded
             .app
@@ -334,6 +338,7 @@ fn coordinator(args: ServiceArgs) -> ExitCode {
             .await
             .map_err(|e| e.to_string())?;
         println!("listening on http://127.0.0.1:{}", app.port());
+        println!("metrics on http://127.0.0.1:{}", app.metrics_port());
         tracing::info!(port = app.port(), "coordinator serving");
         app.run_until_stopped().await.map_err(|e| e.to_string())
     })

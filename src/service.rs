@@ -27,6 +27,8 @@ pub enum ServiceError {
     Models(#[from] HybridError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("no tenant is configured, so no client could use this coordinator: add [[tenants]] to the config, or set HYFHE_TENANTS_FILE=path or HYFHE_TENANTS=name:sha256hex (`hyfhe keys hash KEY` prints the hash)")]
+    NoTenants,
 }
 
 /// The configured queue and session store.
@@ -51,12 +53,23 @@ pub fn bind(addr: &str) -> Result<TcpListener, ServiceError> {
     })
 }
 
-/// The coordinator on `config.coordinator.listen`.
+/// The coordinator on `config.coordinator.listen` (its `/metrics` on `metrics_listen`).
 pub async fn coordinator(config: Config) -> Result<Application, ServiceError> {
+    if config.tenants.is_empty() {
+        return Err(ServiceError::NoTenants);
+    }
     let broker = connect_broker(&config).await?;
     let catalog = Arc::new(Catalog::load(&config.models.dir)?);
     let listener = bind(&config.coordinator.listen)?;
-    Ok(Application::build(config, broker, catalog, listener, None)?)
+    let metrics_listener = bind(&config.coordinator.metrics_listen)?;
+    Ok(Application::build(
+        config,
+        broker,
+        catalog,
+        listener,
+        metrics_listener,
+        None,
+    )?)
 }
 
 /// A worker with its metrics server on `config.worker.listen`; returns its handle and the
@@ -92,11 +105,16 @@ pub async fn embedded(
     model_dir: &Path,
     listener: TcpListener,
 ) -> Result<Embedded, ServiceError> {
+    if config.tenants.is_empty() {
+        return Err(ServiceError::NoTenants);
+    }
+    let metrics_listener = bind(&config.coordinator.metrics_listen)?;
     let broker = connect_broker(&config).await?;
     let dir = model_dir.to_path_buf();
     let (catalog, modules) = tokio::task::spawn_blocking(move || {
         // Each model is read and verified once, for both roles.
-        let models = crate::hybrid::HybridModel::load_all(&dir)?;
+        let models =
+            crate::hybrid::HybridModel::load_all(&dir, crate::hybrid::Trees::ClientAndServer)?;
         Ok::<_, HybridError>((
             Catalog::from_models(&models)?,
             ModuleSet::from_models(&models)?,
@@ -110,6 +128,7 @@ pub async fn embedded(
         broker,
         Arc::new(catalog),
         listener,
+        metrics_listener,
         Some(worker.metrics.clone()),
     )?;
     Ok(Embedded { app, worker })

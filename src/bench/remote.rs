@@ -91,6 +91,7 @@ pub fn run_remote(
         let mut service =
             Config::load(None).map_err(|e| HybridError::Unsupported(e.to_string()))?;
         service.coordinator.listen = "127.0.0.1:0".into();
+        service.coordinator.metrics_listen = "127.0.0.1:0".into();
         let queue = match &config.redis {
             Some(url) => {
                 service.queue.backend = QueueBackend::Redis;

@@ -1,13 +1,13 @@
 //! A session on a coordinator: the client's secret keys stay here, only evaluation keys go up.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 
 use super::{Client, ClientError};
-use crate::fhe::{decode, encode, ClientKey, EncryptedOutputs, EncryptedRows, Precision};
+use crate::fhe::{decode, encode, ClientKey, EncryptedOutputs, EncryptedRows, Precision, MAX_ROWS};
 use crate::hybrid::{BoxFuture, HybridError, HybridModel, Remote};
 use crate::progress::Progress;
 use crate::protocol::{
@@ -43,6 +43,8 @@ pub struct RemoteSession {
     keys: Arc<SessionKeys>,
     current: Mutex<SessionCreated>,
     retry: RetryPolicy,
+    /// Rows per request the server accepts, by module (from its `max_job_values`).
+    max_rows: BTreeMap<String, usize>,
 }
 
 /// A client's secret key and the encoded evaluation keys derived from it. Generating them takes
@@ -96,10 +98,11 @@ impl Client {
         model: &HybridModel,
         progress: &dyn Progress,
     ) -> Result<RemoteSession, ClientError> {
-        self.check_specs(model).await?;
+        let max_job_values = self.check_specs(model).await?;
         // Seconds of CPU on the caller's task: a client has nothing else to serve meanwhile.
         let keys = SessionKeys::generate(&SessionKeys::precisions_of(model), progress);
-        self.start_session(model, Arc::new(keys)).await
+        self.start_session(model, Arc::new(keys), max_job_values)
+            .await
     }
 
     /// Open a session for `model` with existing keys.
@@ -108,14 +111,15 @@ impl Client {
         model: &HybridModel,
         keys: Arc<SessionKeys>,
     ) -> Result<RemoteSession, ClientError> {
-        self.check_specs(model).await?;
-        self.start_session(model, keys).await
+        let max_job_values = self.check_specs(model).await?;
+        self.start_session(model, keys, max_job_values).await
     }
 
     async fn start_session(
         &self,
         model: &HybridModel,
         keys: Arc<SessionKeys>,
+        max_job_values: u64,
     ) -> Result<RemoteSession, ClientError> {
         let missing: Vec<_> = SessionKeys::precisions_of(model)
             .difference(&keys.precisions)
@@ -136,10 +140,19 @@ impl Client {
             keys,
             current: Mutex::new(current),
             retry: RetryPolicy::default(),
+            max_rows: model
+                .specs()
+                .iter()
+                .map(|(name, spec)| {
+                    let rows = max_job_values / spec.out_features.max(1) as u64;
+                    (name.clone(), rows.clamp(1, MAX_ROWS as u64) as usize)
+                })
+                .collect(),
         })
     }
 
-    async fn check_specs(&self, model: &HybridModel) -> Result<(), ClientError> {
+    /// Check every module's client spec against the server's; returns its `max_job_values`.
+    async fn check_specs(&self, model: &HybridModel) -> Result<u64, ClientError> {
         let list = self.models().await?;
         let served = list
             .models
@@ -171,7 +184,7 @@ impl Client {
                 });
             }
         }
-        Ok(())
+        Ok(list.max_job_values)
     }
 
     async fn create_session(
@@ -246,9 +259,21 @@ impl RemoteSession {
         Ok(())
     }
 
-    /// One compute call with retries; the job id is fixed for all attempts.
+    /// One compute call with retries under a fresh job id (fixed for all attempts).
     pub async fn compute_bytes(&self, module: &str, body: Vec<u8>) -> Result<Vec<u8>, ClientError> {
         let job_id = uuid::Uuid::new_v4().simple().to_string();
+        self.compute_with_job_id(module, body, &job_id).await
+    }
+
+    /// One compute call with retries under `job_id` (the idempotency key): a caller that retries
+    /// across process restarts keeps its own ids. An id means something only for this session
+    /// and module; reusing it with another body is refused (`idempotency_conflict`).
+    pub async fn compute_with_job_id(
+        &self,
+        module: &str,
+        body: Vec<u8>,
+        job_id: &str,
+    ) -> Result<Vec<u8>, ClientError> {
         let body = bytes::Bytes::from(body);
         let mut backoff = self.retry.backoff;
         let mut last = None;
@@ -259,7 +284,7 @@ impl RemoteSession {
                 .client
                 .request(Method::POST, &path)
                 .header(SESSION_TOKEN_HEADER, &s.token)
-                .header(JOB_ID_HEADER, &job_id)
+                .header(JOB_ID_HEADER, job_id)
                 .header("content-type", MSGPACK)
                 .timeout(self.retry.request_timeout)
                 .body(body.clone());
@@ -313,6 +338,10 @@ impl RemoteSession {
 impl Remote for RemoteSession {
     fn client_key(&self) -> &ClientKey {
         &self.keys.key
+    }
+
+    fn max_rows(&self, module: &str) -> usize {
+        self.max_rows.get(module).copied().unwrap_or(MAX_ROWS)
     }
 
     fn compute<'a>(

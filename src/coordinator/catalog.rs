@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_bytes::ByteBuf;
 
 use crate::fhe::Precision;
-use crate::hybrid::{read_tree, ClientSpec, HybridError, HybridModel};
+use crate::hybrid::{read_tree, ClientSpec, HybridError, HybridModel, Trees};
 use crate::protocol::{ClientBundle, ModelInfo, ModuleInfo};
 
 pub struct ServedModel {
@@ -29,7 +29,7 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn load(dir: &Path) -> Result<Self, HybridError> {
-        Self::from_models(&HybridModel::load_all(dir)?)
+        Self::from_models(&HybridModel::load_all(dir, Trees::Client)?)
     }
 
     /// The catalog of models already loaded from their directories.

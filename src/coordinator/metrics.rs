@@ -1,5 +1,6 @@
 //! What a coordinator counts; rendered on `GET /metrics`.
 
+use super::usage::UsageMeters;
 use crate::telemetry::metrics::{Counter, Exposition, Gauge, Histogram};
 
 #[derive(Default)]
@@ -9,6 +10,8 @@ pub struct CoordinatorMetrics {
     pub compute_errors: Counter,
     pub rejected_too_many: Counter,
     pub rejected_queue_full: Counter,
+    pub rejected_quota: Counter,
+    pub retries_joined: Counter,
     pub in_flight: Gauge,
     pub sessions_created: Counter,
     pub sessions_deleted: Counter,
@@ -16,7 +19,12 @@ pub struct CoordinatorMetrics {
 }
 
 impl CoordinatorMetrics {
-    pub fn render(&self, queue_depth: Option<usize>, live_workers: Option<usize>) -> String {
+    pub fn render(
+        &self,
+        queue_depth: Option<usize>,
+        live_workers: Option<usize>,
+        usage: &UsageMeters,
+    ) -> String {
         let mut e = Exposition::default();
         e.counter(
             "hyfhe_coordinator_compute_requests_total",
@@ -35,13 +43,23 @@ impl CoordinatorMetrics {
         );
         e.counter(
             "hyfhe_coordinator_rejected_in_flight_total",
-            "Requests refused with 429 (max_in_flight).",
+            "Compute requests refused with 429 (in-flight bounds, global or per tenant).",
             self.rejected_too_many.get(),
         );
         e.counter(
             "hyfhe_coordinator_rejected_queue_full_total",
             "Requests refused with 503 (shard over max_depth).",
             self.rejected_queue_full.get(),
+        );
+        e.counter(
+            "hyfhe_coordinator_rejected_quota_total",
+            "Session requests refused with 429 (tenant quota or concurrent creations).",
+            self.rejected_quota.get(),
+        );
+        e.counter(
+            "hyfhe_coordinator_retries_joined_total",
+            "Retries of a running job that waited for it instead of enqueueing it again.",
+            self.retries_joined.get(),
         );
         e.gauge(
             "hyfhe_coordinator_in_flight",
@@ -77,6 +95,7 @@ impl CoordinatorMetrics {
                 w as u64,
             );
         }
+        usage.render(&mut e);
         e.finish()
     }
 }

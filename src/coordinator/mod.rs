@@ -3,14 +3,21 @@
 //! looks inside a ciphertext beyond checking its dimensions against the module's plan.
 //!
 //! - [`routes`]: one file per resource.
-//! - [`actors`]: [`actors::SessionRegistry`], [`actors::Dispatcher`] (admission, enqueue,
-//!   deadline), [`actors::ResultRouter`] (one completion subscription per coordinator).
+//! - [`actors`]: [`actors::SessionRegistry`], [`actors::Dispatcher`] (once per idempotency key,
+//!   enqueue, deadline), [`actors::ResultRouter`] (one completion subscription per coordinator).
+//! - `admission`: in-flight and session-creation bounds, global and per tenant, decided before a
+//!   body is read.
+//! - `usage`: per-tenant metering on `/metrics`.
+//!
+//! `/metrics` is served on its own listener (`coordinator.metrics_listen`), never on the API's.
 
 pub mod actors;
+mod admission;
 mod catalog;
 pub mod error;
 mod metrics;
 pub mod routes;
+mod usage;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -20,8 +27,10 @@ use actix_web::dev::{Server, Service};
 use actix_web::{web, App, HttpServer};
 use tracing::Instrument;
 
+pub use admission::{Admission, ComputePermit};
 pub use catalog::{Catalog, ServedModel};
 pub use metrics::CoordinatorMetrics;
+pub use usage::{TenantMeter, UsageMeters};
 
 use crate::config::Config;
 use crate::protocol::TRACEPARENT_HEADER;
@@ -37,35 +46,46 @@ pub struct AppState {
     pub sessions: actix::Addr<SessionRegistry>,
     pub dispatcher: actix::Addr<Dispatcher>,
     pub metrics: Arc<CoordinatorMetrics>,
+    pub admission: Admission,
+    pub usage: UsageMeters,
     /// In the embedded mode, the in-process worker's metrics are served here too.
     pub worker_metrics: Option<Arc<WorkerMetrics>>,
 }
 
 pub struct Application {
     port: u16,
+    metrics_port: u16,
     server: Server,
+    metrics_server: Server,
 }
 
 impl Application {
-    /// Start the actors on the current actix system and serve on `listener` (port 0 allowed).
+    /// Start the actors on the current actix system and serve the API on `listener` and
+    /// `/metrics` on `metrics_listener` (port 0 allowed for both).
     pub fn build(
         config: Config,
         broker: Arc<dyn Broker>,
         catalog: Arc<Catalog>,
         listener: TcpListener,
+        metrics_listener: TcpListener,
         worker_metrics: Option<Arc<WorkerMetrics>>,
     ) -> std::io::Result<Self> {
         let port = listener.local_addr()?.port();
+        let metrics_port = metrics_listener.local_addr()?.port();
         let metrics = Arc::new(CoordinatorMetrics::default());
         let router = ResultRouter::new(broker.clone()).start();
         let dispatcher = Dispatcher::new(
             broker.clone(),
             router,
-            config.coordinator.max_in_flight,
             config.coordinator.retry_after_s,
             metrics.clone(),
         )
         .start();
+        let admission = Admission::new(
+            config.coordinator.max_in_flight,
+            config.coordinator.max_session_creations,
+            config.coordinator.retry_after_s,
+        );
         let sessions = SessionRegistry::new(broker.clone(), config.sessions.ttl_s).start();
         let state = web::Data::new(AppState {
             config,
@@ -74,8 +94,20 @@ impl Application {
             sessions,
             dispatcher,
             metrics,
+            admission,
+            usage: UsageMeters::default(),
             worker_metrics,
         });
+        let metrics_state = state.clone();
+        let metrics_server = HttpServer::new(move || {
+            App::new()
+                .app_data(metrics_state.clone())
+                .route("/metrics", web::get().to(routes::metrics::render))
+                .default_service(web::to(routes::not_found))
+        })
+        .workers(1)
+        .listen(metrics_listener)?
+        .run();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -95,24 +127,37 @@ impl Application {
         })
         .listen(listener)?
         .run();
-        Ok(Self { port, server })
+        Ok(Self {
+            port,
+            metrics_port,
+            server,
+            metrics_server,
+        })
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
+    /// Stops the API server; the metrics server stops with it (see [`Self::run_until_stopped`]).
     pub fn handle(&self) -> actix_web::dev::ServerHandle {
         self.server.handle()
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let metrics = self.metrics_server.handle();
+        let result = self.server.await;
+        metrics.stop(true).await;
+        result
     }
 }
 
 fn routes_config(cfg: &mut web::ServiceConfig) {
-    use routes::{compute, health, metrics, models, sessions};
+    use routes::{compute, health, models, sessions};
     cfg.route("/v1/models", web::get().to(models::list))
         .route(
             "/v1/models/{model}/client",
@@ -126,6 +171,5 @@ fn routes_config(cfg: &mut web::ServiceConfig) {
         )
         .route("/health/live", web::get().to(health::live))
         .route("/health/ready", web::get().to(health::ready))
-        .route("/metrics", web::get().to(metrics::render))
         .default_service(web::to(routes::not_found));
 }

@@ -7,27 +7,53 @@ pub fn packed_len(count: usize, bits: u32) -> usize {
 
 /// Round each 64-bit torus value to its top `bits` bits (modulus switch to `2^bits`) and pack.
 pub fn pack_top_bits(values: impl IntoIterator<Item = u64>, bits: u32, out: &mut Vec<u8>) {
-    debug_assert!((1..=64).contains(&bits));
-    let shift = 64 - bits;
-    let mut acc: u128 = 0;
-    let mut filled = 0u32;
-    for v in values {
+    let mut packer = BitPacker::new(bits, out);
+    values.into_iter().for_each(|v| packer.push(v));
+    packer.finish();
+}
+
+/// [`pack_top_bits`] fed piece by piece: the engine packs one group of outputs at a time, and a
+/// group's bit count need not end on a byte boundary.
+pub struct BitPacker<'a> {
+    bits: u32,
+    acc: u128,
+    filled: u32,
+    out: &'a mut Vec<u8>,
+}
+
+impl<'a> BitPacker<'a> {
+    pub fn new(bits: u32, out: &'a mut Vec<u8>) -> Self {
+        debug_assert!((1..=64).contains(&bits));
+        Self {
+            bits,
+            acc: 0,
+            filled: 0,
+            out,
+        }
+    }
+
+    pub fn push(&mut self, v: u64) {
+        let shift = 64 - self.bits;
         let rounded = if shift == 0 {
             v
         } else {
             // Round to nearest, wrapping: the top value rounds to 0 mod 2^bits.
-            (v >> shift).wrapping_add((v >> (shift - 1)) & 1) & mask(bits)
+            (v >> shift).wrapping_add((v >> (shift - 1)) & 1) & mask(self.bits)
         };
-        acc |= (rounded as u128) << filled;
-        filled += bits;
-        while filled >= 8 {
-            out.push(acc as u8);
-            acc >>= 8;
-            filled -= 8;
+        self.acc |= (rounded as u128) << self.filled;
+        self.filled += self.bits;
+        while self.filled >= 8 {
+            self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.filled -= 8;
         }
     }
-    if filled > 0 {
-        out.push(acc as u8);
+
+    /// Flush the last partial byte.
+    pub fn finish(self) {
+        if self.filled > 0 {
+            self.out.push(self.acc as u8);
+        }
     }
 }
 

@@ -14,14 +14,32 @@ use tfhe::core_crypto::prelude::{
     GlweCiphertextCount, GlweCiphertextList, GlweSize, PolynomialSize, SeededGlweCiphertextList,
 };
 
-use super::bitpack::{pack_top_bits, packed_len, unpack_top_bits};
+use super::bitpack::{packed_len, unpack_top_bits, BitPacker};
 use super::codec::Wire;
 use super::encrypted_outputs::EncryptedOutputs;
 use super::encrypted_rows::EncryptedRows;
 use super::fourier::{mul_add, FourierContext};
 use super::packing::{decompose_row, pack, FourierPackingKey, PackInput, BLOCK};
-use super::params::{LayerPlan, INPUT_GLWE};
+use super::params::{packing_params, LayerPlan, Precision, INPUT_GLWE};
 use super::FheError;
+
+/// Default working-memory budget of one evaluation (digit buffers), as `worker.max_job_bytes`.
+pub const DEFAULT_JOB_BYTES: usize = 256 << 20;
+
+/// Bytes of digit buffer one output value needs while its group is packed: the `n_in · L`
+/// decomposed mask digits (`i16`) of its extracted LWE.
+pub fn digit_bytes_per_output(precision: Precision) -> usize {
+    let params = packing_params(precision);
+    INPUT_GLWE.lwe_dimension() * params.level_count * std::mem::size_of::<i16>()
+}
+
+/// Outputs evaluated together under a budget of `max_job_bytes`: whole packs (`N` outputs, the
+/// unit the packing keyswitch works in), at least one.
+pub fn outputs_per_group(precision: Precision, max_job_bytes: usize) -> usize {
+    let n_out = packing_params(precision).output.polynomial_size;
+    let packs = (max_job_bytes / (digit_bytes_per_output(precision) * n_out)).max(1);
+    packs * n_out
+}
 
 /// A linear layer ready to evaluate: plan, weight codes and their Fourier transforms.
 pub struct FourierLinearLayer {
@@ -81,11 +99,26 @@ impl FourierLinearLayer {
         &self.plan
     }
 
-    /// Evaluate on the current rayon pool (`pool.install(|| layer.evaluate(..))` bounds threads).
+    /// Evaluate on the current rayon pool (`pool.install(|| layer.evaluate(..))` bounds threads),
+    /// with the default working-memory budget ([`DEFAULT_JOB_BYTES`]).
     pub fn evaluate(
         &self,
         key: &FourierPackingKey,
         input: &EncryptedRows,
+    ) -> Result<EncryptedOutputs, FheError> {
+        self.evaluate_within(key, input, DEFAULT_JOB_BYTES)
+    }
+
+    /// Evaluate with at most about `max_job_bytes` of digit buffers, whatever the row count.
+    ///
+    /// Outputs are evaluated in groups of whole packs (see [`outputs_per_group`]); each group
+    /// streams the packing key once. Beyond the budget the job holds its request, the input
+    /// masks in the Fourier domain (8 bytes per input value) and its packed result.
+    pub fn evaluate_within(
+        &self,
+        key: &FourierPackingKey,
+        input: &EncryptedRows,
+        max_job_bytes: usize,
     ) -> Result<EncryptedOutputs, FheError> {
         let plan = &self.plan;
         input.validate()?;
@@ -108,12 +141,7 @@ impl FourierLinearLayer {
             )));
         }
         let rows = input.rows as usize;
-        let (n, chunks, cols, out) = (
-            INPUT_GLWE.polynomial_size,
-            plan.chunks(),
-            plan.in_features,
-            plan.out_features,
-        );
+        let (chunks, cols, out) = (plan.chunks(), plan.in_features, plan.out_features);
         // Bodies stay at their wire width (< 2^body_bits): the dot products are then exact in i64.
         let shift = 64 - plan.input_body_bits;
         let bodies: Vec<u64> = unpack_top_bits(&input.bodies, rows * cols, plan.input_body_bits)
@@ -122,15 +150,67 @@ impl FourierLinearLayer {
         let masks_f = self.input_masks(input.seed(), rows * chunks);
 
         let params = key.params;
+        let n_out = params.output.polynomial_size;
+        let mask_len = params.output.lwe_dimension();
+        let total = rows * out;
+        let group = outputs_per_group(plan.precision, max_job_bytes);
+        let mut masks = Vec::with_capacity(packed_len(
+            total.div_ceil(n_out) * mask_len,
+            plan.output_mask_bits,
+        ));
+        let mut out_bodies = Vec::with_capacity(packed_len(total, plan.output_body_bits));
+        let mut mask_packer = BitPacker::new(plan.output_mask_bits, &mut masks);
+        let mut body_packer = BitPacker::new(plan.output_body_bits, &mut out_bodies);
+        let mut digits = Vec::new();
+        for first in (0..total).step_by(group) {
+            let outputs = first..total.min(first + group);
+            let glwes =
+                self.evaluate_group(key, rows, &masks_f, &bodies, outputs.clone(), &mut digits);
+            for (p, glwe) in glwes.iter().enumerate() {
+                let count = n_out.min(outputs.end - outputs.start - p * n_out);
+                glwe[..mask_len].iter().for_each(|&c| mask_packer.push(c));
+                glwe[mask_len..mask_len + count]
+                    .iter()
+                    .for_each(|&c| body_packer.push(c));
+            }
+        }
+        mask_packer.finish();
+        body_packer.finish();
+        Ok(EncryptedOutputs {
+            precision: plan.precision,
+            rows: rows as u32,
+            out_features: out as u32,
+            mask_bits: plan.output_mask_bits as u8,
+            body_bits: plan.output_body_bits as u8,
+            masks,
+            bodies: out_bodies,
+        })
+    }
+
+    /// Products, sample extraction and packing of `outputs` (global indices `g = j·rows + r`,
+    /// column-major: consecutive outputs share a weight row, so each Fourier weight polynomial is
+    /// read once per group however many rows there are). `digits` is reused between groups.
+    fn evaluate_group(
+        &self,
+        key: &FourierPackingKey,
+        rows: usize,
+        masks_f: &[f64],
+        bodies: &[u64],
+        outputs: std::ops::Range<usize>,
+        digits: &mut Vec<i16>,
+    ) -> Vec<Vec<u64>> {
+        let plan = &self.plan;
+        let (n, chunks, cols) = (INPUT_GLWE.polynomial_size, plan.chunks(), plan.in_features);
+        let params = key.params;
         let (levels, n_in) = (params.level_count, INPUT_GLWE.lwe_dimension());
         let n_out = params.output.polynomial_size;
         debug_assert_eq!(n_out % BLOCK, 0, "blocks never straddle packs");
-        let total = rows * out;
+        debug_assert_eq!(outputs.start % n_out, 0, "groups hold whole packs");
+        let count = outputs.end - outputs.start;
         let block_len = n_in * levels * BLOCK;
-        let mut digits = vec![0i16; total.div_ceil(BLOCK) * block_len];
-        let mut lwe_bodies = vec![0u64; total];
-        // Output g = j·rows + r (column-major): consecutive outputs share a weight row, so each
-        // Fourier weight polynomial is read once per call however many rows there are.
+        digits.clear();
+        digits.resize(count.div_ceil(BLOCK) * block_len, 0);
+        let mut lwe_bodies = vec![0u64; count];
         digits
             .par_chunks_mut(block_len)
             .zip(lwe_bodies.par_chunks_mut(BLOCK))
@@ -139,7 +219,7 @@ impl FourierLinearLayer {
                 || BlockScratch::new(n, levels),
                 |scratch, (block, (digits, block_bodies))| {
                     for (i, body_slot) in block_bodies.iter_mut().enumerate() {
-                        let g = block * BLOCK + i;
+                        let g = outputs.start + block * BLOCK + i;
                         let (j, r) = (g / rows, g % rows);
                         scratch.acc.fill(0.0);
                         for c in 0..chunks {
@@ -169,7 +249,6 @@ impl FourierLinearLayer {
                     transpose_block(&scratch.local, digits, block_bodies.len(), levels * n);
                 },
             );
-
         let packs: Vec<PackInput<'_>> = lwe_bodies
             .chunks(n_out)
             .enumerate()
@@ -178,34 +257,7 @@ impl FourierLinearLayer {
                 first_block: p * n_out / BLOCK,
             })
             .collect();
-        let glwes = pack(key, &digits, &packs);
-
-        let mask_len = params.output.lwe_dimension();
-        let mut masks =
-            Vec::with_capacity(packed_len(glwes.len() * mask_len, plan.output_mask_bits));
-        pack_top_bits(
-            glwes.iter().flat_map(|g| g[..mask_len].iter().copied()),
-            plan.output_mask_bits,
-            &mut masks,
-        );
-        let mut out_bodies = Vec::with_capacity(packed_len(total, plan.output_body_bits));
-        pack_top_bits(
-            glwes
-                .iter()
-                .zip(&packs)
-                .flat_map(|(g, p)| g[mask_len..mask_len + p.bodies.len()].iter().copied()),
-            plan.output_body_bits,
-            &mut out_bodies,
-        );
-        Ok(EncryptedOutputs {
-            precision: plan.precision,
-            rows: rows as u32,
-            out_features: out as u32,
-            mask_bits: plan.output_mask_bits as u8,
-            body_bits: plan.output_body_bits as u8,
-            masks,
-            bodies: out_bodies,
-        })
+        pack(key, digits, &packs)
     }
 
     /// Regenerate the request's masks from its seed and transform them: `[ciphertext][N]`.

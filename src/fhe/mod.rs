@@ -20,7 +20,9 @@ pub use codec::{decode, encode, CodecError, Wire};
 pub use encrypted_outputs::{decode as decode_phase, EncryptedOutputs};
 pub use encrypted_rows::{EncryptedRows, MAX_ROWS};
 pub use keys::{ClientKey, EvaluationKey};
-pub use linear::FourierLinearLayer;
+pub use linear::{
+    digit_bytes_per_output, outputs_per_group, FourierLinearLayer, DEFAULT_JOB_BYTES,
+};
 pub use packing::FourierPackingKey;
 pub use params::{LayerPlan, PlanError, Precision};
 

@@ -29,6 +29,11 @@ use crate::quant::{integer_matmul, min_max};
 /// The serving layer implements it over HTTP; [`LocalServer`] in process.
 pub trait Remote: Send + Sync {
     fn client_key(&self) -> &ClientKey;
+    /// Most rows of `module` one request may carry; larger inputs are split into several
+    /// requests. A server publishes its limit (`max_job_values` in its model listing).
+    fn max_rows(&self, _module: &str) -> usize {
+        MAX_ROWS
+    }
     fn compute<'a>(
         &'a self,
         module: &'a str,
@@ -236,9 +241,10 @@ impl ModuleBackend for EncryptedBackend<'_> {
 
                 let key = self.remote.client_key();
                 let mut acc = Vec::with_capacity(q.rows * spec.out_features);
-                // Requests of at most MAX_ROWS rows: a conv over a batch easily has tens of
-                // thousands of im2col rows.
-                for chunk in q.values.chunks(MAX_ROWS * spec.in_features) {
+                // Requests of at most the server's row limit: a conv over a batch easily has tens
+                // of thousands of im2col rows.
+                let max_rows = self.remote.max_rows(module).clamp(1, MAX_ROWS);
+                for chunk in q.values.chunks(max_rows * spec.in_features) {
                     let rows = chunk.len() / spec.in_features;
                     let t = Instant::now();
                     let request = tracing::info_span!("encrypt", rows)

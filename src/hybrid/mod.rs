@@ -142,6 +142,17 @@ pub struct ModuleReport {
     pub input: InputQuantization,
 }
 
+/// Which artefact trees [`HybridModel::load_trees`] reads (the client tree always).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trees {
+    /// What a coordinator serves: client specs and the client model, no weights.
+    Client,
+    /// What a worker evaluates: also the quantized weights of `server/`.
+    ClientAndServer,
+    /// Also the owner's float model of `private/` (`torch` mode).
+    All,
+}
+
 /// A model with some modules remote; see the module docs.
 pub struct HybridModel {
     name: String,
@@ -534,6 +545,12 @@ impl HybridModel {
     /// Load whichever of `dir/client` (required), `dir/server` and `dir/private` exist, checking
     /// versions, hashes and that the trees come from one compilation.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self, HybridError> {
+        Self::load_trees(dir, Trees::All)
+    }
+
+    /// Load `trees` of a `hyfhe compile` output: a coordinator needs only the client tree and
+    /// must never hold weights; a worker needs the server tree, never the private one.
+    pub fn load_trees(dir: impl AsRef<Path>, trees: Trees) -> Result<Self, HybridError> {
         let dir = dir.as_ref();
         let client = artefacts::read_tree(dir, "client")?.ok_or_else(|| {
             ArtefactError::Missing(format!(
@@ -570,7 +587,11 @@ impl HybridModel {
             .into());
         }
 
-        let server = match artefacts::read_tree(dir, "server")? {
+        let server = match (trees != Trees::Client)
+            .then(|| artefacts::read_tree(dir, "server"))
+            .transpose()?
+            .flatten()
+        {
             None => None,
             Some(tree) => {
                 check_same_model(&client.manifest, &tree.manifest)?;
@@ -589,7 +610,11 @@ impl HybridModel {
                 Some(modules)
             }
         };
-        let private = match artefacts::read_tree(dir, "private")? {
+        let private = match (trees == Trees::All)
+            .then(|| artefacts::read_tree(dir, "private"))
+            .transpose()?
+            .flatten()
+        {
             None => None,
             Some(tree) => {
                 check_same_model(&client.manifest, &tree.manifest)?;
@@ -614,10 +639,13 @@ impl HybridModel {
     }
 
     /// Every compiled model under `dir` (one model, or a directory of them), with its directory.
-    pub fn load_all(dir: &Path) -> Result<Vec<(std::path::PathBuf, Self)>, HybridError> {
+    pub fn load_all(
+        dir: &Path,
+        trees: Trees,
+    ) -> Result<Vec<(std::path::PathBuf, Self)>, HybridError> {
         model_dirs(dir)?
             .into_iter()
-            .map(|d| Ok((d.clone(), Self::load(&d)?)))
+            .map(|d| Ok((d.clone(), Self::load_trees(&d, trees)?)))
             .collect()
     }
 

@@ -11,6 +11,8 @@ pub enum ErrorCode {
     NotFound,
     /// No such session: it never existed, expired or was closed. Clients open a new one.
     SessionNotFound,
+    /// The idempotency key was used before with another request body.
+    IdempotencyConflict,
     PayloadTooLarge,
     TooManyRequests,
     Unavailable,
@@ -27,6 +29,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound | ErrorCode::SessionNotFound => 404,
+            ErrorCode::IdempotencyConflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::TooManyRequests => 429,
             ErrorCode::Unavailable => 503,
@@ -42,24 +45,13 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
             ErrorCode::SessionNotFound => "session_not_found",
+            ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
-            ErrorCode::DeadLettered => crate::queue::DEAD_LETTERED,
+            ErrorCode::DeadLettered => "dead_lettered",
             ErrorCode::Internal => "internal",
-        }
-    }
-
-    /// The code a worker stored in a failed job outcome.
-    pub fn parse(code: &str) -> Self {
-        match code {
-            "bad_request" => ErrorCode::BadRequest,
-            "not_found" => ErrorCode::NotFound,
-            "deadline_exceeded" => ErrorCode::DeadlineExceeded,
-            crate::queue::DEAD_LETTERED => ErrorCode::DeadLettered,
-            "unavailable" => ErrorCode::Unavailable,
-            _ => ErrorCode::Internal,
         }
     }
 

@@ -32,6 +32,8 @@ pub const MAX_JOB_ID_LEN: usize = 64;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelList {
     pub models: Vec<ModelInfo>,
+    /// Largest `rows × outputs` one compute request may carry (else 413): clients split by it.
+    pub max_job_values: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

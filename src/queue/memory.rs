@@ -3,6 +3,10 @@
 //!
 //! One `std::sync::Mutex` guards everything: every operation is a few map updates, never held
 //! across an `.await`, so a blocking mutex is cheaper than an async one.
+//!
+//! Nothing grows per request: expired outcomes, markers, sessions and keys are pruned (at most
+//! once per [`PRUNE_EVERY`], so a burst of requests does not scan the maps each time), and the
+//! dead-letter record keeps the last [`DEAD_LETTER_CAP`] entries without their payloads.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -12,9 +16,25 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
 use super::{
-    fair_share, shard_of, BoxFuture, CompletionStream, Delivery, Job, JobOutcome, JobQueue, Leases,
-    QueueError, QueueSettings, SessionRecord, SessionStore,
+    fair_share, shard_of, Begin, BoxFuture, CompletionStream, Delivery, Job, JobOutcome, JobQueue,
+    Leases, QueueError, QueueSettings, SessionRecord, SessionStore, StoredOutcome, TenantUsage,
 };
+use crate::protocol::ErrorCode;
+
+/// Expired entries are swept at most this often.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// Dead-letter records kept (the Redis stream keeps about 10 000).
+pub const DEAD_LETTER_CAP: usize = 1000;
+
+/// What the dead-letter record keeps of a job: enough to find it, not its payload.
+#[allow(dead_code)] // read through Debug only, like the Redis stream's fields
+#[derive(Debug)]
+struct DeadLetter {
+    job: String,
+    session: String,
+    module: String,
+    reason: String,
+}
 
 #[derive(Default)]
 struct Shard {
@@ -45,10 +65,63 @@ struct State {
     shards: Vec<Shard>,
     leases: Vec<Option<Expiring<String>>>,
     workers: HashMap<String, Instant>,
-    outcomes: HashMap<String, Expiring<JobOutcome>>,
+    outcomes: HashMap<String, Expiring<StoredOutcome>>,
+    /// In-flight markers: job id → request digest.
+    running: HashMap<String, Expiring<String>>,
     sessions: HashMap<String, Expiring<SessionRecord>>,
     keys: HashMap<String, Expiring<Vec<u8>>>,
-    dead_letters: Vec<(Job, String)>,
+    dead_letters: VecDeque<DeadLetter>,
+    dead_lettered_total: usize,
+    last_prune: Option<Instant>,
+}
+
+impl State {
+    /// Drop whatever expired, at most once per [`PRUNE_EVERY`].
+    fn prune(&mut self, now: Instant) {
+        if self
+            .last_prune
+            .is_some_and(|t| now.duration_since(t) < PRUNE_EVERY)
+        {
+            return;
+        }
+        self.last_prune = Some(now);
+        self.outcomes.retain(|_, o| o.expires > now);
+        self.running.retain(|_, r| r.expires > now);
+        self.sessions.retain(|_, s| s.expires > now);
+        self.keys.retain(|_, k| k.expires > now);
+        self.workers.retain(|_, &mut t| t > now);
+    }
+
+    fn record_dead_letter(&mut self, letter: DeadLetter) {
+        if self.dead_letters.len() == DEAD_LETTER_CAP {
+            self.dead_letters.pop_front();
+        }
+        self.dead_letters.push_back(letter);
+        self.dead_lettered_total += 1;
+    }
+
+    /// Sizes of every map: what a test checks to see that nothing grows per request.
+    fn sizes(&self) -> MemoryQueueSizes {
+        MemoryQueueSizes {
+            jobs: self.shards.iter().map(|s| s.jobs.len()).sum(),
+            outcomes: self.outcomes.len(),
+            running: self.running.len(),
+            sessions: self.sessions.len(),
+            keys: self.keys.len(),
+            dead_letters: self.dead_letters.len(),
+        }
+    }
+}
+
+/// Entries held by a [`MemoryQueue`], map by map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryQueueSizes {
+    pub jobs: usize,
+    pub outcomes: usize,
+    pub running: usize,
+    pub sessions: usize,
+    pub keys: usize,
+    pub dead_letters: usize,
 }
 
 pub struct MemoryQueue {
@@ -118,29 +191,41 @@ impl MemoryQueue {
             .map_err(|_| QueueError::Corrupt(format!("entry id {}", delivery.entry_id)))
     }
 
-    fn store_outcome(&self, delivery: &Delivery, outcome: &JobOutcome) -> Result<(), QueueError> {
+    /// Entries held now, map by map (after pruning what expired).
+    pub fn sizes(&self) -> MemoryQueueSizes {
+        let mut state = self.lock();
+        state.last_prune = None;
+        state.prune(Instant::now());
+        state.sizes()
+    }
+
+    fn store_outcome(
+        &self,
+        delivery: &Delivery,
+        outcome: &StoredOutcome,
+    ) -> Result<(), QueueError> {
         let seq = Self::entry_seq(delivery)?;
         let mut state = self.lock();
         let now = Instant::now();
-        let stored = state
-            .outcomes
-            .get(&delivery.job.id)
-            .is_some_and(|o| o.expires > now);
+        state.prune(now);
+        let id = &delivery.job.id;
+        let stored = state.outcomes.get(id).is_some_and(|o| o.expires > now);
         if !stored {
             state.outcomes.insert(
-                delivery.job.id.clone(),
+                id.clone(),
                 Expiring {
                     value: outcome.clone(),
                     expires: Self::ttl(self.settings.result_ttl_ms),
                 },
             );
         }
+        state.running.remove(id);
         let shard = &mut state.shards[delivery.shard as usize];
         shard.pending.remove(&seq);
         shard.jobs.remove(&seq);
         drop(state);
         // No subscriber is not an error: nobody is waiting.
-        let _ = self.completed.send(delivery.job.id.clone());
+        let _ = self.completed.send(id.clone());
         Ok(())
     }
 }
@@ -152,6 +237,37 @@ impl JobQueue for MemoryQueue {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), QueueError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn begin<'a>(&'a self, job: &'a Job, ttl_ms: u64) -> BoxFuture<'a, Result<Begin, QueueError>> {
+        Box::pin(async move {
+            let now = Instant::now();
+            let mut state = self.lock();
+            state.prune(now);
+            if let Some(done) = state.outcomes.get(&job.id).and_then(|o| o.live(now)) {
+                return Ok(Begin::Done(done));
+            }
+            if let Some(digest) = state.running.get(&job.id).and_then(|r| r.live(now)) {
+                return Ok(Begin::Running {
+                    request_sha256: digest,
+                });
+            }
+            state.running.insert(
+                job.id.clone(),
+                Expiring {
+                    value: job.request_sha256.clone(),
+                    expires: Self::ttl(ttl_ms),
+                },
+            );
+            Ok(Begin::Started)
+        })
+    }
+
+    fn abandon<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            self.lock().running.remove(job_id);
+            Ok(())
+        })
     }
 
     fn enqueue<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), QueueError>> {
@@ -180,7 +296,7 @@ impl JobQueue for MemoryQueue {
     fn outcome<'a>(
         &'a self,
         job_id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<JobOutcome>, QueueError>> {
+    ) -> BoxFuture<'a, Result<Option<StoredOutcome>, QueueError>> {
         Box::pin(async move {
             let now = Instant::now();
             Ok(self.lock().outcomes.get(job_id).and_then(|o| o.live(now)))
@@ -202,7 +318,11 @@ impl JobQueue for MemoryQueue {
         Box::pin(async move { Ok(self.lock().shards.iter().map(|s| s.jobs.len()).sum()) })
     }
 
-    fn heartbeat<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, Result<Leases, QueueError>> {
+    fn heartbeat<'a>(
+        &'a self,
+        worker: &'a str,
+        busy: &'a [u32],
+    ) -> BoxFuture<'a, Result<Leases, QueueError>> {
         Box::pin(async move {
             let ttl = self.settings.lease_ttl_ms;
             let now = Instant::now();
@@ -211,17 +331,29 @@ impl JobQueue for MemoryQueue {
             state.workers.retain(|_, &mut t| t > now);
             let target = fair_share(self.settings.shards, state.workers.len());
             let mut leases = Leases::default();
-            for (s, lease) in state.leases.iter_mut().enumerate() {
-                match lease {
-                    Some(l) if l.expires > now && l.value == worker => {
-                        if leases.owned.len() < target {
-                            l.expires = Self::ttl(ttl);
-                            leases.owned.push(s as u32);
-                        } else {
-                            *lease = None;
-                        }
+            // Busy shards first, so that the fair share keeps them rather than idle ones.
+            let mut held: Vec<usize> = (0..state.leases.len())
+                .filter(|&s| {
+                    state.leases[s]
+                        .as_ref()
+                        .is_some_and(|l| l.expires > now && l.value == worker)
+                })
+                .collect();
+            held.sort_by_key(|&s| !busy.contains(&(s as u32)));
+            for s in held {
+                let keep = leases.owned.len() < target;
+                let lease = &mut state.leases[s];
+                if keep || busy.contains(&(s as u32)) {
+                    if let Some(l) = lease {
+                        l.expires = Self::ttl(ttl);
                     }
-                    _ => {}
+                    if keep {
+                        leases.owned.push(s as u32);
+                    } else {
+                        leases.draining.push(s as u32);
+                    }
+                } else {
+                    *lease = None;
                 }
             }
             for (s, lease) in state.leases.iter_mut().enumerate() {
@@ -292,10 +424,28 @@ impl JobQueue for MemoryQueue {
         })
     }
 
+    fn refresh<'a>(
+        &'a self,
+        _worker: &'a str,
+        shard: u32,
+        entries: &'a [String],
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let mut state = self.lock();
+            let shard = &mut state.shards[shard as usize];
+            for seq in entries.iter().filter_map(|e| e.parse::<u64>().ok()) {
+                if let Some(p) = shard.pending.get_mut(&seq) {
+                    p.delivered_at = Instant::now();
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn complete<'a>(
         &'a self,
         delivery: &'a Delivery,
-        outcome: &'a JobOutcome,
+        outcome: &'a StoredOutcome,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move { self.store_outcome(delivery, outcome) })
     }
@@ -306,15 +456,24 @@ impl JobQueue for MemoryQueue {
         reason: &'a str,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
-            self.lock()
-                .dead_letters
-                .push((delivery.job.clone(), reason.to_string()));
-            self.store_outcome(delivery, &JobOutcome::failed(super::DEAD_LETTERED, reason))
+            let job = &delivery.job;
+            self.lock().record_dead_letter(DeadLetter {
+                job: job.client_job_id.clone(),
+                session: job.session.clone(),
+                module: job.module.clone(),
+                reason: reason.to_string(),
+            });
+            let outcome = StoredOutcome {
+                request_sha256: job.request_sha256.clone(),
+                fhe_seconds: 0.0,
+                outcome: JobOutcome::failed(ErrorCode::DeadLettered, reason),
+            };
+            self.store_outcome(delivery, &outcome)
         })
     }
 
     fn dead_letters(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
-        Box::pin(async move { Ok(self.lock().dead_letters.len()) })
+        Box::pin(async move { Ok(self.lock().dead_lettered_total) })
     }
 
     fn leave<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
@@ -339,9 +498,8 @@ impl SessionStore for MemoryQueue {
         ttl_ms: u64,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
-            let now = Instant::now();
             let mut state = self.lock();
-            state.keys.retain(|_, k| k.expires > now);
+            state.prune(Instant::now());
             state.keys.insert(
                 key_id.to_string(),
                 Expiring {
@@ -371,7 +529,7 @@ impl SessionStore for MemoryQueue {
         Box::pin(async move {
             let now = Instant::now();
             let mut state = self.lock();
-            state.sessions.retain(|_, s| s.expires > now);
+            state.prune(now);
             for key_id in record.keys.values() {
                 if let Some(k) = state.keys.get_mut(key_id) {
                     k.expires = k.expires.max(Self::ttl(ttl_ms));
@@ -398,14 +556,35 @@ impl SessionStore for MemoryQueue {
         })
     }
 
-    fn delete_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<bool, QueueError>> {
+    fn delete_session<'a>(
+        &'a self,
+        record: &'a SessionRecord,
+    ) -> BoxFuture<'a, Result<bool, QueueError>> {
         Box::pin(async move {
             let now = Instant::now();
             Ok(self
                 .lock()
                 .sessions
-                .remove(id)
+                .remove(&record.id)
                 .is_some_and(|s| s.expires > now))
+        })
+    }
+
+    fn tenant_usage<'a>(
+        &'a self,
+        tenant: &'a str,
+    ) -> BoxFuture<'a, Result<TenantUsage, QueueError>> {
+        Box::pin(async move {
+            let now = Instant::now();
+            let state = self.lock();
+            let mut usage = TenantUsage::default();
+            for s in state.sessions.values().filter(|s| s.expires > now) {
+                if s.value.tenant == tenant {
+                    usage.sessions += 1;
+                    usage.key_bytes += s.value.key_bytes;
+                }
+            }
+            Ok(usage)
         })
     }
 }

@@ -8,8 +8,15 @@
 //!   fair share of free ones), so a session's keys are loaded by one worker only.
 //! - Delivery is at least once: a dead worker's lease expires, the next owner claims its pending
 //!   entries ([`JobQueue::claim`]). Evaluation is deterministic and the outcome is stored under
-//!   the job id (`SET NX`) *before* the entry is acknowledged, so a redelivered or retried job id
-//!   finds the stored outcome instead of being computed twice for different answers.
+//!   the job's *scoped* id (tenant, session, module, client job id: [`scoped_job_id`]) with
+//!   `SET NX` *before* the entry is acknowledged, so a redelivered or retried job finds the stored
+//!   outcome instead of being computed again. The outcome remembers the digest of the request
+//!   body, so the same id with another body is told apart (an idempotency conflict).
+//! - A job is enqueued once: [`JobQueue::begin`] sets an in-flight marker (`SET NX`, the deadline
+//!   as TTL) and a retry that finds it waits for the running job instead of enqueueing it again.
+//! - Entries in flight on a worker are refreshed ([`JobQueue::refresh`]) so that no idle claim
+//!   takes them; an entry that cannot be decoded is dead-lettered on its own, never failing the
+//!   batch it came in.
 //! - After `max_deliveries` a job goes to the dead-letter stream with a failed outcome naming why.
 
 mod memory;
@@ -22,6 +29,8 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::protocol::ErrorCode;
+
 pub use self::redis::RedisQueue;
 pub use memory::MemoryQueue;
 
@@ -32,13 +41,20 @@ pub type CompletionStream = Pin<Box<dyn Stream<Item = String> + Send>>;
 /// One encrypted layer request on its way to a worker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
-    /// Chosen by the client and reused on retries: the idempotency key.
+    /// [`scoped_job_id`] of the client's idempotency key: what outcomes are stored under.
     pub id: String,
+    /// The idempotency key as the client sent it (logs and traces).
+    pub client_job_id: String,
+    pub tenant: String,
     pub session: String,
     pub model: String,
     pub module: String,
     /// Content id of the session's evaluation key for this module's precision.
     pub key_id: String,
+    /// Hex SHA-256 of the request body: a retry must send the same bytes.
+    pub request_sha256: String,
+    /// Rows in the request (metering).
+    pub rows: u32,
     /// Past this instant the job is dropped, not computed.
     pub deadline_unix_ms: u64,
     /// W3C trace context of the request that enqueued it.
@@ -46,6 +62,18 @@ pub struct Job {
     /// The encoded `EncryptedRows`.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+}
+
+/// The id a job's outcome and in-flight marker are stored under: a client's idempotency key
+/// means something only within its tenant, session and module.
+pub fn scoped_job_id(tenant: &str, session: &str, module: &str, client_job_id: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [tenant, session, module, client_job_id] {
+        // Length-prefixed, so that no two tuples hash the same bytes.
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    hex::encode(h.finalize())
 }
 
 /// A job handed to one worker.
@@ -58,26 +86,43 @@ pub struct Delivery {
     pub job: Job,
 }
 
-/// The failed outcome's code of a dead-lettered job (`protocol::ErrorCode::DeadLettered`).
-pub const DEAD_LETTERED: &str = "dead_lettered";
-
-/// What a job ended as, stored under its id.
+/// What a job ended as.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum JobOutcome {
     /// The encoded `EncryptedOutputs`.
     Done(#[serde(with = "serde_bytes")] Vec<u8>),
-    /// A stable error code (`bad_request`, `not_found`, `deadline_exceeded`, `dead_lettered`,
-    /// `internal`) and a message for the client.
-    Failed { code: String, message: String },
+    /// The job's own fault, final: a stable code and a message for the client.
+    Failed { code: ErrorCode, message: String },
 }
 
 impl JobOutcome {
-    pub fn failed(code: &str, message: impl Into<String>) -> Self {
+    pub fn failed(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::Failed {
-            code: code.to_string(),
+            code,
             message: message.into(),
         }
     }
+}
+
+/// An outcome as stored under its job id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredOutcome {
+    /// Digest of the request body that produced it.
+    pub request_sha256: String,
+    /// Worker time spent in FHE evaluation (what a tenant is metered on).
+    pub fhe_seconds: f64,
+    pub outcome: JobOutcome,
+}
+
+/// What [`JobQueue::begin`] found under a job id.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Begin {
+    /// No outcome and no run: the marker is now ours, enqueue the job.
+    Started,
+    /// Another request with this id is running; its body had this digest.
+    Running { request_sha256: String },
+    /// The job already ended.
+    Done(StoredOutcome),
 }
 
 /// A client session: one tenant's evaluation keys for one model.
@@ -89,15 +134,27 @@ pub struct SessionRecord {
     pub token_sha256: String,
     /// Precision name → content id of the evaluation key stored for it.
     pub keys: BTreeMap<String, String>,
+    /// Bytes of evaluation keys uploaded with it (the tenant's key-bytes quota).
+    pub key_bytes: u64,
     pub expires_unix_ms: u64,
+}
+
+/// What a tenant holds now (its quotas are checked against this).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TenantUsage {
+    pub sessions: usize,
+    pub key_bytes: u64,
 }
 
 /// Shards a worker holds after a heartbeat.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Leases {
+    /// Shards to read new jobs from.
     pub owned: Vec<u32>,
     /// Taken in this heartbeat: their pending entries are to be claimed.
     pub acquired: Vec<u32>,
+    /// Beyond the fair share but kept (renewed, not read) until their jobs in flight finish.
+    pub draining: Vec<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -108,6 +165,9 @@ pub struct QueueSettings {
     pub max_deliveries: u32,
     pub lease_ttl_ms: u64,
     pub result_ttl_ms: u64,
+    /// Longest blocking read: a read that has not answered by then plus some slack is a dead
+    /// connection, not a slow one.
+    pub read_block_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,12 +189,17 @@ pub trait JobQueue: Send + Sync {
     fn settings(&self) -> &QueueSettings;
     fn ping(&self) -> BoxFuture<'_, Result<(), QueueError>>;
 
+    /// Claim `job.id` for one run: the stored outcome if it ended, the running request's digest
+    /// if it runs, or an in-flight marker set for `ttl_ms` ([`Begin::Started`]).
+    fn begin<'a>(&'a self, job: &'a Job, ttl_ms: u64) -> BoxFuture<'a, Result<Begin, QueueError>>;
+    /// Drop the in-flight marker of a job that could not be enqueued.
+    fn abandon<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Append `job` to its session's shard; refuses with [`QueueError::Full`] past the cap.
     fn enqueue<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), QueueError>>;
     fn outcome<'a>(
         &'a self,
         job_id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<JobOutcome>, QueueError>>;
+    ) -> BoxFuture<'a, Result<Option<StoredOutcome>, QueueError>>;
     /// Every job id completed from now on (one subscription per coordinator).
     fn completions(&self) -> BoxFuture<'_, Result<CompletionStream, QueueError>>;
     /// Workers whose heartbeat is younger than the lease TTL.
@@ -142,10 +207,16 @@ pub trait JobQueue: Send + Sync {
     /// Jobs waiting or in progress over all shards.
     fn depth(&self) -> BoxFuture<'_, Result<usize, QueueError>>;
 
-    /// Register `worker` as alive, renew its leases and take free shards up to a fair share
-    /// (giving back any beyond it, so a new worker gets some).
-    fn heartbeat<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, Result<Leases, QueueError>>;
-    /// New jobs of `shards`, waiting up to `block_ms` for the first.
+    /// Register `worker` as alive, renew its leases and take free shards up to a fair share,
+    /// giving back any beyond it (so a new worker gets some) except the `busy` ones, which are
+    /// kept as [`Leases::draining`] until their jobs in flight finish.
+    fn heartbeat<'a>(
+        &'a self,
+        worker: &'a str,
+        busy: &'a [u32],
+    ) -> BoxFuture<'a, Result<Leases, QueueError>>;
+    /// New jobs of `shards`, waiting up to `block_ms` for the first. Entries that cannot be
+    /// decoded are dead-lettered on the spot and not returned.
     fn read<'a>(
         &'a self,
         worker: &'a str,
@@ -160,11 +231,20 @@ pub trait JobQueue: Send + Sync {
         shard: u32,
         min_idle_ms: u64,
     ) -> BoxFuture<'a, Result<Vec<Delivery>, QueueError>>;
-    /// Store the outcome unless one exists (`SET NX`), announce it, then acknowledge the entry.
+    /// Reset the idle time of `entries` of `shard` (in flight on `worker`) without counting a
+    /// delivery, so that no idle claim takes a job that is still running.
+    fn refresh<'a>(
+        &'a self,
+        worker: &'a str,
+        shard: u32,
+        entries: &'a [String],
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
+    /// Store the outcome unless one exists (`SET NX`), clear the in-flight marker, announce it,
+    /// then acknowledge the entry.
     fn complete<'a>(
         &'a self,
         delivery: &'a Delivery,
-        outcome: &'a JobOutcome,
+        outcome: &'a StoredOutcome,
     ) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Record the job on the dead-letter stream and complete it as failed.
     fn dead_letter<'a>(
@@ -174,7 +254,7 @@ pub trait JobQueue: Send + Sync {
     ) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Entries on the dead-letter stream.
     fn dead_letters(&self) -> BoxFuture<'_, Result<usize, QueueError>>;
-    /// Give back `worker`'s leases (graceful shutdown).
+    /// Give back `worker`'s leases (graceful shutdown, once its jobs in flight are done).
     fn leave<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, Result<(), QueueError>>;
 }
 
@@ -189,6 +269,7 @@ pub trait SessionStore: Send + Sync {
     ) -> BoxFuture<'a, Result<(), QueueError>>;
     fn get_key<'a>(&'a self, key_id: &'a str)
         -> BoxFuture<'a, Result<Option<Vec<u8>>, QueueError>>;
+    /// Store (or renew) a session and index it under its tenant.
     fn put_session<'a>(
         &'a self,
         record: &'a SessionRecord,
@@ -199,7 +280,15 @@ pub trait SessionStore: Send + Sync {
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<SessionRecord>, QueueError>>;
     /// Whether a session was there to delete.
-    fn delete_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<bool, QueueError>>;
+    fn delete_session<'a>(
+        &'a self,
+        record: &'a SessionRecord,
+    ) -> BoxFuture<'a, Result<bool, QueueError>>;
+    /// The live sessions of `tenant` and the key bytes they hold.
+    fn tenant_usage<'a>(
+        &'a self,
+        tenant: &'a str,
+    ) -> BoxFuture<'a, Result<TenantUsage, QueueError>>;
 }
 
 /// Both sides of a broker: what services hold.
@@ -215,6 +304,20 @@ pub fn shard_of(session: &str, shards: u32) -> u32 {
 /// How many shards each of `workers` live workers should hold.
 pub fn fair_share(shards: u32, workers: usize) -> usize {
     (shards as usize).div_ceil(workers.max(1))
+}
+
+/// `url` with any password replaced by `***`: what may appear in a log line or an error.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -238,5 +341,31 @@ mod tests {
         assert_eq!(shard_of("abc", 16), shard_of("abc", 16));
         assert_eq!(fair_share(16, 3), 6);
         assert_eq!(fair_share(16, 0), 16);
+    }
+
+    #[test]
+    fn passwords_never_reach_a_log_line() {
+        assert_eq!(
+            redact_url("redis://:s3cret@redis:6379/0"),
+            "redis://:***@redis:6379/0"
+        );
+        assert_eq!(
+            redact_url("rediss://user:pw@host:1"),
+            "rediss://user:***@host:1"
+        );
+        assert_eq!(redact_url("redis://redis:6379"), "redis://redis:6379");
+    }
+
+    #[test]
+    fn scoped_ids_differ_by_every_part() {
+        let a = scoped_job_id("t", "s", "m", "job-0001");
+        assert_ne!(a, scoped_job_id("t2", "s", "m", "job-0001"));
+        assert_ne!(a, scoped_job_id("t", "s2", "m", "job-0001"));
+        assert_ne!(a, scoped_job_id("t", "s", "m2", "job-0001"));
+        assert_ne!(
+            scoped_job_id("ab", "c", "m", "j"),
+            scoped_job_id("a", "bc", "m", "j")
+        );
+        assert_eq!(a, scoped_job_id("t", "s", "m", "job-0001"));
     }
 }

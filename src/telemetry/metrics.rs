@@ -97,6 +97,21 @@ impl Exposition {
         let _ = writeln!(self.0, "{name} {value}");
     }
 
+    /// One counter per label value: `name{label="value"} v`.
+    pub fn labelled_counter(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &[(&str, f64)],
+    ) {
+        self.header(name, help, "counter");
+        for (value, v) in values {
+            let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(self.0, "{name}{{{label}=\"{escaped}\"}} {v}");
+        }
+    }
+
     pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
         self.header(name, help, "histogram");
         let mut cumulative = 0;
@@ -115,7 +130,8 @@ impl Exposition {
     }
 }
 
-/// Reads one un-labelled sample from exposition text (tests and the load generator use it).
+/// Reads one sample from exposition text (tests and the load generator use it); a labelled one is
+/// named with its labels, as in `hyfhe_tenant_requests_total{tenant="demo"}`.
 pub fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (n, v) = l.split_once(' ')?;

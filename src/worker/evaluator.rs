@@ -15,11 +15,13 @@ use crate::fhe::{EncryptedOutputs, EncryptedRows, FourierLinearLayer, FourierPac
 
 pub struct Evaluator {
     pool: Arc<rayon::ThreadPool>,
+    /// `worker.max_job_bytes`: digit buffers of one evaluation.
+    max_job_bytes: usize,
     metrics: Arc<WorkerMetrics>,
 }
 
 impl Evaluator {
-    pub fn new(threads: usize, metrics: Arc<WorkerMetrics>) -> Self {
+    pub fn new(threads: usize, max_job_bytes: usize, metrics: Arc<WorkerMetrics>) -> Self {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("hyfhe-eval-{i}"))
@@ -27,6 +29,7 @@ impl Evaluator {
             .expect("spawning evaluator threads");
         Self {
             pool: Arc::new(pool),
+            max_job_bytes,
             metrics,
         }
     }
@@ -37,7 +40,7 @@ impl Actor for Evaluator {
 }
 
 #[derive(Message)]
-#[rtype(result = "Result<EncryptedOutputs, JobError>")]
+#[rtype(result = "Result<Evaluated, JobError>")]
 pub struct Evaluate {
     pub layer: Arc<FourierLinearLayer>,
     pub key: Arc<FourierPackingKey>,
@@ -46,22 +49,31 @@ pub struct Evaluate {
     pub parent: tracing::Span,
 }
 
+/// Outputs and the time the evaluation took (metered per tenant).
+pub struct Evaluated {
+    pub outputs: EncryptedOutputs,
+    pub seconds: f64,
+}
+
 impl Handler<Evaluate> for Evaluator {
-    type Result = ResponseFuture<Result<EncryptedOutputs, JobError>>;
+    type Result = ResponseFuture<Result<Evaluated, JobError>>;
 
     fn handle(&mut self, msg: Evaluate, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         let metrics = self.metrics.clone();
         let span = tracing::info_span!(parent: &msg.parent, "evaluate", rows = msg.rows.rows);
+        let budget = self.max_job_bytes;
         self.pool.spawn(move || {
             let _enter = span.enter();
             let start = Instant::now();
+            // Parallel iterators inside run on this pool: the caller's thread count holds.
             let result = msg
                 .layer
-                .evaluate(&msg.key, &msg.rows)
+                .evaluate_within(&msg.key, &msg.rows, budget)
                 .map_err(|e| JobError::BadRequest(e.to_string()));
-            metrics.fhe_seconds.observe(start.elapsed().as_secs_f64());
-            let _ = tx.send(result);
+            let seconds = start.elapsed().as_secs_f64();
+            metrics.fhe_seconds.observe(seconds);
+            let _ = tx.send(result.map(|outputs| Evaluated { outputs, seconds }));
         });
         Box::pin(async move {
             rx.await

@@ -18,7 +18,7 @@ use super::{JobError, WorkerMetrics};
 use crate::fhe::{decode, EvaluationKey, FourierPackingKey, Precision};
 use crate::queue::Broker;
 
-type KeyResult = Result<Arc<FourierPackingKey>, String>;
+type KeyResult = Result<Arc<FourierPackingKey>, JobError>;
 
 /// Largest evaluation-key blob accepted from the store (both precisions are ~96 MiB).
 fn max_key_bytes() -> usize {
@@ -92,15 +92,47 @@ async fn load(broker: Arc<dyn Broker>, key_id: String) -> KeyResult {
     let bytes = broker
         .get_key(&key_id)
         .await
-        .map_err(|e| format!("loading key {key_id}: {e}"))?
-        .ok_or_else(|| format!("evaluation key {key_id} expired or was never uploaded"))?;
+        // The store could not be read: not the job's fault, it is retried later.
+        .map_err(|e| JobError::Transient(format!("loading key {key_id}: {e}")))?
+        .ok_or_else(|| {
+            JobError::NotFound(format!(
+                "evaluation key {key_id} expired or was never uploaded"
+            ))
+        })?;
     tokio::task::spawn_blocking(move || {
-        let key: EvaluationKey =
-            decode(&bytes, max_key_bytes()).map_err(|e| format!("stored key {key_id}: {e}"))?;
+        let key: EvaluationKey = decode(&bytes, max_key_bytes())
+            .map_err(|e| JobError::BadRequest(format!("stored key {key_id}: {e}")))?;
         Ok(Arc::new(FourierPackingKey::new(&key)))
     })
     .await
-    .map_err(|e| format!("key transform panicked: {e}"))?
+    .map_err(|e| JobError::Internal(format!("key transform panicked: {e}")))?
+}
+
+/// What the key cache holds now.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyCacheStats {
+    pub keys: usize,
+    pub bytes: u64,
+    pub capacity_bytes: u64,
+    pub loading: usize,
+}
+
+/// Ask the key cache for its [`KeyCacheStats`].
+#[derive(Message)]
+#[rtype(result = "KeyCacheStats")]
+pub struct GetKeyCacheStats;
+
+impl Handler<GetKeyCacheStats> for KeyCache {
+    type Result = actix::MessageResult<GetKeyCacheStats>;
+
+    fn handle(&mut self, _: GetKeyCacheStats, _: &mut Context<Self>) -> Self::Result {
+        actix::MessageResult(KeyCacheStats {
+            keys: self.entries.len(),
+            bytes: self.used_bytes(),
+            capacity_bytes: self.capacity_bytes,
+            loading: self.loading.len(),
+        })
+    }
 }
 
 impl Handler<GetKey> for KeyCache {
@@ -148,14 +180,8 @@ impl Handler<GetKey> for KeyCache {
             ctx.spawn(fut);
         }
         Box::pin(async move {
-            match rx.await {
-                Ok(Ok(key)) => Ok(key),
-                Ok(Err(e)) if e.contains("expired or was never uploaded") => {
-                    Err(JobError::NotFound(e))
-                }
-                Ok(Err(e)) => Err(JobError::Internal(e)),
-                Err(_) => Err(JobError::Internal("key cache stopped".into())),
-            }
+            rx.await
+                .unwrap_or_else(|_| Err(JobError::Internal("key cache stopped".into())))
         })
     }
 }

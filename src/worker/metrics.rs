@@ -11,6 +11,7 @@ pub struct WorkerMetrics {
     pub jobs_expired: Counter,
     pub jobs_dead_lettered: Counter,
     pub jobs_claimed: Counter,
+    pub jobs_left_pending: Counter,
     pub jobs_in_progress: Gauge,
     pub key_cache_hits: Counter,
     pub key_cache_misses: Counter,
@@ -58,6 +59,11 @@ impl WorkerMetrics {
             "hyfhe_worker_jobs_claimed_total",
             "Pending jobs taken over from another consumer.",
             self.jobs_claimed.get(),
+        );
+        e.counter(
+            "hyfhe_worker_jobs_left_pending_total",
+            "Jobs left pending for redelivery after a transient failure.",
+            self.jobs_left_pending.get(),
         );
         e.gauge(
             "hyfhe_worker_jobs_in_progress",

@@ -1,8 +1,10 @@
 //! The worker: pulls encrypted layer jobs from the queue and evaluates them.
 //!
 //! Actors, one file each:
-//! - [`QueueReader`]: heartbeats (shard leases), claims a dead worker's pending entries, reads new
-//!   jobs, and drives each job through the others; at most `max_pending` jobs at once.
+//! - [`QueueReader`]: reads new jobs from the leased shards and starts each on the job pipeline
+//!   (`job_pipeline.rs`: module, key, evaluation, result); at most `max_pending` jobs at once. Its
+//!   lease keeper (`lease_keeper.rs`) heartbeats, keeps shards with jobs in flight until they
+//!   finish, refreshes those jobs' entries and claims a dead worker's pending ones.
 //! - [`KeyCache`]: a session's evaluation key, fetched from the store and Fourier-transformed once,
 //!   kept in a byte-bounded LRU; concurrent misses for one key share one load.
 //! - [`ModuleCache`]: every served module's weights, Fourier-transformed at start.
@@ -11,7 +13,10 @@
 
 mod evaluator;
 mod http;
+mod in_flight;
+mod job_pipeline;
 mod key_cache;
+mod lease_keeper;
 mod metrics;
 mod module_cache;
 mod queue_reader;
@@ -23,18 +28,18 @@ use actix::{Actor, Addr};
 
 pub use evaluator::Evaluator;
 pub use http::metrics_app;
-pub use key_cache::KeyCache;
+pub use key_cache::{GetKeyCacheStats, KeyCache, KeyCacheStats};
 pub use metrics::WorkerMetrics;
 pub use module_cache::{ModuleCache, ModuleSet};
-pub use queue_reader::{Leave, QueueReader};
+pub use queue_reader::{Leave, QueueReader, ReaderStats, Stats};
 pub use result_writer::ResultWriter;
 
 use crate::config::Config;
 use crate::protocol::ErrorCode;
 use crate::queue::Broker;
 
-/// Why a job could not be evaluated; becomes a failed outcome with the code's name.
-#[derive(Debug, thiserror::Error)]
+/// Why a job could not be evaluated.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum JobError {
     #[error("{0}")]
     NotFound(String),
@@ -42,14 +47,20 @@ pub enum JobError {
     BadRequest(String),
     #[error("{0}")]
     Internal(String),
+    /// Not the job's fault (Redis unreachable, a key blob that could not be read): the job is
+    /// left pending and redelivered, never completed with this.
+    #[error("{0}")]
+    Transient(String),
 }
 
 impl JobError {
-    pub fn code(&self) -> ErrorCode {
+    /// The final outcome's code; `None` for a transient failure, which has no final outcome.
+    pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            JobError::NotFound(_) => ErrorCode::NotFound,
-            JobError::BadRequest(_) => ErrorCode::BadRequest,
-            JobError::Internal(_) => ErrorCode::Internal,
+            JobError::NotFound(_) => Some(ErrorCode::NotFound),
+            JobError::BadRequest(_) => Some(ErrorCode::BadRequest),
+            JobError::Internal(_) => Some(ErrorCode::Internal),
+            JobError::Transient(_) => None,
         }
     }
 }
@@ -58,6 +69,7 @@ impl JobError {
 pub struct WorkerHandle {
     pub id: String,
     pub reader: Addr<QueueReader>,
+    pub keys: Addr<KeyCache>,
     pub metrics: Arc<WorkerMetrics>,
 }
 
@@ -80,23 +92,29 @@ pub fn start(config: &Config, broker: Arc<dyn Broker>, modules: Arc<ModuleSet>) 
     )
     .start();
     let module_cache = ModuleCache::new(modules).start();
-    let evaluator = Evaluator::new(threads, metrics.clone()).start();
+    let evaluator = Evaluator::new(
+        threads,
+        config.worker.max_job_bytes as usize,
+        metrics.clone(),
+    )
+    .start();
     let writer = ResultWriter::new(broker.clone(), metrics.clone()).start();
-    let reader = QueueReader {
-        id: id.clone(),
+    let reader = QueueReader::new(
+        id.clone(),
         broker,
-        settings: config.worker.clone(),
-        max_deliveries: config.queue.max_deliveries,
-        keys,
-        modules: module_cache,
+        config.worker.clone(),
+        config.queue.max_deliveries,
+        keys.clone(),
+        module_cache,
         evaluator,
         writer,
-        metrics: metrics.clone(),
-    }
+        metrics.clone(),
+    )
     .start();
     WorkerHandle {
         id,
         reader,
+        keys,
         metrics,
     }
 }

@@ -8,7 +8,7 @@ use actix::{Actor, Context, Handler, Message};
 
 use super::JobError;
 use crate::fhe::FourierLinearLayer;
-use crate::hybrid::{HybridError, HybridModel};
+use crate::hybrid::{HybridError, HybridModel, Trees};
 
 /// Every (model, module) this worker can evaluate.
 pub struct ModuleSet {
@@ -18,7 +18,7 @@ pub struct ModuleSet {
 impl ModuleSet {
     /// The server trees of the compiled models under `dir` (one model, or a directory of them).
     pub fn load(dir: &Path) -> Result<Self, HybridError> {
-        Self::from_models(&HybridModel::load_all(dir)?)
+        Self::from_models(&HybridModel::load_all(dir, Trees::ClientAndServer)?)
     }
 
     /// The server modules of models already loaded from their directories.

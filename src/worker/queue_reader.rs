@@ -1,21 +1,23 @@
-//! Reads jobs from the leased shards and drives each through module, key, evaluation and result.
+//! The queue reader: reads new jobs from the leased shards and starts each on the job pipeline;
+//! the lease keeper runs beside it. It answers [`Stats`], and [`Leave`] drains it: no new reads,
+//! the jobs in flight finish, then the leases are given back.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorContext, ActorFutureExt, Addr, AsyncContext, Context, WrapFuture};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tracing::Instrument;
+use tokio::sync::{watch, Semaphore};
 
-use super::evaluator::Evaluate;
-use super::key_cache::GetKey;
-use super::module_cache::GetModule;
-use super::result_writer::WriteOutcome;
-use super::{Evaluator, JobError, KeyCache, ModuleCache, ResultWriter, WorkerMetrics};
+use super::in_flight::InFlight;
+use super::job_pipeline::Pipeline;
+use super::{lease_keeper, Evaluator, KeyCache, ModuleCache, ResultWriter, WorkerMetrics};
 use crate::config::WorkerConfig;
-use crate::fhe::{decode, encode, EncryptedRows};
-use crate::protocol::{ErrorCode, MAX_PAYLOAD_BYTES};
-use crate::queue::{now_unix_ms, Broker, Delivery, JobOutcome};
+use crate::queue::{Broker, Leases};
+
+/// How long [`Leave`] waits for jobs in flight before giving the leases back anyway (their
+/// entries are then claimed and rerun by the next owner).
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub struct QueueReader {
     pub id: String,
@@ -27,19 +29,48 @@ pub struct QueueReader {
     pub evaluator: Addr<Evaluator>,
     pub writer: Addr<ResultWriter>,
     pub metrics: Arc<WorkerMetrics>,
+    pipeline: Option<Arc<Pipeline>>,
+    shared: Arc<Shared>,
 }
 
-/// What one job needs; shared by every job task.
-struct Pipeline {
-    broker: Arc<dyn Broker>,
-    max_deliveries: u32,
-    keys: Addr<KeyCache>,
-    modules: Addr<ModuleCache>,
-    evaluator: Addr<Evaluator>,
-    writer: Addr<ResultWriter>,
-    metrics: Arc<WorkerMetrics>,
-    /// At most `max_pending` jobs between read and stored outcome.
-    permits: Arc<Semaphore>,
+/// State the reader shares with its lease keeper.
+#[derive(Default)]
+pub struct Shared {
+    /// Set by [`Leave`]: read nothing new, claim nothing.
+    pub leaving: AtomicBool,
+    /// Set once drained: the lease keeper stops (so it cannot retake what `leave` gives back).
+    pub stopped: AtomicBool,
+    /// The last heartbeat's leases.
+    pub leases: Mutex<Leases>,
+}
+
+impl QueueReader {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: String,
+        broker: Arc<dyn Broker>,
+        settings: WorkerConfig,
+        max_deliveries: u32,
+        keys: Addr<KeyCache>,
+        modules: Addr<ModuleCache>,
+        evaluator: Addr<Evaluator>,
+        writer: Addr<ResultWriter>,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Self {
+        Self {
+            id,
+            broker,
+            settings,
+            max_deliveries,
+            keys,
+            modules,
+            evaluator,
+            writer,
+            metrics,
+            pipeline: None,
+            shared: Arc::new(Shared::default()),
+        }
+    }
 }
 
 impl Actor for QueueReader {
@@ -55,25 +86,64 @@ impl Actor for QueueReader {
             writer: self.writer.clone(),
             metrics: self.metrics.clone(),
             permits: Arc::new(Semaphore::new(self.settings.max_pending)),
+            in_flight: InFlight::default(),
         });
+        self.pipeline = Some(pipeline.clone());
         let (shards_tx, shards_rx) = watch::channel(Vec::new());
         tracing::info!(worker = %self.id, "worker started");
         ctx.spawn(
-            heartbeats(
+            lease_keeper::run(
                 self.id.clone(),
                 self.settings.clone(),
                 pipeline.clone(),
+                self.shared.clone(),
                 shards_tx,
             )
             .into_actor(self),
         );
         ctx.spawn(
-            reads(self.id.clone(), self.settings.clone(), pipeline, shards_rx).into_actor(self),
+            reads(
+                self.id.clone(),
+                self.settings.clone(),
+                pipeline,
+                self.shared.clone(),
+                shards_rx,
+            )
+            .into_actor(self),
         );
     }
 }
 
-/// Ask the reader to give back its leases and stop (graceful shutdown).
+/// What the reader holds now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReaderStats {
+    pub jobs_in_flight: usize,
+    pub shards_owned: Vec<u32>,
+    pub shards_draining: Vec<u32>,
+    pub leaving: bool,
+}
+
+/// Ask an actor for its counters.
+#[derive(actix::Message)]
+#[rtype(result = "ReaderStats")]
+pub struct Stats;
+
+impl actix::Handler<Stats> for QueueReader {
+    type Result = actix::MessageResult<Stats>;
+
+    fn handle(&mut self, _: Stats, _: &mut Context<Self>) -> Self::Result {
+        let leases = self.shared.leases.lock().unwrap_or_else(|p| p.into_inner());
+        actix::MessageResult(ReaderStats {
+            jobs_in_flight: self.pipeline.as_ref().map_or(0, |p| p.in_flight.len()),
+            shards_owned: leases.owned.clone(),
+            shards_draining: leases.draining.clone(),
+            leaving: self.shared.leaving.load(Ordering::Acquire),
+        })
+    }
+}
+
+/// Stop reading, let the jobs in flight finish (up to [`DRAIN_LIMIT`]), give back the leases
+/// and stop (graceful shutdown).
 #[derive(actix::Message)]
 #[rtype(result = "()")]
 pub struct Leave;
@@ -84,8 +154,20 @@ impl actix::Handler<Leave> for QueueReader {
     fn handle(&mut self, _: Leave, _: &mut Context<Self>) -> Self::Result {
         let broker = self.broker.clone();
         let id = self.id.clone();
+        let shared = self.shared.clone();
+        let pipeline = self.pipeline.clone();
+        shared.leaving.store(true, Ordering::Release);
         Box::pin(
             async move {
+                let started = Instant::now();
+                let running = || pipeline.as_ref().map_or(0, |p| p.in_flight.len());
+                while running() > 0 && started.elapsed() < DRAIN_LIMIT {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if running() > 0 {
+                    tracing::warn!(jobs = running(), "leaving with jobs still running");
+                }
+                shared.stopped.store(true, Ordering::Release);
                 if let Err(e) = broker.leave(&id).await {
                     tracing::warn!(error = %e, "could not give back leases");
                 }
@@ -96,74 +178,20 @@ impl actix::Handler<Leave> for QueueReader {
     }
 }
 
-async fn heartbeats(
-    id: String,
-    settings: WorkerConfig,
-    pipeline: Arc<Pipeline>,
-    shards: watch::Sender<Vec<u32>>,
-) {
-    let mut tick = tokio::time::interval(Duration::from_millis(settings.heartbeat_ms));
-    let mut last_idle_claim = Instant::now();
-    loop {
-        tick.tick().await;
-        let leases = match pipeline.broker.heartbeat(&id).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "heartbeat failed");
-                continue;
-            }
-        };
-        pipeline.metrics.shards_owned.set(leases.owned.len() as u64);
-        if !leases.acquired.is_empty() {
-            tracing::info!(worker = %id, shards = ?leases.acquired, "acquired shards");
-        }
-        shards.send_replace(leases.owned.clone());
-        // A shard just taken may hold a dead worker's unacknowledged jobs: take them all now.
-        // On shards held for a while, only entries idle past `claim_idle_ms` (a stuck reader).
-        let idle_round = last_idle_claim.elapsed() >= Duration::from_millis(settings.claim_idle_ms);
-        if idle_round {
-            last_idle_claim = Instant::now();
-        }
-        for &shard in &leases.owned {
-            let min_idle = if leases.acquired.contains(&shard) {
-                0
-            } else if idle_round {
-                settings.claim_idle_ms
-            } else {
-                continue;
-            };
-            match pipeline.broker.claim(&id, shard, min_idle).await {
-                Ok(claimed) => {
-                    for delivery in claimed {
-                        pipeline.metrics.jobs_claimed.inc();
-                        let p = pipeline.clone();
-                        actix::spawn(async move {
-                            let Ok(permit) = p.permits.clone().acquire_owned().await else {
-                                return;
-                            };
-                            process(p, delivery, permit).await;
-                        });
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, shard, "claim failed"),
-            }
-        }
-    }
-}
-
 async fn reads(
     id: String,
     settings: WorkerConfig,
     pipeline: Arc<Pipeline>,
+    shared: Arc<Shared>,
     mut shards: watch::Receiver<Vec<u32>>,
 ) {
-    loop {
+    while !shared.leaving.load(Ordering::Acquire) {
         // Only read what we can start: jobs left unread stay for a worker with room.
         let Ok(permit) = pipeline.permits.clone().acquire_owned().await else {
             return;
         };
         let owned = shards.borrow_and_update().clone();
-        if owned.is_empty() {
+        if owned.is_empty() || shared.leaving.load(Ordering::Acquire) {
             drop(permit);
             let _ = tokio::time::timeout(
                 Duration::from_millis(settings.read_block_ms),
@@ -194,97 +222,7 @@ async fn reads(
                     Err(_) => return,
                 },
             };
-            actix::spawn(process(pipeline.clone(), delivery, permit));
+            pipeline.start(delivery, permit);
         }
     }
-}
-
-async fn process(p: Arc<Pipeline>, delivery: Delivery, _permit: OwnedSemaphorePermit) {
-    let start = Instant::now();
-    p.metrics.jobs_received.inc();
-    p.metrics.jobs_in_progress.inc();
-    let job = &delivery.job;
-    let span =
-        tracing::info_span!("job", job = %job.id, module = %job.module, shard = delivery.shard);
-    crate::telemetry::set_parent(&span, job.traceparent.as_deref());
-    async {
-        if delivery.deliveries > p.max_deliveries {
-            let reason = format!(
-                "job {} failed {} deliveries (limit {}); moved to the dead-letter stream",
-                job.id,
-                delivery.deliveries - 1,
-                p.max_deliveries
-            );
-            tracing::warn!(job = %job.id, "dead-lettered");
-            match p.broker.dead_letter(&delivery, &reason).await {
-                Ok(()) => p.metrics.jobs_dead_lettered.inc(),
-                Err(e) => tracing::warn!(error = %e, "dead-letter failed"),
-            }
-            return;
-        }
-        let outcome = if now_unix_ms() > job.deadline_unix_ms {
-            p.metrics.jobs_expired.inc();
-            JobOutcome::failed(
-                ErrorCode::DeadlineExceeded.as_str(),
-                "the job's deadline passed before a worker took it",
-            )
-        } else {
-            match p.broker.outcome(&job.id).await {
-                // A redelivery of a job whose outcome is stored: acknowledge, do not recompute.
-                Ok(Some(stored)) => stored,
-                _ => match evaluate(&p, &delivery).await {
-                    Ok(bytes) => JobOutcome::Done(bytes),
-                    Err(e) => JobOutcome::failed(e.code().as_str(), e.to_string()),
-                },
-            }
-        };
-        let write = p.writer.send(WriteOutcome {
-            delivery: delivery.clone(),
-            outcome,
-        });
-        match write.instrument(tracing::info_span!("publish")).await {
-            Ok(Ok(())) => {}
-            // The entry stays pending and is claimed again later.
-            Ok(Err(e)) => tracing::warn!(error = %e, "storing outcome failed"),
-            Err(e) => tracing::warn!(error = %e, "result writer unavailable"),
-        }
-    }
-    .instrument(span)
-    .await;
-    p.metrics.jobs_in_progress.dec();
-    p.metrics.job_seconds.observe(start.elapsed().as_secs_f64());
-}
-
-async fn evaluate(p: &Pipeline, delivery: &Delivery) -> Result<Vec<u8>, JobError> {
-    let job = &delivery.job;
-    let mailbox = |e: actix::MailboxError| JobError::Internal(e.to_string());
-    let layer = p
-        .modules
-        .send(GetModule {
-            model: job.model.clone(),
-            module: job.module.clone(),
-        })
-        .await
-        .map_err(mailbox)??;
-    let rows: EncryptedRows =
-        decode(&job.payload, MAX_PAYLOAD_BYTES).map_err(|e| JobError::BadRequest(e.to_string()))?;
-    let key = p
-        .keys
-        .send(GetKey {
-            key_id: job.key_id.clone(),
-            parent: tracing::Span::current(),
-        })
-        .await
-        .map_err(mailbox)??;
-    let outputs = p
-        .evaluator
-        .send(Evaluate {
-            layer,
-            key,
-            rows,
-            parent: tracing::Span::current(),
-        })
-        .await
-        .map_err(mailbox)??;
-    Ok(encode(&outputs))
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use actix::{Actor, Context, Handler, Message, ResponseFuture};
 
 use super::WorkerMetrics;
-use crate::queue::{Broker, Delivery, JobOutcome, QueueError};
+use crate::queue::{Broker, Delivery, JobOutcome, QueueError, StoredOutcome};
 
 pub struct ResultWriter {
     broker: Arc<dyn Broker>,
@@ -26,7 +26,7 @@ impl Actor for ResultWriter {
 #[rtype(result = "Result<(), QueueError>")]
 pub struct WriteOutcome {
     pub delivery: Delivery,
-    pub outcome: JobOutcome,
+    pub outcome: StoredOutcome,
 }
 
 impl Handler<WriteOutcome> for ResultWriter {
@@ -37,7 +37,7 @@ impl Handler<WriteOutcome> for ResultWriter {
         let metrics = self.metrics.clone();
         Box::pin(async move {
             broker.complete(&msg.delivery, &msg.outcome).await?;
-            match msg.outcome {
+            match msg.outcome.outcome {
                 JobOutcome::Done(_) => metrics.jobs_done.inc(),
                 JobOutcome::Failed { .. } => metrics.jobs_failed.inc(),
             }

@@ -68,10 +68,14 @@ impl Drop for RedisServer {
     }
 }
 
-/// A `hyfhe` child process whose first `http://` line on stdout tells where it listens.
+/// A `hyfhe` child process whose `http://` lines on stdout tell where it listens: a coordinator
+/// (or `serve`) prints its API (`listening on …`) and its metrics (`metrics on …`) addresses, a
+/// worker only its metrics and health address.
 pub struct Service {
     child: Child,
     pub url: String,
+    /// Where its `/metrics` is (the same as `url` for a worker).
+    pub metrics_url: String,
 }
 
 impl Service {
@@ -92,14 +96,30 @@ impl Service {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(at) = line.find("http://") {
-                    let _ = tx.send(line[at..].trim().to_string());
+                    let _ = tx.send((line.starts_with("listening"), line[at..].trim().to_string()));
                 }
             }
         });
-        let url = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("{name} did not start (args {args:?})"));
-        Self { child, url }
+        let is_worker = args.first() == Some(&"worker");
+        let (mut url, mut metrics_url) = (None, None);
+        while url.is_none() || metrics_url.is_none() {
+            let (api, at) = rx
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("{name} did not start (args {args:?})"));
+            if api {
+                url = Some(at);
+            } else {
+                if is_worker {
+                    url = Some(at.clone());
+                }
+                metrics_url = Some(at);
+            }
+        }
+        Self {
+            child,
+            url: url.unwrap(),
+            metrics_url: metrics_url.unwrap(),
+        }
     }
 
     /// SIGTERM: the graceful stop a container runtime sends; waits for the exit.
@@ -149,6 +169,7 @@ pub fn base_env(models: &Path) -> Vec<(String, String)> {
     env(&[
         ("MODELS__DIR", models.to_str().unwrap()),
         ("COORDINATOR__LISTEN", "127.0.0.1:0"),
+        ("COORDINATOR__METRICS_LISTEN", "127.0.0.1:0"),
         ("WORKER__LISTEN", "127.0.0.1:0"),
         ("WORKER__HEARTBEAT_MS", "250"),
         // Takeover waits for this, but a loaded CI machine must never let a lease lapse between
@@ -208,6 +229,11 @@ impl Cluster {
 
     pub fn url(&self) -> &str {
         &self.coordinator.url
+    }
+
+    /// The coordinator's (or `serve`'s) metrics address.
+    pub fn metrics_url(&self) -> &str {
+        &self.coordinator.metrics_url
     }
 
     /// Every shard leased and each worker holding some, so a session's shard has settled.

@@ -75,10 +75,45 @@ fn the_compose_file_matches_the_config_and_the_cli() {
         let command = strings(&service["command"]);
         assert_eq!(command, vec![role, "--config", "/etc/hyfhe/docker.toml"]);
         // Every variable is a config override that applies cleanly to docker.toml.
-        let env = environment(service);
+        let mut env = environment(service);
+        // The tenants come from a mounted file, never from docker.toml.
+        if let Some(file) = env.remove(hyfhe::config::TENANTS_FILE_ENV) {
+            assert_eq!(role, "coordinator");
+            let volumes = strings(&service["volumes"]);
+            assert!(
+                volumes
+                    .iter()
+                    .any(|v| v.split(':').nth(1) == Some(file.as_str())),
+                "{file} is mounted: {volumes:?}"
+            );
+        }
         assert!(env.keys().all(|k| k.starts_with("HYFHE__")), "{env:?}");
         let config = Config::from_toml(&docker_toml, " docker.toml", &env)
             .unwrap_or_else(|e| panic!("{role}'s environment: {e}"));
+        assert!(config.tenants.is_empty(), "docker.toml ships no tenant");
+        assert_eq!(
+            service["restart"].as_str(),
+            Some("unless-stopped"),
+            "{role} restarts"
+        );
+        let limit = service["deploy"]["resources"]["limits"]["memory"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{role} has a memory limit"));
+        let limit_bytes = limit.trim_end_matches('g').parse::<u64>().unwrap() << 30;
+        if role == "worker" {
+            // What the config lets a worker hold must fit under its limit.
+            let w = &config.worker;
+            let per_job = w.max_job_bytes + 3 * config.coordinator.max_body_bytes as u64;
+            assert!(
+                w.key_cache_bytes + w.max_pending as u64 * per_job < limit_bytes,
+                "worker limit {limit} below key cache + job budgets"
+            );
+            let health = strings(&service["healthcheck"]["test"]);
+            assert!(
+                health.iter().any(|t| t.ends_with(":9090/health/ready")),
+                "{health:?}"
+            );
+        }
         assert_eq!(
             config.queue.redis_url, "redis://redis:6379",
             "points at the redis service"

@@ -6,6 +6,7 @@ mod codecs;
 mod compose;
 mod config;
 mod exactness;
+mod hardening;
 mod helpers;
 mod hybrid;
 mod noise;

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use hyfhe::protocol::ErrorCode;
 use hyfhe::queue::{
-    shard_of, Broker, Job, JobOutcome, MemoryQueue, QueueError, QueueSettings, RedisQueue,
+    shard_of, Begin, Broker, Job, JobOutcome, JobQueue, MemoryQueue, QueueError, QueueSettings,
+    RedisQueue, StoredOutcome,
 };
 
 use crate::cluster::RedisServer;
@@ -18,19 +20,32 @@ fn settings() -> QueueSettings {
         max_deliveries: 2,
         lease_ttl_ms: 1500,
         result_ttl_ms: 60_000,
+        read_block_ms: 1000,
     }
 }
 
 fn job(id: &str, session: &str) -> Job {
     Job {
         id: id.into(),
+        client_job_id: id.into(),
+        tenant: "t".into(),
         session: session.into(),
         model: "m".into(),
         module: "seq.0".into(),
         key_id: "k".into(),
+        request_sha256: "digest-of-body".into(),
+        rows: 1,
         deadline_unix_ms: u64::MAX,
         traceparent: None,
         payload: vec![1, 2, 3],
+    }
+}
+
+fn stored(outcome: JobOutcome) -> StoredOutcome {
+    StoredOutcome {
+        request_sha256: "digest-of-body".into(),
+        fhe_seconds: 0.5,
+        outcome,
     }
 }
 
@@ -44,14 +59,24 @@ fn session_on(shard: u32) -> String {
 
 async fn contract(q: Arc<dyn Broker>) {
     // Leases: one worker takes every shard; a second gets half once the first hands them back.
-    let a = q.heartbeat("worker-a").await.unwrap();
+    let a = q.heartbeat("worker-a", &[]).await.unwrap();
     assert_eq!(a.owned, vec![0, 1, 2, 3]);
     assert_eq!(a.acquired.len(), 4);
-    let b = q.heartbeat("worker-b").await.unwrap();
+    let b = q.heartbeat("worker-b", &[]).await.unwrap();
     assert!(b.owned.is_empty(), "all shards are held: {b:?}");
-    let a = q.heartbeat("worker-a").await.unwrap();
+    // worker-a has a job running on shard 3: it keeps that shard (draining) beyond its share.
+    let a = q.heartbeat("worker-a", &[3]).await.unwrap();
     assert_eq!(a.owned.len(), 2, "fair share of 4 shards over 2 workers");
-    let b = q.heartbeat("worker-b").await.unwrap();
+    assert!(a.owned.contains(&3), "the busy shard is kept first: {a:?}");
+    let a = q.heartbeat("worker-a", &[0, 1, 2, 3]).await.unwrap();
+    assert_eq!(
+        a.owned.len() + a.draining.len(),
+        2,
+        "nothing more retaken: {a:?}"
+    );
+    let a = q.heartbeat("worker-a", &[]).await.unwrap();
+    assert_eq!((a.owned.len(), a.draining.len()), (2, 0));
+    let b = q.heartbeat("worker-b", &[]).await.unwrap();
     assert_eq!(b.owned.len(), 2);
     assert_eq!(q.live_workers().await.unwrap(), 2);
 
@@ -59,6 +84,17 @@ async fn contract(q: Arc<dyn Broker>) {
     let mut completions = q.completions().await.unwrap();
     let shard = a.owned[0];
     let session = session_on(shard);
+    // The in-flight marker: the first begin starts the job, a second finds it running.
+    assert_eq!(
+        q.begin(&job("job-1", &session), 60_000).await.unwrap(),
+        Begin::Started
+    );
+    assert_eq!(
+        q.begin(&job("job-1", &session), 60_000).await.unwrap(),
+        Begin::Running {
+            request_sha256: "digest-of-body".into()
+        }
+    );
     q.enqueue(&job("job-1", &session)).await.unwrap();
     assert!(q
         .read("worker-b", &b.owned, 10, 50)
@@ -69,18 +105,31 @@ async fn contract(q: Arc<dyn Broker>) {
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].shard, got[0].deliveries), (shard, 1));
     assert_eq!(got[0].job, job("job-1", &session));
-    let done = JobOutcome::Done(vec![9, 9]);
+    let done = stored(JobOutcome::Done(vec![9, 9]));
     q.complete(&got[0], &done).await.unwrap();
     let announced = tokio::time::timeout(Duration::from_secs(5), completions.next())
         .await
         .unwrap();
     assert_eq!(announced.as_deref(), Some("job-1"));
     assert_eq!(q.outcome("job-1").await.unwrap(), Some(done.clone()));
+    assert_eq!(
+        q.begin(&job("job-1", &session), 60_000).await.unwrap(),
+        Begin::Done(done.clone()),
+        "a finished job is not started again"
+    );
     // SET NX: a second completion of the same job id keeps the first outcome.
-    q.complete(&got[0], &JobOutcome::failed("internal", "late duplicate"))
-        .await
-        .unwrap();
+    q.complete(
+        &got[0],
+        &stored(JobOutcome::failed(ErrorCode::Internal, "late duplicate")),
+    )
+    .await
+    .unwrap();
     assert_eq!(q.outcome("job-1").await.unwrap(), Some(done));
+    // A job that could not be enqueued gives its marker back.
+    let orphan = job("job-orphan", &session);
+    assert_eq!(q.begin(&orphan, 60_000).await.unwrap(), Begin::Started);
+    q.abandon(&orphan.id).await.unwrap();
+    assert_eq!(q.begin(&orphan, 60_000).await.unwrap(), Begin::Started);
     assert_eq!(q.depth().await.unwrap(), 0);
 
     // Cap per shard.
@@ -96,8 +145,13 @@ async fn contract(q: Arc<dyn Broker>) {
     // with a second delivery count.
     let taken = q.read("worker-a", &[shard], 10, 1000).await.unwrap();
     assert_eq!(taken.len(), 3);
+    // Entries refreshed by the worker running them are not idle: no claim takes them.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let running: Vec<String> = taken.iter().map(|d| d.entry_id.clone()).collect();
+    q.refresh("worker-a", shard, &running).await.unwrap();
+    assert!(q.claim("worker-a", shard, 300).await.unwrap().is_empty());
     tokio::time::sleep(Duration::from_millis(1700)).await;
-    let b = q.heartbeat("worker-b").await.unwrap();
+    let b = q.heartbeat("worker-b", &[]).await.unwrap();
     assert_eq!(b.owned, vec![0, 1, 2, 3], "the dead worker's shards move");
     assert!(b.acquired.contains(&shard));
     let claimed = q.claim("worker-b", shard, 0).await.unwrap();
@@ -111,14 +165,19 @@ async fn contract(q: Arc<dyn Broker>) {
         .await
         .unwrap();
     assert_eq!(q.dead_letters().await.unwrap(), 1);
-    match q.outcome(&poisoned.job.id).await.unwrap() {
-        Some(JobOutcome::Failed { code, .. }) => assert_eq!(code, "dead_lettered"),
+    match q
+        .outcome(&poisoned.job.id)
+        .await
+        .unwrap()
+        .map(|s| s.outcome)
+    {
+        Some(JobOutcome::Failed { code, .. }) => assert_eq!(code, ErrorCode::DeadLettered),
         other => panic!("{other:?}"),
     }
 
     // Leaving gives the leases back at once.
     q.leave("worker-b").await.unwrap();
-    let c = q.heartbeat("worker-c").await.unwrap();
+    let c = q.heartbeat("worker-c", &[]).await.unwrap();
     assert_eq!(c.owned.len(), 4);
 }
 
@@ -129,6 +188,51 @@ async fn the_redis_queue_keeps_the_job_queue_contract() {
         .await
         .unwrap();
     contract(Arc::new(q)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_entry_is_dead_lettered_alone_and_the_rest_of_its_batch_is_read() {
+    let redis = RedisServer::start();
+    let q = RedisQueue::connect(&redis.url(), settings(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let a = q.heartbeat("worker-a", &[]).await.unwrap();
+    let session = session_on(2);
+    q.enqueue(&job("before-poison", &session)).await.unwrap();
+    // Something that is not a job lands on the shard's stream (a bug, or a hand-made XADD).
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("hyfhe:jobs:2")
+        .arg("*")
+        .arg("job")
+        .arg(&b"\xc1 not msgpack"[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    q.enqueue(&job("after-poison", &session)).await.unwrap();
+    let got = q.read("worker-a", &a.owned, 10, 1000).await.unwrap();
+    let ids: Vec<&str> = got.iter().map(|d| d.job.id.as_str()).collect();
+    assert_eq!(ids, ["before-poison", "after-poison"]);
+    assert_eq!(
+        q.dead_letters().await.unwrap(),
+        1,
+        "the poison entry, alone"
+    );
+    assert_eq!(
+        q.depth().await.unwrap(),
+        2,
+        "the poison entry left the stream"
+    );
+    let letters: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("hyfhe:dead-letter")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let reason: String = letters.ids[0].get("reason").unwrap();
+    assert!(reason.contains("is not a job"), "{reason}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,11 +259,15 @@ async fn sessions_and_keys_expire_in_both_stores() {
             model: "m".into(),
             token_sha256: "x".into(),
             keys: [("exact".to_string(), "key-1".to_string())].into(),
-            expires_unix_ms: 0,
+            key_bytes: 4,
+            expires_unix_ms: hyfhe::queue::now_unix_ms() + 1000,
         };
         store.put_key("key-1", b"blob", 1000).await.unwrap();
         store.put_session(&record, 1000).await.unwrap();
         assert_eq!(store.get_session("s1").await.unwrap(), Some(record.clone()));
+        let usage = store.tenant_usage("t").await.unwrap();
+        assert_eq!((usage.sessions, usage.key_bytes), (1, 4));
+        assert_eq!(store.tenant_usage("other").await.unwrap().sessions, 0);
         assert_eq!(
             store.get_key("key-1").await.unwrap().as_deref(),
             Some(&b"blob"[..])
@@ -167,8 +275,19 @@ async fn sessions_and_keys_expire_in_both_stores() {
         tokio::time::sleep(Duration::from_millis(1300)).await;
         assert_eq!(store.get_session("s1").await.unwrap(), None);
         assert_eq!(store.get_key("key-1").await.unwrap(), None);
-        store.put_session(&record, 10_000).await.unwrap();
-        assert!(store.delete_session("s1").await.unwrap());
-        assert!(!store.delete_session("s1").await.unwrap());
+        assert_eq!(
+            store.tenant_usage("t").await.unwrap().sessions,
+            0,
+            "expired"
+        );
+        let renewed = SessionRecord {
+            expires_unix_ms: hyfhe::queue::now_unix_ms() + 10_000,
+            ..record.clone()
+        };
+        store.put_session(&renewed, 10_000).await.unwrap();
+        assert_eq!(store.tenant_usage("t").await.unwrap().sessions, 1);
+        assert!(store.delete_session(&renewed).await.unwrap());
+        assert!(!store.delete_session(&renewed).await.unwrap());
+        assert_eq!(store.tenant_usage("t").await.unwrap().key_bytes, 0);
     }
 }

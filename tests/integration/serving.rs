@@ -86,12 +86,12 @@ pub static MODELS: LazyLock<Models> = LazyLock::new(|| {
 pub static SESSION_KEYS: LazyLock<Arc<SessionKeys>> =
     LazyLock::new(|| Arc::new(SessionKeys::generate(&[Precision::Exact].into(), &Silent)));
 
-fn bits(v: &[f32]) -> Vec<u32> {
+pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// Download `name`'s client tree from the server, load it and open a session.
-async fn connect(
+pub async fn connect(
     url: &str,
     name: &str,
     keys: Arc<SessionKeys>,
@@ -183,9 +183,12 @@ fn sixteen_concurrent_clients_with_their_own_sessions_all_get_correct_results() 
     let config_dir = tempfile::tempdir().unwrap();
     let cluster = Cluster::redis(&MODELS.dir, &config_file(config_dir.path()), 2, &[]);
     concurrent_clients(cluster.url(), 16, 2, true);
-    let sessions = metric(cluster.url(), "hyfhe_coordinator_sessions_created_total");
+    let sessions = metric(
+        cluster.metrics_url(),
+        "hyfhe_coordinator_sessions_created_total",
+    );
     assert_eq!(sessions, 16.0);
-    let ok = metric(cluster.url(), "hyfhe_coordinator_compute_ok_total");
+    let ok = metric(cluster.metrics_url(), "hyfhe_coordinator_compute_ok_total");
     assert_eq!(ok, 16.0 * 2.0 * 3.0, "16 clients × 2 forwards × 3 modules");
 }
 
@@ -300,7 +303,10 @@ fn a_worker_killed_with_sigkill_mid_load_loses_no_request() {
         0.0
     );
     assert_eq!(
-        metric(cluster.url(), "hyfhe_coordinator_compute_errors_total"),
+        metric(
+            cluster.metrics_url(),
+            "hyfhe_coordinator_compute_errors_total"
+        ),
         0.0
     );
 }
@@ -340,13 +346,16 @@ fn a_worker_stopped_with_sigterm_hands_its_shards_over_at_once() {
 }
 
 /// Raw HTTP for the error cases.
-struct Api {
-    http: reqwest::Client,
-    url: String,
+pub struct Api {
+    pub http: reqwest::Client,
+    pub url: String,
 }
 
 impl Api {
-    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, serde_json::Value, Option<String>) {
+    pub async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> (u16, serde_json::Value, Option<String>) {
         let _ = &self.http;
         let r = req.send().await.unwrap();
         let status = r.status().as_u16();
@@ -359,7 +368,7 @@ impl Api {
         (status, json, retry)
     }
 
-    fn post(&self, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
+    pub fn post(&self, path: &str, key: Option<&str>) -> reqwest::RequestBuilder {
         let r = self.http.post(format!("{}{path}", self.url));
         match key {
             Some(k) => r.bearer_auth(k),
@@ -368,7 +377,7 @@ impl Api {
     }
 }
 
-fn code(v: &serde_json::Value) -> &str {
+pub fn code(v: &serde_json::Value) -> &str {
     v["code"].as_str().unwrap_or("<none>")
 }
 
@@ -488,7 +497,7 @@ async fn assert_bad_requests_are_refused(url: &str) {
 }
 
 /// One encrypted all-zero row for FCSmall's `seq.0`, as a compute body.
-fn encrypted_zero_row(model: &HybridModel) -> Vec<u8> {
+pub fn encrypted_zero_row(model: &HybridModel) -> Vec<u8> {
     let spec = &model.specs()["seq.0"];
     let rows = SESSION_KEYS
         .client_key()
@@ -497,7 +506,7 @@ fn encrypted_zero_row(model: &HybridModel) -> Vec<u8> {
     encode(&rows)
 }
 
-fn uuid_like() -> String {
+pub fn uuid_like() -> String {
     format!("test-{:016x}", rand::random::<u64>())
 }
 
@@ -562,7 +571,7 @@ fn a_full_queue_or_too_many_in_flight_requests_get_503_or_429_with_retry_after()
         // The first request is admitted and waits in the queue; the second finds no room in flight.
         let first = tokio::spawn(request().send());
         let admitted = std::time::Instant::now();
-        while metric(&url, "hyfhe_coordinator_in_flight") < 1.0 {
+        while metric(&coordinator.metrics_url, "hyfhe_coordinator_in_flight") < 1.0 {
             assert!(
                 admitted.elapsed() < Duration::from_secs(30),
                 "first request never admitted"
@@ -610,10 +619,10 @@ fn the_embedded_server_passes_the_same_end_to_end_test_without_redis() {
             .await
             .unwrap();
         assert_remote_is_exact(&url).await;
-        let misses = metric(cluster.url(), "hyfhe_worker_key_cache_misses_total");
+        let misses = metric(cluster.metrics_url(), "hyfhe_worker_key_cache_misses_total");
         eprintln!("key cache misses of the first, concurrent requests: {misses}");
         assert_eq!(
-            metric(cluster.url(), "hyfhe_worker_key_loads_total"),
+            metric(cluster.metrics_url(), "hyfhe_worker_key_loads_total"),
             1.0,
             "one key, loaded once however many requests missed"
         );
@@ -654,7 +663,10 @@ fn an_expired_session_is_renewed_by_the_client_with_the_same_keys() {
         assert_ne!(session.id(), before, "renewed");
     });
     assert_eq!(
-        metric(&serve.url, "hyfhe_coordinator_sessions_created_total"),
+        metric(
+            &serve.metrics_url,
+            "hyfhe_coordinator_sessions_created_total"
+        ),
         2.0
     );
 }
@@ -683,12 +695,15 @@ fn the_key_cache_evicts_least_recently_used_keys_to_stay_under_its_byte_bound() 
             assert_eq!(bits(&values(&y)), bits(&fc.simulate));
         }
     });
-    assert_eq!(metric(&serve.url, "hyfhe_worker_key_loads_total"), 3.0);
     assert_eq!(
-        metric(&serve.url, "hyfhe_worker_key_cache_evictions_total"),
+        metric(&serve.metrics_url, "hyfhe_worker_key_loads_total"),
+        3.0
+    );
+    assert_eq!(
+        metric(&serve.metrics_url, "hyfhe_worker_key_cache_evictions_total"),
         2.0
     );
-    let bytes = metric(&serve.url, "hyfhe_worker_key_cache_bytes");
+    let bytes = metric(&serve.metrics_url, "hyfhe_worker_key_cache_bytes");
     assert!(
         bytes > 0.0 && bytes < 2.0 * 576.0 * 1024.0 * 1024.0,
         "one key held: {bytes}"

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyfhe::config::Config;
+use hyfhe::protocol::ErrorCode;
 use hyfhe::queue::{Broker, Job, JobOutcome, JobQueue, MemoryQueue};
 use hyfhe::worker::{self, ModuleSet};
 
@@ -13,10 +14,14 @@ use crate::serving::MODELS;
 fn job(id: &str, deadline_unix_ms: u64) -> Job {
     Job {
         id: id.into(),
+        client_job_id: id.into(),
+        tenant: "demo".into(),
         session: "s".into(),
         model: "fc_small".into(),
         module: "seq.0".into(),
         key_id: "k".into(),
+        request_sha256: "d".into(),
+        rows: 1,
         deadline_unix_ms,
         traceparent: None,
         payload: vec![0; 8],
@@ -28,7 +33,7 @@ async fn outcome_of(queue: &MemoryQueue, job_id: &str) -> JobOutcome {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(o) = queue.outcome(job_id).await.unwrap() {
-            return o;
+            return o.outcome;
         }
         assert!(Instant::now() < deadline, "no outcome for {job_id}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -55,7 +60,7 @@ fn a_job_past_max_deliveries_is_dead_lettered_with_a_clear_error() {
         let outcome = outcome_of(&queue, &job.id).await;
         match outcome {
             JobOutcome::Failed { code, message } => {
-                assert_eq!(code, "dead_lettered");
+                assert_eq!(code, ErrorCode::DeadLettered);
                 assert!(
                     message.contains("poison-0001") && message.contains("dead-letter"),
                     "{message}"
@@ -83,7 +88,13 @@ fn a_job_past_its_deadline_is_dropped_not_computed() {
         let handle = worker::start(&config, broker, modules);
         let outcome = outcome_of(&queue, &job.id).await;
         assert!(
-            matches!(&outcome, JobOutcome::Failed { code, .. } if code == "deadline_exceeded"),
+            matches!(
+                &outcome,
+                JobOutcome::Failed {
+                    code: ErrorCode::DeadlineExceeded,
+                    ..
+                }
+            ),
             "{outcome:?}"
         );
         assert_eq!(handle.metrics.jobs_expired.get(), 1);

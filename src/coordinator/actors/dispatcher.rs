@@ -1,17 +1,22 @@
-//! Admission control, enqueue, and the wait for a job's outcome under its deadline.
+//! Enqueue a job once per idempotency key, and wait for its outcome under its deadline.
+//!
+//! Admission happens before (in the route, before the body is read). Here: [`JobQueue::begin`]
+//! finds a stored outcome (answered at once, if the body matches), a run in progress (waited
+//! for, not enqueued again) or nothing (the marker is set and the job enqueued).
+//!
+//! [`JobQueue::begin`]: crate::queue::JobQueue::begin
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr, Context, Handler, Message, ResponseFuture};
-use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::result_router::{ResultRouter, Unwatch, Watch};
 use crate::coordinator::error::ApiError;
 use crate::coordinator::metrics::CoordinatorMetrics;
 use crate::protocol::ErrorCode;
-use crate::queue::{Broker, Job, JobOutcome, QueueError};
+use crate::queue::{Begin, Broker, Job, QueueError, StoredOutcome};
 
 /// Re-check the stored outcome this often even without a completion message (a lost publish
 /// must cost latency, not the request).
@@ -20,8 +25,6 @@ const RECHECK: Duration = Duration::from_secs(2);
 pub struct Dispatcher {
     broker: Arc<dyn Broker>,
     router: Addr<ResultRouter>,
-    /// `max_in_flight` permits; none left → 429.
-    admission: Arc<Semaphore>,
     retry_after_s: u64,
     metrics: Arc<CoordinatorMetrics>,
 }
@@ -30,14 +33,12 @@ impl Dispatcher {
     pub fn new(
         broker: Arc<dyn Broker>,
         router: Addr<ResultRouter>,
-        max_in_flight: usize,
         retry_after_s: u64,
         metrics: Arc<CoordinatorMetrics>,
     ) -> Self {
         Self {
             broker,
             router,
-            admission: Arc::new(Semaphore::new(max_in_flight)),
             retry_after_s,
             metrics,
         }
@@ -48,9 +49,9 @@ impl Actor for Dispatcher {
     type Context = Context<Self>;
 }
 
-/// Run `job` and wait for its outcome until `timeout`.
+/// Run `job` (once per id) and wait for its outcome until `timeout`.
 #[derive(Message)]
-#[rtype(result = "Result<JobOutcome, ApiError>")]
+#[rtype(result = "Result<Dispatched, ApiError>")]
 pub struct Dispatch {
     pub job: Job,
     pub timeout: Duration,
@@ -58,60 +59,82 @@ pub struct Dispatch {
     pub parent: tracing::Span,
 }
 
-struct InFlight(Arc<CoordinatorMetrics>);
+/// A job's outcome, and whether this request is the one that enqueued it (a retry answered from
+/// a stored or running job is not metered twice).
+pub struct Dispatched {
+    pub stored: StoredOutcome,
+    pub enqueued: bool,
+}
 
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.dec();
+/// The same idempotency key with another body is a client bug, never silently answered.
+fn check_same_request(job: &Job, request_sha256: &str) -> Result<(), ApiError> {
+    if request_sha256 == job.request_sha256 {
+        return Ok(());
     }
+    Err(ApiError::new(
+        ErrorCode::IdempotencyConflict,
+        format!(
+            "idempotency key `{}` was already used for module `{}` of this session with a different request body; use a fresh key for a new request",
+            job.client_job_id, job.module
+        ),
+    ))
 }
 
 impl Handler<Dispatch> for Dispatcher {
-    type Result = ResponseFuture<Result<JobOutcome, ApiError>>;
+    type Result = ResponseFuture<Result<Dispatched, ApiError>>;
 
     fn handle(&mut self, msg: Dispatch, _: &mut Context<Self>) -> Self::Result {
         let retry_after = self.retry_after_s;
-        let Ok(permit) = self.admission.clone().try_acquire_owned() else {
-            self.metrics.rejected_too_many.inc();
-            let err = ApiError::new(
-                ErrorCode::TooManyRequests,
-                "too many requests in flight on this coordinator; retry later",
-            )
-            .retry_after(retry_after);
-            return Box::pin(async move { Err(err) });
-        };
-        self.metrics.in_flight.inc();
-        let in_flight = InFlight(self.metrics.clone());
         let broker = self.broker.clone();
         let router = self.router.clone();
         let metrics = self.metrics.clone();
         Box::pin(async move {
-            let _permit = permit;
-            let _in_flight = in_flight;
             let job = msg.job;
             let parent = msg.parent;
             let deadline = Instant::now() + msg.timeout;
             let mut done = router.send(Watch(job.id.clone())).await?;
             let result = async {
-                // A retry of a finished job id: answer from the stored outcome.
-                if let Some(outcome) = broker.outcome(&job.id).await? {
-                    return Ok(outcome);
-                }
-                let enqueued = broker
-                    .enqueue(&job)
-                    .instrument(tracing::info_span!("enqueue"))
-                    .await;
-                match enqueued {
-                    Err(e @ QueueError::Full { .. }) => {
-                        metrics.rejected_queue_full.inc();
-                        return Err(ApiError::new(
-                            ErrorCode::Unavailable,
-                            format!("queue full: {e}"),
-                        )
-                        .retry_after(retry_after));
+                let ttl_ms = msg.timeout.as_millis() as u64;
+                let mut enqueued = false;
+                match broker.begin(&job, ttl_ms).await {
+                    // A retry of a finished job: answer from the stored outcome.
+                    Ok(Begin::Done(stored)) => {
+                        check_same_request(&job, &stored.request_sha256)?;
+                        return Ok(Dispatched {
+                            stored,
+                            enqueued: false,
+                        });
+                    }
+                    // A retry of a running job: wait for that run.
+                    Ok(Begin::Running { request_sha256 }) => {
+                        check_same_request(&job, &request_sha256)?;
+                        metrics.retries_joined.inc();
+                    }
+                    Ok(Begin::Started) => {
+                        let result = broker
+                            .enqueue(&job)
+                            .instrument(tracing::info_span!("enqueue"))
+                            .await;
+                        if let Err(e) = result {
+                            // Nothing runs under the marker: let a retry enqueue it.
+                            if let Err(e) = broker.abandon(&job.id).await {
+                                tracing::warn!(error = %e, "in-flight marker left to expire");
+                            }
+                            return Err(match e {
+                                QueueError::Full { .. } => {
+                                    metrics.rejected_queue_full.inc();
+                                    ApiError::new(
+                                        ErrorCode::Unavailable,
+                                        format!("queue full: {e}"),
+                                    )
+                                }
+                                e => ApiError::from(e),
+                            }
+                            .retry_after(retry_after));
+                        }
+                        enqueued = true;
                     }
                     Err(e) => return Err(ApiError::from(e).retry_after(retry_after)),
-                    Ok(()) => {}
                 }
                 async {
                     loop {
@@ -123,15 +146,21 @@ impl Handler<Dispatch> for Dispatcher {
                             ));
                         }
                         let _ = tokio::time::timeout(left.min(RECHECK), done.changed()).await;
-                        if let Some(outcome) = broker.outcome(&job.id).await? {
-                            return Ok(outcome);
+                        match broker.outcome(&job.id).await {
+                            Ok(Some(stored)) => return Ok(Dispatched { stored, enqueued }),
+                            Ok(None) => {}
+                            // The job is queued or running: a store that blinks must cost
+                            // latency, not the request.
+                            Err(e) => {
+                                tracing::warn!(error = %e, "outcome check failed; still waiting")
+                            }
                         }
                     }
                 }
                 .instrument(tracing::info_span!("wait"))
                 .await
             }
-            .instrument(tracing::info_span!(parent: &parent, "dispatch", job = %job.id))
+            .instrument(tracing::info_span!(parent: &parent, "dispatch", job = %job.client_job_id))
             .await;
             router.do_send(Unwatch(job.id.clone()));
             result

@@ -37,6 +37,8 @@ pub struct CreateSession {
     pub tenant: String,
     pub model: String,
     pub keys: Vec<(String, Vec<u8>)>,
+    /// Their total size (the tenant's key-bytes quota).
+    pub key_bytes: u64,
 }
 
 /// The session `id` if `tenant` owns it and `token` is its token.
@@ -51,7 +53,8 @@ pub struct Authorize {
 #[derive(Message)]
 #[rtype(result = "Result<(), ApiError>")]
 pub struct DeleteSession {
-    pub id: String,
+    /// As [`Authorize`] returned it.
+    pub record: SessionRecord,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -83,6 +86,7 @@ impl Handler<CreateSession> for SessionRegistry {
                 model: msg.model,
                 token_sha256: sha256_hex(token.as_bytes()),
                 keys,
+                key_bytes: msg.key_bytes,
                 expires_unix_ms: now_unix_ms() + ttl_ms,
             };
             broker.put_session(&record, ttl_ms).await?;
@@ -146,8 +150,8 @@ impl Handler<DeleteSession> for SessionRegistry {
     fn handle(&mut self, msg: DeleteSession, _: &mut Context<Self>) -> Self::Result {
         let broker = self.broker.clone();
         Box::pin(async move {
-            broker.delete_session(&msg.id).await?;
-            tracing::info!(session = %msg.id, "session closed");
+            broker.delete_session(&msg.record).await?;
+            tracing::info!(session = %msg.record.id, "session closed");
             Ok(())
         })
     }

@@ -9,10 +9,11 @@ use crate::coordinator::actors::{Authorize, Dispatch};
 use crate::coordinator::error::ApiError;
 use crate::coordinator::AppState;
 use crate::fhe::{decode, EncryptedRows};
+use crate::hybrid::sha256_hex;
 use crate::protocol::{
     check_rows, is_valid_job_id, ErrorCode, JOB_ID_HEADER, MSGPACK, TRACEPARENT_HEADER,
 };
-use crate::queue::{now_unix_ms, Job, JobOutcome};
+use crate::queue::{now_unix_ms, scoped_job_id, Job, JobOutcome};
 
 pub async fn compute(
     req: HttpRequest,
@@ -29,7 +30,12 @@ pub async fn compute(
         .observe(start.elapsed().as_secs_f64());
     match &result {
         Ok(_) => state.metrics.compute_ok.inc(),
-        Err(_) => state.metrics.compute_errors.inc(),
+        Err(e) => {
+            state.metrics.compute_errors.inc();
+            if e.code == ErrorCode::TooManyRequests {
+                state.metrics.rejected_too_many.inc();
+            }
+        }
     }
     result
 }
@@ -41,11 +47,17 @@ async fn handle(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let tenant = tenant(req, state)?;
+    // Admission before the body is read: a refused request costs no buffer.
+    let _permit = state
+        .admission
+        .compute(&tenant, state.config.quota_of(&tenant).in_flight)?;
+    state.metrics.in_flight.inc();
+    let _in_flight = InFlightGauge(state);
     let session = state
         .sessions
         .send(Authorize {
             id: session_id.clone(),
-            tenant,
+            tenant: tenant.clone(),
             token: session_token(req),
         })
         .await??;
@@ -59,7 +71,7 @@ async fn handle(
             model.specs.keys().collect::<Vec<_>>()
         ))
     })?;
-    let job_id = req
+    let client_job_id = req
         .headers()
         .get(JOB_ID_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -74,6 +86,19 @@ async fn handle(
     let rows: EncryptedRows = decode(&body, state.config.coordinator.max_body_bytes)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     check_rows(&module, &spec.plan, &rows).map_err(ApiError::bad_request)?;
+    let values = rows.rows as u64 * spec.plan.out_features as u64;
+    let limit = state.config.coordinator.max_job_values;
+    if values > limit {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "{} rows × {} outputs = {values} values exceeds this server's max_job_values of {limit}: send at most {} rows per request",
+                rows.rows,
+                spec.plan.out_features,
+                limit / spec.plan.out_features as u64
+            ),
+        ));
+    }
     let precision = spec.plan.precision.to_string();
     let key_id = session.keys.get(&precision).cloned().ok_or_else(|| {
         ApiError::bad_request(format!("the session holds no {precision} evaluation key"))
@@ -85,25 +110,50 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .or_else(crate::telemetry::current_traceparent);
+    let meter = state.usage.tenant(&tenant);
+    meter.bytes_in.add(body.len() as u64);
     let job = Job {
-        id: job_id,
+        id: scoped_job_id(&tenant, &session.id, &module, &client_job_id),
+        client_job_id,
+        tenant,
         session: session.id,
         model: session.model,
         module,
         key_id,
+        request_sha256: sha256_hex(&body),
+        rows: rows.rows,
         deadline_unix_ms: now_unix_ms() + timeout.as_millis() as u64,
         traceparent,
         payload: body.to_vec(),
     };
+    drop(body);
     let dispatch = Dispatch {
         job,
         timeout,
         parent: tracing::Span::current(),
     };
-    match state.dispatcher.send(dispatch).await?? {
-        JobOutcome::Done(bytes) => Ok(HttpResponse::Ok().content_type(MSGPACK).body(bytes)),
-        JobOutcome::Failed { code, message } => {
-            Err(ApiError::new(ErrorCode::parse(&code), message))
+    let dispatched = state.dispatcher.send(dispatch).await??;
+    meter.requests.inc();
+    if dispatched.enqueued {
+        meter.rows.add(rows.rows as u64);
+        meter
+            .fhe_micros
+            .add((dispatched.stored.fhe_seconds * 1e6).round() as u64);
+    }
+    match dispatched.stored.outcome {
+        JobOutcome::Done(bytes) => {
+            meter.bytes_out.add(bytes.len() as u64);
+            Ok(HttpResponse::Ok().content_type(MSGPACK).body(bytes))
         }
+        JobOutcome::Failed { code, message } => Err(ApiError::new(code, message)),
+    }
+}
+
+/// Keeps the in-flight gauge equal to the admitted requests, whichever way the handler returns.
+struct InFlightGauge<'a>(&'a AppState);
+
+impl Drop for InFlightGauge<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.dec();
     }
 }

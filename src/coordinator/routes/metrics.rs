@@ -1,4 +1,4 @@
-//! `GET /metrics` (Prometheus text).
+//! `GET /metrics` (Prometheus text), on the coordinator's metrics listener.
 
 use actix_web::{web, HttpResponse};
 
@@ -7,7 +7,7 @@ use crate::coordinator::AppState;
 pub async fn render(state: web::Data<AppState>) -> HttpResponse {
     let depth = state.broker.depth().await.ok();
     let workers = state.broker.live_workers().await.ok();
-    let mut text = state.metrics.render(depth, workers);
+    let mut text = state.metrics.render(depth, workers, &state.usage);
     if let Some(w) = &state.worker_metrics {
         text.push_str(&w.render());
     }

@@ -15,7 +15,10 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         .values()
         .map(|m| m.info.clone())
         .collect();
-    Ok(HttpResponse::Ok().json(ModelList { models }))
+    Ok(HttpResponse::Ok().json(ModelList {
+        models,
+        max_job_values: state.config.coordinator.max_job_values,
+    }))
 }
 
 pub async fn client_tree(

@@ -1,0 +1,297 @@
+//! Redis Streams implementation of [`JobQueue`] and [`SessionStore`].
+//!
+//! Keys (prefix `hyfhe:`): `jobs:{shard}` streams with group `workers`; `lease:{shard}` → worker
+//! id with a TTL; `workers` (sorted set of heartbeat times); `result:{job}` and `running:{job}`
+//! (the in-flight marker); channel `results`; `dead-letter` stream; `session:{id}`;
+//! `key:{content id}`; `tenant-sessions:{tenant}` (sorted set of session ids by expiry) and
+//! `tenant-key-bytes:{tenant}` (hash of session id → key bytes).
+//!
+//! - [`streams`]: jobs, outcomes, claims and dead letters.
+//! - [`leases`]: worker heartbeats and shard leases.
+//! - [`sessions`]: sessions, key blobs and per-tenant usage.
+//! - [`link`]: connections replaced when they stop answering.
+
+mod leases;
+mod link;
+mod sessions;
+mod streams;
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, RedisError, Script};
+use tokio::sync::Mutex;
+
+use self::link::{unavailable, Link, CONNECT_TIMEOUT};
+use super::{
+    redact_url, BoxFuture, CompletionStream, Delivery, Job, JobQueue, Leases, QueueError,
+    QueueSettings, SessionRecord, SessionStore, StoredOutcome, TenantUsage,
+};
+
+const PREFIX: &str = "hyfhe:";
+/// Short commands answer in milliseconds; past this the connection is taken for dead. Heartbeats
+/// run on this link, so it must stay well under the lease TTL.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Key blobs are ~100 MiB: they get a link of their own with a timeout long enough to move one,
+/// so that a transfer never delays a heartbeat.
+const BLOB_TIMEOUT: Duration = Duration::from_secs(60);
+/// A blocking read that has not answered `read_block_ms` plus this is on a dead connection.
+const READ_SLACK: Duration = Duration::from_secs(2);
+
+pub struct RedisQueue {
+    settings: QueueSettings,
+    client: Client,
+    /// Every short command.
+    commands: Link,
+    /// Evaluation-key blobs.
+    blobs: Link,
+    /// Connections for `XREADGROUP … BLOCK`, one per concurrent read: a blocking read must never
+    /// sit on the shared connection (it would stall every other command behind it). Their
+    /// response timeout is the block time plus slack, so a dead connection is noticed and
+    /// dropped instead of blocking forever.
+    readers: Mutex<Vec<MultiplexedConnection>>,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    renew: Script,
+    release: Script,
+    begin: Script,
+    usage: Script,
+}
+
+impl RedisQueue {
+    /// Connect and create the consumer groups. Retries for `connect_timeout` so a service can
+    /// start before Redis (docker-compose starts them together).
+    pub async fn connect(
+        url: &str,
+        settings: QueueSettings,
+        connect_timeout: Duration,
+    ) -> Result<Self, QueueError> {
+        let shown = redact_url(url);
+        let client = Client::open(url)
+            .map_err(|e| QueueError::Unavailable(format!("redis URL {shown}: {e}")))?;
+        let started = std::time::Instant::now();
+        let (commands, blobs) = loop {
+            let links = async {
+                Ok::<_, RedisError>((
+                    Link::open(&client, "commands", COMMAND_TIMEOUT).await?,
+                    Link::open(&client, "key blobs", BLOB_TIMEOUT).await?,
+                ))
+            };
+            match links.await {
+                Ok(links) => break links,
+                Err(e) if started.elapsed() < connect_timeout => {
+                    tracing::warn!(error = %e, url = %shown, "redis not reachable yet, retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        };
+        let queue = Self {
+            settings,
+            client,
+            commands,
+            blobs,
+            readers: Mutex::new(Vec::new()),
+            scripts: Scripts {
+                renew: Script::new(leases::RENEW_IF_OWNER),
+                release: Script::new(leases::RELEASE_IF_OWNER),
+                begin: Script::new(streams::BEGIN),
+                usage: Script::new(sessions::TENANT_USAGE),
+            },
+        };
+        queue.ensure_groups().await?;
+        Ok(queue)
+    }
+
+    /// A connection for one blocking read.
+    async fn reader(&self) -> Result<MultiplexedConnection, QueueError> {
+        if let Some(c) = self.readers.lock().await.pop() {
+            return Ok(c);
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(
+                Duration::from_millis(self.settings.read_block_ms) + READ_SLACK,
+            ))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// `GET key`, decoded from msgpack; `None` when the key is absent (or expired).
+    async fn get_msgpack<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, QueueError> {
+        let bytes: Option<Vec<u8>> = self
+            .commands
+            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .await?;
+        bytes
+            .map(|b| {
+                rmp_serde::from_slice(&b).map_err(|e| QueueError::Corrupt(format!("{key}: {e}")))
+            })
+            .transpose()
+    }
+}
+
+impl JobQueue for RedisQueue {
+    fn settings(&self) -> &QueueSettings {
+        &self.settings
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+        Box::pin(async move {
+            let _: String = self
+                .commands
+                .run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn begin<'a>(
+        &'a self,
+        job: &'a Job,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<super::Begin, QueueError>> {
+        Box::pin(self.begin_job(job, ttl_ms))
+    }
+
+    fn abandon<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.abandon_job(job_id))
+    }
+
+    fn enqueue<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.enqueue_job(job))
+    }
+
+    fn outcome<'a>(
+        &'a self,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<StoredOutcome>, QueueError>> {
+        Box::pin(async move { self.get_msgpack(&streams::result_key(job_id)).await })
+    }
+
+    fn completions(&self) -> BoxFuture<'_, Result<CompletionStream, QueueError>> {
+        Box::pin(self.subscribe_completions())
+    }
+
+    fn live_workers(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
+        Box::pin(self.count_live_workers())
+    }
+
+    fn depth(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
+        Box::pin(self.total_depth())
+    }
+
+    fn heartbeat<'a>(
+        &'a self,
+        worker: &'a str,
+        busy: &'a [u32],
+    ) -> BoxFuture<'a, Result<Leases, QueueError>> {
+        Box::pin(self.renew_leases(worker, busy))
+    }
+
+    fn read<'a>(
+        &'a self,
+        worker: &'a str,
+        shards: &'a [u32],
+        count: usize,
+        block_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, QueueError>> {
+        Box::pin(self.read_new(worker, shards, count, block_ms))
+    }
+
+    fn claim<'a>(
+        &'a self,
+        worker: &'a str,
+        shard: u32,
+        min_idle_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<Delivery>, QueueError>> {
+        Box::pin(self.claim_idle(worker, shard, min_idle_ms))
+    }
+
+    fn refresh<'a>(
+        &'a self,
+        worker: &'a str,
+        shard: u32,
+        entries: &'a [String],
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.refresh_entries(worker, shard, entries))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        outcome: &'a StoredOutcome,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.complete_job(delivery, outcome))
+    }
+
+    fn dead_letter<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.dead_letter_job(delivery, reason))
+    }
+
+    fn dead_letters(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
+        Box::pin(self.count_dead_letters())
+    }
+
+    fn leave<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.release_all(worker))
+    }
+}
+
+impl SessionStore for RedisQueue {
+    fn put_key<'a>(
+        &'a self,
+        key_id: &'a str,
+        bytes: &'a [u8],
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.store_key(key_id, bytes, ttl_ms))
+    }
+
+    fn get_key<'a>(
+        &'a self,
+        key_id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, QueueError>> {
+        Box::pin(self.load_key(key_id))
+    }
+
+    fn put_session<'a>(
+        &'a self,
+        record: &'a SessionRecord,
+        ttl_ms: u64,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.store_session(record, ttl_ms))
+    }
+
+    fn get_session<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SessionRecord>, QueueError>> {
+        Box::pin(async move { self.get_msgpack(&sessions::session_key(id)).await })
+    }
+
+    fn delete_session<'a>(
+        &'a self,
+        record: &'a SessionRecord,
+    ) -> BoxFuture<'a, Result<bool, QueueError>> {
+        Box::pin(self.remove_session(record))
+    }
+
+    fn tenant_usage<'a>(
+        &'a self,
+        tenant: &'a str,
+    ) -> BoxFuture<'a, Result<TenantUsage, QueueError>> {
+        Box::pin(self.usage_of(tenant))
+    }
+}

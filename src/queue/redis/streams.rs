@@ -1,0 +1,476 @@
+//! Jobs on shard streams: enqueue, the in-flight marker, reads, claims, completion, dead letters.
+
+use futures::StreamExt;
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::{RedisError, Value};
+
+use super::link::{is_dead, unavailable};
+use super::{RedisQueue, PREFIX};
+use crate::protocol::ErrorCode;
+use crate::queue::{
+    shard_of, Begin, CompletionStream, Delivery, Job, JobOutcome, QueueError, StoredOutcome,
+};
+
+pub(super) const GROUP: &str = "workers";
+const RESULTS_CHANNEL: &str = "hyfhe:results";
+const DEAD_LETTER: &str = "hyfhe:dead-letter";
+/// Entries kept on the dead-letter stream (approximately: `MAXLEN ~`).
+const DEAD_LETTER_CAP: usize = 10_000;
+/// Entries claimed per XAUTOCLAIM round trip.
+const CLAIM_BATCH: usize = 64;
+
+/// KEYS: result, running marker. ARGV: request digest, marker TTL (ms).
+/// Returns `{'done', outcome}`, `{'running', digest}` or `{'started'}`; atomic, so two retries
+/// arriving together start the job once.
+pub(super) const BEGIN: &str = r"
+local done = redis.call('GET', KEYS[1])
+if done then return {'done', done} end
+local running = redis.call('GET', KEYS[2])
+if running then return {'running', running} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {'started'}";
+
+pub(super) fn stream_key(shard: u32) -> String {
+    format!("{PREFIX}jobs:{shard}")
+}
+
+pub(super) fn result_key(job: &str) -> String {
+    format!("{PREFIX}result:{job}")
+}
+
+fn running_key(job: &str) -> String {
+    format!("{PREFIX}running:{job}")
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(value).expect("msgpack encoding into a Vec")
+}
+
+/// The job in a stream entry, or why there is none.
+fn parse_entry(entry: &StreamId) -> Result<Job, String> {
+    match entry.map.get("job") {
+        Some(Value::BulkString(bytes)) => rmp_serde::from_slice::<Job>(bytes)
+            .map_err(|e| format!("entry {} is not a job: {e}", entry.id)),
+        _ => Err(format!("entry {} has no job field", entry.id)),
+    }
+}
+
+impl RedisQueue {
+    pub(super) async fn ensure_groups(&self) -> Result<(), QueueError> {
+        for shard in 0..self.settings.shards {
+            let created: Result<Value, QueueError> = self
+                .commands
+                .run(|mut c| async move {
+                    let r: Result<Value, RedisError> = redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(stream_key(shard))
+                        .arg(GROUP)
+                        .arg("0")
+                        .arg("MKSTREAM")
+                        .query_async(&mut c)
+                        .await;
+                    match r {
+                        Err(e) if e.code() == Some("BUSYGROUP") => Ok(Value::Okay),
+                        other => other,
+                    }
+                })
+                .await;
+            created?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn begin_job(&self, job: &Job, ttl_ms: u64) -> Result<Begin, QueueError> {
+        let reply: Vec<Vec<u8>> = self
+            .commands
+            .run(|mut c| async move {
+                self.scripts
+                    .begin
+                    .key(result_key(&job.id))
+                    .key(running_key(&job.id))
+                    .arg(&job.request_sha256)
+                    .arg(ttl_ms.max(1))
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        match reply.as_slice() {
+            [kind] if kind == b"started" => Ok(Begin::Started),
+            [kind, digest] if kind == b"running" => Ok(Begin::Running {
+                request_sha256: String::from_utf8_lossy(digest).into_owned(),
+            }),
+            [kind, stored] if kind == b"done" => rmp_serde::from_slice(stored)
+                .map(Begin::Done)
+                .map_err(|e| QueueError::Corrupt(format!("outcome of {}: {e}", job.id))),
+            _ => Err(QueueError::Corrupt(format!(
+                "unexpected reply to begin of {}",
+                job.id
+            ))),
+        }
+    }
+
+    pub(super) async fn abandon_job(&self, job_id: &str) -> Result<(), QueueError> {
+        let _: i64 = self
+            .commands
+            .run(|mut c| async move {
+                redis::cmd("DEL")
+                    .arg(running_key(job_id))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn enqueue_job(&self, job: &Job) -> Result<(), QueueError> {
+        let shard = shard_of(&job.session, self.settings.shards);
+        let key = stream_key(shard);
+        // Entries are deleted once acknowledged, so the length is what waits or runs.
+        let depth: usize = self
+            .commands
+            .run(|mut c| {
+                let key = key.clone();
+                async move { redis::cmd("XLEN").arg(key).query_async(&mut c).await }
+            })
+            .await?;
+        if depth >= self.settings.max_depth {
+            return Err(QueueError::Full {
+                shard,
+                depth,
+                cap: self.settings.max_depth,
+            });
+        }
+        let bytes = encode(job);
+        let _: String = self
+            .commands
+            .run(|mut c| async move {
+                redis::cmd("XADD")
+                    .arg(&key)
+                    .arg("*")
+                    .arg("job")
+                    .arg(bytes)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn subscribe_completions(&self) -> Result<CompletionStream, QueueError> {
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
+        pubsub
+            .subscribe(RESULTS_CHANNEL)
+            .await
+            .map_err(unavailable)?;
+        let stream = pubsub
+            .into_on_message()
+            .map(|msg| msg.get_payload::<String>().unwrap_or_default());
+        Ok(Box::pin(stream) as CompletionStream)
+    }
+
+    pub(super) async fn total_depth(&self) -> Result<usize, QueueError> {
+        let mut pipe = redis::pipe();
+        for shard in 0..self.settings.shards {
+            pipe.cmd("XLEN").arg(stream_key(shard));
+        }
+        let lens: Vec<usize> = self
+            .commands
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(lens.iter().sum())
+    }
+
+    pub(super) async fn read_new(
+        &self,
+        worker: &str,
+        shards: &[u32],
+        count: usize,
+        block_ms: u64,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        if shards.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(block_ms)).await;
+            return Ok(Vec::new());
+        }
+        let mut conn = self.reader().await?;
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(worker)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS");
+        for &s in shards {
+            cmd.arg(stream_key(s));
+        }
+        for _ in shards {
+            cmd.arg(">");
+        }
+        let reply: Result<Option<StreamReadReply>, RedisError> = cmd.query_async(&mut conn).await;
+        let reply = match reply {
+            Ok(r) => {
+                self.readers.lock().await.push(conn);
+                r
+            }
+            // Redis lost its state (restart without persistence): recreate the groups.
+            Err(e) if e.code() == Some("NOGROUP") => {
+                self.readers.lock().await.push(conn);
+                self.ensure_groups().await?;
+                return Ok(Vec::new());
+            }
+            // A dead connection is dropped here, not returned to the pool.
+            Err(e) => {
+                if is_dead(&e) {
+                    tracing::warn!(error = %e, "blocking read got no answer; dropping its connection");
+                }
+                return Err(unavailable(e));
+            }
+        };
+        let mut out = Vec::new();
+        for stream in reply.map(|r| r.keys).unwrap_or_default() {
+            let shard = stream
+                .key
+                .rsplit(':')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| QueueError::Corrupt(format!("stream {}", stream.key)))?;
+            for entry in stream.ids {
+                match parse_entry(&entry) {
+                    Ok(job) => out.push(Delivery {
+                        shard,
+                        entry_id: entry.id,
+                        deliveries: 1,
+                        job,
+                    }),
+                    Err(reason) => self.dead_letter_entry(shard, &entry.id, &reason).await?,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn claim_idle(
+        &self,
+        worker: &str,
+        shard: u32,
+        min_idle_ms: u64,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let mut out = Vec::new();
+        let mut cursor = "0-0".to_string();
+        loop {
+            let reply: StreamAutoClaimReply = self
+                .commands
+                .run(|mut c| {
+                    let cursor = cursor.clone();
+                    async move {
+                        redis::cmd("XAUTOCLAIM")
+                            .arg(stream_key(shard))
+                            .arg(GROUP)
+                            .arg(worker)
+                            .arg(min_idle_ms)
+                            .arg(cursor)
+                            .arg("COUNT")
+                            .arg(CLAIM_BATCH)
+                            .query_async(&mut c)
+                            .await
+                    }
+                })
+                .await?;
+            for entry in reply.claimed {
+                match parse_entry(&entry) {
+                    Ok(job) => {
+                        let deliveries = self.delivery_count(shard, &entry.id).await?;
+                        out.push(Delivery {
+                            shard,
+                            entry_id: entry.id,
+                            deliveries,
+                            job,
+                        });
+                    }
+                    Err(reason) => self.dead_letter_entry(shard, &entry.id, &reason).await?,
+                }
+            }
+            if reply.next_stream_id == "0-0" {
+                return Ok(out);
+            }
+            cursor = reply.next_stream_id;
+        }
+    }
+
+    async fn delivery_count(&self, shard: u32, entry_id: &str) -> Result<u32, QueueError> {
+        let rows: Vec<(String, String, u64, u64)> = self
+            .commands
+            .run(|mut c| async move {
+                redis::cmd("XPENDING")
+                    .arg(stream_key(shard))
+                    .arg(GROUP)
+                    .arg(entry_id)
+                    .arg(entry_id)
+                    .arg(1)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(rows.first().map_or(1, |r| r.3 as u32))
+    }
+
+    pub(super) async fn refresh_entries(
+        &self,
+        worker: &str,
+        shard: u32,
+        entries: &[String],
+    ) -> Result<(), QueueError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // XCLAIM … JUSTID to ourselves resets the idle time and leaves the delivery count alone.
+        let _: Value = self
+            .commands
+            .run(|mut c| async move {
+                redis::cmd("XCLAIM")
+                    .arg(stream_key(shard))
+                    .arg(GROUP)
+                    .arg(worker)
+                    .arg(0)
+                    .arg(entries)
+                    .arg("JUSTID")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn complete_job(
+        &self,
+        delivery: &Delivery,
+        outcome: &StoredOutcome,
+    ) -> Result<(), QueueError> {
+        let bytes = encode(outcome);
+        let stream = stream_key(delivery.shard);
+        let job = &delivery.job;
+        // One transaction, outcome first: if we die before it, the entry stays pending and is
+        // redelivered; after it, a retried job id finds the outcome.
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(result_key(&job.id))
+            .arg(bytes)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.settings.result_ttl_ms)
+            .cmd("DEL")
+            .arg(running_key(&job.id))
+            .cmd("PUBLISH")
+            .arg(RESULTS_CHANNEL)
+            .arg(&job.id)
+            .cmd("XACK")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg(&delivery.entry_id)
+            .cmd("XDEL")
+            .arg(&stream)
+            .arg(&delivery.entry_id);
+        let _: Value = self
+            .commands
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    /// Record an entry on the dead-letter stream (no payload: it may be large) and remove it.
+    async fn dead_letter_fields(
+        &self,
+        shard: u32,
+        entry_id: &str,
+        fields: &[(&str, String)],
+    ) -> Result<(), QueueError> {
+        let stream = stream_key(shard);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        let add = pipe
+            .cmd("XADD")
+            .arg(DEAD_LETTER)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(DEAD_LETTER_CAP)
+            .arg("*")
+            .arg("stream")
+            .arg(&stream)
+            .arg("entry")
+            .arg(entry_id);
+        for (k, v) in fields {
+            add.arg(*k).arg(v);
+        }
+        pipe.cmd("XACK")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg(entry_id)
+            .cmd("XDEL")
+            .arg(&stream)
+            .arg(entry_id);
+        let _: Value = self
+            .commands
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    /// An entry that is not a job: nobody can complete it, so it goes to the dead-letter stream
+    /// on its own, without failing the batch it came in.
+    async fn dead_letter_entry(
+        &self,
+        shard: u32,
+        entry_id: &str,
+        reason: &str,
+    ) -> Result<(), QueueError> {
+        tracing::warn!(
+            shard,
+            entry = entry_id,
+            reason,
+            "undecodable entry dead-lettered"
+        );
+        self.dead_letter_fields(shard, entry_id, &[("reason", reason.to_string())])
+            .await
+    }
+
+    pub(super) async fn dead_letter_job(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<(), QueueError> {
+        let job = &delivery.job;
+        // Outcome first: the waiting client is answered even if the record below fails.
+        let outcome = StoredOutcome {
+            request_sha256: job.request_sha256.clone(),
+            fhe_seconds: 0.0,
+            outcome: JobOutcome::failed(ErrorCode::DeadLettered, reason),
+        };
+        self.complete_job(delivery, &outcome).await?;
+        self.dead_letter_fields(
+            delivery.shard,
+            &delivery.entry_id,
+            &[
+                ("job", job.client_job_id.clone()),
+                ("tenant", job.tenant.clone()),
+                ("session", job.session.clone()),
+                ("module", job.module.clone()),
+                ("deliveries", delivery.deliveries.to_string()),
+                ("reason", reason.to_string()),
+            ],
+        )
+        .await
+    }
+
+    pub(super) async fn count_dead_letters(&self) -> Result<usize, QueueError> {
+        self.commands
+            .run(|mut c| async move {
+                redis::cmd("XLEN")
+                    .arg(DEAD_LETTER)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+    }
+}

@@ -1,0 +1,108 @@
+//! The lease keeper: one heartbeat per `heartbeat_ms` renews this worker's shard leases, keeps
+//! the shards whose jobs are still running (draining, not read), refreshes those jobs' entries so
+//! that no idle claim takes them, and claims pending entries of shards just taken over.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::job_pipeline::Pipeline;
+use super::queue_reader::Shared;
+use crate::config::WorkerConfig;
+use crate::queue::Leases;
+
+pub async fn run(
+    id: String,
+    settings: WorkerConfig,
+    pipeline: Arc<Pipeline>,
+    shared: Arc<Shared>,
+    shards: watch::Sender<Vec<u32>>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(settings.heartbeat_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_idle_claim = Instant::now();
+    while !shared.stopped.load(Ordering::Acquire) {
+        tick.tick().await;
+        if shared.stopped.load(Ordering::Acquire) {
+            break;
+        }
+        let busy = pipeline.in_flight.busy_shards();
+        let leases = match pipeline.broker.heartbeat(&id, &busy).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                continue;
+            }
+        };
+        pipeline.metrics.shards_owned.set(leases.owned.len() as u64);
+        if !leases.acquired.is_empty() {
+            tracing::info!(worker = %id, shards = ?leases.acquired, "acquired shards");
+        }
+        let readable = if shared.leaving.load(Ordering::Acquire) {
+            Vec::new()
+        } else {
+            leases.owned.clone()
+        };
+        shards.send_replace(readable);
+        *shared.leases.lock().unwrap_or_else(|p| p.into_inner()) = leases.clone();
+        refresh_running(&id, &pipeline, &leases).await;
+        let idle_round = last_idle_claim.elapsed() >= Duration::from_millis(settings.claim_idle_ms);
+        if idle_round {
+            last_idle_claim = Instant::now();
+        }
+        if !shared.leaving.load(Ordering::Acquire) {
+            claim(&id, &settings, &pipeline, &leases, idle_round).await;
+        }
+    }
+}
+
+/// Reset the idle time of every job running here, on the shards still held: a long evaluation
+/// must not look abandoned to an idle claim (ours or another worker's).
+async fn refresh_running(id: &str, pipeline: &Pipeline, leases: &Leases) {
+    for (shard, entries) in pipeline.in_flight.by_shard() {
+        if !leases.owned.contains(&shard) && !leases.draining.contains(&shard) {
+            continue;
+        }
+        if let Err(e) = pipeline.broker.refresh(id, shard, &entries).await {
+            tracing::warn!(error = %e, shard, "refreshing running entries failed");
+        }
+    }
+}
+
+/// A shard just taken may hold a dead worker's unacknowledged jobs: take them all now. On shards
+/// held for a while, only entries idle past `claim_idle_ms` (jobs left pending after a transient
+/// failure; running ones were refreshed just before).
+async fn claim(
+    id: &str,
+    settings: &WorkerConfig,
+    pipeline: &Arc<Pipeline>,
+    leases: &Leases,
+    idle_round: bool,
+) {
+    for &shard in &leases.owned {
+        let min_idle = if leases.acquired.contains(&shard) {
+            0
+        } else if idle_round {
+            settings.claim_idle_ms
+        } else {
+            continue;
+        };
+        match pipeline.broker.claim(id, shard, min_idle).await {
+            Ok(claimed) => {
+                for delivery in claimed {
+                    pipeline.metrics.jobs_claimed.inc();
+                    let p = pipeline.clone();
+                    actix::spawn(async move {
+                        let Ok(permit) = p.permits.clone().acquire_owned().await else {
+                            return;
+                        };
+                        p.start(delivery, permit);
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, shard, "claim failed"),
+        }
+    }
+}
