@@ -1,5 +1,20 @@
-//! `hyfhe-loadtest`: N concurrent clients, each with its own session, calling `forward` on a
-//! served model for a fixed time; prints throughput and latency percentiles.
+//! `hyfhe-loadtest`: a load generator for a hyfhe coordinator, in one of two modes.
+//!
+//! - **Closed loop** (default): `--clients N` clients, each with its own session, call `forward`
+//!   back to back for `--duration-s`; prints throughput and latency percentiles. The offered load
+//!   follows the server (a slow answer delays the next request), so this measures capacity.
+//! - **Open loop** (`--rate R`): forwards arrive at a constant rate whatever the server does:
+//!   forward `i` is due at `t0 + i/R` and goes to session `i % N` of the `--clients N` sessions;
+//!   at most `--max-outstanding` run at once. A forward held back by that cap (or by a busy
+//!   generator) starts late, but its latency is still measured from its *due* time, so queueing
+//!   shows up in the percentiles instead of silently lowering the offered load (no coordinated
+//!   omission). Latencies go into an HDR histogram; the report has the target and achieved rate,
+//!   errors by API code (`too_many_requests`, `unavailable`, `deadline_exceeded`, ...,
+//!   `transport`, `other`) and p50/p90/p99/p99.9/max. `--report-every-s S` adds one sample per
+//!   interval (JSON lines, on stderr or into `--samples FILE`) for long soak runs
+//!   (`loadtest/soak.sh`).
+//!
+//! `--json` prints exactly one JSON object on stdout; progress and diagnostics go to stderr.
 //!
 //! Uses the public client API only (download the client tree, open sessions, forward), so what
 //! it measures is what an application sees.
@@ -16,6 +31,8 @@ use hyfhe::client::{block_on, Client, SessionKeys};
 use hyfhe::commands::read_npy;
 use hyfhe::hybrid::HybridModel;
 use hyfhe::progress::Silent;
+
+mod open_loop;
 
 #[derive(Parser)]
 #[command(
@@ -36,20 +53,54 @@ struct Args {
     /// Input samples (.npy, f32); each forward sends the first --batch of them.
     #[arg(long)]
     input: PathBuf,
+    /// Samples per forward.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// Concurrent clients, each with its own session.
+    /// Clients, each with its own session (closed loop: each runs forwards back to back; open
+    /// loop: forward i goes to session i % N).
     #[arg(long, default_value_t = 4)]
     clients: usize,
-    /// Seconds of load after the warm-up forward of every session.
+    /// Seconds of load after the warm-up forward of every session (open loop: the window in
+    /// which forwards are sent; those in flight at its end are still waited for, see --drain-s).
     #[arg(long, default_value_t = 20)]
     duration_s: u64,
     /// Generate a key set per client (as separate users would) instead of sharing one.
     #[arg(long)]
     distinct_keys: bool,
-    /// Print one JSON object instead of the summary.
+    /// Print one JSON object on stdout instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Open loop: send forwards at this constant rate (per second; forward i is due at
+    /// t0 + i/RATE whatever happened to earlier ones). Without it the load is closed loop.
+    #[arg(long, value_name = "RATE", value_parser = positive_f64)]
+    rate: Option<f64>,
+    /// Open loop: most forwards in flight at once. A forward past the cap starts late, but its
+    /// latency still counts from its due time.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    max_outstanding: u32,
+    /// Open loop: after the send window, wait this many seconds for forwards still in flight;
+    /// those still running then are reported as `unfinished`.
+    #[arg(long, default_value_t = 120)]
+    drain_s: u64,
+    /// Open loop: also report every S seconds the interval's own p50/p90/p99/max, ok and errors
+    /// (one JSON line per interval, on stderr unless --samples is given).
+    #[arg(long, value_name = "S", value_parser = positive_f64, requires = "rate")]
+    report_every_s: Option<f64>,
+    /// Open loop: write the --report-every-s samples to this file (JSON lines) instead of stderr.
+    #[arg(long, value_name = "FILE", requires = "report_every_s")]
+    samples: Option<PathBuf>,
+    /// Open loop: threads of the async runtime that runs the forwards (their encryption and
+    /// decryption included) [default: the number of CPUs].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    threads: Option<u32>,
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err("expected a positive number".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[derive(Serialize)]
@@ -141,26 +192,31 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(&args) {
-        Ok(report) if args.json => {
-            println!("{}", serde_json::to_string(&report).expect("plain numbers"));
-            std::process::ExitCode::SUCCESS
-        }
-        Ok(r) => {
-            println!(
-                "{} clients for {:.1} s: {} forwards ({:.2}/s), {} module requests ({:.2}/s), {} errors\n\
-                 forward latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; server round trip per request {:.1} ms",
-                r.clients, r.duration_s, r.forwards, r.forwards_per_s, r.module_requests,
-                r.requests_per_s, r.errors, r.latency_ms_p50, r.latency_ms_p95, r.latency_ms_p99,
-                r.round_trip_ms_mean
-            );
-            std::process::ExitCode::SUCCESS
-        }
+    let outcome = match args.rate {
+        None => run(&args).map(|r| print_closed(&r, args.json)),
+        Some(rate) => open_loop::run(&args, rate).map(|r| r.print(args.json)),
+    };
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn print_closed(r: &Report, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).expect("plain numbers"));
+        return;
+    }
+    println!(
+        "{} clients for {:.1} s: {} forwards ({:.2}/s), {} module requests ({:.2}/s), {} errors\n\
+         forward latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms; server round trip per request {:.1} ms",
+        r.clients, r.duration_s, r.forwards, r.forwards_per_s, r.module_requests,
+        r.requests_per_s, r.errors, r.latency_ms_p50, r.latency_ms_p95, r.latency_ms_p99,
+        r.round_trip_ms_mean
+    );
 }
 
 fn run(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {

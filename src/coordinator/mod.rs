@@ -56,7 +56,7 @@ pub struct Application {
     port: u16,
     metrics_port: u16,
     server: Server,
-    metrics_server: Server,
+    metrics_server: actix_web::dev::ServerHandle,
 }
 
 impl Application {
@@ -108,6 +108,10 @@ impl Application {
         .workers(1)
         .listen(metrics_listener)?
         .run();
+        // A server runs once polled: the metrics one on its own task, the API one when the
+        // caller awaits `run_until_stopped`.
+        let metrics_handle = metrics_server.handle();
+        actix_web::rt::spawn(metrics_server);
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
@@ -131,7 +135,7 @@ impl Application {
             port,
             metrics_port,
             server,
-            metrics_server,
+            metrics_server: metrics_handle,
         })
     }
 
@@ -149,9 +153,8 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let metrics = self.metrics_server.handle();
         let result = self.server.await;
-        metrics.stop(true).await;
+        self.metrics_server.stop(true).await;
         result
     }
 }

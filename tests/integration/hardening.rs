@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hyfhe::client::{Client, RemoteSession};
 use hyfhe::fhe::{decode, encode, EncryptedOutputs, EncryptedRows};
-use hyfhe::hybrid::{BoxFuture, HybridError, Remote};
+use hyfhe::hybrid::{BoxFuture, HybridError, HybridModel, Mode, Remote};
 
 use crate::cluster::{
     base_env, config_file, env, http_get, metric, serial, serve, wait_ready, Cluster, RedisServer,
@@ -292,7 +292,7 @@ fn a_worker_whose_redis_link_is_blackholed_recovers_when_it_heals_and_loses_no_j
 fn a_request_above_the_job_budget_gets_413_and_the_client_splits_its_input_by_the_limit() {
     let _serial = serial();
     let config_dir = tempfile::tempdir().unwrap();
-    // 2048 values: 204 rows of FCSmall's 10 outputs, 128 im2col rows of the CNN's conv.
+    // 2048 values: 204 rows of FCSmall's 10 outputs.
     let server = serve(
         &MODELS.dir,
         &config_file(config_dir.path()),
@@ -328,18 +328,18 @@ fn a_request_above_the_job_budget_gets_413_and_the_client_splits_its_input_by_th
         );
 
         // The client reads the limit from the model listing and splits: still bit-exact.
-        let cnn = &MODELS.served[2];
-        let (_dir, model, session) = connect(&server.url, cnn.name, SESSION_KEYS.clone()).await;
-        let (y, stats) = model
-            .forward_remote(cnn.input.clone(), &session)
-            .await
-            .unwrap();
-        assert_eq!(bits(&values(&y)), bits(&cnn.simulate));
-        assert!(
-            stats.requests > 3,
-            "the conv's im2col rows went in several requests: {}",
-            stats.requests
-        );
+        let x: Vec<f32> = values(&fc.input)
+            .iter()
+            .cycle()
+            .take(rows * 10)
+            .copied()
+            .collect();
+        let x = hyfhe::hybrid::tensor(&[rows, 10], &x).unwrap();
+        let owner = HybridModel::load(MODELS.dir.join(fc.name)).unwrap();
+        let simulate = values(&owner.forward(x.clone(), Mode::Simulate).unwrap().0);
+        let (y, stats) = model.forward_remote(x, &session).await.unwrap();
+        assert_eq!(bits(&values(&y)), bits(&simulate));
+        assert_eq!(stats.requests, 2, "300 rows as 204 + 96");
     });
 }
 

@@ -1,0 +1,698 @@
+//! Open-loop load (`--rate R`): forward `i` is due at `t0 + i/R` and goes to session `i % N`.
+//!
+//! The dispatcher sleeps until each forward's due time, takes one of `--max-outstanding` permits
+//! and spawns the forward on a multi-thread runtime. When the permits are all taken (or the
+//! generator itself falls behind) the forward starts late and the next ones go out back to back
+//! as permits free up, but every latency is measured from the forward's *due* time, not from when
+//! it actually started: the wait it spent queued in the generator counts, as it would for a user
+//! whose request arrives on schedule (coordinated-omission correction). Forwards still waiting
+//! for a permit when the send window ends are reported as `not_sent`; forwards still running
+//! `--drain-s` after it as `unfinished`. Neither is in the percentiles, so when either is non-zero
+//! the percentiles are a lower bound (the server did not keep up with the rate).
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::io::{LineWriter, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use hyfhe::client::{Client, ClientError, RemoteSession, SessionKeys};
+use hyfhe::commands::read_npy;
+use hyfhe::hybrid::{ForwardStats, HybridError, HybridModel};
+use hyfhe::model::Value;
+use hyfhe::progress::Silent;
+
+use crate::Args;
+
+/// Largest latency the histograms resolve (µs): an hour; longer ones are recorded as an hour.
+const MAX_LATENCY_US: u64 = 3_600_000_000;
+/// Sessions set up (keys generated and uploaded, warm-up forward) at once before the load.
+const SETUP_CONCURRENCY: usize = 8;
+
+/// The open-loop summary (`--json` prints it as one object).
+#[derive(Serialize)]
+pub struct OpenReport {
+    /// `--rate`: forwards per second offered.
+    target_rate: f64,
+    /// Successful forwards per second: `ok / elapsed_s`.
+    achieved_rate: f64,
+    clients: usize,
+    max_outstanding: u32,
+    /// The send window (`--duration-s`).
+    duration_s: f64,
+    /// From the first due time to the last completion (at least `duration_s`; the drain
+    /// included).
+    elapsed_s: f64,
+    /// Forwards due in the send window: `ceil(rate * duration_s)`.
+    due: u64,
+    /// Forwards started.
+    sent: u64,
+    ok: u64,
+    /// Failed forwards, all codes together.
+    errors: u64,
+    /// Failed forwards by code: the API error code (`too_many_requests`, `unavailable`,
+    /// `deadline_exceeded`, ...), `transport` (no answer from the server) or `other`.
+    errors_by_code: BTreeMap<String, u64>,
+    /// Due in the window but never started: every permit was still taken when it closed.
+    not_sent: u64,
+    /// Still running `--drain-s` after the window closed (abandoned).
+    unfinished: u64,
+    /// Most forwards in flight at once.
+    peak_outstanding: u64,
+    /// Longest delay between a forward's due time and its start (cap or generator lag).
+    start_delay_ms_max: f64,
+    module_requests: usize,
+    /// Server round trip per module request (queue + evaluation + HTTP), mean.
+    round_trip_ms_mean: f64,
+    /// Latency of the successful forwards, from their due time to their result.
+    latency_ms_p50: f64,
+    latency_ms_p90: f64,
+    latency_ms_p99: f64,
+    latency_ms_p99_9: f64,
+    latency_ms_max: f64,
+    latency_ms_mean: f64,
+}
+
+/// One `--report-every-s` interval, counted by completion time (one JSON line).
+#[derive(Serialize)]
+struct Sample {
+    /// Seconds from the first due time to the end of this interval.
+    t_s: f64,
+    interval_s: f64,
+    /// Forwards started in the interval.
+    sent: u64,
+    /// Forwards that succeeded in the interval.
+    ok: u64,
+    /// Forwards that failed in the interval.
+    errors: u64,
+    errors_by_code: BTreeMap<String, u64>,
+    /// Forwards in flight at the end of the interval.
+    in_flight: u64,
+    /// Latency of the interval's successful forwards, from their due time.
+    latency_ms_p50: f64,
+    latency_ms_p90: f64,
+    latency_ms_p99: f64,
+    latency_ms_max: f64,
+}
+
+/// Counters over some span of time (the whole run, or one sample interval).
+struct Counts {
+    sent: u64,
+    ok: u64,
+    errors: BTreeMap<String, u64>,
+    /// Latencies of the successful forwards, µs.
+    latency: Histogram<u64>,
+}
+
+impl Counts {
+    fn new() -> Self {
+        Self {
+            sent: 0,
+            ok: 0,
+            errors: BTreeMap::new(),
+            latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid bounds"),
+        }
+    }
+
+    fn errors_total(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    fn record(&mut self, outcome: &Result<Duration, String>) {
+        match outcome {
+            Ok(latency) => {
+                self.ok += 1;
+                let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+                self.latency.saturating_record(us.max(1));
+            }
+            Err(code) => *self.errors.entry(code.clone()).or_default() += 1,
+        }
+    }
+
+    fn ms_at(&self, quantile: f64) -> f64 {
+        self.latency.value_at_quantile(quantile) as f64 / 1e3
+    }
+}
+
+struct Stats {
+    total: Counts,
+    interval: Counts,
+    interval_start: Instant,
+    module_requests: usize,
+    round_trip_ms: f64,
+    start_delay_max: Duration,
+    last_done: Option<Instant>,
+}
+
+impl Stats {
+    fn new(t0: Instant) -> Self {
+        Self {
+            total: Counts::new(),
+            interval: Counts::new(),
+            interval_start: t0,
+            module_requests: 0,
+            round_trip_ms: 0.0,
+            start_delay_max: Duration::ZERO,
+            last_done: None,
+        }
+    }
+
+    fn sent(&mut self) {
+        self.total.sent += 1;
+        self.interval.sent += 1;
+    }
+
+    /// A forward due at `due`, started at `started`, finished now with `outcome`.
+    fn finish(
+        &mut self,
+        due: Instant,
+        started: Instant,
+        outcome: Result<(Value, ForwardStats), HybridError>,
+    ) {
+        let done = Instant::now();
+        self.last_done = Some(done);
+        self.start_delay_max = self.start_delay_max.max(started - due);
+        let outcome = match outcome {
+            Ok((_, stats)) => {
+                self.module_requests += stats.requests;
+                self.round_trip_ms += stats.fhe_ms;
+                Ok(done - due)
+            }
+            Err(e) => Err(hybrid_error_code(&e)),
+        };
+        self.total.record(&outcome);
+        self.interval.record(&outcome);
+    }
+
+    /// The current interval as a sample; starts the next one.
+    fn take_sample(&mut self, t0: Instant, in_flight: u64) -> Sample {
+        let now = Instant::now();
+        let c = std::mem::replace(&mut self.interval, Counts::new());
+        let interval = now - std::mem::replace(&mut self.interval_start, now);
+        Sample {
+            t_s: (now - t0).as_secs_f64(),
+            interval_s: interval.as_secs_f64(),
+            sent: c.sent,
+            ok: c.ok,
+            errors: c.errors_total(),
+            in_flight,
+            latency_ms_p50: c.ms_at(0.5),
+            latency_ms_p90: c.ms_at(0.9),
+            latency_ms_p99: c.ms_at(0.99),
+            latency_ms_max: c.latency.max() as f64 / 1e3,
+            errors_by_code: c.errors,
+        }
+    }
+}
+
+/// The code a failed forward is counted under.
+///
+/// `forward_remote` reports a server's refusal as [`HybridError::Remote`] holding the
+/// [`ClientError`]'s message (`impl From<ClientError> for HybridError`), so the code is read back
+/// from that message; the tests below pin the formats this relies on.
+fn hybrid_error_code(e: &HybridError) -> String {
+    match e {
+        HybridError::Remote(message) => remote_message_code(message),
+        _ => "other".into(),
+    }
+}
+
+/// The code of a [`ClientError`] (opening a session fails with one directly).
+fn client_error_code(e: &ClientError) -> String {
+    match e {
+        ClientError::Api { code, .. } => code.clone(),
+        ClientError::Transport { .. } => "transport".into(),
+        _ => "other".into(),
+    }
+}
+
+/// The code in a [`ClientError`]'s message: `server answered {status} {code}: {message}` for an
+/// API error, `cannot reach {url}: {reason}` for a transport one.
+fn remote_message_code(message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("server answered ") {
+        let code = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.strip_suffix(':'));
+        if let Some(code) = code.filter(|c| !c.is_empty()) {
+            return code.to_string();
+        }
+    }
+    if message.starts_with("cannot reach ") {
+        return "transport".into();
+    }
+    "other".into()
+}
+
+/// Where the interval samples go.
+enum Sink {
+    Stderr,
+    File(LineWriter<std::fs::File>),
+}
+
+impl Sink {
+    fn write(&mut self, bar: &ProgressBar, sample: &Sample) -> std::io::Result<()> {
+        let line = serde_json::to_string(sample).expect("plain numbers and strings");
+        match self {
+            Sink::Stderr => {
+                bar.suspend(|| eprintln!("{line}"));
+                Ok(())
+            }
+            Sink::File(f) => writeln!(f, "{line}"),
+        }
+    }
+}
+
+/// What the forwards share.
+struct Load {
+    model: Arc<HybridModel>,
+    x: Arc<Value>,
+    sessions: Vec<Arc<RemoteSession>>,
+    stats: Arc<Mutex<Stats>>,
+    permits: Arc<Semaphore>,
+    max_outstanding: u32,
+    t0: Instant,
+}
+
+impl Load {
+    fn in_flight(&self) -> u64 {
+        (self.max_outstanding as usize - self.permits.available_permits()) as u64
+    }
+}
+
+/// What the dispatcher counted.
+struct Dispatched {
+    due: u64,
+    unfinished: u64,
+    peak_outstanding: u64,
+    end: Instant,
+}
+
+pub fn run(args: &Args, rate: f64) -> Result<OpenReport, Box<dyn Error>> {
+    if args.clients == 0 {
+        return Err("--clients must be at least 1".into());
+    }
+    let mut sink = match &args.samples {
+        Some(path) => Sink::File(LineWriter::new(
+            std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        )),
+        None => Sink::Stderr,
+    };
+    let threads = match args.threads {
+        Some(t) => t as usize,
+        None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()?;
+    let client = Client::new(&args.server, &args.api_key)?;
+    let dir = tempfile::tempdir()?;
+    runtime.block_on(client.download_model(&args.model, dir.path()))?;
+    let model = Arc::new(HybridModel::load(dir.path())?);
+    let input = read_npy(&args.input)?;
+    let x = Arc::new(input.slice(0, 0, args.batch.min(input.shape()[0]))?);
+
+    let sessions = runtime.block_on(open_sessions(args, &client, &model, &x))?;
+    let window = Duration::from_secs(args.duration_s);
+    let t0 = Instant::now();
+    let load = Load {
+        model,
+        x,
+        sessions,
+        stats: Arc::new(Mutex::new(Stats::new(t0))),
+        permits: Arc::new(Semaphore::new(args.max_outstanding as usize)),
+        max_outstanding: args.max_outstanding,
+        t0,
+    };
+    let bar = ProgressBar::new(args.duration_s).with_prefix("load");
+    bar.set_style(ProgressStyle::with_template(
+        "{prefix:>10} [{bar:30}] {pos}/{len} s  {msg}",
+    )?);
+    let every = args.report_every_s.map(Duration::from_secs_f64);
+    let dispatched = runtime.block_on(async {
+        let (stop, stopped) = oneshot::channel();
+        let reporter = report(&load, every, &mut sink, &bar, stopped);
+        let drive = async {
+            let d = drive(&load, rate, window, Duration::from_secs(args.drain_s), &bar).await;
+            let _ = stop.send(());
+            d
+        };
+        let (d, reported) = tokio::join!(drive, reporter);
+        reported.map_err(|e| format!("writing the samples: {e}"))?;
+        d
+    })?;
+    bar.finish_and_clear();
+    runtime.block_on(async {
+        let mut closing = JoinSet::new();
+        for s in &load.sessions {
+            let s = s.clone();
+            closing.spawn(async move { s.close().await });
+        }
+        closing.join_all().await
+    });
+
+    let stats = load.stats.lock().expect("stats");
+    let c = &stats.total;
+    let window_s = window.as_secs_f64();
+    let elapsed_s = match (dispatched.unfinished, stats.last_done) {
+        (0, Some(last)) => (last - t0).as_secs_f64().max(window_s),
+        _ => (dispatched.end - t0).as_secs_f64().max(window_s),
+    };
+    let report = OpenReport {
+        target_rate: rate,
+        achieved_rate: if elapsed_s > 0.0 {
+            c.ok as f64 / elapsed_s
+        } else {
+            0.0
+        },
+        clients: args.clients,
+        max_outstanding: args.max_outstanding,
+        duration_s: window_s,
+        elapsed_s,
+        due: dispatched.due,
+        sent: c.sent,
+        ok: c.ok,
+        errors: c.errors_total(),
+        errors_by_code: c.errors.clone(),
+        not_sent: dispatched.due - c.sent,
+        unfinished: dispatched.unfinished,
+        peak_outstanding: dispatched.peak_outstanding,
+        start_delay_ms_max: stats.start_delay_max.as_secs_f64() * 1e3,
+        module_requests: stats.module_requests,
+        round_trip_ms_mean: stats.round_trip_ms / stats.module_requests.max(1) as f64,
+        latency_ms_p50: c.ms_at(0.5),
+        latency_ms_p90: c.ms_at(0.9),
+        latency_ms_p99: c.ms_at(0.99),
+        latency_ms_p99_9: c.ms_at(0.999),
+        latency_ms_max: c.latency.max() as f64 / 1e3,
+        latency_ms_mean: c.latency.mean() / 1e3,
+    };
+    if report.not_sent > 0 || report.unfinished > 0 {
+        eprintln!(
+            "warning: the server did not keep up with {rate}/s: {} forwards were never sent and \
+             {} never finished; the percentiles leave them out, so they are a lower bound",
+            report.not_sent, report.unfinished
+        );
+    }
+    Ok(report)
+}
+
+/// Open `--clients` sessions (keys shared unless `--distinct-keys`), each warmed up with one
+/// forward (the worker loads a session's keys on its first request).
+async fn open_sessions(
+    args: &Args,
+    client: &Client,
+    model: &Arc<HybridModel>,
+    x: &Arc<Value>,
+) -> Result<Vec<Arc<RemoteSession>>, Box<dyn Error>> {
+    let bar = ProgressBar::new(args.clients as u64).with_message("sessions");
+    bar.set_style(ProgressStyle::with_template(
+        "{msg:>10} [{bar:30}] {pos}/{len} {elapsed}",
+    )?);
+    let precisions = SessionKeys::precisions_of(model);
+    let shared = if args.distinct_keys {
+        None
+    } else {
+        let precisions = precisions.clone();
+        Some(
+            tokio::task::spawn_blocking(move || {
+                Arc::new(SessionKeys::generate(&precisions, &Silent))
+            })
+            .await?,
+        )
+    };
+    let setup = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
+    let mut tasks = JoinSet::new();
+    for k in 0..args.clients {
+        let (client, model, x, setup, bar) = (
+            client.clone(),
+            model.clone(),
+            x.clone(),
+            setup.clone(),
+            bar.clone(),
+        );
+        let (shared, precisions) = (shared.clone(), precisions.clone());
+        tasks.spawn(async move {
+            let _permit = setup.acquire_owned().await.expect("never closed");
+            let keys = match shared {
+                Some(keys) => keys,
+                None => tokio::task::spawn_blocking(move || {
+                    Arc::new(SessionKeys::generate(&precisions, &Silent))
+                })
+                .await
+                .expect("keygen does not panic"),
+            };
+            let session = client.open_session_with(&model, keys).await.map_err(|e| {
+                format!(
+                    "opening session {k} failed ({}): {e}",
+                    client_error_code(&e)
+                )
+            })?;
+            if let Err(e) = model.forward_remote((*x).clone(), &session).await {
+                bar.suspend(|| eprintln!("warm-up forward of session {k} failed: {e}"));
+            }
+            bar.inc(1);
+            Ok::<_, String>((k, Arc::new(session)))
+        });
+    }
+    let mut sessions = Vec::with_capacity(args.clients);
+    while let Some(joined) = tasks.join_next().await {
+        sessions.push(joined??);
+    }
+    bar.finish_and_clear();
+    sessions.sort_by_key(|(k, _)| *k);
+    Ok(sessions.into_iter().map(|(_, s)| s).collect())
+}
+
+/// Send the forwards due in `window`, then wait up to `drain` for those in flight.
+async fn drive(
+    load: &Load,
+    rate: f64,
+    window: Duration,
+    drain: Duration,
+    bar: &ProgressBar,
+) -> Result<Dispatched, Box<dyn Error>> {
+    let end = load.t0 + window;
+    // Forward i is due at i / rate: those with i / rate < window.
+    let due = (window.as_secs_f64() * rate).ceil() as u64;
+    let mut peak_outstanding = 0;
+    let mut tasks = JoinSet::new();
+    for i in 0..due {
+        let due_at = load.t0 + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due_at).await;
+        // Past the cap this waits, and the forward starts late; its latency still counts from
+        // `due_at`. A forward still waiting when the window closes is not sent.
+        let Ok(permit) = tokio::time::timeout_at(end, load.permits.clone().acquire_owned()).await
+        else {
+            break;
+        };
+        let permit = permit.expect("the semaphore is never closed");
+        peak_outstanding = peak_outstanding.max(load.in_flight());
+        load.stats.lock().expect("stats").sent();
+        let (model, x, stats) = (load.model.clone(), load.x.clone(), load.stats.clone());
+        let session = load.sessions[i as usize % load.sessions.len()].clone();
+        tasks.spawn(async move {
+            let started = Instant::now();
+            let outcome = model.forward_remote((*x).clone(), &*session).await;
+            drop(permit);
+            stats
+                .lock()
+                .expect("stats")
+                .finish(due_at, started, outcome);
+        });
+        while let Some(joined) = tasks.try_join_next() {
+            rethrow(joined);
+        }
+    }
+    bar.set_prefix("draining");
+    let drained = tokio::time::timeout(drain, async {
+        while let Some(joined) = tasks.join_next().await {
+            rethrow(joined);
+        }
+    })
+    .await;
+    let unfinished = if drained.is_err() {
+        let n = tasks.len() as u64;
+        tasks.shutdown().await;
+        n
+    } else {
+        0
+    };
+    Ok(Dispatched {
+        due,
+        unfinished,
+        peak_outstanding,
+        end: Instant::now(),
+    })
+}
+
+fn rethrow(joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+}
+
+/// Keep the progress bar current and write a sample every `every`, until `stop`; then write the
+/// last (partial) interval.
+async fn report(
+    load: &Load,
+    every: Option<Duration>,
+    sink: &mut Sink,
+    bar: &ProgressBar,
+    mut stop: oneshot::Receiver<()>,
+) -> std::io::Result<()> {
+    let mut redraw = tokio::time::interval(Duration::from_millis(250));
+    let mut sampling = every.map(|e| {
+        let mut t = tokio::time::interval_at(load.t0 + e, e);
+        t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        t
+    });
+    loop {
+        let next_sample = async {
+            match &mut sampling {
+                Some(t) => t.tick().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = redraw.tick() => {
+                let stats = load.stats.lock().expect("stats");
+                bar.set_position(load.t0.elapsed().as_secs().min(bar.length().unwrap_or(0)));
+                bar.set_message(format!(
+                    "ok {}, errors {}, in flight {}",
+                    stats.total.ok,
+                    stats.total.errors_total(),
+                    load.in_flight()
+                ));
+            }
+            _ = next_sample => {
+                let sample = load.stats.lock().expect("stats").take_sample(load.t0, load.in_flight());
+                sink.write(bar, &sample)?;
+            }
+        }
+    }
+    if every.is_some() {
+        let sample = load
+            .stats
+            .lock()
+            .expect("stats")
+            .take_sample(load.t0, load.in_flight());
+        if sample.interval_s >= 1e-3 {
+            sink.write(bar, &sample)?;
+        }
+    }
+    Ok(())
+}
+
+impl OpenReport {
+    pub fn print(&self, json: bool) {
+        if json {
+            println!("{}", serde_json::to_string(self).expect("plain numbers"));
+            return;
+        }
+        let errors = if self.errors_by_code.is_empty() {
+            String::new()
+        } else {
+            let by_code: Vec<_> = self
+                .errors_by_code
+                .iter()
+                .map(|(code, n)| format!("{code} {n}"))
+                .collect();
+            format!(" ({})", by_code.join(", "))
+        };
+        println!(
+            "open loop at {:.2}/s over {} sessions (at most {} in flight) for {:.1} s:\n\
+             sent {} of {} due, ok {} ({:.2}/s over {:.1} s), errors {}{}, unfinished {}\n\
+             latency from the due time p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, \
+             max {:.1} ms\n\
+             start delay max {:.1} ms, peak in flight {}, server round trip per request {:.1} ms",
+            self.target_rate,
+            self.clients,
+            self.max_outstanding,
+            self.duration_s,
+            self.sent,
+            self.due,
+            self.ok,
+            self.achieved_rate,
+            self.elapsed_s,
+            self.errors,
+            errors,
+            self.unfinished,
+            self.latency_ms_p50,
+            self.latency_ms_p90,
+            self.latency_ms_p99,
+            self.latency_ms_p99_9,
+            self.latency_ms_max,
+            self.start_delay_ms_max,
+            self.peak_outstanding,
+            self.round_trip_ms_mean,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(e: ClientError) -> String {
+        hybrid_error_code(&HybridError::from(e))
+    }
+
+    #[test]
+    fn api_errors_keep_their_code_through_hybrid_error() {
+        for code in [
+            "too_many_requests",
+            "unavailable",
+            "deadline_exceeded",
+            "unknown",
+        ] {
+            let e = ClientError::Api {
+                status: 503,
+                code: code.into(),
+                message: "busy: try again: later".into(),
+            };
+            assert_eq!(code_of(e), code);
+        }
+    }
+
+    #[test]
+    fn transport_and_other_errors() {
+        let e = ClientError::Transport {
+            url: "http://127.0.0.1:1".into(),
+            reason: "connection refused".into(),
+        };
+        assert_eq!(client_error_code(&e), "transport");
+        assert_eq!(code_of(e), "transport");
+        assert_eq!(code_of(ClientError::Protocol("garbage".into())), "other");
+        assert_eq!(
+            hybrid_error_code(&HybridError::Unsupported("x".into())),
+            "other"
+        );
+    }
+
+    #[test]
+    fn counts_record_latencies_and_codes() {
+        let mut c = Counts::new();
+        for ms in 1..=100 {
+            c.record(&Ok(Duration::from_millis(ms)));
+        }
+        c.record(&Err("unavailable".into()));
+        c.record(&Err("unavailable".into()));
+        assert_eq!(c.ok, 100);
+        assert_eq!(c.errors_total(), 2);
+        assert!((c.ms_at(0.5) - 50.0).abs() < 0.1, "{}", c.ms_at(0.5));
+        assert!((c.ms_at(0.99) - 99.0).abs() < 0.1, "{}", c.ms_at(0.99));
+        assert!((c.latency.max() as f64 / 1e3 - 100.0).abs() < 0.1);
+    }
+}
