@@ -200,16 +200,59 @@ impl Client {
                 .collect(),
         })
         .expect("msgpack encoding into a Vec");
-        let response = self
-            .request(Method::POST, "/v1/sessions")
-            .header("content-type", MSGPACK)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
-        let bytes = self.body(response, 1 << 20).await?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+        let body = bytes::Bytes::from(body);
+        let policy = RetryPolicy::default();
+        let mut backoff = policy.backoff;
+        let mut last = None;
+        // Retried: a refusal for load (429/503, after `Retry-After`), and a connection that
+        // broke before an answer (a pooled connection the server closed while keys were being
+        // generated). A session created twice costs an extra record until its TTL.
+        for _ in 0..SESSION_ATTEMPTS {
+            let sent = self
+                .request(Method::POST, "/v1/sessions")
+                .header("content-type", MSGPACK)
+                .body(body.clone())
+                .send()
+                .await;
+            let wait = match sent {
+                Err(e) if e.is_connect() || e.is_request() => {
+                    last = Some(self.transport(e));
+                    backoff
+                }
+                Err(e) => return Err(self.transport(e)),
+                Ok(response) => {
+                    let retry_after = retry_after(&response);
+                    match self.body(response, 1 << 20).await {
+                        Ok(bytes) => {
+                            return serde_json::from_slice(&bytes)
+                                .map_err(|e| ClientError::Protocol(e.to_string()))
+                        }
+                        Err(e) if e.code().is_some_and(ErrorCode::is_retryable) => {
+                            last = Some(e);
+                            retry_after.unwrap_or(backoff)
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(policy.max_backoff);
+        }
+        Err(last.unwrap_or_else(|| ClientError::Local("no attempt made".into())))
     }
+}
+
+/// Attempts at opening a session before its refusal is reported.
+const SESSION_ATTEMPTS: u32 = 8;
+
+/// The `Retry-After` of a refusal, in seconds.
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs)
 }
 
 impl RemoteSession {
@@ -299,12 +342,7 @@ impl RemoteSession {
                 Err(e) => return Err(self.client.transport(e)),
                 Ok(response) => {
                     let status = response.status();
-                    let retry_after = response
-                        .headers()
-                        .get("retry-after")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .map(Duration::from_secs);
+                    let retry_after = retry_after(&response);
                     match self.client.body(response, MAX_PAYLOAD_BYTES).await {
                         Ok(bytes) => return Ok(bytes),
                         // The connection broke while the answer was coming: same job id again.

@@ -65,6 +65,11 @@ impl ResponseError for ApiError {
     }
 
     fn error_response(&self) -> HttpResponse {
+        if self.code.http_status() >= 500 {
+            tracing::warn!(code = self.code.as_str(), message = %self.message, "request failed");
+        } else {
+            tracing::debug!(code = self.code.as_str(), message = %self.message, "request refused");
+        }
         let mut response = HttpResponse::build(self.status_code());
         if let Some(s) = self.retry_after_s {
             response.insert_header(("Retry-After", s.to_string()));

@@ -1,28 +1,31 @@
 //! The jobs this worker is running, by queue entry: what it must not claim again, must refresh so
 //! that nobody else claims them, and must finish before it gives a shard up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
+
+/// Entry ids are unique within a shard's stream only (the in-memory queue numbers each shard from
+/// zero), so an entry is known by both.
+type Entry = (u32, String);
 
 #[derive(Default)]
 pub struct InFlight {
-    /// Entry id → shard.
-    entries: Mutex<HashMap<String, u32>>,
+    entries: Mutex<HashSet<Entry>>,
 }
 
 impl InFlight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<Entry>> {
         // Single inserts and removes: a panic elsewhere cannot leave the map inconsistent.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Mark `entry` as running; false when it already is (a duplicate delivery to ignore).
     pub fn start(&self, shard: u32, entry: &str) -> bool {
-        self.lock().insert(entry.to_string(), shard).is_none()
+        self.lock().insert((shard, entry.to_string()))
     }
 
-    pub fn finish(&self, entry: &str) {
-        self.lock().remove(entry);
+    pub fn finish(&self, shard: u32, entry: &str) {
+        self.lock().remove(&(shard, entry.to_string()));
     }
 
     pub fn len(&self) -> usize {
@@ -31,7 +34,7 @@ impl InFlight {
 
     /// Shards with a job running here.
     pub fn busy_shards(&self) -> Vec<u32> {
-        let mut shards: Vec<u32> = self.lock().values().copied().collect();
+        let mut shards: Vec<u32> = self.lock().iter().map(|(s, _)| *s).collect();
         shards.sort_unstable();
         shards.dedup();
         shards
@@ -40,8 +43,8 @@ impl InFlight {
     /// Running entries, by shard.
     pub fn by_shard(&self) -> BTreeMap<u32, Vec<String>> {
         let mut out: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        for (entry, &shard) in self.lock().iter() {
-            out.entry(shard).or_default().push(entry.clone());
+        for (shard, entry) in self.lock().iter() {
+            out.entry(*shard).or_default().push(entry.clone());
         }
         out
     }
@@ -56,9 +59,12 @@ mod tests {
         let f = InFlight::default();
         assert!(f.start(3, "1-0"));
         assert!(!f.start(3, "1-0"));
-        assert!(f.start(5, "2-0"));
+        assert!(
+            f.start(5, "1-0"),
+            "the same entry id on another shard is another job"
+        );
         assert_eq!(f.busy_shards(), vec![3, 5]);
-        f.finish("1-0");
+        f.finish(3, "1-0");
         assert_eq!(f.busy_shards(), vec![5]);
         assert!(f.start(3, "1-0"));
         assert_eq!(f.len(), 2);

@@ -51,7 +51,7 @@ async fn process(p: Arc<Pipeline>, delivery: Delivery, _permit: OwnedSemaphorePe
     let span = tracing::info_span!("job", job = %job.client_job_id, module = %job.module, shard = delivery.shard);
     crate::telemetry::set_parent(&span, job.traceparent.as_deref());
     run(&p, &delivery).instrument(span).await;
-    p.in_flight.finish(&delivery.entry_id);
+    p.in_flight.finish(delivery.shard, &delivery.entry_id);
     p.metrics.jobs_in_progress.dec();
     p.metrics.job_seconds.observe(start.elapsed().as_secs_f64());
 }

@@ -291,3 +291,36 @@ async fn sessions_and_keys_expire_in_both_stores() {
         assert_eq!(store.tenant_usage("t").await.unwrap().key_bytes, 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_queue_prunes_expired_outcomes_and_bounds_its_dead_letters() {
+    let q = MemoryQueue::new(QueueSettings {
+        result_ttl_ms: 200,
+        max_depth: 10_000,
+        ..settings()
+    });
+    let leases = q.heartbeat("worker-a", &[]).await.unwrap();
+    let total = hyfhe::queue::MEMORY_DEAD_LETTER_CAP + 100;
+    for i in 0..total {
+        let job = job(&format!("job-{i:05}"), &session_on(i as u32 % 4));
+        assert_eq!(q.begin(&job, 60_000).await.unwrap(), Begin::Started);
+        q.enqueue(&job).await.unwrap();
+        let got = q.read("worker-a", &leases.owned, 1, 100).await.unwrap();
+        if i % 2 == 0 {
+            q.complete(&got[0], &stored(JobOutcome::Done(vec![0; 64])))
+                .await
+                .unwrap();
+        } else {
+            q.dead_letter(&got[0], "poison").await.unwrap();
+        }
+    }
+    let sizes = q.sizes();
+    assert_eq!((sizes.jobs, sizes.running), (0, 0), "{sizes:?}");
+    assert!(
+        sizes.dead_letters <= hyfhe::queue::MEMORY_DEAD_LETTER_CAP,
+        "{sizes:?}"
+    );
+    assert_eq!(q.dead_letters().await.unwrap(), total / 2, "all counted");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(q.sizes().outcomes, 0, "expired outcomes are pruned");
+}

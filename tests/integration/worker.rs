@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use hyfhe::config::Config;
 use hyfhe::protocol::ErrorCode;
 use hyfhe::queue::{Broker, Job, JobOutcome, JobQueue, MemoryQueue};
-use hyfhe::worker::{self, ModuleSet};
+use hyfhe::worker::{self, GetKeyCacheStats, ModuleSet, Stats};
 
 use crate::serving::MODELS;
 
@@ -103,5 +103,12 @@ fn a_job_past_its_deadline_is_dropped_not_computed() {
             0,
             "no key was even looked up"
         );
+        // The actors answer for what they hold.
+        let reader = handle.reader.send(Stats).await.unwrap();
+        assert_eq!(reader.jobs_in_flight, 0, "{reader:?}");
+        assert_eq!(reader.shards_owned, vec![0], "{reader:?}");
+        assert!(!reader.leaving);
+        let keys = handle.keys.send(GetKeyCacheStats).await.unwrap();
+        assert_eq!((keys.keys, keys.bytes, keys.loading), (0, 0, 0), "{keys:?}");
     });
 }
