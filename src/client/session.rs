@@ -207,7 +207,8 @@ impl Client {
         // Retried: a refusal for load (429/503, after `Retry-After`), and a connection that
         // broke before an answer (a pooled connection the server closed while keys were being
         // generated). A session created twice costs an extra record until its TTL.
-        for _ in 0..SESSION_ATTEMPTS {
+        let started = std::time::Instant::now();
+        while started.elapsed() < SESSION_RETRY_FOR {
             let sent = self
                 .request(Method::POST, "/v1/sessions")
                 .header("content-type", MSGPACK)
@@ -242,8 +243,9 @@ impl Client {
     }
 }
 
-/// Attempts at opening a session before its refusal is reported.
-const SESSION_ATTEMPTS: u32 = 8;
+/// How long opening a session is retried before its refusal is reported (many clients opening
+/// sessions at once queue behind `max_session_creations`, each upload ~100 MiB).
+const SESSION_RETRY_FOR: Duration = Duration::from_secs(180);
 
 /// The `Retry-After` of a refusal, in seconds.
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {

@@ -15,6 +15,9 @@ pub enum ErrorCode {
     IdempotencyConflict,
     PayloadTooLarge,
     TooManyRequests,
+    /// A tenant quota that waiting a moment will not free (live sessions, key bytes): 429 too,
+    /// but clients do not retry it.
+    QuotaExceeded,
     Unavailable,
     DeadlineExceeded,
     /// The job failed `max_deliveries` times and was moved to the dead-letter stream.
@@ -31,7 +34,7 @@ impl ErrorCode {
             ErrorCode::NotFound | ErrorCode::SessionNotFound => 404,
             ErrorCode::IdempotencyConflict => 409,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::TooManyRequests => 429,
+            ErrorCode::TooManyRequests | ErrorCode::QuotaExceeded => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::DeadlineExceeded => 504,
             ErrorCode::DeadLettered | ErrorCode::Internal => 500,
@@ -48,6 +51,7 @@ impl ErrorCode {
             ErrorCode::IdempotencyConflict => "idempotency_conflict",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::TooManyRequests => "too_many_requests",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::DeadLettered => "dead_lettered",

@@ -366,7 +366,7 @@ fn tenant_quotas_refuse_with_429_and_usage_is_metered_per_tenant_on_its_own_list
             .expect("a second session is over the quota");
         assert_eq!(
             refused.code(),
-            Some(hyfhe::protocol::ErrorCode::TooManyRequests)
+            Some(hyfhe::protocol::ErrorCode::QuotaExceeded)
         );
         assert!(refused.to_string().contains("quota is 1"), "{refused}");
         // Another tenant has its own quota.

@@ -16,7 +16,10 @@ pub async fn create(
 ) -> Result<HttpResponse, ApiError> {
     let result = open(&req, &state, payload).await;
     if let Err(e) = &result {
-        if e.code == ErrorCode::TooManyRequests {
+        if matches!(
+            e.code,
+            ErrorCode::TooManyRequests | ErrorCode::QuotaExceeded
+        ) {
             state.metrics.rejected_quota.inc();
         }
     }
@@ -36,7 +39,7 @@ async fn open(
     let retry_after = state.config.coordinator.retry_after_s;
     if usage.sessions >= quota.sessions {
         return Err(ApiError::new(
-            ErrorCode::TooManyRequests,
+            ErrorCode::QuotaExceeded,
             format!(
                 "tenant `{tenant}` holds {} sessions, its quota is {}: close one (DELETE /v1/sessions/ID) or wait for one to expire",
                 usage.sessions, quota.sessions
@@ -60,7 +63,7 @@ async fn open(
     let key_bytes: u64 = keys.iter().map(|(_, b)| b.len() as u64).sum();
     if usage.key_bytes + key_bytes > quota.key_bytes {
         return Err(ApiError::new(
-            ErrorCode::TooManyRequests,
+            ErrorCode::QuotaExceeded,
             format!(
                 "tenant `{tenant}` holds {} bytes of evaluation keys; {key_bytes} more would pass its quota of {}",
                 usage.key_bytes, quota.key_bytes
