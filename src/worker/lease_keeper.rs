@@ -56,6 +56,7 @@ pub async fn run(
             claim(&id, &settings, &pipeline, &leases, idle_round).await;
         }
     }
+    shared.keeper_done.store(true, Ordering::Release);
 }
 
 /// Reset the idle time of every job running here, on the shards still held: a long evaluation

@@ -18,6 +18,9 @@ use crate::queue::{Broker, Leases};
 /// How long [`Leave`] waits for jobs in flight before giving the leases back anyway (their
 /// entries are then claimed and rerun by the next owner).
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+/// How long [`Leave`] waits for the lease keeper's last heartbeat (short commands time out in
+/// 2 s, a heartbeat makes a few).
+const KEEPER_STOP_LIMIT: Duration = Duration::from_secs(10);
 
 pub struct QueueReader {
     pub id: String,
@@ -40,6 +43,8 @@ pub struct Shared {
     pub leaving: AtomicBool,
     /// Set once drained: the lease keeper stops (so it cannot retake what `leave` gives back).
     pub stopped: AtomicBool,
+    /// Set by the lease keeper as it returns: no heartbeat of its can still be in flight.
+    pub keeper_done: AtomicBool,
     /// The last heartbeat's leases.
     pub leases: Mutex<Leases>,
 }
@@ -168,6 +173,13 @@ impl actix::Handler<Leave> for QueueReader {
                     tracing::warn!(jobs = running(), "leaving with jobs still running");
                 }
                 shared.stopped.store(true, Ordering::Release);
+                // A heartbeat already under way could take back a shard released below.
+                let waited = Instant::now();
+                while !shared.keeper_done.load(Ordering::Acquire)
+                    && waited.elapsed() < KEEPER_STOP_LIMIT
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 if let Err(e) = broker.leave(&id).await {
                     tracing::warn!(error = %e, "could not give back leases");
                 }
