@@ -10,7 +10,9 @@ use serde::Serialize;
 
 use crate::client::Client;
 use crate::fhe::Precision;
-use crate::hybrid::{CompileOptions, ForwardStats, HybridError, HybridModel, Mode, ModuleReport};
+use crate::hybrid::{
+    CompileOptions, ForwardStats, GenerateReport, HybridError, HybridModel, Mode, ModuleReport,
+};
 use crate::model::{runner, ModelError, OnnxModel, Value};
 use crate::progress::Progress;
 use crate::quant::min_max;
@@ -22,26 +24,32 @@ fn open_npy(path: &Path) -> Result<std::fs::File, ModelError> {
     })
 }
 
-/// Read a `.npy` file of f32 (or f64, converted) as a tensor.
+/// Read a `.npy` file as a tensor: f32 (f64 converted), or int64 (int32 converted) for token ids.
 pub fn read_npy(path: &Path) -> Result<Value, HybridError> {
     let open = || open_npy(path);
-    let as_f32 = ArrayD::<f32>::read_npy(open()?);
-    let array = match as_f32 {
-        Ok(a) => a,
-        Err(first) => match ArrayD::<f64>::read_npy(open()?) {
-            Ok(a) => a.mapv(|v| v as f32),
-            Err(_) => {
-                return Err(ModelError::Read {
-                    path: path.display().to_string(),
-                    reason: format!("not an f32/f64 .npy array: {first}"),
-                }
-                .into())
-            }
-        },
-    };
-    let shape = array.shape().to_vec();
-    let values: Vec<f32> = array.iter().copied().collect();
-    Ok(runner::f32_tensor(&shape, &values)?)
+    if let Ok(a) = ArrayD::<f32>::read_npy(open()?) {
+        let values: Vec<f32> = a.iter().copied().collect();
+        return Ok(runner::f32_tensor(a.shape(), &values)?);
+    }
+    if let Ok(a) = ArrayD::<f64>::read_npy(open()?) {
+        let values: Vec<f32> = a.iter().map(|&v| v as f32).collect();
+        return Ok(runner::f32_tensor(a.shape(), &values)?);
+    }
+    if let Ok(a) = ArrayD::<i64>::read_npy(open()?) {
+        let values: Vec<i64> = a.iter().copied().collect();
+        return Ok(runner::i64_tensor(a.shape(), &values)?);
+    }
+    match ArrayD::<i32>::read_npy(open()?) {
+        Ok(a) => {
+            let values: Vec<i64> = a.iter().map(|&v| v as i64).collect();
+            Ok(runner::i64_tensor(a.shape(), &values)?)
+        }
+        Err(e) => Err(ModelError::Read {
+            path: path.display().to_string(),
+            reason: format!("not a float32/float64/int64/int32 .npy array: {e}"),
+        }
+        .into()),
+    }
 }
 
 /// Read a `.npy` of integer class labels (int64 or int32).
@@ -381,4 +389,129 @@ impl RunReport {
         }
         out
     }
+}
+
+pub struct GenerateRequest<'a> {
+    pub dir: &'a Path,
+    pub prompt: &'a Path,
+    pub max_new_tokens: usize,
+    pub mode: Mode,
+    /// Coordinator URL and API key, for `Mode::Remote`.
+    pub server: Option<(String, String)>,
+}
+
+/// What `hyfhe generate` prints (`--json`: this object, the report's fields inlined).
+#[derive(Debug, Serialize)]
+pub struct GenerateSummary {
+    pub model: String,
+    pub mode: Mode,
+    pub remote_modules: usize,
+    /// Keygen and evaluation keys (execute), or keygen and session opening (remote).
+    pub setup_ms: f64,
+    #[serde(flatten)]
+    pub report: GenerateReport,
+}
+
+impl GenerateSummary {
+    pub fn render(&self) -> String {
+        let r = &self.report;
+        let share = |s: &ForwardStats| {
+            let local = s.local_ms;
+            let total = local
+                + s.quantize_ms
+                + s.encrypt_ms
+                + s.fhe_ms
+                + s.decrypt_ms
+                + s.dequantize_ms
+                + s.clear_ms;
+            if total > 0.0 {
+                100.0 * local / total
+            } else {
+                0.0
+            }
+        };
+        let steps = r.tokens.len().saturating_sub(1).max(1) as f64;
+        let mut out = format!(
+            "{} ({} mode, {} remote modules, {}): {} prompt tokens → {} new\n\
+             tokens: {:?}\n\
+             prefill   {:>9.1} ms  ({} B up, {} B down, {:.0}% local ops)\n",
+            self.model,
+            self.mode,
+            self.remote_modules,
+            if r.kv_cache {
+                "KV cache: one row per module per new token"
+            } else {
+                "no KV cache: the sequence is re-run"
+            },
+            r.prompt_tokens,
+            r.tokens.len(),
+            r.tokens,
+            r.prefill_ms,
+            r.prefill.upload_bytes,
+            r.prefill.download_bytes,
+            share(&r.prefill),
+        );
+        if r.tokens.len() > 1 {
+            out.push_str(&format!(
+                "decode    {:>9.1} ms/token  ({:.0} B up, {:.0} B down per token, {:.1} requests \
+                 per token, {:.0}% local ops)\n",
+                r.decode_ms_per_token,
+                r.bytes_up_per_token,
+                r.bytes_down_per_token,
+                r.decode.requests as f64 / steps,
+                share(&r.decode),
+            ));
+        }
+        if self.setup_ms > 0.0 {
+            out.push_str(&format!(
+                "  (once per process: keys {:.0} ms)\n",
+                self.setup_ms
+            ));
+        }
+        out
+    }
+}
+
+/// `hyfhe generate DIR --prompt IDS.npy --max-new-tokens N --mode M`.
+pub fn generate(
+    req: &GenerateRequest<'_>,
+    progress: &dyn Progress,
+) -> Result<GenerateSummary, HybridError> {
+    let model = HybridModel::load(req.dir)?;
+    let prompt = read_npy(req.prompt)?;
+    let mut setup_ms = 0.0;
+    let report = match (req.mode, &req.server) {
+        (Mode::Remote, None) => {
+            return Err(HybridError::Unsupported(
+                "mode remote needs --server URL and --api-key KEY".into(),
+            ))
+        }
+        (Mode::Remote, Some((url, key))) => {
+            let runtime =
+                tokio::runtime::Runtime::new().map_err(|e| HybridError::Remote(e.to_string()))?;
+            let t = Instant::now();
+            let client = Client::new(url, key)?;
+            let session = runtime.block_on(client.open_session(&model, progress))?;
+            setup_ms = t.elapsed().as_secs_f64() * 1e3;
+            let report =
+                runtime.block_on(model.generate_remote(prompt, req.max_new_tokens, &session));
+            let _ = runtime.block_on(session.close());
+            report?
+        }
+        (mode, _) => {
+            if mode == Mode::Execute {
+                let t = Instant::now();
+                model.local_server()?;
+                setup_ms = t.elapsed().as_secs_f64() * 1e3;
+            }
+            model.generate(prompt, req.max_new_tokens, mode)?
+        }
+    };
+    Ok(GenerateSummary {
+        model: model.name().to_string(),
+        mode: req.mode,
+        remote_modules: model.remote_modules().len(),
+        setup_ms,
+        report,
+    })
 }

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 use hyfhe::bench::{run_linear, LinearBenchConfig, Progress};
-use hyfhe::commands::{self, CompileRequest, RunRequest};
+use hyfhe::commands::{self, CompileRequest, GenerateRequest, RunRequest};
 use hyfhe::config::Config;
 use hyfhe::fhe::Precision;
 use hyfhe::hybrid::{CompileOptions, Mode};
@@ -41,6 +41,9 @@ enum Command {
     Compile(CompileArgs),
     /// Run a compiled model on a .npy input in one mode, with per-stage timings.
     Run(RunArgs),
+    /// Greedy text generation with a compiled language model: prefill the prompt, then one token
+    /// per step (with a KV cache, each step sends one row per remote module).
+    Generate(GenerateArgs),
     /// Coordinator and worker in one process on the in-memory queue (or Redis with --redis):
     /// the embedded server.
     Serve(ServeArgs),
@@ -124,6 +127,29 @@ struct CompileArgs {
     /// Overwrite the client/, server/ and private/ trees of a non-empty --out.
     #[arg(long)]
     force: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A directory written by `hyfhe compile` from a language model (an `input_ids` input).
+    dir: PathBuf,
+    /// Prompt token ids (.npy, int64 or int32), shape [tokens] or [1, tokens].
+    #[arg(long)]
+    prompt: PathBuf,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 8)]
+    max_new_tokens: usize,
+    #[arg(long, value_enum, default_value_t = Mode::Execute)]
+    mode: Mode,
+    /// Print one JSON object (tokens, prefill_ms, decode_ms_per_token, bytes per token, ...).
+    #[arg(long)]
+    json: bool,
+    /// Coordinator URL for --mode remote (e.g. http://127.0.0.1:8080).
+    #[arg(long)]
+    server: Option<String>,
+    /// Tenant API key for --mode remote.
+    #[arg(long, env = "HYFHE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(Args)]
@@ -250,6 +276,7 @@ fn main() -> ExitCode {
         Command::Inspect { model } => report(commands::inspect(&model)),
         Command::Compile(args) => compile(args),
         Command::Run(args) => run(args),
+        Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(args),
         Command::Coordinator(args) => coordinator(args),
         Command::Worker(args) => worker(args),
@@ -495,6 +522,29 @@ fn run(args: RunArgs) -> ExitCode {
     let result = commands::run(&request, &bars);
     bars.finish();
     report(result.map(|(r, _)| summary(&r, args.json, |r| r.render())))
+}
+
+fn generate(args: GenerateArgs) -> ExitCode {
+    let _telemetry = match Config::load(None) {
+        Ok(config) => Some(hyfhe::telemetry::init(&config.telemetry)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let request = GenerateRequest {
+        dir: &args.dir,
+        prompt: &args.prompt,
+        max_new_tokens: args.max_new_tokens,
+        mode: args.mode,
+        server: args
+            .server
+            .map(|url| (url, args.api_key.unwrap_or_default())),
+    };
+    let bars = bars();
+    let result = commands::generate(&request, &bars);
+    bars.finish();
+    report(result.map(|r| summary(&r, args.json, |r| r.render())))
 }
 
 fn bench_linear(args: LinearArgs) -> ExitCode {

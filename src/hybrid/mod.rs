@@ -18,6 +18,7 @@
 
 mod artefacts;
 mod backend;
+mod lm;
 mod rows;
 mod runtime;
 mod spec;
@@ -34,6 +35,7 @@ pub use artefacts::{
     model_dirs, read_tree, ArtefactError, Manifest, Tree, FORMAT_VERSION, MANIFEST,
 };
 pub use backend::{ExecuteKeys, LocalServer, Remote};
+pub use lm::{GenerateReport, LmSignature};
 pub use rows::{from_rows, to_rows, RowLayout};
 pub use runtime::{BoxFuture, ForwardStats, ModuleBackend, Runtime};
 pub use spec::{sha256_hex, ClientSpec, ServerModule, PROTOCOL_VERSION};
@@ -250,6 +252,15 @@ impl HybridModel {
         options: &CompileOptions,
         progress: &dyn Progress,
     ) -> Result<Vec<ModuleReport>, HybridError> {
+        if self.private.is_some() {
+            let batch = self
+                .calibration_batch()
+                .min(calibration.shape().first().copied().unwrap_or(0));
+            if batch > 0 {
+                let first = calibration.slice(0, 0, batch).map_err(ModelError::tract)?;
+                self.verify_cut(&first)?;
+            }
+        }
         let mut ranges = HashMap::new();
         if !options.dynamic_inputs {
             ranges = self.calibrate(calibration, progress)?;
@@ -339,11 +350,8 @@ impl HybridModel {
         if samples == 0 {
             return Err(QuantError::EmptyCalibration.into());
         }
-        let declared = runner::declared_shape(self.client_graph(), &self.runtime.input);
-        let batch = match declared.as_ref().and_then(|d| d.first().copied().flatten()) {
-            Some(fixed) => fixed,
-            None => CALIBRATION_BATCH,
-        };
+        let declared = runner::declared_shape(self.client_graph(), &self.runtime.inputs[0]);
+        let batch = self.calibration_batch();
         let backend = FloatBackend {
             modules: &self.linear,
             ranges: Mutex::new(HashMap::new()),
@@ -359,31 +367,82 @@ impl HybridModel {
             let chunk = calibration
                 .slice(0, start, end)
                 .map_err(ModelError::tract)?;
-            runner::check_input_shape(self.client_graph(), &self.runtime.input, chunk.shape())?;
-            run_ready(self.runtime.run(chunk, &backend, &stats))?;
+            let inputs = self.complete_inputs(chunk)?;
+            run_ready(self.runtime.run_all(inputs, &backend, &stats))?;
             progress.advance(end - start);
             start = end;
         }
         Ok(backend.ranges.into_inner().expect("ranges"))
     }
 
+    /// Samples per calibration run: the declared batch size, or [`CALIBRATION_BATCH`].
+    fn calibration_batch(&self) -> usize {
+        runner::declared_shape(self.client_graph(), &self.runtime.inputs[0])
+            .and_then(|d| d.first().copied().flatten())
+            .unwrap_or(CALIBRATION_BATCH)
+    }
+
     fn client_graph(&self) -> &tract_onnx::pb::GraphProto {
         self.client_model.graph.as_ref().expect("validated model")
     }
 
-    /// One forward pass in `mode` (every mode but `Remote`, which needs a server: see
-    /// [`Self::forward_remote`]).
-    pub fn forward(&self, x: Value, mode: Mode) -> Result<(Value, ForwardStats), HybridError> {
-        let stats = Mutex::new(ForwardStats::default());
-        runner::check_input_shape(self.client_graph(), &self.runtime.input, x.shape())?;
-        let y = match mode {
+    /// The model's language-model roles (`input_ids`, caches, logits), if it is one.
+    pub fn lm_signature(&self) -> Result<Option<LmSignature>, HybridError> {
+        LmSignature::detect(self.client_graph(), &self.runtime)
+    }
+
+    /// The graph inputs a caller feeds, in order.
+    pub fn input_names(&self) -> &[String] {
+        &self.runtime.inputs
+    }
+
+    /// Every input from the first one: itself for a one-input model; for a language model, token
+    /// ids completed with an all-ones attention mask, positions and empty caches.
+    pub fn complete_inputs(&self, first: Value) -> Result<Vec<Value>, HybridError> {
+        if self.runtime.inputs.len() == 1 {
+            return Ok(vec![first]);
+        }
+        let sig = self.lm_signature()?.ok_or_else(|| {
+            HybridError::Unsupported(format!(
+                "the model has inputs {:?}: with several inputs, hybrid models must be language                  models (input_ids, attention_mask, past_key_values.*) or be fed every input                  (forward_all)",
+                self.runtime.inputs
+            ))
+        })?;
+        let ids = sig.check_ids(&first)?;
+        sig.feeds(self.runtime.inputs.len(), ids, None)
+    }
+
+    /// Check each input against its declared element type and shape, naming the first misfit.
+    fn check_inputs(&self, inputs: &[Value]) -> Result<(), HybridError> {
+        if inputs.len() != self.runtime.inputs.len() {
+            return Err(ModelError::Input(format!(
+                "{} input tensors for a model with inputs {:?}",
+                inputs.len(),
+                self.runtime.inputs
+            ))
+            .into());
+        }
+        for (name, x) in self.runtime.inputs.iter().zip(inputs) {
+            runner::check_input_type(self.client_graph(), name, x.datum_type())?;
+            runner::check_input_shape(self.client_graph(), name, x.shape())?;
+        }
+        Ok(())
+    }
+
+    /// Run `f` with the runtime and backend of `mode` (every mode but `Remote`).
+    fn with_mode<T>(
+        &self,
+        mode: Mode,
+        f: impl FnOnce(&Runtime, &dyn ModuleBackend) -> Result<T, HybridError>,
+    ) -> Result<T, HybridError> {
+        match mode {
             Mode::Torch => {
                 let runtime = self.torch_runtime()?;
                 let backend = FloatBackend {
                     modules: &self.linear,
                     ranges: Mutex::new(HashMap::new()),
                 };
-                run_ready(runtime.run(x, &backend, &stats))?
+                f(runtime, &backend)
             }
             Mode::Disable | Mode::Simulate => {
                 let server = self.clear_server(mode)?;
@@ -392,7 +451,7 @@ impl HybridModel {
                     server,
                     integer: mode == Mode::Simulate,
                 };
-                run_ready(self.runtime.run(x, &backend, &stats))?
+                f(&self.runtime, &backend)
             }
             Mode::Execute => {
                 let server = self.local_server()?;
@@ -400,23 +459,47 @@ impl HybridModel {
                     specs: &self.specs,
                     remote: server.as_ref(),
                 };
-                run_ready(self.runtime.run(x, &backend, &stats))?
+                f(&self.runtime, &backend)
             }
-            Mode::Remote => {
-                return Err(HybridError::Unsupported(
-                    "mode remote needs a server session: HybridModel::forward_remote with a \
-                     client::RemoteSession (`hyfhe run DIR --mode remote --server URL \
-                     --api-key KEY`)"
-                        .into(),
-                ))
-            }
-        };
+            Mode::Remote => Err(HybridError::Unsupported(
+                "mode remote needs a server session: HybridModel::forward_remote with a \
+                 client::RemoteSession (`hyfhe run DIR --mode remote --server URL \
+                 --api-key KEY`)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// One forward pass in `mode` (every mode but `Remote`, which needs a server: see
+    /// [`Self::forward_remote`]). A language model may be fed its token ids alone.
+    pub fn forward(&self, x: Value, mode: Mode) -> Result<(Value, ForwardStats), HybridError> {
+        let inputs = self.complete_inputs(x)?;
+        let (mut y, stats) = self.forward_all(inputs, mode)?;
+        Ok((y.swap_remove(0), stats))
+    }
+
+    /// One forward pass from every input (in [`Self::input_names`] order) to every output.
+    pub fn forward_all(
+        &self,
+        inputs: Vec<Value>,
+        mode: Mode,
+    ) -> Result<(Vec<Value>, ForwardStats), HybridError> {
+        self.check_inputs(&inputs)?;
+        let stats = Mutex::new(ForwardStats::default());
+        let y = self.with_mode(mode, |runtime, backend| {
+            run_ready(runtime.run_all(inputs, backend, &stats))
+        })?;
         Ok((y, stats.into_inner().expect("stats")))
     }
 
     /// The cut graph with the remote modules computed in float from the original weights (owner
     /// only, before saving): equals `Torch` up to f32 rounding when the cut and im2col are right.
     pub fn forward_float(&self, x: Value) -> Result<Value, HybridError> {
+        let inputs = self.complete_inputs(x)?;
+        Ok(self.forward_float_all(inputs)?.swap_remove(0))
+    }
+
+    fn forward_float_all(&self, inputs: Vec<Value>) -> Result<Vec<Value>, HybridError> {
         if self.linear.is_empty() {
             return Err(HybridError::Missing {
                 mode: Mode::Torch,
@@ -424,15 +507,47 @@ impl HybridModel {
                 hint: " (cleared by save_and_clear_private_info)",
             });
         }
-        runner::check_input_shape(self.client_graph(), &self.runtime.input, x.shape())?;
+        self.check_inputs(&inputs)?;
         let backend = FloatBackend {
             modules: &self.linear,
             ranges: Mutex::new(HashMap::new()),
         };
         run_ready(
             self.runtime
-                .run(x, &backend, &Mutex::new(ForwardStats::default())),
+                .run_all(inputs, &backend, &Mutex::new(ForwardStats::default())),
         )
+    }
+
+    /// Check that cutting the remote modules out left the model's function unchanged: the cut
+    /// graph with float modules against the original graph, on `x`. This is what makes the
+    /// liberal recognition of exporters' shape plumbing safe.
+    fn verify_cut(&self, x: &Value) -> Result<(), HybridError> {
+        let inputs = self.complete_inputs(x.clone())?;
+        let cut = self.forward_float_all(inputs.clone())?;
+        let (original, _) = self.forward_all(inputs, Mode::Torch)?;
+        for ((name, a), b) in self.runtime.outputs.iter().zip(&cut).zip(&original) {
+            if a.shape() != b.shape() {
+                return Err(HybridError::Unsupported(format!(
+                    "cutting the remote modules changes output `{name}`: shape {:?} instead of \
+                     {:?} (a remote module is not the linear layer it looks like)",
+                    a.shape(),
+                    b.shape()
+                )));
+            }
+            let (Ok(a), Ok(b)) = (runner::f32_values(a, name), runner::f32_values(b, name)) else {
+                continue; // integer outputs do not depend on the remote modules' arithmetic
+            };
+            let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            if diff.is_nan() || diff > 1e-3 * (1.0 + scale) {
+                return Err(HybridError::Unsupported(format!(
+                    "cutting the remote modules changes output `{name}` by up to {diff:.3e} \
+                     (values up to {scale:.3e}): a remote module is not the linear layer it looks \
+                     like"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// One forward pass whose remote modules run on `remote`.
@@ -441,10 +556,21 @@ impl HybridModel {
         x: Value,
         remote: &dyn Remote,
     ) -> Result<(Value, ForwardStats), HybridError> {
+        let inputs = self.complete_inputs(x)?;
+        let (mut y, stats) = self.forward_remote_all(inputs, remote).await?;
+        Ok((y.swap_remove(0), stats))
+    }
+
+    /// [`Self::forward_all`] against a server.
+    pub async fn forward_remote_all(
+        &self,
+        inputs: Vec<Value>,
+        remote: &dyn Remote,
+    ) -> Result<(Vec<Value>, ForwardStats), HybridError> {
         if !self.is_compiled() {
             return Err(HybridError::NotCompiled(Mode::Remote));
         }
-        runner::check_input_shape(self.client_graph(), &self.runtime.input, x.shape())?;
+        self.check_inputs(&inputs)?;
         let stats = Mutex::new(ForwardStats::default());
         let backend = EncryptedBackend {
             specs: &self.specs,
@@ -452,10 +578,55 @@ impl HybridModel {
         };
         let y = self
             .runtime
-            .run(x, &backend, &stats)
+            .run_all(inputs, &backend, &stats)
             .instrument(tracing::info_span!("forward", model = %self.name))
             .await?;
         Ok((y, stats.into_inner().expect("stats")))
+    }
+
+    fn lm(&self) -> Result<LmSignature, HybridError> {
+        self.lm_signature()?.ok_or_else(|| {
+            HybridError::Unsupported(format!(
+                "generate needs a language model (an `input_ids` input); this one takes {:?}",
+                self.runtime.inputs
+            ))
+        })
+    }
+
+    /// Greedy generation of `max_new` tokens after `prompt` (`[1, n]` or `[n]` int64/int32) in
+    /// `mode` (every mode but `Remote`: see [`Self::generate_remote`]).
+    pub fn generate(
+        &self,
+        prompt: Value,
+        max_new: usize,
+        mode: Mode,
+    ) -> Result<GenerateReport, HybridError> {
+        let sig = self.lm()?;
+        let prompt = as_sequence(prompt)?;
+        self.with_mode(mode, |runtime, backend| {
+            run_ready(lm::generate(&sig, runtime, backend, prompt, max_new))
+        })
+    }
+
+    /// [`Self::generate`] with the remote modules on `remote`.
+    pub async fn generate_remote(
+        &self,
+        prompt: Value,
+        max_new: usize,
+        remote: &dyn Remote,
+    ) -> Result<GenerateReport, HybridError> {
+        if !self.is_compiled() {
+            return Err(HybridError::NotCompiled(Mode::Remote));
+        }
+        let sig = self.lm()?;
+        let prompt = as_sequence(prompt)?;
+        let backend = EncryptedBackend {
+            specs: &self.specs,
+            remote,
+        };
+        lm::generate(&sig, &self.runtime, &backend, prompt, max_new)
+            .instrument(tracing::info_span!("generate", model = %self.name))
+            .await
     }
 
     fn torch_runtime(&self) -> Result<&Runtime, HybridError> {
@@ -663,6 +834,15 @@ fn check_same_model(client: &Manifest, other: &Manifest) -> Result<(), ArtefactE
         )));
     }
     Ok(())
+}
+
+/// A prompt of shape `[n]` as `[1, n]`.
+fn as_sequence(prompt: Value) -> Result<Value, HybridError> {
+    if prompt.rank() == 1 {
+        let n = prompt.shape()[0];
+        return Ok(prompt.into_shape(&[1, n]).map_err(ModelError::tract)?);
+    }
+    Ok(prompt)
 }
 
 /// Everything `Torch` mode needs from an f32 numpy array's shape and values.

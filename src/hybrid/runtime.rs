@@ -92,21 +92,22 @@ enum RuntimeStage {
 
 /// A model split into stages, with each local segment's compiled plans cached.
 pub struct Runtime {
-    pub input: String,
-    pub output: String,
+    /// The graph inputs a caller feeds, in graph order (language models: `input_ids`,
+    /// `attention_mask`, `past_key_values.*`).
+    pub inputs: Vec<String>,
+    /// The graph outputs, in graph order.
+    pub outputs: Vec<String>,
     stages: Vec<RuntimeStage>,
 }
 
 impl Runtime {
     pub fn new(model: &ModelProto) -> Result<Self, HybridError> {
         let plan = StagePlan::new(model)?;
-        let [input] = &plan.inputs[..] else {
-            return Err(HybridError::Unsupported(format!(
-                "the model has inputs {:?}; hybrid models take exactly one",
-                plan.inputs
-            )));
-        };
-        let output = plan.outputs[0].clone();
+        if plan.inputs.is_empty() {
+            return Err(HybridError::Unsupported(
+                "the model has no runtime input (every graph input is an initializer)".into(),
+            ));
+        }
         let stages = plan
             .stages
             .into_iter()
@@ -128,8 +129,8 @@ impl Runtime {
             })
             .collect();
         Ok(Self {
-            input: input.clone(),
-            output,
+            inputs: plan.inputs,
+            outputs: plan.outputs,
             stages,
         })
     }
@@ -144,14 +145,37 @@ impl Runtime {
             .collect()
     }
 
+    /// The first output of a model fed one input (the others, if any, must be optional).
     pub async fn run(
         &self,
         input: Value,
         backend: &dyn ModuleBackend,
         stats: &Mutex<ForwardStats>,
     ) -> Result<Value, HybridError> {
+        let mut out = self.run_all(vec![input], backend, stats).await?;
+        Ok(out.swap_remove(0))
+    }
+
+    /// Every output, from one value per input (in [`Self::inputs`] order).
+    pub async fn run_all(
+        &self,
+        inputs: Vec<Value>,
+        backend: &dyn ModuleBackend,
+        stats: &Mutex<ForwardStats>,
+    ) -> Result<Vec<Value>, HybridError> {
+        if inputs.len() != self.inputs.len() {
+            return Err(HybridError::Model(crate::model::ModelError::Input(
+                format!(
+                    "{} input tensors for a model with inputs {:?}",
+                    inputs.len(),
+                    self.inputs
+                ),
+            )));
+        }
         let mut env: HashMap<&str, Value> = HashMap::new();
-        env.insert(&self.input, input);
+        for (name, v) in self.inputs.iter().zip(inputs) {
+            env.insert(name, v);
+        }
         let take = |env: &HashMap<&str, Value>, name: &str| {
             env.get(name).cloned().ok_or_else(|| {
                 HybridError::Unsupported(format!("tensor `{name}` is read before it is produced"))
@@ -183,9 +207,14 @@ impl Runtime {
                 }
             }
         }
-        env.remove(self.output.as_str()).ok_or_else(|| {
-            HybridError::Unsupported(format!("the output `{}` was never produced", self.output))
-        })
+        self.outputs
+            .iter()
+            .map(|o| {
+                env.get(o.as_str()).cloned().ok_or_else(|| {
+                    HybridError::Unsupported(format!("the output `{o}` was never produced"))
+                })
+            })
+            .collect()
     }
 }
 

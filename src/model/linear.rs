@@ -1,11 +1,18 @@
 //! Recognising a module as a linear layer `y = x·Wᵀ + b`: what the encrypted engine can evaluate.
 //!
-//! Accepted exports of a module (and nothing else in it):
-//! - `Gemm(x, W, b)` (`nn.Linear` on 2-D inputs; `transB` either way, `alpha = beta = 1`);
+//! Accepted exports of a module: exactly one weighted op,
+//! - `Gemm(x, W, b)` (`nn.Linear` on 2-D inputs with `transB = 1`; HF's `Conv1D`, whose weight is
+//!   stored `[in, out]`, with `transB = 0`; `alpha = beta = 1`);
 //! - `MatMul(x, W)` with a constant `W` (in × out), optionally followed by `Add` of a constant bias
-//!   (`nn.Linear` on 3-D inputs: torch folds `Wᵀ` into an `onnx::MatMul_*` constant);
+//!   (`nn.Linear` on 3-D inputs: torch folds `Wᵀ` into an `onnx::MatMul_*` / `val_*` constant, or
+//!   transposes the weight in the graph);
 //! - `Conv(x, W, b)` 2-D with `group = 1` (any stride, padding and dilation), evaluated as im2col
-//!   rows of `C·kh·kw` features.
+//!   rows of `C·kh·kw` features;
+//!
+//! seen through views of the activation (Reshape, Flatten, Squeeze, Unsqueeze) on either side,
+//! with the shape plumbing exporters write to compute those views (Shape, Gather, Slice, Concat,
+//! ...) and nothing else. Rows are the leading axes of the module's input; that the cut model
+//! still computes the original one is checked on calibration data when compiling.
 
 use std::collections::{HashMap, HashSet};
 
@@ -75,46 +82,124 @@ pub struct LinearModule {
     /// The single tensor the module reads and the single one it produces.
     pub input: String,
     pub output: String,
-    /// Its nodes (indices into `graph.node`) and the initializers only they use.
+    /// The nodes the module takes out of the graph (indices into `graph.node`; shape plumbing
+    /// that only reads tensors of the rest of the graph stays) and the initializers only they use.
     pub nodes: Vec<usize>,
     pub initializers: Vec<String>,
 }
 
+/// Ops that change an activation's shape but not the row-major order of its values: a linear
+/// layer seen through them is still the same layer on the last axis.
+const VIEW_OPS: &[&str] = &["Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"];
+/// Ops an exporter writes to compute shapes (`x.view(-1, nx)`, `x.size()[:-1] + (nf,)`): allowed
+/// in a remote module as long as what they compute only feeds shape inputs.
+const SHAPE_OPS: &[&str] = &[
+    "Shape",
+    "Gather",
+    "Unsqueeze",
+    "Squeeze",
+    "Concat",
+    "Slice",
+    "Constant",
+    "Cast",
+    "Reshape",
+    "Identity",
+    "Flatten",
+];
+/// Ops allowed on the path from a weight initializer to the weighted op (dynamo and TorchScript
+/// sometimes transpose `nn.Linear.weight` in the graph instead of folding it).
+const WEIGHT_OPS: &[&str] = &["Transpose", "Identity"];
+
 impl LinearModule {
+    /// Recognise the module as one weighted op (Gemm, MatMul with a constant matrix, or Conv),
+    /// an optional constant bias `Add`, views of the activation on either side, and the shape
+    /// plumbing exporters write around them. Anything else is refused, naming the op and node.
     pub fn extract(graph: &GraphProto, info: &ModuleInfo) -> Result<Self, ModelError> {
         let unsupported = |reason: String| ModelError::Unsupported {
             module: info.path.clone(),
             reason,
         };
-        let nodes: Vec<&NodeProto> = info.nodes.iter().map(|&i| &graph.node[i]).collect();
-        if let Some(n) = nodes
-            .iter()
-            .find(|n| !matches!(n.op_type.as_str(), "Gemm" | "MatMul" | "Add" | "Conv"))
-        {
-            return Err(ModelError::NonLinear {
-                module: info.path.clone(),
-                op: n.op_type.clone(),
-                node: n.name.clone(),
-            });
+        let non_linear = |n: &NodeProto| ModelError::NonLinear {
+            module: info.path.clone(),
+            op: n.op_type.clone(),
+            node: n.name.clone(),
+        };
+        if let Some(&i) = info.nodes.iter().find(|&&i| {
+            let op = graph.node[i].op_type.as_str();
+            !(matches!(op, "Gemm" | "MatMul" | "Conv" | "Add")
+                || SHAPE_OPS.contains(&op)
+                || WEIGHT_OPS.contains(&op))
+        }) {
+            return Err(non_linear(&graph.node[i]));
         }
         let inits: HashMap<&str, &TensorProto> = graph
             .initializer
             .iter()
             .map(|t| (t.name.as_str(), t))
             .collect();
-        let constant = |name: &str| -> Result<(Vec<usize>, Vec<f32>), ModelError> {
-            let t = inits.get(name).ok_or_else(|| {
-                unsupported(format!(
-                    "`{name}` is computed at run time, not a constant weight"
-                ))
-            })?;
-            float_initializer(t)
+        // Producer of each tensor, among the module's nodes.
+        let producer: HashMap<&str, usize> = info
+            .nodes
+            .iter()
+            .flat_map(|&i| graph.node[i].output.iter().map(move |o| (o.as_str(), i)))
+            .collect();
+        let resolver = Constants {
+            graph,
+            inits: &inits,
+            producer: &producer,
         };
 
-        let ops: Vec<&str> = nodes.iter().map(|n| n.op_type.as_str()).collect();
-        let (kind, in_features, out_features, weight, bias, input, output) = match ops.as_slice() {
-            ["Gemm"] => {
-                let n = nodes[0];
+        // The one weighted op: Gemm/MatMul/Conv whose second input is a constant.
+        let weighted: Vec<usize> = info
+            .nodes
+            .iter()
+            .copied()
+            .filter(|&i| matches!(graph.node[i].op_type.as_str(), "Gemm" | "MatMul" | "Conv"))
+            .collect();
+        let w_node = match weighted[..] {
+            [i] => i,
+            [] => {
+                return Err(unsupported(
+                    "it holds no Gemm, MatMul or Conv (nothing to evaluate)".into(),
+                ))
+            }
+            [_, second, ..] => {
+                return Err(unsupported(format!(
+                    "it holds several weighted ops (the second is {} node `{}`): pick its \
+                     children instead",
+                    graph.node[second].op_type, graph.node[second].name
+                )))
+            }
+        };
+        let n = &graph.node[w_node];
+        let weight_name = input_at(n, 1)?;
+        let (shape, w, mut weight_nodes) = resolver.resolve(weight_name).ok_or_else(|| {
+            unsupported(format!(
+                "{} node `{}` multiplies by `{weight_name}`, which is computed at run time, not \
+                 a constant weight",
+                n.op_type, n.name
+            ))
+        })??;
+
+        // Backwards from the weighted op's data input: views only. They stay in the client's
+        // graph (a reshape reveals nothing), so the remote step sees exactly the op's operand.
+        let mut views = Vec::new();
+        let input = input_at(n, 0)?.to_string();
+        let mut t = input.clone();
+        while let Some(&p) = producer.get(t.as_str()) {
+            let pn = &graph.node[p];
+            if !VIEW_OPS.contains(&pn.op_type.as_str()) {
+                return Err(unsupported(format!(
+                    "{} node `{}` transforms the activation before the {} (only reshapes may)",
+                    pn.op_type, pn.name, n.op_type
+                )));
+            }
+            views.push(p);
+            t = input_at(pn, 0)?.to_string();
+        }
+
+        let (kind, in_features, out_features, weight, mut bias) = match n.op_type.as_str() {
+            "Gemm" => {
                 if attr_i(n, "transA", 0) != 0 {
                     return Err(unsupported("Gemm with transA = 1".into()));
                 }
@@ -123,67 +208,34 @@ impl LinearModule {
                         return Err(unsupported(format!("Gemm with {name} ≠ 1")));
                     }
                 }
-                let (shape, w) = constant(input_at(n, 1)?)?;
                 let [a, b] = shape[..] else {
                     return Err(unsupported(format!("Gemm weight of shape {shape:?}")));
                 };
+                // HF's Conv1D stores its weight [in, out] (transB = 0); nn.Linear [out, in].
                 let (out, inp, w) = if attr_i(n, "transB", 0) == 1 {
                     (a, b, w)
                 } else {
                     (b, a, transpose(&w, a, b))
                 };
                 let bias = match n.input.get(2).filter(|s| !s.is_empty()) {
-                    Some(name) => Some(bias_vector(constant(name)?, out, &unsupported)?),
+                    Some(name) => {
+                        let (b, nodes) = resolver.bias(name, out, &unsupported)?;
+                        weight_nodes.extend(nodes);
+                        Some(b)
+                    }
                     None => None,
                 };
-                (
-                    LinearKind::Dense,
-                    inp,
-                    out,
-                    w,
-                    bias,
-                    n.input[0].clone(),
-                    n.output[0].clone(),
-                )
+                (LinearKind::Dense, inp, out, w, bias)
             }
-            ["MatMul"] | ["MatMul", "Add"] => {
-                let mm = nodes[0];
-                let (shape, w) = constant(input_at(mm, 1)?)?;
+            "MatMul" => {
                 let [inp, out] = shape[..] else {
                     return Err(unsupported(format!(
                         "MatMul weight of shape {shape:?} (a 2-D constant is needed)"
                     )));
                 };
-                let (bias, output) = if let Some(add) = nodes.get(1) {
-                    let other = match add.input.iter().position(|i| *i == mm.output[0]) {
-                        Some(0) => input_at(add, 1)?,
-                        Some(1) => input_at(add, 0)?,
-                        _ => {
-                            return Err(unsupported(
-                                "its Add does not consume the MatMul output".into(),
-                            ))
-                        }
-                    };
-                    (
-                        Some(bias_vector(constant(other)?, out, &unsupported)?),
-                        add.output[0].clone(),
-                    )
-                } else {
-                    (None, mm.output[0].clone())
-                };
-                let w = transpose(&w, inp, out);
-                (
-                    LinearKind::Dense,
-                    inp,
-                    out,
-                    w,
-                    bias,
-                    mm.input[0].clone(),
-                    output,
-                )
+                (LinearKind::Dense, inp, out, transpose(&w, inp, out), None)
             }
-            ["Conv"] => {
-                let n = nodes[0];
+            _ => {
                 if attr_i(n, "group", 1) != 1 {
                     return Err(unsupported("grouped/depthwise Conv (group ≠ 1)".into()));
                 }
@@ -193,7 +245,6 @@ impl LinearModule {
                         return Err(unsupported(format!("Conv auto_pad = {mode}")));
                     }
                 }
-                let (shape, w) = constant(input_at(n, 1)?)?;
                 let [out, c, kh, kw] = shape[..] else {
                     return Err(unsupported(format!(
                         "Conv weight of shape {shape:?} (only 2-D convolutions)"
@@ -221,7 +272,11 @@ impl LinearModule {
                     dilation: two("dilations")?,
                 };
                 let bias = match n.input.get(2).filter(|s| !s.is_empty()) {
-                    Some(name) => Some(bias_vector(constant(name)?, out, &unsupported)?),
+                    Some(name) => {
+                        let (b, nodes) = resolver.bias(name, out, &unsupported)?;
+                        weight_nodes.extend(nodes);
+                        Some(b)
+                    }
                     None => None,
                 };
                 (
@@ -230,51 +285,115 @@ impl LinearModule {
                     out,
                     w,
                     bias,
-                    n.input[0].clone(),
-                    n.output[0].clone(),
                 )
-            }
-            other => {
-                return Err(unsupported(format!(
-                    "its ops {other:?} are not one Gemm, MatMul (+ Add) or Conv"
-                )))
             }
         };
 
+        // Forwards from its output: at most one constant bias Add (removed with the op), then
+        // views (kept, like those before it).
+        let mut removed: HashSet<usize> = weight_nodes.iter().copied().collect();
+        removed.insert(w_node);
+        let mut output = n.output[0].clone();
+        let mut t = output.clone();
+        loop {
+            let readers: Vec<usize> = info
+                .nodes
+                .iter()
+                .copied()
+                .filter(|i| {
+                    !removed.contains(i) && !views.contains(i) && graph.node[*i].input.contains(&t)
+                })
+                .collect();
+            let r = match readers[..] {
+                [] => break,
+                [r] => r,
+                [_, r, ..] => {
+                    return Err(unsupported(format!(
+                        "its result `{t}` is read by several nodes inside it (the second is {} \
+                         node `{}`)",
+                        graph.node[r].op_type, graph.node[r].name
+                    )))
+                }
+            };
+            let rn = &graph.node[r];
+            let position = rn.input.iter().position(|i| *i == t);
+            let is_view = VIEW_OPS.contains(&rn.op_type.as_str()) && position == Some(0);
+            match (rn.op_type.as_str(), position) {
+                ("Add", Some(pos)) if bias.is_none() && t == output => {
+                    let other = input_at(rn, 1 - pos.min(1))?;
+                    let (b, nodes) = resolver.bias(other, out_features, &unsupported)?;
+                    bias = Some(b);
+                    removed.extend(nodes);
+                    removed.insert(r);
+                    output = rn.output[0].clone();
+                }
+                _ if is_view => views.push(r),
+                // Shape(y) and the like: plumbing, checked below.
+                ("Shape", _) => break,
+                _ => return Err(non_linear(rn)),
+            }
+            t = rn.output[0].clone();
+        }
+        // Everything else must be shape plumbing: never on the activation's path. Plumbing
+        // that reads only what exists outside the module stays in the client's graph (exporters
+        // share shape computations between modules, and shapes reveal nothing private); the
+        // rest goes with the module.
+        for &i in &info.nodes {
+            if removed.contains(&i) || views.contains(&i) {
+                continue;
+            }
+            let node = &graph.node[i];
+            if !SHAPE_OPS.contains(&node.op_type.as_str()) {
+                return Err(non_linear(node));
+            }
+            // The module's output still exists after the cut (the remote step produces it).
+            let reads_removed = node.input.iter().any(|t| {
+                *t != output
+                    && producer
+                        .get(t.as_str())
+                        .is_some_and(|p| removed.contains(p))
+            });
+            if reads_removed {
+                removed.insert(i);
+            }
+        }
+        let mut nodes: Vec<usize> = removed.iter().copied().collect();
+        nodes.sort_unstable();
+
         // One input, one output, as in Concrete ML: nothing outside may read an intermediate.
-        let inside: HashSet<usize> = info.nodes.iter().copied().collect();
         let produced: HashSet<&str> = nodes
             .iter()
-            .flat_map(|n| n.output.iter().map(String::as_str))
+            .flat_map(|&i| graph.node[i].output.iter().map(String::as_str))
             .collect();
-        let leaks: Vec<&str> = graph
-            .node
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !inside.contains(i))
-            .flat_map(|(_, n)| n.input.iter().map(String::as_str))
-            .chain(graph.output.iter().map(|o| o.name.as_str()))
-            .filter(|t| produced.contains(t) && *t != output)
-            .collect();
-        if let Some(t) = leaks.first() {
-            return Err(unsupported(format!(
-                "its intermediate `{t}` is used outside it (one output per remote module)"
-            )));
-        }
-        // Initializers that only this module reads: removed from the client's graph.
         let outside_uses: HashSet<&str> = graph
             .node
             .iter()
             .enumerate()
-            .filter(|(i, _)| !inside.contains(i))
+            .filter(|(i, _)| !removed.contains(i))
             .flat_map(|(_, n)| n.input.iter().map(String::as_str))
             .collect();
-        let initializers = nodes
+        let leak = outside_uses
             .iter()
-            .flat_map(|n| n.input.iter())
-            .filter(|i| inits.contains_key(i.as_str()) && !outside_uses.contains(i.as_str()))
-            .cloned()
-            .collect();
+            .copied()
+            .chain(graph.output.iter().map(|o| o.name.as_str()))
+            .find(|t| produced.contains(t) && *t != output);
+        if let Some(t) = leak {
+            return Err(unsupported(format!(
+                "its intermediate `{t}` is used outside it (one output per remote module)"
+            )));
+        }
+        // Initializers that only the removed nodes read: removed from the client's graph.
+        let mut initializers: Vec<String> = Vec::new();
+        for &i in &nodes {
+            for t in &graph.node[i].input {
+                if inits.contains_key(t.as_str())
+                    && !outside_uses.contains(t.as_str())
+                    && !initializers.contains(t)
+                {
+                    initializers.push(t.clone());
+                }
+            }
+        }
         Ok(Self {
             path: info.path.clone(),
             kind,
@@ -284,9 +403,74 @@ impl LinearModule {
             bias,
             input,
             output,
-            nodes: info.nodes.clone(),
+            nodes,
             initializers,
         })
+    }
+}
+
+/// Constant values inside a module: initializers, `Constant` nodes, and transposes of them.
+struct Constants<'a> {
+    graph: &'a GraphProto,
+    inits: &'a HashMap<&'a str, &'a TensorProto>,
+    producer: &'a HashMap<&'a str, usize>,
+}
+
+type Resolved = Result<(Vec<usize>, Vec<f32>, Vec<usize>), ModelError>;
+
+impl Constants<'_> {
+    /// `name`'s shape and values, with the module nodes that computed it; `None` if it depends
+    /// on a run-time value.
+    fn resolve(&self, name: &str) -> Option<Resolved> {
+        if let Some(t) = self.inits.get(name) {
+            return Some(float_initializer(t).map(|(s, v)| (s, v, vec![])));
+        }
+        let &p = self.producer.get(name)?;
+        let node = &self.graph.node[p];
+        match node.op_type.as_str() {
+            "Constant" => {
+                let t = attr(node, "value").and_then(|a| a.t.as_ref())?;
+                Some(float_initializer(t).map(|(s, v)| (s, v, vec![p])))
+            }
+            "Identity" => Some(self.resolve(node.input.first()?)?.map(|(s, v, mut nodes)| {
+                nodes.push(p);
+                (s, v, nodes)
+            })),
+            "Transpose" => {
+                let inner = self.resolve(node.input.first()?)?;
+                Some(inner.and_then(|(s, v, mut nodes)| {
+                    let perm = attr_ints(node, "perm").unwrap_or_else(|| vec![1, 0]);
+                    let [r, c] = s[..] else {
+                        return Err(ModelError::Decode(format!(
+                            "Transpose node `{}` of a {}-D weight",
+                            node.name,
+                            s.len()
+                        )));
+                    };
+                    nodes.push(p);
+                    Ok(if perm == [1, 0] {
+                        (vec![c, r], transpose(&v, r, c), nodes)
+                    } else {
+                        (s, v, nodes)
+                    })
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    fn bias(
+        &self,
+        name: &str,
+        out: usize,
+        unsupported: &dyn Fn(String) -> ModelError,
+    ) -> Result<(Vec<f32>, Vec<usize>), ModelError> {
+        let (shape, values, nodes) = self.resolve(name).ok_or_else(|| {
+            unsupported(format!(
+                "its Add reads `{name}`, computed at run time, not a constant bias"
+            ))
+        })??;
+        Ok((bias_vector((shape, values), out, unsupported)?, nodes))
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod graph;
 pub mod linear;
 pub mod modules;
+pub mod proto;
 pub mod runner;
 pub mod synthetic;
 mod tensor;
@@ -84,15 +85,27 @@ impl OnnxModel {
             )));
         }
         let bytes = std::fs::read(path).map_err(|e| read_err(e.to_string()))?;
-        Self::from_bytes(&bytes)
+        Self::decode(&bytes, path.parent())
     }
 
+    /// A model from its bytes; weights in external files are refused (load it from its path).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
-        let proto = ModelProto::decode(bytes).map_err(|e| ModelError::Decode(e.to_string()))?;
-        Self::from_proto(proto)
+        Self::decode(bytes, None)
     }
 
+    fn decode(bytes: &[u8], dir: Option<&Path>) -> Result<Self, ModelError> {
+        let mut proto = ModelProto::decode(bytes).map_err(|e| ModelError::Decode(e.to_string()))?;
+        proto::inline_external_data(&mut proto, dir)?;
+        let scopes = proto::node_scopes(bytes)?;
+        Self::with_scopes(proto, &scopes)
+    }
+
+    /// A model whose nodes carry no exporter metadata (module paths from node names only).
     pub fn from_proto(proto: ModelProto) -> Result<Self, ModelError> {
+        Self::with_scopes(proto, &[])
+    }
+
+    fn with_scopes(proto: ModelProto, scopes: &[Option<String>]) -> Result<Self, ModelError> {
         let graph = proto
             .graph
             .as_ref()
@@ -102,7 +115,7 @@ impl OnnxModel {
                 "the graph has no inputs or no outputs".into(),
             ));
         }
-        let modules = ModuleTree::build(graph);
+        let modules = ModuleTree::build(graph, scopes);
         Ok(Self { proto, modules })
     }
 

@@ -7,6 +7,10 @@
 //! `h.0` (under `transformer`; the ModuleList is never called, so it has no scope of its own) and
 //! an attribute `mlp`. Parameters keep their `state_dict` names (`seq.0.weight`), which give the
 //! qualified paths of every module that owns one; scopes are resolved against those first.
+//!
+//! The torch.export ("dynamo") exporter names nodes after the op (`node_linear`) and records the
+//! qualified module stack in each node's metadata instead ([`super::proto::node_scopes`]); where
+//! that is present it wins over the name.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -33,7 +37,8 @@ pub struct ModuleTree {
 }
 
 impl ModuleTree {
-    pub fn build(graph: &GraphProto) -> Self {
+    /// `scopes[i]`, when given, is node `i`'s module path as its exporter recorded it.
+    pub fn build(graph: &GraphProto, scopes: &[Option<String>]) -> Self {
         let shapes: HashMap<&str, Vec<usize>> = graph
             .initializer
             .iter()
@@ -71,8 +76,14 @@ impl ModuleTree {
                 modules.len() - 1
             })
         };
+        let recorded = scopes.iter().any(Option::is_some);
         for (i, node) in graph.node.iter().enumerate() {
-            let Some(path) = node_module_path(&node.name, &known) else {
+            let path = if recorded {
+                scopes.get(i).cloned().flatten()
+            } else {
+                node_module_path(&node.name, &known)
+            };
+            let Some(path) = path else {
                 continue;
             };
             for prefix in ancestors(&path) {
@@ -151,12 +162,13 @@ impl ModuleTree {
                 .modules
                 .iter()
                 .any(|o| o.path.starts_with(&format!("{}.", m.path)));
-            // Folded constants (`onnx::MatMul_*`) show under the leaf module that uses them.
+            // Folded constants (`onnx::MatMul_*`, dynamo's `val_*`) show under the leaf module
+            // that uses them, when they are matrices (not shape constants).
             let params: Vec<String> = m
                 .params
                 .iter()
-                .filter(|(name, _)| {
-                    is_own_param(&m.path, name) || (leaf && name.starts_with("onnx::"))
+                .filter(|(name, shape)| {
+                    is_own_param(&m.path, name) || (leaf && is_anonymous(name) && shape.len() >= 2)
                 })
                 .map(|(name, shape)| format!("{name} {shape:?}"))
                 .collect();
@@ -181,6 +193,11 @@ fn is_own_param(path: &str, name: &str) -> bool {
     name.strip_prefix(path)
         .and_then(|rest| rest.strip_prefix('.'))
         .is_some_and(|rest| !rest.contains('.'))
+}
+
+/// A constant the exporter named itself rather than after a `state_dict` entry.
+fn is_anonymous(name: &str) -> bool {
+    name.starts_with("onnx::") || !name.contains('.')
 }
 
 fn is_numeric(atom: &str) -> bool {

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use tract_onnx::pb::{
     tensor_shape_proto, tensor_shape_proto::dimension, type_proto, GraphProto, ModelProto,
-    TensorShapeProto, TypeProto,
+    TensorProto, TensorShapeProto, TypeProto,
 };
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, IntoTensor,
@@ -17,7 +17,30 @@ use super::ModelError;
 /// A tensor flowing between stages (any ONNX element type: shapes travel as i64).
 pub type Value = Tensor;
 
-type ShapeKey = Vec<(DatumType, Vec<usize>)>;
+/// Per input: its type, shape, and for a small integer tensor (a shape computed by another
+/// stage) its values, which the plan bakes in as a constant.
+type ShapeKey = Vec<(DatumType, Vec<usize>, Option<Vec<i64>>)>;
+
+/// Integer inputs of at most this many values and rank ≤ 1 are treated as shapes: tract types a
+/// `Reshape`/`Expand`/`Range` only when its shape operand is a constant, and exporters compute
+/// those operands once and share them across modules, so they cross stage boundaries.
+const MAX_BAKED_VALUES: usize = 8;
+
+fn baked_values(t: &Tensor) -> Option<Vec<i64>> {
+    if t.rank() > 1 || t.len() > MAX_BAKED_VALUES {
+        return None;
+    }
+    match t.datum_type() {
+        DatumType::I64 | DatumType::I32 => t.cast_to::<i64>().ok().and_then(|c| {
+            c.try_as_plain_ram()
+                .ok()?
+                .as_slice::<i64>()
+                .ok()
+                .map(<[i64]>::to_vec)
+        }),
+        _ => None,
+    }
+}
 
 /// Optimised plans kept per segment; a service seeing many batch sizes evicts the lot rather
 /// than growing without bound.
@@ -53,12 +76,31 @@ impl LocalSegment {
     pub fn run(&self, inputs: Vec<Value>) -> Result<Vec<Value>, ModelError> {
         let key: ShapeKey = inputs
             .iter()
-            .map(|t| (t.datum_type(), t.shape().to_vec()))
+            .map(|t| (t.datum_type(), t.shape().to_vec(), baked_values(t)))
             .collect();
         let plan = self.plan(&key)?;
-        let values: TVec<_> = inputs.into_iter().map(|t| t.into_tvalue()).collect();
+        let values: TVec<_> = inputs
+            .into_iter()
+            .zip(&key)
+            .filter(|(_, (_, _, baked))| baked.is_none())
+            .map(|(t, _)| t.into_tvalue())
+            .collect();
         let out = plan.run(values).map_err(ModelError::tract)?;
-        Ok(out.into_iter().map(|v| v.into_tensor()).collect())
+        out.into_iter()
+            .map(|v| {
+                let t = v.into_tensor();
+                // Shapes computed by Shape ops are TDim in tract; every dimension is concrete at
+                // run time, and ONNX's own type for them is int64, so that is what crosses a
+                // stage boundary (a symbolic dimension cannot be declared on the next segment).
+                if t.datum_type() == DatumType::TDim {
+                    t.cast_to::<i64>()
+                        .map(|c| c.into_owned())
+                        .map_err(ModelError::tract)
+                } else {
+                    Ok(t)
+                }
+            })
+            .collect()
     }
 
     fn plan(&self, key: &ShapeKey) -> Result<Arc<TypedRunnableModel>, ModelError> {
@@ -69,13 +111,28 @@ impl LocalSegment {
         // proto gets the actual types and shapes of this call.
         let mut proto = self.model.clone();
         let graph = proto.graph.as_mut().expect("segments have a graph");
-        for (vi, (dt, shape)) in graph.input.iter_mut().zip(key) {
-            vi.r#type = Some(tensor_type(*dt, shape)?);
+        let mut inputs = Vec::new();
+        for (mut vi, (dt, shape, baked)) in std::mem::take(&mut graph.input).into_iter().zip(key) {
+            match baked {
+                Some(values) => graph.initializer.push(TensorProto {
+                    name: vi.name.clone(),
+                    dims: shape.iter().map(|&d| d as i64).collect(),
+                    data_type: 7, // INT64
+                    int64_data: values.clone(),
+                    ..Default::default()
+                }),
+                None => {
+                    vi.r#type = Some(tensor_type(*dt, shape)?);
+                    inputs.push(vi);
+                }
+            }
         }
+        graph.input = inputs;
         let mut model = tract_onnx::onnx()
             .model_for_proto_model(&proto)
             .map_err(ModelError::tract)?;
-        for (i, (dt, shape)) in key.iter().enumerate() {
+        let fed = key.iter().filter(|(_, _, baked)| baked.is_none());
+        for (i, (dt, shape, _)) in fed.enumerate() {
             model
                 .set_input_fact(i, InferenceFact::dt_shape(*dt, shape.as_slice()))
                 .map_err(ModelError::tract)?;
@@ -149,6 +206,46 @@ pub fn declared_shape(graph: &GraphProto, name: &str) -> Option<Vec<Option<usize
     )
 }
 
+/// Check a caller's input against the graph's declared element type, naming both on mismatch.
+pub fn check_input_type(graph: &GraphProto, name: &str, dt: DatumType) -> Result<(), ModelError> {
+    let Some(vi) = graph.input.iter().find(|v| v.name == name) else {
+        return Ok(());
+    };
+    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return Ok(());
+    };
+    if t.elem_type == 0 {
+        return Ok(());
+    }
+    let expected = tensor_type(dt, &[]).ok().and_then(|tp| match tp.value {
+        Some(type_proto::Value::TensorType(t)) => Some(t.elem_type),
+        _ => None,
+    });
+    if expected == Some(t.elem_type) {
+        Ok(())
+    } else {
+        Err(ModelError::Input(format!(
+            "input `{name}` is {dt:?}, the model expects {}",
+            onnx_type_name(t.elem_type)
+        )))
+    }
+}
+
+fn onnx_type_name(elem: i32) -> String {
+    match elem {
+        1 => "float32".into(),
+        2 => "uint8".into(),
+        3 => "int8".into(),
+        6 => "int32".into(),
+        7 => "int64".into(),
+        9 => "bool".into(),
+        10 => "float16".into(),
+        11 => "float64".into(),
+        other => format!("ONNX type {other}"),
+    }
+}
+
 /// Check a caller's input against the graph's declared shape, naming both on mismatch.
 pub fn check_input_shape(
     graph: &GraphProto,
@@ -162,7 +259,7 @@ pub fn check_input_shape(
         && declared
             .iter()
             .zip(shape)
-            .all(|(d, &s)| d.is_none_or(|d| d == s) && s > 0);
+            .all(|(d, &s)| d.is_none_or(|d| d == s));
     if fits {
         Ok(())
     } else {
@@ -180,6 +277,18 @@ pub fn check_input_shape(
 /// An f32 tensor from a shape and row-major values.
 pub fn f32_tensor(shape: &[usize], values: &[f32]) -> Result<Value, ModelError> {
     Tensor::from_shape(shape, values).map_err(ModelError::tract)
+}
+
+/// An int64 tensor from a shape and row-major values (token ids).
+pub fn i64_tensor(shape: &[usize], values: &[i64]) -> Result<Value, ModelError> {
+    Tensor::from_shape(shape, values).map_err(ModelError::tract)
+}
+
+/// The values of an int64 tensor (a named error for any other type).
+pub fn i64_values<'a>(t: &'a Value, what: &str) -> Result<&'a [i64], ModelError> {
+    t.try_as_plain_ram()
+        .and_then(|v| v.as_slice::<i64>())
+        .map_err(|_| ModelError::Input(format!("{what} is {:?}, not int64", t.datum_type())))
 }
 
 /// The values of an f32 tensor (a named error for any other type).

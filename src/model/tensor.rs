@@ -43,10 +43,7 @@ pub fn float_initializer(t: &TensorProto) -> Result<(Vec<usize>, Vec<f32>), Mode
         }
     };
     if values.len() != count {
-        return Err(err(format!(
-            "{} values for shape {shape:?} (external data is not supported)",
-            values.len()
-        )));
+        return Err(err(format!("{} values for shape {shape:?}", values.len())));
     }
     Ok((shape, values))
 }

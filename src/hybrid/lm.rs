@@ -1,0 +1,364 @@
+//! Language models: which graph inputs and outputs play which role, feeding them, and greedy
+//! generation with or without a KV cache.
+//!
+//! Roles are recognised by the names Optimum and `tests/fixtures/make_torch_fixtures.py` give
+//! them: `input_ids` (int64 `[batch, seq]`), optional `attention_mask` (`[batch, past + seq]`)
+//! and `position_ids` (`[batch, seq]`), `past_key_values.*` inputs matched in graph order with
+//! `present.*` outputs (`[batch, heads, past, head_dim]`), and `logits` (`[batch, seq, vocab]`).
+//! With a cache, every step after the prompt feeds one new token and the previous step's
+//! presents, so each remote module sees **one row** per generated token; without one the whole
+//! sequence is re-run.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Serialize;
+use tract_onnx::pb::{tensor_shape_proto::dimension, type_proto, GraphProto};
+use tract_onnx::prelude::{DatumType, Tensor};
+
+use super::runtime::{ForwardStats, ModuleBackend, Runtime};
+use super::HybridError;
+use crate::model::{ModelError, Value};
+
+/// Which runtime input / output index plays which role.
+#[derive(Clone, Debug)]
+pub struct LmSignature {
+    pub ids: usize,
+    pub mask: Option<(usize, DatumType)>,
+    pub positions: Option<usize>,
+    /// Past inputs with their declared shapes (`None` for a symbolic axis) and the past axis.
+    pub past: Vec<(usize, Vec<Option<usize>>, usize)>,
+    pub logits: usize,
+    pub present: Vec<usize>,
+    /// The vocabulary size, when the logits output declares it.
+    pub vocab: Option<usize>,
+}
+
+fn bad(msg: String) -> HybridError {
+    HybridError::Model(ModelError::Input(msg))
+}
+
+fn declared(
+    values: &[tract_onnx::pb::ValueInfoProto],
+    name: &str,
+) -> Option<(i32, Vec<Option<usize>>)> {
+    let vi = values.iter().find(|v| v.name == name)?;
+    let Some(type_proto::Value::TensorType(t)) = vi.r#type.as_ref()?.value.as_ref() else {
+        return None;
+    };
+    let dims = t
+        .shape
+        .as_ref()
+        .map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(dimension::Value::DimValue(v)) if v > 0 => Some(v as usize),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((t.elem_type, dims))
+}
+
+fn onnx_type(elem: i32) -> DatumType {
+    match elem {
+        1 => DatumType::F32,
+        6 => DatumType::I32,
+        9 => DatumType::Bool,
+        11 => DatumType::F64,
+        _ => DatumType::I64,
+    }
+}
+
+impl LmSignature {
+    /// The roles of `runtime`'s inputs and outputs, or `None` when it has no `input_ids` input
+    /// (not a language model). Inputs it cannot feed are an error naming them.
+    pub fn detect(graph: &GraphProto, runtime: &Runtime) -> Result<Option<Self>, HybridError> {
+        let find = |pat: &str| runtime.inputs.iter().position(|n| n.contains(pat));
+        let Some(ids) = find("input_ids") else {
+            return Ok(None);
+        };
+        let mask = find("attention_mask").map(|i| {
+            let dt = declared(&graph.input, &runtime.inputs[i])
+                .map_or(DatumType::I64, |(e, _)| onnx_type(e));
+            (i, dt)
+        });
+        let positions = find("position_ids");
+        let mut past = Vec::new();
+        for (i, name) in runtime.inputs.iter().enumerate() {
+            if !name.starts_with("past") {
+                if i != ids && Some(i) != mask.map(|m| m.0) && Some(i) != positions {
+                    return Err(HybridError::Unsupported(format!(
+                        "input `{name}` of this language model has no known role (expected \
+                         input_ids, attention_mask, position_ids, past_key_values.*)"
+                    )));
+                }
+                continue;
+            }
+            let (_, dims) = declared(&graph.input, name).ok_or_else(|| {
+                HybridError::Unsupported(format!("past input `{name}` declares no shape"))
+            })?;
+            // [batch, heads, past, head_dim]: the past axis is the last symbolic one after batch.
+            let axis = (1..dims.len())
+                .rev()
+                .find(|&a| dims[a].is_none())
+                .ok_or_else(|| {
+                    HybridError::Unsupported(format!(
+                        "past input `{name}` has no symbolic length axis ({dims:?})"
+                    ))
+                })?;
+            past.push((i, dims, axis));
+        }
+        let present: Vec<usize> = (0..runtime.outputs.len())
+            .filter(|&i| runtime.outputs[i].starts_with("present"))
+            .collect();
+        if present.len() != past.len() {
+            return Err(HybridError::Unsupported(format!(
+                "{} past inputs but {} present outputs: they must pair up in graph order",
+                past.len(),
+                present.len()
+            )));
+        }
+        let logits = runtime
+            .outputs
+            .iter()
+            .position(|o| o == "logits")
+            .or_else(|| (0..runtime.outputs.len()).find(|i| !present.contains(i)))
+            .ok_or_else(|| HybridError::Unsupported("the model has no logits output".into()))?;
+        let vocab = declared(&graph.output, &runtime.outputs[logits])
+            .and_then(|(_, d)| d.last().copied().flatten());
+        Ok(Some(Self {
+            ids,
+            mask,
+            positions,
+            past,
+            logits,
+            present,
+            vocab,
+        }))
+    }
+
+    pub fn has_cache(&self) -> bool {
+        !self.past.is_empty()
+    }
+
+    /// Check token ids: int64/int32, `[batch, seq]`, within the vocabulary.
+    pub fn check_ids(&self, ids: &Value) -> Result<Value, HybridError> {
+        let ids = match ids.datum_type() {
+            DatumType::I64 => ids.clone(),
+            DatumType::I32 => ids
+                .cast_to::<i64>()
+                .map_err(ModelError::tract)?
+                .into_owned(),
+            other => {
+                return Err(bad(format!(
+                    "token ids are {other:?}: they must be int64 or int32"
+                )))
+            }
+        };
+        if ids.rank() != 2 || ids.shape().contains(&0) {
+            return Err(bad(format!(
+                "token ids have shape {:?}: expected [batch, tokens] with at least one token",
+                ids.shape()
+            )));
+        }
+        let values = crate::model::runner::i64_values(&ids, "the token ids")?;
+        let limit = self.vocab.unwrap_or(usize::MAX) as i64;
+        if let Some(v) = values.iter().find(|&&v| v < 0 || v >= limit) {
+            return Err(bad(format!(
+                "token id {v} is outside the vocabulary [0, {})",
+                self.vocab.map_or("?".into(), |v| v.to_string())
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Every input for `ids` `[batch, seq]` after `past` (the previous step's presents; empty
+    /// caches of length 0 when `None`).
+    pub fn feeds(
+        &self,
+        inputs: usize,
+        ids: Value,
+        past: Option<Vec<Value>>,
+    ) -> Result<Vec<Value>, HybridError> {
+        let (batch, seq) = (ids.shape()[0], ids.shape()[1]);
+        let past_len = match (&past, self.past.first()) {
+            (Some(p), Some((_, _, axis))) => p.first().map_or(0, |t| t.shape()[*axis]),
+            _ => 0,
+        };
+        let mut out: Vec<Option<Value>> = vec![None; inputs];
+        out[self.ids] = Some(ids);
+        if let Some((i, dt)) = self.mask {
+            let total = past_len + seq;
+            let t = match dt {
+                DatumType::F32 => Tensor::from_shape(&[batch, total], &vec![1f32; batch * total]),
+                DatumType::Bool => Tensor::from_shape(&[batch, total], &vec![true; batch * total]),
+                DatumType::I32 => Tensor::from_shape(&[batch, total], &vec![1i32; batch * total]),
+                _ => Tensor::from_shape(&[batch, total], &vec![1i64; batch * total]),
+            }
+            .map_err(ModelError::tract)?;
+            out[i] = Some(t);
+        }
+        if let Some(i) = self.positions {
+            let row: Vec<i64> = (past_len..past_len + seq).map(|p| p as i64).collect();
+            let all: Vec<i64> = (0..batch).flat_map(|_| row.iter().copied()).collect();
+            out[i] = Some(Tensor::from_shape(&[batch, seq], &all).map_err(ModelError::tract)?);
+        }
+        match past {
+            Some(values) => {
+                if values.len() != self.past.len() {
+                    return Err(bad(format!(
+                        "{} cache tensors for {} past inputs",
+                        values.len(),
+                        self.past.len()
+                    )));
+                }
+                for ((i, _, _), v) in self.past.iter().zip(values) {
+                    out[*i] = Some(v);
+                }
+            }
+            None => {
+                for (i, dims, axis) in &self.past {
+                    let shape: Vec<usize> = dims
+                        .iter()
+                        .enumerate()
+                        .map(|(a, d)| match d {
+                            _ if a == *axis => 0,
+                            Some(v) => *v,
+                            None if a == 0 => batch,
+                            None => 1,
+                        })
+                        .collect();
+                    out[*i] =
+                        Some(Tensor::from_shape::<f32>(&shape, &[]).map_err(ModelError::tract)?);
+                }
+            }
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, v)| v.ok_or_else(|| bad(format!("input {i} has no value"))))
+            .collect()
+    }
+}
+
+/// What `generate` produced and what it cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerateReport {
+    /// The generated token ids (without the prompt).
+    pub tokens: Vec<i64>,
+    pub prompt_tokens: usize,
+    /// Whether the model carries a KV cache (one row per remote module per new token).
+    pub kv_cache: bool,
+    /// The first forward pass, over the whole prompt (it yields the first new token).
+    pub prefill_ms: f64,
+    /// Mean time of each later step.
+    pub decode_ms_per_token: f64,
+    pub bytes_up_per_token: f64,
+    pub bytes_down_per_token: f64,
+    pub prefill: ForwardStats,
+    /// Totals over every decode step.
+    pub decode: ForwardStats,
+}
+
+fn argmax_last(logits: &Value) -> Result<i64, HybridError> {
+    let shape = logits.shape();
+    let values = crate::model::runner::f32_values(logits, "the logits")?;
+    let vocab = *shape
+        .last()
+        .ok_or_else(|| bad("the logits are a scalar".into()))?;
+    if shape.len() != 3 || shape[0] != 1 || vocab == 0 {
+        return Err(bad(format!(
+            "logits of shape {shape:?}: generate expects [1, seq, vocab]"
+        )));
+    }
+    let last = &values[values.len() - vocab..];
+    let mut best = 0;
+    for (i, &v) in last.iter().enumerate() {
+        // Ties keep the lowest id, as torch.argmax does.
+        if v > last[best] {
+            best = i;
+        }
+    }
+    Ok(best as i64)
+}
+
+/// Greedy decoding of `max_new` tokens after `prompt` (`[1, n]` int64).
+pub(crate) async fn generate(
+    sig: &LmSignature,
+    runtime: &Runtime,
+    backend: &dyn ModuleBackend,
+    prompt: Value,
+    max_new: usize,
+) -> Result<GenerateReport, HybridError> {
+    if max_new == 0 {
+        return Err(bad("--max-new-tokens must be at least 1".into()));
+    }
+    let prompt = sig.check_ids(&prompt)?;
+    if prompt.shape()[0] != 1 {
+        return Err(bad(format!(
+            "the prompt has shape {:?}: generate takes one sequence, [1, tokens] or [tokens]",
+            prompt.shape()
+        )));
+    }
+    let mut sequence: Vec<i64> = crate::model::runner::i64_values(&prompt, "the prompt")?.to_vec();
+    let prompt_tokens = sequence.len();
+    let mut tokens = Vec::with_capacity(max_new);
+    let mut past: Option<Vec<Value>> = None;
+    let mut prefill = ForwardStats::default();
+    let mut decode = ForwardStats::default();
+    let (mut prefill_ms, mut decode_ms) = (0.0, 0.0);
+    for step in 0..max_new {
+        let ids: Vec<i64> = if step > 0 && sig.has_cache() {
+            vec![*sequence.last().expect("a prompt has a token")]
+        } else {
+            sequence.clone()
+        };
+        let ids = Tensor::from_shape(&[1, ids.len()], &ids).map_err(ModelError::tract)?;
+        let inputs = sig.feeds(runtime.inputs.len(), ids, past.take())?;
+        let stats = Mutex::new(ForwardStats::default());
+        let t = Instant::now();
+        let mut outputs = runtime.run_all(inputs, backend, &stats).await?;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let stats = stats.into_inner().expect("stats");
+        let token = argmax_last(&outputs[sig.logits])?;
+        if step == 0 {
+            prefill_ms = ms;
+            prefill = stats;
+        } else {
+            decode_ms += ms;
+            decode.add(&stats);
+        }
+        if sig.has_cache() {
+            past = Some(
+                sig.present
+                    .iter()
+                    .map(|&i| std::mem::replace(&mut outputs[i], Tensor::from(0f32)))
+                    .collect(),
+            );
+        }
+        tokens.push(token);
+        sequence.push(token);
+    }
+    let steps = (max_new - 1).max(1) as f64;
+    Ok(GenerateReport {
+        tokens,
+        prompt_tokens,
+        kv_cache: sig.has_cache(),
+        prefill_ms,
+        decode_ms_per_token: if max_new > 1 { decode_ms / steps } else { 0.0 },
+        bytes_up_per_token: if max_new > 1 {
+            decode.upload_bytes as f64 / steps
+        } else {
+            0.0
+        },
+        bytes_down_per_token: if max_new > 1 {
+            decode.download_bytes as f64 / steps
+        } else {
+            0.0
+        },
+        prefill,
+        decode,
+    })
+}
