@@ -9,6 +9,7 @@ mod exactness;
 mod hardening;
 mod helpers;
 mod hybrid;
+mod llm;
 mod noise;
 mod queue;
 mod serving;
