@@ -707,6 +707,8 @@ impl HybridModel {
         )?;
 
         self.private = None;
+        // The float runtime holds the whole private model (compile's cut check builds it).
+        self.torch = OnceLock::new();
         self.linear.clear();
         self.server = None;
         *self.local_server.lock().expect("server") = None;
