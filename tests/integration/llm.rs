@@ -365,3 +365,44 @@ fn hyfhe_generate_json_prints_one_object_with_tokens_and_per_token_costs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("int64"), "{err}");
 }
+
+#[test]
+fn lm_heads_tied_and_untied_run_remote_and_leave_the_client_without_their_matrix() {
+    for (family, variant) in [
+        ("gpt2", "kv_dynamo"),
+        ("gpt2", "nokv_ts"),
+        ("llama", "kv_ts"),
+    ] {
+        let onnx = OnnxModel::load(llm(&format!("{family}_{variant}.onnx"))).unwrap();
+        let head = onnx.linear_module("lm_head").unwrap();
+        assert_eq!((head.in_features, head.out_features), (32, 96));
+        // The head's own (transposed, anonymous) copy of the matrix is private to it.
+        assert!(!head.initializers.is_empty(), "{family} {variant}");
+        let mut m = HybridModel::new(family, onnx, &["lm_head"]).unwrap();
+        m.compile(
+            &read_npy(&llm(&format!("{family}_calibration.npy"))).unwrap(),
+            &CompileOptions::default(),
+            &Silent,
+        )
+        .unwrap();
+        m.use_keys(KEYS.clone());
+        let client: Vec<&str> = m
+            .client_model()
+            .graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        for name in &head.initializers {
+            assert!(
+                !client.contains(&name.as_str()),
+                "{name} left in the client model"
+            );
+        }
+        let (s, _) = m.forward(prompt(family), Mode::Simulate).unwrap();
+        let (e, _) = m.forward(prompt(family), Mode::Execute).unwrap();
+        assert_eq!(bits(&values(&s)), bits(&values(&e)), "{family} {variant}");
+    }
+}
