@@ -165,7 +165,7 @@ impl LmSignature {
             )));
         }
         let values = crate::model::runner::i64_values(&ids, "the token ids")?;
-        let limit = self.vocab.unwrap_or(usize::MAX) as i64;
+        let limit = self.vocab.map_or(i64::MAX, |v| v as i64);
         if let Some(v) = values.iter().find(|&&v| v < 0 || v >= limit) {
             return Err(bad(format!(
                 "token id {v} is outside the vocabulary [0, {})",
@@ -185,7 +185,15 @@ impl LmSignature {
     ) -> Result<Vec<Value>, HybridError> {
         let (batch, seq) = (ids.shape()[0], ids.shape()[1]);
         let past_len = match (&past, self.past.first()) {
-            (Some(p), Some((_, _, axis))) => p.first().map_or(0, |t| t.shape()[*axis]),
+            (Some(p), Some((_, _, axis))) => match p.first() {
+                None => 0,
+                Some(t) => *t.shape().get(*axis).ok_or_else(|| {
+                    bad(format!(
+                        "a cache tensor of shape {:?} has no past axis {axis}",
+                        t.shape()
+                    ))
+                })?,
+            },
             _ => 0,
         };
         let mut out: Vec<Option<Value>> = vec![None; inputs];
@@ -243,6 +251,9 @@ impl LmSignature {
     }
 }
 
+/// Most tokens one `generate` call produces (a position table is far smaller anyway).
+pub const MAX_NEW_TOKENS: usize = 1 << 16;
+
 /// What `generate` produced and what it cost.
 #[derive(Clone, Debug, Serialize)]
 pub struct GenerateReport {
@@ -268,7 +279,7 @@ fn argmax_last(logits: &Value) -> Result<i64, HybridError> {
     let vocab = *shape
         .last()
         .ok_or_else(|| bad("the logits are a scalar".into()))?;
-    if shape.len() != 3 || shape[0] != 1 || vocab == 0 {
+    if shape.len() != 3 || shape[0] != 1 || vocab == 0 || values.len() < vocab {
         return Err(bad(format!(
             "logits of shape {shape:?}: generate expects [1, seq, vocab]"
         )));
@@ -292,8 +303,10 @@ pub(crate) async fn generate(
     prompt: Value,
     max_new: usize,
 ) -> Result<GenerateReport, HybridError> {
-    if max_new == 0 {
-        return Err(bad("--max-new-tokens must be at least 1".into()));
+    if max_new == 0 || max_new > MAX_NEW_TOKENS {
+        return Err(bad(format!(
+            "--max-new-tokens must be at least 1 and at most {MAX_NEW_TOKENS}, not {max_new}"
+        )));
     }
     let prompt = sig.check_ids(&prompt)?;
     if prompt.shape()[0] != 1 {

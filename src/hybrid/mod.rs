@@ -252,14 +252,14 @@ impl HybridModel {
         options: &CompileOptions,
         progress: &dyn Progress,
     ) -> Result<Vec<ModuleReport>, HybridError> {
+        let samples = calibration.shape().first().copied().unwrap_or(0);
+        if samples == 0 {
+            return Err(QuantError::EmptyCalibration.into());
+        }
         if self.private.is_some() {
-            let batch = self
-                .calibration_batch()
-                .min(calibration.shape().first().copied().unwrap_or(0));
-            if batch > 0 {
-                let first = calibration.slice(0, 0, batch).map_err(ModelError::tract)?;
-                self.verify_cut(&first)?;
-            }
+            let batch = self.calibration_batch().min(samples);
+            let first = calibration.slice(0, 0, batch).map_err(ModelError::tract)?;
+            self.verify_cut(&first)?;
         }
         let mut ranges = HashMap::new();
         if !options.dynamic_inputs {
@@ -399,12 +399,18 @@ impl HybridModel {
     /// Every input from the first one: itself for a one-input model; for a language model, token
     /// ids completed with an all-ones attention mask, positions and empty caches.
     pub fn complete_inputs(&self, first: Value) -> Result<Vec<Value>, HybridError> {
+        let sig = self.lm_signature()?;
         if self.runtime.inputs.len() == 1 {
-            return Ok(vec![first]);
+            // Token ids are checked against the vocabulary before tract gathers with them.
+            return match sig {
+                Some(sig) => Ok(vec![sig.check_ids(&first)?]),
+                None => Ok(vec![first]),
+            };
         }
-        let sig = self.lm_signature()?.ok_or_else(|| {
+        let sig = sig.ok_or_else(|| {
             HybridError::Unsupported(format!(
-                "the model has inputs {:?}: with several inputs, hybrid models must be language                  models (input_ids, attention_mask, past_key_values.*) or be fed every input                  (forward_all)",
+                "the model has inputs {:?}: with several inputs, hybrid models must be language \
+                 models (input_ids, attention_mask, position_ids, past_key_values.*)",
                 self.runtime.inputs
             ))
         })?;
@@ -535,11 +541,19 @@ impl HybridModel {
                 )));
             }
             let (Ok(a), Ok(b)) = (runner::f32_values(a, name), runner::f32_values(b, name)) else {
-                continue; // integer outputs do not depend on the remote modules' arithmetic
+                if a != b {
+                    return Err(HybridError::Unsupported(format!(
+                        "cutting the remote modules changes output `{name}` ({:?}): a remote \
+                         module is not the linear layer it looks like",
+                        a.datum_type()
+                    )));
+                }
+                continue;
             };
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let nan_mismatch = a.iter().zip(b).any(|(x, y)| x.is_nan() != y.is_nan());
             let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            if diff.is_nan() || diff > 1e-3 * (1.0 + scale) {
+            if nan_mismatch || diff > 1e-3 * (1.0 + scale) {
                 return Err(HybridError::Unsupported(format!(
                     "cutting the remote modules changes output `{name}` by up to {diff:.3e} \
                      (values up to {scale:.3e}): a remote module is not the linear layer it looks \

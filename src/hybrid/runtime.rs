@@ -103,6 +103,9 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(model: &ModelProto) -> Result<Self, HybridError> {
         let plan = StagePlan::new(model)?;
+        if plan.outputs.is_empty() {
+            return Err(HybridError::Unsupported("the model has no output".into()));
+        }
         if plan.inputs.is_empty() {
             return Err(HybridError::Unsupported(
                 "the model has no runtime input (every graph input is an initializer)".into(),

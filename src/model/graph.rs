@@ -57,10 +57,24 @@ pub fn cut_remote_modules(model: &ModelProto, modules: &[LinearModule]) -> Model
         .iter()
         .flat_map(|m| m.initializers.iter().map(String::as_str))
         .collect();
+    // Whatever no remaining node reads goes too: the client's graph holds only what it runs.
+    let used: HashSet<String> = nodes
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(graph.output.iter().map(|o| o.name.clone()))
+        .collect();
+    let dropped: HashSet<String> = graph
+        .initializer
+        .iter()
+        .filter(|t| private.contains(t.name.as_str()) || !used.contains(&t.name))
+        .map(|t| t.name.clone())
+        .collect();
     let mut cut = model.clone();
     let g = cut.graph.as_mut().expect("validated model");
     g.node = nodes;
-    g.initializer.retain(|t| !private.contains(t.name.as_str()));
+    g.initializer.retain(|t| !dropped.contains(&t.name));
+    // Old exports list initializers among the graph inputs too; a dropped one is no input.
+    g.input.retain(|i| !dropped.contains(&i.name));
     g.value_info.clear();
     if !cut.opset_import.iter().any(|o| o.domain == REMOTE_DOMAIN) {
         cut.opset_import.push(OperatorSetIdProto {

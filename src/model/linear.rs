@@ -109,6 +109,8 @@ const SHAPE_OPS: &[&str] = &[
 /// Ops allowed on the path from a weight initializer to the weighted op (dynamo and TorchScript
 /// sometimes transpose `nn.Linear.weight` in the graph instead of folding it).
 const WEIGHT_OPS: &[&str] = &["Transpose", "Identity"];
+/// Most ops between a weight initializer and the op that uses it.
+const MAX_WEIGHT_CHAIN: usize = 8;
 
 impl LinearModule {
     /// Recognise the module as one weighted op (Gemm, MatMul with a constant matrix, or Conv),
@@ -188,6 +190,12 @@ impl LinearModule {
         let mut t = input.clone();
         while let Some(&p) = producer.get(t.as_str()) {
             let pn = &graph.node[p];
+            if views.contains(&p) {
+                return Err(ModelError::Decode(format!(
+                    "node `{}` is part of a cycle",
+                    pn.name
+                )));
+            }
             if !VIEW_OPS.contains(&pn.op_type.as_str()) {
                 return Err(unsupported(format!(
                     "{} node `{}` transforms the activation before the {} (only reshapes may)",
@@ -289,11 +297,18 @@ impl LinearModule {
             }
         };
 
+        let zero_kernel = matches!(kind, LinearKind::Conv(g) if g.kernel.contains(&0));
+        if in_features == 0 || out_features == 0 || zero_kernel {
+            return Err(unsupported(format!(
+                "its weight of shape {shape:?} has an empty dimension"
+            )));
+        }
+
         // Forwards from its output: at most one constant bias Add (removed with the op), then
         // views (kept, like those before it).
         let mut removed: HashSet<usize> = weight_nodes.iter().copied().collect();
         removed.insert(w_node);
-        let mut output = n.output[0].clone();
+        let mut output = output_of(n)?.to_string();
         let mut t = output.clone();
         loop {
             let readers: Vec<usize> = info
@@ -319,25 +334,34 @@ impl LinearModule {
             let position = rn.input.iter().position(|i| *i == t);
             let is_view = VIEW_OPS.contains(&rn.op_type.as_str()) && position == Some(0);
             match (rn.op_type.as_str(), position) {
-                ("Add", Some(pos)) if bias.is_none() && t == output => {
+                ("Add", Some(pos))
+                    if bias.is_none() && t == output && !matches!(kind, LinearKind::Conv(_)) =>
+                {
                     let other = input_at(rn, 1 - pos.min(1))?;
                     let (b, nodes) = resolver.bias(other, out_features, &unsupported)?;
                     bias = Some(b);
                     removed.extend(nodes);
                     removed.insert(r);
-                    output = rn.output[0].clone();
+                    output = output_of(rn)?.to_string();
                 }
                 _ if is_view => views.push(r),
                 // Shape(y) and the like: plumbing, checked below.
                 ("Shape", _) => break,
                 _ => return Err(non_linear(rn)),
             }
-            t = rn.output[0].clone();
+            t = output_of(rn)?.to_string();
         }
         // Everything else must be shape plumbing: never on the activation's path. Plumbing
         // that reads only what exists outside the module stays in the client's graph (exporters
         // share shape computations between modules, and shapes reveal nothing private); the
         // rest goes with the module.
+        // The constants the weighted op and its bias read: whatever else reads them inside the
+        // module (even a Shape) goes with it, so the client's graph never needs them.
+        let private: HashSet<&str> = removed
+            .iter()
+            .flat_map(|&i| graph.node[i].input.iter().map(String::as_str))
+            .filter(|t| inits.contains_key(t))
+            .collect();
         for &i in &info.nodes {
             if removed.contains(&i) || views.contains(&i) {
                 continue;
@@ -345,6 +369,10 @@ impl LinearModule {
             let node = &graph.node[i];
             if !SHAPE_OPS.contains(&node.op_type.as_str()) {
                 return Err(non_linear(node));
+            }
+            if node.input.iter().any(|t| private.contains(t.as_str())) {
+                removed.insert(i);
+                continue;
             }
             // The module's output still exists after the cut (the remote step produces it).
             let reads_removed = node.input.iter().any(|t| {
@@ -381,6 +409,13 @@ impl LinearModule {
             return Err(unsupported(format!(
                 "its intermediate `{t}` is used outside it (one output per remote module)"
             )));
+        }
+        for name in private.iter().filter(|t| outside_uses.contains(*t)) {
+            // A weight shared with the local graph (a tied embedding) cannot be taken away.
+            tracing::warn!(
+                module = %info.path,
+                "`{name}` is also read outside the module: it stays in the client's model"
+            );
         }
         // Initializers that only the removed nodes read: removed from the client's graph.
         let mut initializers: Vec<String> = Vec::new();
@@ -422,22 +457,30 @@ impl Constants<'_> {
     /// `name`'s shape and values, with the module nodes that computed it; `None` if it depends
     /// on a run-time value.
     fn resolve(&self, name: &str) -> Option<Resolved> {
+        self.resolve_within(name, MAX_WEIGHT_CHAIN)
+    }
+
+    fn resolve_within(&self, name: &str, depth: usize) -> Option<Resolved> {
         if let Some(t) = self.inits.get(name) {
             return Some(float_initializer(t).map(|(s, v)| (s, v, vec![])));
         }
         let &p = self.producer.get(name)?;
+        // A malformed graph may loop; a weight is never more than a few ops from its initializer.
+        let depth = depth.checked_sub(1)?;
         let node = &self.graph.node[p];
         match node.op_type.as_str() {
             "Constant" => {
                 let t = attr(node, "value").and_then(|a| a.t.as_ref())?;
                 Some(float_initializer(t).map(|(s, v)| (s, v, vec![p])))
             }
-            "Identity" => Some(self.resolve(node.input.first()?)?.map(|(s, v, mut nodes)| {
-                nodes.push(p);
-                (s, v, nodes)
-            })),
+            "Identity" => Some(self.resolve_within(node.input.first()?, depth)?.map(
+                |(s, v, mut nodes)| {
+                    nodes.push(p);
+                    (s, v, nodes)
+                },
+            )),
             "Transpose" => {
-                let inner = self.resolve(node.input.first()?)?;
+                let inner = self.resolve_within(node.input.first()?, depth)?;
                 Some(inner.and_then(|(s, v, mut nodes)| {
                     let perm = attr_ints(node, "perm").unwrap_or_else(|| vec![1, 0]);
                     let [r, c] = s[..] else {
@@ -472,6 +515,14 @@ impl Constants<'_> {
         })??;
         Ok((bias_vector((shape, values), out, unsupported)?, nodes))
     }
+}
+
+fn output_of(n: &NodeProto) -> Result<&str, ModelError> {
+    n.output
+        .first()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ModelError::Decode(format!("node `{}` has no output", n.name)))
 }
 
 fn input_at(n: &NodeProto, i: usize) -> Result<&str, ModelError> {

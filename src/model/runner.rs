@@ -85,7 +85,20 @@ impl LocalSegment {
             .filter(|(_, (_, _, baked))| baked.is_none())
             .map(|(t, _)| t.into_tvalue())
             .collect();
-        let out = plan.run(values).map_err(ModelError::tract)?;
+        // tract indexes some operands unchecked (a Gather past its table panics): a bad input
+        // must be an error, not a crash of the server or client holding this segment.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(values)))
+            .map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                ModelError::Input(format!(
+                    "a local segment failed on this input (an index out of range?): {what}"
+                ))
+            })?
+            .map_err(ModelError::tract)?;
         out.into_iter()
             .map(|v| {
                 let t = v.into_tensor();

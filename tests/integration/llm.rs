@@ -83,6 +83,27 @@ fn tiny_gpt2_and_llama_from_both_exporters_run_every_block_linear_remote_bit_exa
         for variant in VARIANTS {
             let m = compile(family, variant);
             assert_eq!(m.remote_modules().len(), block_linears(family).len());
+            // No remote module's weight or bias is left in the client's graph.
+            let onnx = OnnxModel::load(llm(&format!("{family}_{variant}.onnx"))).unwrap();
+            let client: Vec<&str> = m
+                .client_model()
+                .graph
+                .as_ref()
+                .unwrap()
+                .initializer
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect();
+            for name in block_linears(family) {
+                let module = onnx.linear_module(&name).unwrap();
+                assert!(!module.initializers.is_empty(), "{family} {variant} {name}");
+                for init in &module.initializers {
+                    assert!(
+                        !client.contains(&init.as_str()),
+                        "{init} of {name} in the client"
+                    );
+                }
+            }
             let inputs = m.complete_inputs(prompt(family)).unwrap();
             let (simulate, _) = m.forward_all(inputs.clone(), Mode::Simulate).unwrap();
             let (execute, stats) = m.forward_all(inputs, Mode::Execute).unwrap();
