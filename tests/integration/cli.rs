@@ -179,14 +179,14 @@ fn compile_then_run_prints_stage_times_and_refuses_a_non_empty_directory() {
         "run",
         out_dir,
         "--input",
-        &fixture("token_mlp_input.npy"),
+        &fixture("digits_test_x.npy"),
         "--mode",
         "simulate",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("[3, 4, 16]") && err.contains("expects"),
+        err.contains("[360, 64]") && err.contains("expects"),
         "{err}"
     );
 }

@@ -115,7 +115,7 @@ fn unknown_module_names_are_refused_with_the_closest_valid_names() {
         "{err}"
     );
 
-    let onnx = OnnxModel::load(fixture("token_mlp.onnx")).unwrap();
+    let onnx = OnnxModel::load(fixture("llm/gpt2_nokv_ts.onnx")).unwrap();
     let err = HybridModel::new("t", onnx, &["transformer.h.0.mlp.c_fx"])
         .err()
         .unwrap();
@@ -127,30 +127,32 @@ fn unknown_module_names_are_refused_with_the_closest_valid_names() {
 
 #[test]
 fn nested_module_paths_resolve_and_a_parent_with_a_non_linear_op_is_refused() {
-    let onnx = OnnxModel::load(fixture("token_mlp.onnx")).unwrap();
+    // HF GPT-2 exported by the TorchScript exporter: ModuleList entries (`h.0`) have no scope of
+    // their own, so the paths are rebuilt from node scopes and parameter names.
+    let onnx = OnnxModel::load(fixture("llm/gpt2_nokv_ts.onnx")).unwrap();
     let paths: Vec<&str> = onnx.modules().iter().map(|m| m.path.as_str()).collect();
-    assert_eq!(
-        paths,
-        [
-            "transformer",
-            "transformer.h",
-            "transformer.h.0",
-            "transformer.h.0.mlp",
-            "transformer.h.0.mlp.c_fc",
-            "transformer.h.0.mlp.act",
-            "transformer.h.0.mlp.c_proj"
-        ]
-    );
+    for expected in [
+        "transformer",
+        "transformer.h.0",
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.mlp",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.act",
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.mlp.c_proj",
+        "lm_head",
+    ] {
+        assert!(paths.contains(&expected), "{expected} in {paths:?}");
+    }
     let err = HybridModel::new("t", onnx.clone(), &["transformer.h.0.mlp"])
         .err()
         .unwrap();
     match &err {
         HybridError::Model(ModelError::NonLinear { module, op, node }) => {
-            assert_eq!(
-                (module.as_str(), op.as_str()),
-                ("transformer.h.0.mlp", "Relu")
-            );
-            assert_eq!(node, "/transformer/h.0/mlp/act/Relu");
+            assert_eq!(module, "transformer.h.0.mlp");
+            // GELU (tanh form) is Mul, Pow, Add, Tanh: the first one met is named.
+            assert!(["Mul", "Pow", "Add", "Tanh"].contains(&op.as_str()), "{op}");
+            assert!(node.starts_with("/transformer/h.0/mlp/act/"), "{node}");
         }
         other => panic!("{other}"),
     }
@@ -158,27 +160,6 @@ fn nested_module_paths_resolve_and_a_parent_with_a_non_linear_op_is_refused() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("inside"), "{err}");
-}
-
-#[test]
-fn three_d_matmul_linear_modules_run_in_every_mode() {
-    let m = compiled(
-        "token_mlp.onnx",
-        &["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"],
-        "token_mlp_calibration.npy",
-        &CompileOptions::default(),
-    );
-    let x = read_npy(&fixture("token_mlp_input.npy")).unwrap();
-    assert_eq!(x.shape(), [3, 4, 16]);
-    let (torch, _) = m.forward(x.clone(), Mode::Torch).unwrap();
-    assert!(max_abs_diff(&m.forward_float(x.clone()).unwrap(), &torch) < 1e-5);
-    let (simulate, _) = m.forward(x.clone(), Mode::Simulate).unwrap();
-    let (execute, stats) = m.forward(x, Mode::Execute).unwrap();
-    assert_eq!(execute.shape(), [3, 4, 16]);
-    assert_bit_identical(&execute, &simulate);
-    assert_eq!(stats.requests, 2);
-    let err = max_abs_diff(&simulate, &torch);
-    assert!(err < 0.03 * max_abs(&torch), "{err} vs {}", max_abs(&torch));
 }
 
 #[test]
