@@ -1,15 +1,15 @@
 //! Running a local segment with `tract`: parsed once, optimised per input shape (cached).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tract_onnx::pb::{
     tensor_shape_proto, tensor_shape_proto::dimension, type_proto, GraphProto, ModelProto,
     TensorProto, TensorShapeProto, TypeProto,
 };
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTValue, IntoTensor,
-    TVec, Tensor, TypedRunnableModel,
+    DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable,
+    IntoTValue, IntoTensor, TVec, Tensor, TypedRunnableModel,
 };
 
 use super::ModelError;
@@ -51,7 +51,20 @@ pub struct LocalSegment {
     model: ModelProto,
     pub inputs: Vec<String>,
     pub outputs: Vec<String>,
-    plans: Mutex<HashMap<ShapeKey, Arc<TypedRunnableModel>>>,
+    /// The segment parsed once (its weights included): each new shape starts from a clone of it,
+    /// whose constants are shared, instead of re-reading the protobuf. `Err` when tract cannot
+    /// parse it without input types; plans then come from the protobuf each time.
+    parsed: OnceLock<Result<InferenceModel, String>>,
+    plans: Mutex<HashMap<ShapeKey, Plan>>,
+}
+
+/// An optimised plan, and whether it takes the baked inputs as inputs too (a plan from the
+/// parsed model keeps them as sources whose value is fixed; one from the protobuf has them as
+/// initializers).
+#[derive(Clone)]
+struct Plan {
+    runnable: Arc<TypedRunnableModel>,
+    feeds_baked: bool,
 }
 
 impl std::fmt::Debug for LocalSegment {
@@ -69,6 +82,7 @@ impl LocalSegment {
             model,
             inputs,
             outputs,
+            parsed: OnceLock::new(),
             plans: Mutex::new(HashMap::new()),
         }
     }
@@ -78,11 +92,14 @@ impl LocalSegment {
             .iter()
             .map(|t| (t.datum_type(), t.shape().to_vec(), baked_values(t)))
             .collect();
-        let plan = self.plan(&key)?;
+        let Plan {
+            runnable: plan,
+            feeds_baked,
+        } = self.plan(&key)?;
         let values: TVec<_> = inputs
             .into_iter()
             .zip(&key)
-            .filter(|(_, (_, _, baked))| baked.is_none())
+            .filter(|(_, (_, _, baked))| feeds_baked || baked.is_none())
             .map(|(t, _)| t.into_tvalue())
             .collect();
         // tract indexes some operands unchecked (a Gather past its table panics): a bad input
@@ -116,10 +133,77 @@ impl LocalSegment {
             .collect()
     }
 
-    fn plan(&self, key: &ShapeKey) -> Result<Arc<TypedRunnableModel>, ModelError> {
+    fn plan(&self, key: &ShapeKey) -> Result<Plan, ModelError> {
         if let Some(p) = self.plans.lock().expect("plan cache").get(key) {
             return Ok(p.clone());
         }
+        let tried = self.plan_from_parsed(key);
+        let plan = match tried {
+            Some(Ok(runnable)) => Plan {
+                runnable,
+                feeds_baked: true,
+            },
+            _ => Plan {
+                runnable: self.plan_from_proto(key)?,
+                feeds_baked: false,
+            },
+        };
+        let mut cache = self.plans.lock().expect("plan cache");
+        if cache.len() >= MAX_CACHED_SHAPES {
+            cache.clear();
+        }
+        cache.insert(key.clone(), plan.clone());
+        Ok(plan)
+    }
+
+    /// A plan from the once-parsed model: baked inputs become sources of a known value, which
+    /// tract propagates like constants. `None` when the segment could not be parsed that way.
+    fn plan_from_parsed(
+        &self,
+        key: &ShapeKey,
+    ) -> Option<Result<Arc<TypedRunnableModel>, ModelError>> {
+        let base = self
+            .parsed
+            .get_or_init(|| {
+                // tract needs input types to parse; the first call's do (each call then sets
+                // its own facts on a clone).
+                let mut proto = self.model.clone();
+                if let Some(graph) = proto.graph.as_mut() {
+                    for (vi, (dt, shape, _)) in graph.input.iter_mut().zip(key) {
+                        vi.r#type = tensor_type(*dt, shape).ok();
+                    }
+                }
+                tract_onnx::onnx()
+                    .model_for_proto_model(&proto)
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .ok()?;
+        let plan = (|| {
+            let mut model = base.clone();
+            for (i, (dt, shape, baked)) in key.iter().enumerate() {
+                let fact = match baked {
+                    Some(values) => {
+                        let t = Tensor::from_shape(shape, values).map_err(ModelError::tract)?;
+                        InferenceFact::from(
+                            t.cast_to_dt(*dt).map_err(ModelError::tract)?.into_owned(),
+                        )
+                    }
+                    None => InferenceFact::dt_shape(*dt, shape.as_slice()),
+                };
+                model.set_input_fact(i, fact).map_err(ModelError::tract)?;
+            }
+            model
+                .into_optimized()
+                .and_then(|m| m.into_runnable())
+                .map_err(ModelError::tract)
+        })();
+        Some(plan)
+    }
+
+    /// A plan from the protobuf with this call's types declared and baked inputs written as
+    /// initializers.
+    fn plan_from_proto(&self, key: &ShapeKey) -> Result<Arc<TypedRunnableModel>, ModelError> {
         // Segment inputs produced by other stages have no declared type; tract wants one, so the
         // proto gets the actual types and shapes of this call.
         let mut proto = self.model.clone();
@@ -150,16 +234,10 @@ impl LocalSegment {
                 .set_input_fact(i, InferenceFact::dt_shape(*dt, shape.as_slice()))
                 .map_err(ModelError::tract)?;
         }
-        let plan = model
+        model
             .into_optimized()
             .and_then(|m| m.into_runnable())
-            .map_err(ModelError::tract)?;
-        let mut cache = self.plans.lock().expect("plan cache");
-        if cache.len() >= MAX_CACHED_SHAPES {
-            cache.clear();
-        }
-        cache.insert(key.clone(), plan.clone());
-        Ok(plan)
+            .map_err(ModelError::tract)
     }
 }
 
