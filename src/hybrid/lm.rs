@@ -24,6 +24,8 @@ use crate::model::{ModelError, Value};
 #[derive(Clone, Debug)]
 pub struct LmSignature {
     pub ids: usize,
+    /// The declared element type of `input_ids` (int64 unless the export says int32).
+    pub ids_type: DatumType,
     pub mask: Option<(usize, DatumType)>,
     pub positions: Option<usize>,
     /// Past inputs with their declared shapes (`None` for a symbolic axis) and the past axis.
@@ -80,6 +82,10 @@ impl LmSignature {
         let Some(ids) = find("input_ids") else {
             return Ok(None);
         };
+        let ids_type = match declared(&graph.input, &runtime.inputs[ids]) {
+            Some((6, _)) => DatumType::I32,
+            _ => DatumType::I64,
+        };
         let mask = find("attention_mask").map(|i| {
             let dt = declared(&graph.input, &runtime.inputs[i])
                 .map_or(DatumType::I64, |(e, _)| onnx_type(e));
@@ -131,6 +137,7 @@ impl LmSignature {
             .and_then(|(_, d)| d.last().copied().flatten());
         Ok(Some(Self {
             ids,
+            ids_type,
             mask,
             positions,
             past,
@@ -197,6 +204,13 @@ impl LmSignature {
             _ => 0,
         };
         let mut out: Vec<Option<Value>> = vec![None; inputs];
+        let ids = if ids.datum_type() == self.ids_type {
+            ids
+        } else {
+            ids.cast_to_dt(self.ids_type)
+                .map_err(ModelError::tract)?
+                .into_owned()
+        };
         out[self.ids] = Some(ids);
         if let Some((i, dt)) = self.mask {
             let total = past_len + seq;

@@ -403,7 +403,7 @@ impl HybridModel {
         if self.runtime.inputs.len() == 1 {
             // Token ids are checked against the vocabulary before tract gathers with them.
             return match sig {
-                Some(sig) => Ok(vec![sig.check_ids(&first)?]),
+                Some(sig) => sig.feeds(1, sig.check_ids(&first)?, None),
                 None => Ok(vec![first]),
             };
         }

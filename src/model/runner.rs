@@ -211,12 +211,22 @@ impl LocalSegment {
         let mut inputs = Vec::new();
         for (mut vi, (dt, shape, baked)) in std::mem::take(&mut graph.input).into_iter().zip(key) {
             match baked {
-                Some(values) => graph.initializer.push(TensorProto {
-                    name: vi.name.clone(),
-                    dims: shape.iter().map(|&d| d as i64).collect(),
-                    data_type: 7, // INT64
-                    int64_data: values.clone(),
-                    ..Default::default()
+                Some(values) => graph.initializer.push(if *dt == DatumType::I32 {
+                    TensorProto {
+                        name: vi.name.clone(),
+                        dims: shape.iter().map(|&d| d as i64).collect(),
+                        data_type: 6, // INT32
+                        int32_data: values.iter().map(|&v| v as i32).collect(),
+                        ..Default::default()
+                    }
+                } else {
+                    TensorProto {
+                        name: vi.name.clone(),
+                        dims: shape.iter().map(|&d| d as i64).collect(),
+                        data_type: 7, // INT64
+                        int64_data: values.clone(),
+                        ..Default::default()
+                    }
                 }),
                 None => {
                     vi.r#type = Some(tensor_type(*dt, shape)?);
