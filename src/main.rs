@@ -496,15 +496,21 @@ fn compile(args: CompileArgs) -> ExitCode {
     report(result)
 }
 
-fn run(args: RunArgs) -> ExitCode {
-    // The client's spans (quantize, encrypt, request, decrypt) follow `telemetry` from the
-    // built-in config and HYFHE__TELEMETRY__* overrides; off by default.
-    let _telemetry = match Config::load(None) {
+/// The client's spans (quantize, encrypt, request, decrypt) follow `telemetry` from the built-in
+/// config and HYFHE__TELEMETRY__* overrides; off by default. `None` (reported) on a bad config.
+fn client_telemetry() -> Option<hyfhe::telemetry::TelemetryGuard> {
+    match Config::load(None) {
         Ok(config) => Some(hyfhe::telemetry::init(&config.telemetry)),
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let Some(_telemetry) = client_telemetry() else {
+        return ExitCode::FAILURE;
     };
     let request = RunRequest {
         dir: &args.dir,
@@ -525,12 +531,8 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 fn generate(args: GenerateArgs) -> ExitCode {
-    let _telemetry = match Config::load(None) {
-        Ok(config) => Some(hyfhe::telemetry::init(&config.telemetry)),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(_telemetry) = client_telemetry() else {
+        return ExitCode::FAILURE;
     };
     let request = GenerateRequest {
         dir: &args.dir,

@@ -167,11 +167,9 @@ fn generation_gives_the_same_tokens_in_simulate_and_execute_and_follows_torch() 
     }
 }
 
-#[test]
-fn the_seeds_fc_small_exported_by_the_dynamo_exporter_runs_seq_0_remote() {
+/// The seed's FCSmall from the torch.export exporter, `seq.0` remote, compiled.
+fn fc_small_dynamo() -> HybridModel {
     let onnx = OnnxModel::load(fixture("fc_small_dynamo.onnx")).unwrap();
-    let tree = onnx.modules().render();
-    assert!(tree.contains("seq.0  [Gemm]"), "{tree}");
     let mut m = HybridModel::new("fc_small_dynamo", onnx, &["seq.0"]).unwrap();
     m.compile(
         &read_npy(&fixture("fc_small_calibration.npy")).unwrap(),
@@ -180,6 +178,15 @@ fn the_seeds_fc_small_exported_by_the_dynamo_exporter_runs_seq_0_remote() {
     )
     .unwrap();
     m.use_keys(KEYS.clone());
+    m
+}
+
+#[test]
+fn the_seeds_fc_small_exported_by_the_dynamo_exporter_runs_seq_0_remote() {
+    let onnx = OnnxModel::load(fixture("fc_small_dynamo.onnx")).unwrap();
+    let tree = onnx.modules().render();
+    assert!(tree.contains("seq.0  [Gemm]"), "{tree}");
+    let m = fc_small_dynamo();
     let x = read_npy(&fixture("fc_small_input.npy")).unwrap();
     let (simulate, _) = m.forward(x.clone(), Mode::Simulate).unwrap();
     let (execute, _) = m.forward(x.clone(), Mode::Execute).unwrap();
@@ -237,18 +244,7 @@ fn what_is_still_refused_names_the_op_and_bad_prompts_name_the_problem() {
         .to_string();
     assert!(err.contains("at least 1"), "{err}");
     // A model without input_ids cannot generate.
-    let mut fc = HybridModel::new(
-        "fc",
-        OnnxModel::load(fixture("fc_small_dynamo.onnx")).unwrap(),
-        &["seq.0"],
-    )
-    .unwrap();
-    fc.compile(
-        &read_npy(&fixture("fc_small_calibration.npy")).unwrap(),
-        &CompileOptions::default(),
-        &Silent,
-    )
-    .unwrap();
+    let fc = fc_small_dynamo();
     let err = fc
         .generate(prompt("gpt2"), 2, Mode::Simulate)
         .unwrap_err()
@@ -277,18 +273,7 @@ static SERVED: LazyLock<ServedLms> = LazyLock::new(|| {
             .unwrap();
         tokens.push((name, family, t));
     }
-    let mut fc = HybridModel::new(
-        "fc_small_dynamo",
-        OnnxModel::load(fixture("fc_small_dynamo.onnx")).unwrap(),
-        &["seq.0"],
-    )
-    .unwrap();
-    fc.compile(
-        &read_npy(&fixture("fc_small_calibration.npy")).unwrap(),
-        &CompileOptions::default(),
-        &Silent,
-    )
-    .unwrap();
+    let mut fc = fc_small_dynamo();
     fc.save_and_clear_private_info(dir.path().join("fc_small_dynamo"), true)
         .unwrap();
     ServedLms { dir, tokens }
