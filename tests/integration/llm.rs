@@ -66,6 +66,12 @@ fn compile(family: &str, variant: &str) -> HybridModel {
     m
 }
 
+/// The initializer names of the model a client receives.
+fn client_initializers(m: &HybridModel) -> Vec<String> {
+    let graph = m.client_model().graph.as_ref().unwrap();
+    graph.initializer.iter().map(|t| t.name.clone()).collect()
+}
+
 fn prompt(family: &str) -> Value {
     read_npy(&llm(&format!("{family}_prompt.npy"))).unwrap()
 }
@@ -85,23 +91,12 @@ fn tiny_gpt2_and_llama_from_both_exporters_run_every_block_linear_remote_bit_exa
             assert_eq!(m.remote_modules().len(), block_linears(family).len());
             // No remote module's weight or bias is left in the client's graph.
             let onnx = OnnxModel::load(llm(&format!("{family}_{variant}.onnx"))).unwrap();
-            let client: Vec<&str> = m
-                .client_model()
-                .graph
-                .as_ref()
-                .unwrap()
-                .initializer
-                .iter()
-                .map(|t| t.name.as_str())
-                .collect();
+            let client = client_initializers(&m);
             for name in block_linears(family) {
                 let module = onnx.linear_module(&name).unwrap();
                 assert!(!module.initializers.is_empty(), "{family} {variant} {name}");
                 for init in &module.initializers {
-                    assert!(
-                        !client.contains(&init.as_str()),
-                        "{init} of {name} in the client"
-                    );
+                    assert!(!client.contains(init), "{init} of {name} in the client");
                 }
             }
             let inputs = m.complete_inputs(prompt(family)).unwrap();
@@ -392,20 +387,9 @@ fn lm_heads_tied_and_untied_run_remote_and_leave_the_client_without_their_matrix
         )
         .unwrap();
         m.use_keys(KEYS.clone());
-        let client: Vec<&str> = m
-            .client_model()
-            .graph
-            .as_ref()
-            .unwrap()
-            .initializer
-            .iter()
-            .map(|t| t.name.as_str())
-            .collect();
+        let client = client_initializers(&m);
         for name in &head.initializers {
-            assert!(
-                !client.contains(&name.as_str()),
-                "{name} left in the client model"
-            );
+            assert!(!client.contains(name), "{name} left in the client model");
         }
         let (s, _) = m.forward(prompt(family), Mode::Simulate).unwrap();
         let (e, _) = m.forward(prompt(family), Mode::Execute).unwrap();
