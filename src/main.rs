@@ -235,6 +235,10 @@ struct LinearArgs {
     /// Compact output precision (fewer bytes, only the top bits exact) instead of exact.
     #[arg(long)]
     compact: bool,
+    /// Force an encoding (`row`, `blocked16`, `blocked128`) instead of the planner's choice for
+    /// the row count.
+    #[arg(long)]
+    encoding: Option<hyfhe::fhe::Encoding>,
     /// Print exactly one JSON object on stdout instead of the summary.
     #[arg(long)]
     json: bool,
@@ -565,6 +569,7 @@ fn bench_linear(args: LinearArgs) -> ExitCode {
         },
         repetitions: args.repetitions,
         seed: args.seed,
+        encoding: args.encoding,
     };
     let bars = Bars(std::sync::Mutex::new(None));
     let result = run_linear(&config, &bars);

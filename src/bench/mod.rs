@@ -8,7 +8,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::fhe::{
-    self, ClientKey, FheError, FourierLinearLayer, FourierPackingKey, LayerPlan, Precision,
+    self, ClientKey, Encoding, FheError, FourierLinearLayer, FourierPackingKey, LayerPlan,
+    Precision,
 };
 use crate::quant::{
     AffineQuantizer, Granularity, InputQuantization, QuantizedLinear, QuantizedWeights,
@@ -26,6 +27,8 @@ pub struct LinearBenchConfig {
     /// Timed repetitions after one warm-up; the median is reported.
     pub repetitions: usize,
     pub seed: u64,
+    /// Forced encoding; `None` lets the planner choose for the row count.
+    pub encoding: Option<Encoding>,
 }
 
 /// The measurement; field names are the `--json` contract.
@@ -38,6 +41,10 @@ pub struct LinearBenchReport {
     pub out_features: usize,
     pub threads: usize,
     pub precision: Precision,
+    /// The encoding the request used (`row`, `blocked16`, ...).
+    pub encoding: String,
+    /// What the planner picks for this row count (the same as `encoding` unless forced).
+    pub planner_choice: String,
     pub keygen_ms: f64,
     pub encrypt_ms: f64,
     pub eval_ms: f64,
@@ -106,8 +113,9 @@ pub fn run_linear(
     let quantized = layer.quantize_input(&x).map_err(quant_err)?;
     let (expected, _) = layer.simulate(&quantized);
 
-    let n_in = fhe::params::INPUT_GLWE.lwe_dimension();
-    progress.stage("keygen", n_in);
+    let planner_choice = Encoding::choose(&plan, rows);
+    let encoding = config.encoding.unwrap_or(planner_choice);
+    progress.stage("keygen", fhe::EvaluationKey::entries());
     let started = Instant::now();
     let client = ClientKey::generate();
     let eval_key =
@@ -131,7 +139,7 @@ pub fn run_linear(
     let mut last = None;
     for rep in 0..=reps {
         let started = Instant::now();
-        let request = client.encrypt_rows(&plan, &quantized.values, rows)?;
+        let request = client.encrypt_rows_as(&plan, &quantized.values, rows, encoding)?;
         let t_encrypt = ms(started);
         let started = Instant::now();
         let response = pool.install(|| server_layer.evaluate(&server_key, &request))?;
@@ -166,6 +174,8 @@ pub fn run_linear(
         out_features: out,
         threads: config.threads,
         precision: config.precision,
+        encoding: encoding.to_string(),
+        planner_choice: planner_choice.to_string(),
         keygen_ms,
         encrypt_ms: median(encrypt),
         eval_ms,
@@ -227,11 +237,12 @@ impl LinearBenchReport {
     pub fn render(&self) -> String {
         let wire = |b: f64| format!("{b:.2} B");
         format!(
-            "linear layer {rows}×{cols} @ {cols}×{out}, {precision} precision, {threads} threads\n\
+            "linear layer {rows}×{cols} @ {cols}×{out}, {precision} precision, {threads} threads, \
+             {encoding} encoding (planner: {planner})\n\
              keygen        {keygen:>10.1} ms   (client: secret keys + seeded packing key)\n\
              key load      {load:>10.1} ms   (server, once per session: Fourier packing key, {fkey:.0} MiB)\n\
              encrypt       {enc:>10.2} ms\n\
-             eval          {eval:>10.2} ms   (products + extraction + packing + modulus switch)\n\
+             eval          {eval:>10.2} ms   (products + packing + modulus switch)\n\
              decrypt       {dec:>10.2} ms\n\
              plaintext     {plain:>10.3} ms   (ndarray f32 dot, same shape, same process)\n\
              ratio = eval_ms / plaintext_ms = {ratio:.1}\n\
@@ -242,6 +253,8 @@ impl LinearBenchReport {
             out = self.out_features,
             precision = self.precision,
             threads = self.threads,
+            encoding = self.encoding,
+            planner = self.planner_choice,
             keygen = self.keygen_ms,
             load = self.key_load_ms,
             fkey = self.fourier_key_bytes as f64 / (1 << 20) as f64,

@@ -15,7 +15,8 @@ use super::bitpack::{packed_len, unpack_top_bits};
 use super::codec::{CodecError, Wire};
 use super::encrypted_rows::MAX_ROWS;
 use super::keys::ClientKey;
-use super::params::{packing_params, LayerPlan, Precision, MAX_OUT_FEATURES};
+use super::blocked::{blocked_phases, BlockLayout};
+use super::params::{packing_params, Encoding, LayerPlan, Precision, BLOCK_ROWS, MAX_OUT_FEATURES};
 use super::FheError;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -29,6 +30,9 @@ pub struct EncryptedOutputs {
     pub masks: Vec<u8>,
     #[serde(with = "serde_bytes")]
     pub bodies: Vec<u8>,
+    /// The request's encoding, which fixes where each output sits (see `blocked.rs`).
+    #[serde(default)]
+    pub encoding: Encoding,
 }
 
 impl EncryptedOutputs {
@@ -37,8 +41,14 @@ impl EncryptedOutputs {
     }
 
     pub fn packs(&self) -> usize {
-        self.values()
-            .div_ceil(packing_params(self.precision).output.polynomial_size)
+        let n = packing_params(self.precision).output.polynomial_size;
+        match self.encoding {
+            Encoding::Row => self.values().div_ceil(n),
+            Encoding::Blocked { rows } => {
+                BlockLayout::new(rows as usize, self.rows as usize, 1, self.out_features as usize)
+                    .packs()
+            }
+        }
     }
 
     pub fn wire_len(&self) -> usize {
@@ -63,6 +73,13 @@ impl Wire for EncryptedOutputs {
                 "widths of {}/{} bits",
                 self.mask_bits, self.body_bits
             )));
+        }
+        if let Encoding::Blocked { rows } = self.encoding {
+            if !BLOCK_ROWS.contains(&rows) {
+                return Err(CodecError::invalid::<Self>(format!(
+                    "blocks of {rows} rows (this build offers {BLOCK_ROWS:?})"
+                )));
+            }
         }
         let shape = packing_params(self.precision).output;
         let want_masks = packed_len(self.packs() * shape.lwe_dimension(), self.mask_bits as u32);
@@ -113,6 +130,26 @@ impl ClientKey {
         );
         let mut bodies = unpack_top_bits(&outputs.bodies, total, plan.output_body_bits);
         let key = self.output_key(plan.precision);
+        if let Encoding::Blocked { rows: block } = outputs.encoding {
+            let mut plain = PlaintextList::new(0u64, tfhe::core_crypto::prelude::PlaintextCount(n));
+            let mut decrypt = |glwe: &[u64]| {
+                let ct = GlweCiphertext::from_container(
+                    glwe,
+                    PolynomialSize(n),
+                    CiphertextModulus::new_native(),
+                );
+                decrypt_glwe_ciphertext(key, &ct, &mut plain);
+                plain.as_ref().to_vec()
+            };
+            return Ok(blocked_phases(
+                outputs,
+                block as usize,
+                &mut masks,
+                &mut bodies,
+                &mut decrypt,
+                k,
+            ));
+        }
         let mut phases = Vec::with_capacity(total);
         let mut glwe = vec![0u64; (k + 1) * n];
         let mut plain = PlaintextList::new(0u64, tfhe::core_crypto::prelude::PlaintextCount(n));

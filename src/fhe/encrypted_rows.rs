@@ -15,7 +15,7 @@ use tfhe::core_crypto::prelude::{
 use super::bitpack::{pack_top_bits, packed_len};
 use super::codec::{CodecError, Wire};
 use super::keys::ClientKey;
-use super::params::{LayerPlan, INPUT_GLWE, MAX_IN_FEATURES};
+use super::params::{Encoding, LayerPlan, BLOCK_ROWS, INPUT_GLWE, MAX_IN_FEATURES};
 use super::FheError;
 
 /// Most rows one request may carry: bounds the masks the server regenerates per call.
@@ -29,9 +29,12 @@ pub struct EncryptedRows {
     /// 16-byte seed of every mask in this request.
     #[serde(with = "serde_bytes")]
     pub seed: Vec<u8>,
-    /// `rows × in_features` bodies of `body_bits` bits each.
+    /// `rows × in_features` bodies of `body_bits` bits each, row-major in every encoding.
     #[serde(with = "serde_bytes")]
     pub bodies: Vec<u8>,
+    /// How the rows sit in ciphertexts (requests made before encodings existed are rows).
+    #[serde(default)]
+    pub encoding: Encoding,
 }
 
 impl EncryptedRows {
@@ -75,6 +78,13 @@ impl Wire for EncryptedRows {
                 self.seed.len()
             )));
         }
+        if let Encoding::Blocked { rows: block } = self.encoding {
+            if !BLOCK_ROWS.contains(&block) {
+                return Err(CodecError::invalid::<Self>(format!(
+                    "blocks of {block} rows (this build offers {BLOCK_ROWS:?})"
+                )));
+            }
+        }
         let want = packed_len(rows * cols, self.body_bits as u32);
         if self.bodies.len() != want {
             return Err(CodecError::invalid::<Self>(format!(
@@ -88,12 +98,24 @@ impl Wire for EncryptedRows {
 }
 
 impl ClientKey {
-    /// Encrypt `rows` rows of centred input codes (row-major, `plan.in_features` each).
+    /// Encrypt `rows` rows of centred input codes (row-major, `plan.in_features` each) in the
+    /// encoding the planner picks for that many rows ([`Encoding::choose`]).
     pub fn encrypt_rows(
         &self,
         plan: &LayerPlan,
         values: &[i32],
         rows: usize,
+    ) -> Result<EncryptedRows, FheError> {
+        self.encrypt_rows_as(plan, values, rows, Encoding::choose(plan, rows))
+    }
+
+    /// [`ClientKey::encrypt_rows`] in a given encoding.
+    pub fn encrypt_rows_as(
+        &self,
+        plan: &LayerPlan,
+        values: &[i32],
+        rows: usize,
+        encoding: Encoding,
     ) -> Result<EncryptedRows, FheError> {
         let cols = plan.in_features;
         if rows == 0 || rows > MAX_ROWS || values.len() != rows * cols {
@@ -108,6 +130,14 @@ impl ClientKey {
                 "input code {v} does not fit {} bits (|v| ≤ {limit})",
                 plan.input_bits
             )));
+        }
+        if let Encoding::Blocked { rows: block } = encoding {
+            if !BLOCK_ROWS.contains(&block) {
+                return Err(FheError::ParameterMismatch(format!(
+                    "blocks of {block} rows (this build offers {BLOCK_ROWS:?})"
+                )));
+            }
+            return Ok(self.encrypt_blocked(plan, values, rows, block as usize));
         }
         let n = INPUT_GLWE.polynomial_size;
         let chunks = plan.chunks();
@@ -147,6 +177,7 @@ impl ClientKey {
             body_bits: plan.input_body_bits as u8,
             seed: seed.0.to_le_bytes().to_vec(),
             bodies: packed,
+            encoding: Encoding::Row,
         })
     }
 }

@@ -11,7 +11,9 @@ use tfhe::core_crypto::prelude::{
 };
 
 use super::codec::{CodecError, Wire};
-use super::params::{packing_params, GlweShape, PackingParams, Precision, INPUT_GLWE};
+use super::params::{
+    packing_params, GlweShape, PackingParams, Precision, BLOCK_ROWS, INPUT_GLWE,
+};
 
 /// A client's secret keys: the input GLWE key and one output key per precision. Never leaves the
 /// client.
@@ -57,26 +59,71 @@ impl ClientKey {
         }
     }
 
-    /// The packing keyswitch key for `precision`, seeded: only bodies are produced, the server
-    /// regenerates the masks from one seed per input-key coefficient. Slow (seconds): `progress`
-    /// is called with the number of input-key coefficients done since the last call.
+    /// The packing keys for `precision`, seeded: only bodies are produced, the server
+    /// regenerates the masks from one seed per key entry. The row key has one entry per
+    /// input-key coefficient; each block size of [`BLOCK_ROWS`] adds `N/rows` entries. Slow
+    /// (seconds): `progress` is called with the number of entries done since the last call
+    /// ([`EvaluationKey::entries`] in all).
     pub fn evaluation_key(
         &self,
         precision: Precision,
         progress: &(dyn Fn(usize) + Sync),
     ) -> EvaluationKey {
         let params = packing_params(precision);
+        let input_key = self.input.as_ref();
+        // Row key: entry t encrypts s_t as a constant polynomial.
+        let (seeds, bodies) = self.key_entries(precision, input_key.len(), progress, |t, poly| {
+            poly[0] = input_key[t];
+        });
+        let blocks = BLOCK_ROWS
+            .iter()
+            .map(|&rows| {
+                let block = rows as usize;
+                let f = INPUT_GLWE.polynomial_size / block;
+                // Entry u encrypts σ_u(X^F) = Σ_p s[p·F + (F − u) mod F] · X^(p·F): the key of mask
+                // polynomial u of a product reinterpreted in the subring Z[X^F] (see `blocked.rs`).
+                let (seeds, bodies) = self.key_entries(precision, f, progress, |u, poly| {
+                    let v = (f - u) % f;
+                    for p in 0..block {
+                        poly[p * f] = input_key[p * f + v];
+                    }
+                });
+                BlockKey {
+                    rows,
+                    seeds,
+                    bodies,
+                }
+            })
+            .collect();
+        EvaluationKey {
+            precision,
+            params,
+            seeds,
+            bodies,
+            blocks,
+        }
+    }
+
+    /// `entries × levels` seeded GLWEs under the output key of `params`: level `l` of entry `e`
+    /// encrypts `key_poly(e) · q / B^(l+1)`, where `key_poly` writes binary key coefficients.
+    fn key_entries(
+        &self,
+        precision: Precision,
+        entries: usize,
+        progress: &(dyn Fn(usize) + Sync),
+        key_poly: impl Fn(usize, &mut [u64]) + Sync,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let params = packing_params(precision);
         let out = params.output;
         let output_key = self.output_key(precision);
         let levels = params.level_count;
         let n_out = out.polynomial_size;
-        let per_coefficient = levels * n_out;
-        let input_key = self.input.as_ref();
-        let mut bodies = vec![0u64; input_key.len() * per_coefficient];
+        let per_entry = levels * n_out;
+        let mut bodies = vec![0u64; entries * per_entry];
         let seeds: Vec<[u8; 16]> = bodies
-            .par_chunks_mut(per_coefficient)
-            .zip(input_key.par_iter())
-            .map(|(chunk, &s)| {
+            .par_chunks_mut(per_entry)
+            .enumerate()
+            .map(|(e, chunk)| {
                 let mut seeder = new_seeder();
                 let seed = seeder.seed();
                 let mut list = SeededGlweCiphertextList::new(
@@ -87,10 +134,14 @@ impl ClientKey {
                     CompressionSeed::from(seed),
                     CiphertextModulus::new_native(),
                 );
-                // Level l encrypts s_t · q / B^(l+1) as a constant polynomial.
-                let mut plain = vec![0u64; per_coefficient];
+                let mut key = vec![0u64; n_out];
+                key_poly(e, &mut key);
+                let mut plain = vec![0u64; per_entry];
                 for l in 0..levels {
-                    plain[l * n_out] = s << (64 - params.base_log * (l as u32 + 1));
+                    let shift = 64 - params.base_log * (l as u32 + 1);
+                    for (dst, &s) in plain[l * n_out..(l + 1) * n_out].iter_mut().zip(&key) {
+                        *dst = s << shift;
+                    }
                 }
                 encrypt_seeded_glwe_ciphertext_list(
                     output_key,
@@ -104,12 +155,27 @@ impl ClientKey {
                 seed.0.to_le_bytes()
             })
             .collect();
-        EvaluationKey {
-            precision,
-            params,
-            seeds: seeds.concat(),
-            bodies: bodies.iter().flat_map(|b| b.to_le_bytes()).collect(),
-        }
+        (
+            seeds.concat(),
+            bodies.iter().flat_map(|b| b.to_le_bytes()).collect(),
+        )
+    }
+}
+
+/// The small packing key of one block size (blocked encoding), seeded like the row key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BlockKey {
+    /// Rows per input ciphertext; the key has `N/rows` entries.
+    pub rows: u32,
+    #[serde(with = "serde_bytes")]
+    pub seeds: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub bodies: Vec<u8>,
+}
+
+impl BlockKey {
+    pub fn entries(&self) -> usize {
+        INPUT_GLWE.polynomial_size / self.rows as usize
     }
 }
 
@@ -125,6 +191,10 @@ pub struct EvaluationKey {
     /// Little-endian `u64` bodies, `n_in × levels × N_out`.
     #[serde(with = "serde_bytes")]
     pub bodies: Vec<u8>,
+    /// The blocked encoding's keys, one per block size; keys made before it existed have none
+    /// (their sessions accept row requests only).
+    #[serde(default)]
+    pub blocks: Vec<BlockKey>,
 }
 
 impl EvaluationKey {
@@ -140,14 +210,29 @@ impl EvaluationKey {
 
     /// Bytes as uploaded.
     pub fn wire_len(&self) -> usize {
-        self.seeds.len() + self.bodies.len()
+        self.seeds.len()
+            + self.bodies.len()
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.seeds.len() + b.bodies.len())
+                .sum::<usize>()
     }
 
-    /// Exact wire size of an evaluation key of `precision`.
+    /// Key entries in all (row key and block keys): what [`ClientKey::evaluation_key`] reports
+    /// progress in.
+    pub fn entries() -> usize {
+        INPUT_GLWE.lwe_dimension()
+            + BLOCK_ROWS
+                .iter()
+                .map(|&r| INPUT_GLWE.polynomial_size / r as usize)
+                .sum::<usize>()
+    }
+
+    /// Exact payload size of an evaluation key of `precision` (row key and every block key).
     pub fn expected_len(precision: Precision) -> usize {
         let p = packing_params(precision);
-        let n_in = INPUT_GLWE.lwe_dimension();
-        n_in * 16 + n_in * p.level_count * p.output.polynomial_size * 8
+        Self::entries() * (16 + p.level_count * p.output.polynomial_size * 8)
     }
 }
 
@@ -164,14 +249,34 @@ impl Wire for EvaluationKey {
             )));
         }
         let n_in = INPUT_GLWE.lwe_dimension();
-        let want_bodies = n_in * self.params.level_count * self.params.output.polynomial_size * 8;
-        if self.seeds.len() != n_in * 16 || self.bodies.len() != want_bodies {
+        let per_entry = self.params.level_count * self.params.output.polynomial_size * 8;
+        if self.seeds.len() != n_in * 16 || self.bodies.len() != n_in * per_entry {
             return Err(CodecError::invalid::<Self>(format!(
-                "expected {} seed bytes and {want_bodies} body bytes, got {} and {}",
+                "expected {} seed bytes and {} body bytes, got {} and {}",
                 n_in * 16,
+                n_in * per_entry,
                 self.seeds.len(),
                 self.bodies.len()
             )));
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            if !BLOCK_ROWS.contains(&block.rows) || self.blocks[..i].iter().any(|b| b.rows == block.rows) {
+                return Err(CodecError::invalid::<Self>(format!(
+                    "block key for {} rows per ciphertext (this build offers {BLOCK_ROWS:?}, each once)",
+                    block.rows
+                )));
+            }
+            let entries = block.entries();
+            if block.seeds.len() != entries * 16 || block.bodies.len() != entries * per_entry {
+                return Err(CodecError::invalid::<Self>(format!(
+                    "block key for {} rows: expected {} seed bytes and {} body bytes, got {} and {}",
+                    block.rows,
+                    entries * 16,
+                    entries * per_entry,
+                    block.seeds.len(),
+                    block.bodies.len()
+                )));
+            }
         }
         Ok(())
     }

@@ -20,7 +20,7 @@ use super::encrypted_outputs::EncryptedOutputs;
 use super::encrypted_rows::EncryptedRows;
 use super::fourier::{mul_add, FourierContext};
 use super::packing::{decompose_row, pack, FourierPackingKey, PackInput, BLOCK};
-use super::params::{packing_params, LayerPlan, Precision, INPUT_GLWE};
+use super::params::{packing_params, Encoding, LayerPlan, Precision, INPUT_GLWE};
 use super::FheError;
 
 /// Default working-memory budget of one evaluation (digit buffers), as `worker.max_job_bytes`.
@@ -43,8 +43,8 @@ pub fn outputs_per_group(precision: Precision, max_job_bytes: usize) -> usize {
 
 /// A linear layer ready to evaluate: plan, weight codes and their Fourier transforms.
 pub struct FourierLinearLayer {
-    plan: LayerPlan,
-    codes: Vec<i8>,
+    pub(super) plan: LayerPlan,
+    pub(super) codes: Vec<i8>,
     /// `[j][chunk][N]` split Fourier polynomials of the reversed weight rows.
     weights_f: Vec<f64>,
 }
@@ -140,6 +140,9 @@ impl FourierLinearLayer {
                 key.precision, plan.precision
             )));
         }
+        if let Encoding::Blocked { rows: block } = input.encoding {
+            return self.evaluate_blocked(key, input, block as usize, max_job_bytes);
+        }
         let rows = input.rows as usize;
         let (chunks, cols, out) = (plan.chunks(), plan.in_features, plan.out_features);
         // Bodies stay at their wire width (< 2^body_bits): the dot products are then exact in i64.
@@ -184,6 +187,7 @@ impl FourierLinearLayer {
             body_bits: plan.output_body_bits as u8,
             masks,
             bodies: out_bodies,
+            encoding: Encoding::Row,
         })
     }
 

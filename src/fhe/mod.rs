@@ -7,6 +7,7 @@
 //! layer) → [`FourierLinearLayer::evaluate`] per request.
 
 pub mod bitpack;
+mod blocked;
 pub mod codec;
 mod encrypted_outputs;
 mod encrypted_rows;
@@ -19,12 +20,13 @@ pub mod params;
 pub use codec::{decode, encode, CodecError, Wire};
 pub use encrypted_outputs::{decode as decode_phase, EncryptedOutputs};
 pub use encrypted_rows::{EncryptedRows, MAX_ROWS};
-pub use keys::{ClientKey, EvaluationKey};
+pub use blocked::{BlockLayout, CIPHERTEXTS_PER_SEED};
+pub use keys::{BlockKey, ClientKey, EvaluationKey};
 pub use linear::{
     digit_bytes_per_output, outputs_per_group, FourierLinearLayer, DEFAULT_JOB_BYTES,
 };
 pub use packing::FourierPackingKey;
-pub use params::{LayerPlan, PlanError, Precision};
+pub use params::{Encoding, LayerPlan, PlanError, Precision, BLOCK_ROWS};
 
 /// Errors of the encrypted engine; each names what was wrong.
 #[derive(Debug, thiserror::Error)]

@@ -23,7 +23,7 @@
 //! carry an error of about 2^15, far below the noise.
 
 use rayon::prelude::*;
-use tfhe::core_crypto::commons::math::random::CompressionSeed;
+use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
 use tfhe::core_crypto::prelude::{
     decompress_seeded_glwe_ciphertext_list, CiphertextModulus, DefaultRandomGenerator,
     GlweCiphertextCount, GlweCiphertextList, GlweSize, PolynomialSize, SeededGlweCiphertextList,
@@ -37,40 +37,52 @@ use super::params::{PackingParams, Precision, INPUT_GLWE, LIMB_SPLIT};
 /// each block is built by one task and each `D_{t,l}` is gathered from contiguous runs.
 pub const BLOCK: usize = 64;
 
-/// A session's packing key, transformed to the Fourier domain once when it is loaded.
+/// A session's packing keys, transformed to the Fourier domain once when they are loaded.
 pub struct FourierPackingKey {
     pub precision: Precision,
     pub params: PackingParams,
-    /// `[t][l][limb][poly][N]` split Fourier polynomials.
+    /// The row key: one entry per input-key coefficient.
+    row: FourierEntries,
+    /// The blocked encoding's keys, by rows per ciphertext.
+    blocks: Vec<(usize, FourierEntries)>,
+}
+
+/// Key entries in the Fourier domain: `[entry][l][limb][poly][N]` split polynomials.
+pub struct FourierEntries {
+    levels: usize,
+    entry_len: usize,
     data: Vec<f64>,
 }
 
-impl FourierPackingKey {
-    /// Regenerate the masks from the seeds and transform every key polynomial (parallel).
-    pub fn new(key: &EvaluationKey) -> Self {
-        let params = key.params;
+impl FourierEntries {
+    /// Regenerate the masks of `seeds.len() / 16` entries and transform every key polynomial
+    /// (parallel).
+    fn new(params: PackingParams, seeds: &[u8], bodies: &[u8]) -> Self {
         let out = params.output;
         let (n, polys, levels) = (
             out.polynomial_size,
             out.glwe_dimension + 1,
             params.level_count,
         );
-        let per_t = levels * params.fourier_limbs * polys * n;
-        let n_in = key.input_dimension();
-        let mut data = vec![0f64; n_in * per_t];
+        let entry_len = params.fourier_limbs * polys * n;
+        let per_t = levels * entry_len;
+        let entries = seeds.len() / 16;
+        let mut data = vec![0f64; entries * per_t];
         let body_bytes = levels * n * 8;
         data.par_chunks_mut(per_t).enumerate().for_each_init(
             || FourierContext::new(n),
             |ctx, (t, slot)| {
-                let bodies: Vec<u64> = key.bodies[t * body_bytes..(t + 1) * body_bytes]
+                let bodies: Vec<u64> = bodies[t * body_bytes..(t + 1) * body_bytes]
                     .chunks_exact(8)
                     .map(|b| u64::from_le_bytes(b.try_into().expect("8-byte chunk")))
                     .collect();
+                let mut seed = [0u8; 16];
+                seed.copy_from_slice(&seeds[t * 16..(t + 1) * 16]);
                 let seeded = SeededGlweCiphertextList::from_container(
                     bodies,
                     GlweSize(polys),
                     PolynomialSize(n),
-                    CompressionSeed::from(key.seed(t)),
+                    CompressionSeed::from(Seed(u128::from_le_bytes(seed))),
                     CiphertextModulus::new_native(),
                 );
                 let mut glwes = GlweCiphertextList::new(
@@ -88,7 +100,7 @@ impl FourierPackingKey {
                 for l in 0..levels {
                     for p in 0..polys {
                         let poly = &coefficients[(l * polys + p) * n..(l * polys + p + 1) * n];
-                        let base = (l * params.fourier_limbs) * polys * n;
+                        let base = l * entry_len;
                         if params.fourier_limbs == 1 {
                             ctx.forward_torus(poly, &mut slot[base + p * n..base + (p + 1) * n]);
                         } else {
@@ -107,28 +119,67 @@ impl FourierPackingKey {
             },
         );
         Self {
-            precision: key.precision,
-            params,
+            levels,
+            entry_len,
             data,
         }
     }
 
-    /// Memory held by the transformed key.
-    pub fn size_bytes(&self) -> usize {
+    /// Level `l` of entry `t`: `limbs × polys` split Fourier polynomials.
+    pub fn entry(&self, t: usize, l: usize) -> &[f64] {
+        let start = (t * self.levels + l) * self.entry_len;
+        &self.data[start..start + self.entry_len]
+    }
+
+    fn size_bytes(&self) -> usize {
         self.data.len() * std::mem::size_of::<f64>()
+    }
+}
+
+impl FourierPackingKey {
+    /// Regenerate the masks from the seeds and transform every key polynomial (parallel).
+    pub fn new(key: &EvaluationKey) -> Self {
+        let params = key.params;
+        Self {
+            precision: key.precision,
+            params,
+            row: FourierEntries::new(params, &key.seeds, &key.bodies),
+            blocks: key
+                .blocks
+                .iter()
+                .map(|b| {
+                    (
+                        b.rows as usize,
+                        FourierEntries::new(params, &b.seeds, &b.bodies),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Memory held by the transformed keys.
+    pub fn size_bytes(&self) -> usize {
+        self.row.size_bytes() + self.blocks.iter().map(|(_, e)| e.size_bytes()).sum::<usize>()
     }
 
     fn entry(&self, t: usize, l: usize) -> &[f64] {
-        let p = self.params;
-        let len = p.fourier_limbs * (p.output.glwe_dimension + 1) * p.output.polynomial_size;
-        let start = (t * p.level_count + l) * len;
-        &self.data[start..start + len]
+        self.row.entry(t, l)
+    }
+
+    /// The block key for `rows` rows per ciphertext, if the session uploaded one.
+    pub fn block(&self, rows: usize) -> Option<&FourierEntries> {
+        self.blocks.iter().find(|(r, _)| *r == rows).map(|(_, e)| e)
+    }
+
+    /// Block sizes this key serves.
+    pub fn block_sizes(&self) -> Vec<usize> {
+        self.blocks.iter().map(|(r, _)| *r).collect()
     }
 }
 
 /// Hint the CPU to bring `data` into L2 (no effect on other targets).
 #[inline]
-fn prefetch(data: &[f64]) {
+pub(super) fn prefetch(data: &[f64]) {
     #[cfg(target_arch = "x86_64")]
     for line in data.chunks(8) {
         // SAFETY: prefetching is a hint; the address is inside a live slice.
@@ -270,32 +321,12 @@ pub fn pack(key: &FourierPackingKey, digits: &[i16], packs: &[PackInput<'_>]) ->
 
     let mut ctx = FourierContext::new(n);
     let mut poly = vec![0u64; n];
-    let hi_round = 1u64 << (LIMB_SPLIT - 1);
-    let hi_mask = !((1u64 << LIMB_SPLIT) - 1);
     packs
         .iter()
         .enumerate()
         .map(|(pi, pack)| {
-            let acc = &sums[pi * acc_len..(pi + 1) * acc_len];
-            let mut glwe = vec![0u64; polys * n];
-            for limb in 0..limbs {
-                for q in 0..polys {
-                    let f = &acc[(limb * polys + q) * n..(limb * polys + q + 1) * n];
-                    ctx.backward_torus(f, &mut poly);
-                    let dst = &mut glwe[q * n..(q + 1) * n];
-                    let exact_hi = limbs == 2 && limb == 0;
-                    for (d, &v) in dst.iter_mut().zip(&poly) {
-                        let v = if exact_hi {
-                            v.wrapping_add(hi_round) & hi_mask
-                        } else {
-                            v
-                        };
-                        *d = d.wrapping_add(v);
-                    }
-                }
-            }
+            let mut glwe = negated_key_sum(p, &sums[pi * acc_len..(pi + 1) * acc_len], &mut ctx, &mut poly);
             // packed = (0, Σ b_i X^i) − Σ D·K
-            glwe.iter_mut().for_each(|c| *c = c.wrapping_neg());
             let body = &mut glwe[(polys - 1) * n..];
             for (c, &b) in body.iter_mut().zip(pack.bodies) {
                 *c = c.wrapping_add(b);
@@ -303,6 +334,43 @@ pub fn pack(key: &FourierPackingKey, digits: &[i16], packs: &[PackInput<'_>]) ->
             glwe
         })
         .collect()
+}
+
+/// `−Σ D·K` as a GLWE (`(k+1)·N` coefficients, masks first) from its Fourier-domain sums
+/// `[limb][poly][N]`. With two limbs the `hi` limb's sum is an exact multiple of `2^LIMB_SPLIT`
+/// up to the f64 error, so it is rounded to one (see the module comment).
+pub(super) fn negated_key_sum(
+    p: PackingParams,
+    acc: &[f64],
+    ctx: &mut FourierContext,
+    poly: &mut [u64],
+) -> Vec<u64> {
+    let (n, polys, limbs) = (
+        p.output.polynomial_size,
+        p.output.glwe_dimension + 1,
+        p.fourier_limbs,
+    );
+    let hi_round = 1u64 << (LIMB_SPLIT - 1);
+    let hi_mask = !((1u64 << LIMB_SPLIT) - 1);
+    let mut glwe = vec![0u64; polys * n];
+    for limb in 0..limbs {
+        for q in 0..polys {
+            let f = &acc[(limb * polys + q) * n..(limb * polys + q + 1) * n];
+            ctx.backward_torus(f, poly);
+            let dst = &mut glwe[q * n..(q + 1) * n];
+            let exact_hi = limbs == 2 && limb == 0;
+            for (d, &v) in dst.iter_mut().zip(poly.iter()) {
+                let v = if exact_hi {
+                    v.wrapping_add(hi_round) & hi_mask
+                } else {
+                    v
+                };
+                *d = d.wrapping_add(v);
+            }
+        }
+    }
+    glwe.iter_mut().for_each(|c| *c = c.wrapping_neg());
+    glwe
 }
 
 #[cfg(test)]

@@ -35,6 +35,20 @@
 //! `N_out`, the worst case). A layer is planned **exact** only if `Z_EXACT · σ < Δ/2` with
 //! `Z_EXACT = 8` (a Gaussian tail of about 2^−49.6 per value); otherwise it is refused when it is
 //! compiled. `tests/noise.rs` measures the real noise against this bound.
+//!
+//! # The blocked encoding is bounded by the same model
+//!
+//! A blocked request (see `blocked.rs`) puts `R_c` rows × `F = N/R_c` features in each input
+//! GLWE and reinterprets each product as a GLWE of the subring `Z[X^F]` with `F` mask
+//! polynomials of `R_c` coefficients; its packing sums `F·L` digit polynomials of `N`
+//! coefficients against `F·L` key entries. Term by term against the table above:
+//! input noise, body switch and product FFT error are the same (the same `in` inputs weighted by
+//! the same weight row, the same `n_in = k·N` mask coefficients under the same key); the
+//! reinterpretation adds nothing (it only renames coefficients); the decomposition rounding has
+//! the same `n_in` mask coefficients; the key-noise and packing-FFT terms have `F·L·N` terms
+//! instead of `n_in·L·N` with `F ≤ N/2 < n_in`, so they are smaller. The row model therefore
+//! bounds both encodings, and one [`LayerPlan`] (one set of wire widths) serves both;
+//! `tests/integration/noise.rs` measures blocked requests against it too.
 
 use serde::{Deserialize, Serialize};
 
@@ -131,6 +145,124 @@ pub const fn packing_params(precision: Precision) -> PackingParams {
     }
 }
 
+/// How a request lays its rows out in ciphertexts; chosen per request by [`Encoding::choose`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase", tag = "kind")]
+pub enum Encoding {
+    /// One row per input GLWE (its features in the coefficients); every output value is extracted
+    /// and packed by the LWE packing key. Cheapest for a few rows.
+    #[default]
+    Row,
+    /// `rows` rows × `N/rows` features per input GLWE; each product holds `rows` outputs, packed
+    /// `N/rows` outputs at a time by a small per-layout key. Cheapest for many rows.
+    Blocked { rows: u32 },
+}
+
+/// Row-block sizes this build offers: each needs its own small packing key in the session's
+/// evaluation key (`N/rows · L` GLWEs).
+pub const BLOCK_ROWS: [u32; 2] = [16, 128];
+
+impl std::fmt::Display for Encoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Encoding::Row => f.write_str("row"),
+            Encoding::Blocked { rows } => write!(f, "blocked{rows}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Encoding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let offered = || {
+            std::iter::once("row".to_string())
+                .chain(BLOCK_ROWS.iter().map(|r| format!("blocked{r}")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if s == "row" {
+            return Ok(Encoding::Row);
+        }
+        s.strip_prefix("blocked")
+            .and_then(|r| r.parse::<u32>().ok())
+            .filter(|r| BLOCK_ROWS.contains(r))
+            .map(|rows| Encoding::Blocked { rows })
+            .ok_or_else(|| format!("unknown encoding `{s}` (this build offers {})", offered()))
+    }
+}
+
+impl Encoding {
+    /// Rows per input ciphertext.
+    pub fn rows_per_ciphertext(&self) -> usize {
+        match self {
+            Encoding::Row => 1,
+            Encoding::Blocked { rows } => *rows as usize,
+        }
+    }
+
+    /// Every encoding this build offers.
+    pub fn all() -> Vec<Encoding> {
+        std::iter::once(Encoding::Row)
+            .chain(BLOCK_ROWS.iter().map(|&rows| Encoding::Blocked { rows }))
+            .collect()
+    }
+
+    /// The planner: the cheapest offered encoding for `rows` rows of `plan`, by a cost model in
+    /// units of one size-`N` FFT (see [`Encoding::predicted_cost`]).
+    pub fn choose(plan: &LayerPlan, rows: usize) -> Encoding {
+        plan.encodings
+            .iter()
+            .copied()
+            .min_by(|a, b| {
+                a.predicted_cost(plan, rows)
+                    .total_cmp(&b.predicted_cost(plan, rows))
+            })
+            .unwrap_or_default()
+    }
+
+    /// Predicted evaluation cost of `rows` rows, in size-`N` FFTs. The constants are measured
+    /// ratios on x86-64 with AVX2 (`hyfhe bench linear --encoding ...`): a Fourier multiply-add of
+    /// one polynomial costs about `MUL_ADD` FFTs, the decomposition of `N` coefficients `DECOMPOSE`,
+    /// and streaming one row-packing key entry from memory `KEY_STREAM` (the floor of a small
+    /// row request).
+    pub fn predicted_cost(&self, plan: &LayerPlan, rows: usize) -> f64 {
+        const MUL_ADD: f64 = 0.15;
+        const DECOMPOSE: f64 = 0.6;
+        const KEY_STREAM: f64 = 1.2;
+        const BODY_MAC: f64 = 2.0 / 2048.0 / 40.0;
+        let n = INPUT_GLWE.polynomial_size as f64;
+        let (inputs, outputs) = (plan.in_features as f64, plan.out_features as f64);
+        let p = plan.packing();
+        let (levels, polys) = (p.level_count as f64, (p.output.glwe_dimension + 1) as f64);
+        let limbs = p.fourier_limbs as f64;
+        let values = rows as f64 * outputs;
+        let body = 2.0 * values * inputs * BODY_MAC;
+        match self {
+            Encoding::Row => {
+                let n_in = INPUT_GLWE.lwe_dimension() as f64;
+                let packs = (values / n).ceil();
+                let chunks = (inputs / n).ceil();
+                let pack = n_in * levels * (1.0 + polys * limbs * MUL_ADD);
+                let stream = n_in * levels * KEY_STREAM;
+                values * (1.0 + chunks * MUL_ADD + DECOMPOSE)
+                    + (packs * pack).max(stream)
+                    + body / 2.0
+            }
+            Encoding::Blocked { rows: block } => {
+                let block = *block as f64;
+                let f = n / block;
+                let groups = (inputs / f).ceil();
+                let batches = (rows as f64 / block).ceil();
+                let packs = batches * (outputs / f).ceil();
+                outputs * groups
+                    + batches * outputs * (groups * MUL_ADD + 1.0 + DECOMPOSE)
+                    + packs * f * levels * (1.0 + polys * limbs * MUL_ADD)
+                    + body
+            }
+        }
+    }
+}
+
 /// Standard deviations a layer must stay below for exactness.
 pub const Z_EXACT: f64 = 8.0;
 /// Compact layers are refused below this many predicted exact top bits: they would be useless.
@@ -168,6 +300,14 @@ pub struct LayerPlan {
     pub noise_std_log2: f64,
     /// Predicted number of leading accumulator bits that are always right (`acc_bits` when exact).
     pub predicted_exact_top_bits: u32,
+    /// Encodings the server accepts for this layer; the client picks one per request with
+    /// [`Encoding::choose`]. Specs written before encodings existed accept rows only.
+    #[serde(default = "row_only")]
+    pub encodings: Vec<Encoding>,
+}
+
+fn row_only() -> Vec<Encoding> {
+    vec![Encoding::Row]
 }
 
 /// Why a layer cannot be planned.
@@ -309,6 +449,7 @@ impl LayerPlan {
             output_body_bits: body_bits,
             noise_std_log2: std.log2(),
             predicted_exact_top_bits,
+            encodings: Encoding::all(),
         })
     }
 

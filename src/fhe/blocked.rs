@@ -1,0 +1,553 @@
+//! The blocked encoding: many rows per ciphertext, so that the cost per row falls with the rows.
+//!
+//! # Layout
+//!
+//! With `N = 2048`, a block size `R_c` (rows per ciphertext) and `F = N/R_c` features per
+//! ciphertext, input ciphertext `(b, g)` encrypts rows `b·R_c..` and features `g·F..` as
+//! `Σ_{r,f} v_{b·R_c+r, g·F+f} · Δ · X^(r·F + f)`. Only the bodies of real values travel.
+//!
+//! # Products
+//!
+//! Output `j`'s weight polynomial for group `g` is `P_{j,g} = Σ_f w_{j,g·F+f} · X^(−f)`, so that
+//! coefficient `r·F` of `Σ_g ct_{b,g} · P_{j,g}` is `Σ_i v_{r,i} w_{j,i}·Δ`: one product yields the
+//! outputs of all `R_c` rows at once, at the multiples of `F`. (The other coefficients hold
+//! partial sums; they never leave the server.) Masks are multiplied in the Fourier domain
+//! (weights transformed once per request, shared by every batch of rows); bodies are an exact
+//! integer matrix product, as in the row encoding.
+//!
+//! # Packing without extraction
+//!
+//! Write the product mask `A = Σ_{u<F} X^u A_u(X^F)` and the input key likewise. At the multiples
+//! of `F` the phase is `B_0 − A_0·S_0 − Σ_{u≥1} Y·A_u·S_{F−u}` with `Y = X^F`: a GLWE of the
+//! subring `Z[Y]/(Y^(R_c)+1)` with `F` mask polynomials `M_0 = A_0, M_u = Y·A_u` under the key
+//! `σ_0 = S_0, σ_u = S_{F−u}`, obtained by renaming coefficients (no noise added). `F` such
+//! ciphertexts (outputs `j_0..j_{F−1}`) are packed into one GLWE of the output key at once:
+//!
+//! ```text
+//! packed = (0, Σ_m X^m B_{j_m}(X^F)) − Σ_{u,l} D_{u,l} · K_{u,l},
+//! D_{u,l}(X) = Σ_m X^m · digit_l(M_{j_m,u})(X^F),   K_{u,l} = GLWE(σ_u(X^F) · q/B^(l+1))
+//! ```
+//!
+//! so `N` output values cost `F·L` FFTs and `F·L·(k+1)·limbs` multiply-adds, against `n_in·L`
+//! FFTs for the row encoding's LWE packing: `N/F = R_c` times fewer. The key has `F·L` entries
+//! (6 MiB seeded for `R_c = 16`). Output `(row, j)` sits in pack `(j / F, row / R_c)`,
+//! coefficient `(row mod R_c)·F + j mod F`.
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
+use tfhe::core_crypto::prelude::{
+    decompress_seeded_glwe_ciphertext_list, encrypt_seeded_glwe_ciphertext_list, new_seeder,
+    CiphertextModulus, DefaultRandomGenerator, DynamicDistribution, GlweCiphertextCount,
+    GlweCiphertextList, GlweSize, PlaintextList, PolynomialSize, SeededGlweCiphertextList,
+};
+
+use super::bitpack::{pack_top_bits, packed_len, unpack_top_bits, BitPacker};
+use super::encrypted_outputs::EncryptedOutputs;
+use super::encrypted_rows::EncryptedRows;
+use super::fourier::{mul_add, FourierContext};
+use super::keys::ClientKey;
+use super::linear::FourierLinearLayer;
+use super::packing::{decompose_row, negated_key_sum, prefetch, FourierEntries, FourierPackingKey};
+use super::params::{Encoding, LayerPlan, PackingParams, INPUT_GLWE};
+use super::FheError;
+
+/// Input ciphertexts per mask seed: each run of this many is encrypted (client) and regenerated
+/// (server) by one task, from a seed derived from the request's seed.
+pub const CIPHERTEXTS_PER_SEED: usize = 16;
+
+/// The seed of run `index` of a request whose seed is `seed`.
+fn run_seed(seed: u128, index: usize) -> u128 {
+    let digest = Sha256::new()
+        .chain_update(b"hyfhe blocked mask run")
+        .chain_update(seed.to_le_bytes())
+        .chain_update((index as u64).to_le_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    u128::from_le_bytes(bytes)
+}
+
+/// How a blocked request of `rows × in → out` is cut.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockLayout {
+    /// Rows per ciphertext (`R_c`).
+    pub block: usize,
+    /// Features per ciphertext and outputs per pack (`F = N / R_c`).
+    pub width: usize,
+    /// Input ciphertexts per batch of rows (`⌈in / F⌉`).
+    pub groups: usize,
+    /// Batches of `R_c` rows (`⌈rows / R_c⌉`).
+    pub batches: usize,
+    /// Output groups of `F` (`⌈out / F⌉`); packs are `out_groups × batches`.
+    pub out_groups: usize,
+    pub rows: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl BlockLayout {
+    pub fn new(block: usize, rows: usize, in_features: usize, out_features: usize) -> Self {
+        let width = INPUT_GLWE.polynomial_size / block;
+        Self {
+            block,
+            width,
+            groups: in_features.div_ceil(width),
+            batches: rows.div_ceil(block),
+            out_groups: out_features.div_ceil(width),
+            rows,
+            in_features,
+            out_features,
+        }
+    }
+
+    pub fn ciphertexts(&self) -> usize {
+        self.batches * self.groups
+    }
+
+    pub fn packs(&self) -> usize {
+        self.out_groups * self.batches
+    }
+
+    /// Rows of batch `b` and outputs of group `jg` that exist (the last of each may be partial).
+    fn valid(&self, jg: usize, b: usize) -> (usize, usize) {
+        (
+            self.block.min(self.rows - b * self.block),
+            self.width.min(self.out_features - jg * self.width),
+        )
+    }
+}
+
+impl ClientKey {
+    /// Encrypt `rows` rows of centred input codes in blocks of `block` rows (parallel over runs
+    /// of [`CIPHERTEXTS_PER_SEED`] ciphertexts). Bodies travel row-major, as in the row encoding.
+    pub(super) fn encrypt_blocked(
+        &self,
+        plan: &LayerPlan,
+        values: &[i32],
+        rows: usize,
+        block: usize,
+    ) -> EncryptedRows {
+        let n = INPUT_GLWE.polynomial_size;
+        let cols = plan.in_features;
+        let lay = BlockLayout::new(block, rows, cols, plan.out_features);
+        let delta_log = plan.delta_log();
+        let seed = new_seeder().seed().0;
+        let size = GlweSize(INPUT_GLWE.glwe_dimension + 1);
+        let mut bodies = vec![0u64; lay.ciphertexts() * n];
+        bodies
+            .par_chunks_mut(CIPHERTEXTS_PER_SEED * n)
+            .enumerate()
+            .for_each(|(run, out)| {
+                let count = out.len() / n;
+                let mut plain = vec![0u64; count * n];
+                for (k, poly) in plain.chunks_exact_mut(n).enumerate() {
+                    let ct = run * CIPHERTEXTS_PER_SEED + k;
+                    let (b, g) = (ct / lay.groups, ct % lay.groups);
+                    for r in 0..lay.block.min(rows.saturating_sub(b * block)) {
+                        let row = &values[(b * block + r) * cols..(b * block + r + 1) * cols];
+                        let first = g * lay.width;
+                        for (f, &v) in row[first..cols.min(first + lay.width)].iter().enumerate() {
+                            poly[r * lay.width + f] = (v as i64 as u64) << delta_log;
+                        }
+                    }
+                }
+                let mut list = SeededGlweCiphertextList::new(
+                    0u64,
+                    size,
+                    PolynomialSize(n),
+                    GlweCiphertextCount(count),
+                    CompressionSeed::from(Seed(run_seed(seed, run))),
+                    CiphertextModulus::new_native(),
+                );
+                let mut seeder = new_seeder();
+                encrypt_seeded_glwe_ciphertext_list(
+                    &self.input,
+                    &mut list,
+                    &PlaintextList::from_container(plain),
+                    DynamicDistribution::new_t_uniform(INPUT_GLWE.noise_bound_log2),
+                    seeder.as_mut(),
+                );
+                out.copy_from_slice(list.as_ref());
+            });
+        let sent = (0..rows).flat_map(|r| {
+            let (b, p) = (r / block, r % block);
+            let bodies = &bodies;
+            (0..cols).map(move |i| {
+                let (g, f) = (i / lay.width, i % lay.width);
+                bodies[(b * lay.groups + g) * n + p * lay.width + f]
+            })
+        });
+        let mut packed = Vec::with_capacity(packed_len(rows * cols, plan.input_body_bits));
+        pack_top_bits(sent, plan.input_body_bits, &mut packed);
+        EncryptedRows {
+            rows: rows as u32,
+            in_features: cols as u32,
+            body_bits: plan.input_body_bits as u8,
+            seed: seed.to_le_bytes().to_vec(),
+            bodies: packed,
+            encoding: Encoding::Blocked {
+                rows: block as u32,
+            },
+        }
+    }
+}
+
+/// Regenerate the masks of `count` blocked input ciphertexts and transform them: `[ct][N]`.
+fn blocked_masks(seed: u128, count: usize) -> Vec<f64> {
+    let n = INPUT_GLWE.polynomial_size;
+    let size = GlweSize(INPUT_GLWE.glwe_dimension + 1);
+    let mut masks_f = vec![0f64; count * n];
+    masks_f
+        .par_chunks_mut(CIPHERTEXTS_PER_SEED * n)
+        .enumerate()
+        .for_each_init(
+            || FourierContext::new(n),
+            |ctx, (run, out)| {
+                let count = out.len() / n;
+                let seeded = SeededGlweCiphertextList::from_container(
+                    vec![0u64; count * n],
+                    size,
+                    PolynomialSize(n),
+                    CompressionSeed::from(Seed(run_seed(seed, run))),
+                    CiphertextModulus::new_native(),
+                );
+                let mut glwes = GlweCiphertextList::new(
+                    0u64,
+                    size,
+                    PolynomialSize(n),
+                    GlweCiphertextCount(count),
+                    CiphertextModulus::new_native(),
+                );
+                decompress_seeded_glwe_ciphertext_list::<_, _, _, DefaultRandomGenerator>(
+                    &mut glwes, &seeded,
+                );
+                let coefficients = glwes.as_ref();
+                let k = INPUT_GLWE.glwe_dimension;
+                for (i, dst) in out.chunks_exact_mut(n).enumerate() {
+                    let start = i * (k + 1) * n;
+                    ctx.forward_torus(&coefficients[start..start + n], dst);
+                }
+            },
+        );
+    masks_f
+}
+
+/// Per-task buffers of the product phase.
+struct ProductScratch {
+    ctx: FourierContext,
+    weights_f: Vec<f64>,
+    poly: Vec<u64>,
+    acc: Vec<f64>,
+    product: Vec<u64>,
+    small: Vec<u64>,
+}
+
+impl FourierLinearLayer {
+    /// Evaluate a blocked request (checked against the plan by the caller).
+    pub(super) fn evaluate_blocked(
+        &self,
+        key: &FourierPackingKey,
+        input: &EncryptedRows,
+        block: usize,
+        max_job_bytes: usize,
+    ) -> Result<EncryptedOutputs, FheError> {
+        let plan = &self.plan;
+        let entries = key.block(block).ok_or_else(|| {
+            FheError::ParameterMismatch(format!(
+                "the session's evaluation key has no packing key for blocks of {block} rows \
+                 (it serves {:?}); send row-encoded requests or upload a key made by this build",
+                key.block_sizes()
+            ))
+        })?;
+        let (rows, cols, out) = (input.rows as usize, plan.in_features, plan.out_features);
+        let lay = BlockLayout::new(block, rows, cols, out);
+        let params = key.params;
+        let n = INPUT_GLWE.polynomial_size;
+        let levels = params.level_count;
+
+        let shift = 64 - plan.input_body_bits;
+        let bodies: Vec<u64> = unpack_top_bits(&input.bodies, rows * cols, plan.input_body_bits)
+            .map(|b| b >> shift)
+            .collect();
+        let out_bodies = self.body_products(&bodies, rows);
+        drop(bodies);
+        let masks_f = blocked_masks(input.seed(), lay.ciphertexts());
+
+        let mask_len = params.output.lwe_dimension();
+        let mut masks = Vec::with_capacity(packed_len(lay.packs() * mask_len, plan.output_mask_bits));
+        let mut sent_bodies = Vec::with_capacity(packed_len(rows * out, plan.output_body_bits));
+        let mut mask_packer = BitPacker::new(plan.output_mask_bits, &mut masks);
+        let mut body_packer = BitPacker::new(plan.output_body_bits, &mut sent_bodies);
+
+        // Working memory per output group: the digits of its F outputs over every batch, and
+        // each thread's Fourier accumulators of its packs.
+        let acc_len = params.fourier_limbs * (params.output.glwe_dimension + 1) * n;
+        let per_group = lay.width * lay.batches * levels * n * std::mem::size_of::<i16>()
+            + lay.batches * rayon::current_num_threads() * acc_len * std::mem::size_of::<f64>();
+        let groups_per_step = (max_job_bytes / per_group).max(1);
+        let mut ctx = FourierContext::new(n);
+        let mut poly = vec![0u64; n];
+        for first in (0..lay.out_groups).step_by(groups_per_step) {
+            let jgs = first..lay.out_groups.min(first + groups_per_step);
+            let js = jgs.start * lay.width..out.min(jgs.end * lay.width);
+            let digits: Vec<Vec<i16>> = js
+                .clone()
+                .into_par_iter()
+                .map_init(
+                    || ProductScratch {
+                        ctx: FourierContext::new(n),
+                        weights_f: vec![0f64; lay.groups * n],
+                        poly: vec![0u64; n],
+                        acc: vec![0f64; n],
+                        product: vec![0u64; n],
+                        small: vec![0u64; n],
+                    },
+                    |scratch, j| self.output_digits(j, &lay, &masks_f, params, scratch),
+                )
+                .collect();
+            let packs: Vec<(usize, usize)> = jgs
+                .clone()
+                .flat_map(|jg| (0..lay.batches).map(move |b| (jg, b)))
+                .collect();
+            let sums = pack_blocks(entries, params, &lay, &digits, js.start, &packs);
+            for (pi, &(jg, b)) in packs.iter().enumerate() {
+                let mut glwe =
+                    negated_key_sum(params, &sums[pi * acc_len..(pi + 1) * acc_len], &mut ctx, &mut poly);
+                let (valid_rows, valid_outs) = lay.valid(jg, b);
+                let (mask, body) = glwe.split_at_mut(mask_len);
+                for p in 0..valid_rows {
+                    let row = b * block + p;
+                    for m in 0..valid_outs {
+                        let c = &mut body[p * lay.width + m];
+                        *c = c.wrapping_add(out_bodies[row * out + jg * lay.width + m]);
+                    }
+                }
+                mask.iter().for_each(|&c| mask_packer.push(c));
+                for p in 0..valid_rows {
+                    body[p * lay.width..p * lay.width + valid_outs]
+                        .iter()
+                        .for_each(|&c| body_packer.push(c));
+                }
+            }
+        }
+        mask_packer.finish();
+        body_packer.finish();
+        Ok(EncryptedOutputs {
+            precision: plan.precision,
+            rows: rows as u32,
+            out_features: out as u32,
+            mask_bits: plan.output_mask_bits as u8,
+            body_bits: plan.output_body_bits as u8,
+            masks,
+            bodies: sent_bodies,
+            encoding: input.encoding,
+        })
+    }
+
+    /// Output `j` over every batch: products, reinterpretation in the subring and decomposition.
+    /// Returns `[batch][level][u][p]` digits (`u < F` mask polynomial, `p < R_c` coefficient).
+    fn output_digits(
+        &self,
+        j: usize,
+        lay: &BlockLayout,
+        masks_f: &[f64],
+        params: PackingParams,
+        s: &mut ProductScratch,
+    ) -> Vec<i16> {
+        let n = INPUT_GLWE.polynomial_size;
+        let (cols, f, block) = (lay.in_features, lay.width, lay.block);
+        let row = &self.codes[j * cols..(j + 1) * cols];
+        // P_{j,g} = w_0 − Σ_{f≥1} w_f X^(N−f)  (X^(−f) = −X^(N−f)).
+        for g in 0..lay.groups {
+            s.poly.fill(0);
+            let part = &row[g * f..cols.min((g + 1) * f)];
+            s.poly[0] = part[0] as i64 as u64;
+            for (k, &w) in part.iter().enumerate().skip(1) {
+                s.poly[n - k] = (-(w as i64)) as u64;
+            }
+            s.ctx
+                .forward_integer(&s.poly, &mut s.weights_f[g * n..(g + 1) * n]);
+        }
+        let levels = params.level_count;
+        let mut digits = vec![0i16; lay.batches * levels * n];
+        for b in 0..lay.batches {
+            s.acc.fill(0.0);
+            for g in 0..lay.groups {
+                let ct = b * lay.groups + g;
+                mul_add(
+                    &mut s.acc,
+                    &masks_f[ct * n..(ct + 1) * n],
+                    &s.weights_f[g * n..(g + 1) * n],
+                );
+            }
+            s.ctx.backward_torus(&s.acc, &mut s.product);
+            // M_0[p] = A[p·F];  M_u[p] = (Y·A_u)[p] = A[(p−1)·F + u], and −A[(R_c−1)·F + u] at p = 0.
+            for p in 0..block {
+                s.small[p] = s.product[p * f];
+            }
+            for u in 1..f {
+                let dst = &mut s.small[u * block..(u + 1) * block];
+                dst[0] = s.product[(block - 1) * f + u].wrapping_neg();
+                for p in 1..block {
+                    dst[p] = s.product[(p - 1) * f + u];
+                }
+            }
+            decompose_row(
+                &s.small,
+                params.base_log,
+                levels,
+                &mut digits[b * levels * n..(b + 1) * levels * n],
+            );
+        }
+        digits
+    }
+
+    /// `Σ_i b_{r,i}·w_{j,i}` for every row and output, exact, scaled back to the torus (`rows ×
+    /// out`, row-major). Bodies are split in two halves so that every partial sum is an integer
+    /// below 2^53 and the f64 matrix products (ndarray's blocked kernels) are exact.
+    pub(super) fn body_products(&self, bodies: &[u64], rows: usize) -> Vec<u64> {
+        use ndarray::{s, Array2, ArrayView2};
+        let plan = &self.plan;
+        let (cols, out, bits) = (plan.in_features, plan.out_features, plan.input_body_bits);
+        let half = bits.div_ceil(2);
+        let mask = (1u64 << half) - 1;
+        let mut x = Array2::<f64>::zeros((2 * rows, cols));
+        for (r, row) in bodies.chunks_exact(cols).enumerate() {
+            for (i, &b) in row.iter().enumerate() {
+                x[[r, i]] = (b & mask) as f64;
+                x[[rows + r, i]] = (b >> half) as f64;
+            }
+        }
+        let w = ArrayView2::from_shape((out, cols), &self.codes).expect("out × in codes");
+        let w_t: Array2<f64> = w.t().mapv(|c| c as f64).as_standard_layout().into_owned();
+        let step = out.div_ceil(4 * rayon::current_num_threads()).max(64);
+        let parts: Vec<(usize, Array2<f64>)> = (0..out)
+            .step_by(step)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|j0| (j0, x.dot(&w_t.slice(s![.., j0..out.min(j0 + step)]))))
+            .collect();
+        let mut y = vec![0u64; rows * out];
+        for (j0, part) in parts {
+            for r in 0..rows {
+                for (dj, (&lo, &hi)) in part.row(r).iter().zip(part.row(rows + r)).enumerate() {
+                    let sum = (lo as i64 as u64).wrapping_add((hi as i64 as u64) << half);
+                    y[r * out + j0 + dj] = sum << (64 - bits);
+                }
+            }
+        }
+        y
+    }
+}
+
+/// The Fourier sums `Σ_{u,l} D_{u,l} ⊙ K_{u,l}` of every pack in `packs` (`(output group, batch)`
+/// pairs), `[pack][limb][poly][N]`. Threads split the key entries; each pass over an entry serves
+/// every pack, so the key is streamed once per call.
+fn pack_blocks(
+    entries: &FourierEntries,
+    params: PackingParams,
+    lay: &BlockLayout,
+    digits: &[Vec<i16>],
+    first_output: usize,
+    packs: &[(usize, usize)],
+) -> Vec<f64> {
+    let n = INPUT_GLWE.polynomial_size;
+    let (levels, polys, limbs) = (
+        params.level_count,
+        params.output.glwe_dimension + 1,
+        params.fourier_limbs,
+    );
+    let (f, block) = (lay.width, lay.block);
+    let acc_len = limbs * polys * n;
+    struct State {
+        sums: Vec<f64>,
+        ctx: FourierContext,
+        d: Vec<u64>,
+        d_f: Vec<f64>,
+    }
+    (0..f)
+        .into_par_iter()
+        .fold(
+            || State {
+                sums: vec![0f64; packs.len() * acc_len],
+                ctx: FourierContext::new(n),
+                d: vec![0u64; n],
+                d_f: vec![0f64; n],
+            },
+            |mut st, u| {
+                for l in 0..levels {
+                    let k_entry = entries.entry(u, l);
+                    if l + 1 < levels {
+                        prefetch(entries.entry(u, l + 1));
+                    }
+                    for (pi, &(jg, b)) in packs.iter().enumerate() {
+                        let (_, valid_outs) = lay.valid(jg, b);
+                        st.d.fill(0);
+                        for m in 0..valid_outs {
+                            let j = jg * f + m - first_output;
+                            let src = &digits[j][(b * levels + l) * n + u * block..][..block];
+                            for (p, &digit) in src.iter().enumerate() {
+                                st.d[p * f + m] = digit as i64 as u64;
+                            }
+                        }
+                        st.ctx.forward_integer(&st.d, &mut st.d_f);
+                        let acc = &mut st.sums[pi * acc_len..(pi + 1) * acc_len];
+                        for (acc_poly, key_poly) in
+                            acc.chunks_exact_mut(n).zip(k_entry.chunks_exact(n))
+                        {
+                            mul_add(acc_poly, &st.d_f, key_poly);
+                        }
+                    }
+                }
+                st
+            },
+        )
+        .map(|st| st.sums)
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .expect("F > 0")
+}
+
+/// Client side: phases of a blocked response, row-major `rows × out`.
+pub(super) fn blocked_phases(
+    outputs: &EncryptedOutputs,
+    block: usize,
+    masks: &mut impl Iterator<Item = u64>,
+    bodies: &mut impl Iterator<Item = u64>,
+    decrypt: &mut dyn FnMut(&[u64]) -> Vec<u64>,
+    k: usize,
+) -> Vec<u64> {
+    let n = INPUT_GLWE.polynomial_size;
+    let (rows, out) = (outputs.rows as usize, outputs.out_features as usize);
+    let lay = BlockLayout::new(block, rows, 1, out);
+    let mut phases = vec![0u64; rows * out];
+    let mut glwe = vec![0u64; (k + 1) * n];
+    for jg in 0..lay.out_groups {
+        for b in 0..lay.batches {
+            for (slot, m) in glwe[..k * n].iter_mut().zip(&mut *masks) {
+                *slot = m;
+            }
+            let (valid_rows, valid_outs) = lay.valid(jg, b);
+            let body = &mut glwe[k * n..];
+            body.fill(0);
+            for p in 0..valid_rows {
+                for (slot, v) in body[p * lay.width..p * lay.width + valid_outs]
+                    .iter_mut()
+                    .zip(&mut *bodies)
+                {
+                    *slot = v;
+                }
+            }
+            let plain = decrypt(&glwe);
+            for p in 0..valid_rows {
+                for m in 0..valid_outs {
+                    phases[(b * block + p) * out + jg * lay.width + m] = plain[p * lay.width + m];
+                }
+            }
+        }
+    }
+    phases
+}
