@@ -45,10 +45,10 @@ use tfhe::core_crypto::prelude::{
 use super::bitpack::{pack_top_bits, packed_len, unpack_top_bits, BitPacker};
 use super::encrypted_outputs::EncryptedOutputs;
 use super::encrypted_rows::EncryptedRows;
-use super::fourier::{mul_add, FourierContext};
+use super::fourier::{mul_add, mul_add_bins, BinTile, FourierContext};
 use super::keys::ClientKey;
 use super::linear::FourierLinearLayer;
-use super::packing::{decompose_row, negated_key_sum, prefetch, FourierEntries, FourierPackingKey};
+use super::packing::{decompose_row, negated_key_sum, FourierEntries, FourierPackingKey};
 use super::params::{Encoding, LayerPlan, PackingParams, INPUT_GLWE};
 use super::FheError;
 
@@ -233,6 +233,14 @@ fn blocked_masks(seed: u128, count: usize) -> Vec<f64> {
     masks_f
 }
 
+/// Frequency bins per tile of the product phase (512 bytes of each split polynomial).
+const BIN_TILE: usize = 64;
+/// Padding between the scratch polynomials of the product phase (f64s; 320 bytes).
+const POLY_PAD: usize = 40;
+/// Fourier weights one product task holds (it takes as many outputs as fit, at most 16).
+const WEIGHT_CHUNK_BYTES: usize = 8 << 20;
+
+pub static PROF: [std::sync::atomic::AtomicU64; 3] = [std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)];
 /// Per-task buffers of the product phase.
 struct ProductScratch {
     ctx: FourierContext,
@@ -270,9 +278,13 @@ impl FourierLinearLayer {
         let bodies: Vec<u64> = unpack_top_bits(&input.bodies, rows * cols, plan.input_body_bits)
             .map(|b| b >> shift)
             .collect();
+        let t0 = std::time::Instant::now();
         let out_bodies = self.body_products(&bodies, rows);
         drop(bodies);
+        let t_body = t0.elapsed().as_secs_f64() * 1e3;
         let masks_f = blocked_masks(input.seed(), lay.ciphertexts());
+        let t_masks = t0.elapsed().as_secs_f64() * 1e3;
+        let (mut t_prod, mut t_pack, mut t_fin) = (0.0, 0.0, 0.0);
 
         let mask_len = params.output.lwe_dimension();
         let mut masks = Vec::with_capacity(packed_len(lay.packs() * mask_len, plan.output_mask_bits));
@@ -284,36 +296,44 @@ impl FourierLinearLayer {
         // each thread's Fourier accumulators of its packs.
         let acc_len = params.fourier_limbs * (params.output.glwe_dimension + 1) * n;
         let per_group = lay.width * lay.batches * levels * n * std::mem::size_of::<i16>()
-            + lay.batches * rayon::current_num_threads() * acc_len * std::mem::size_of::<f64>();
+            + lay.batches * params.output.lwe_dimension().max(acc_len) * std::mem::size_of::<u64>();
         let groups_per_step = (max_job_bytes / per_group).max(1);
-        let mut ctx = FourierContext::new(n);
-        let mut poly = vec![0u64; n];
         for first in (0..lay.out_groups).step_by(groups_per_step) {
             let jgs = first..lay.out_groups.min(first + groups_per_step);
             let js = jgs.start * lay.width..out.min(jgs.end * lay.width);
+            let t1 = std::time::Instant::now();
+            let chunk_outputs = (WEIGHT_CHUNK_BYTES / (lay.groups * n * 8)).clamp(1, 16);
             let digits: Vec<Vec<i16>> = js
                 .clone()
+                .step_by(chunk_outputs)
+                .collect::<Vec<_>>()
                 .into_par_iter()
                 .map_init(
                     || ProductScratch {
                         ctx: FourierContext::new(n),
-                        weights_f: vec![0f64; lay.groups * n],
+                        weights_f: Vec::new(),
                         poly: vec![0u64; n],
-                        acc: vec![0f64; n],
+                        acc: Vec::new(),
                         product: vec![0u64; n],
                         small: vec![0u64; n],
                     },
-                    |scratch, j| self.output_digits(j, &lay, &masks_f, params, scratch),
+                    |scratch, j0| {
+                        let chunk = j0..js.end.min(j0 + chunk_outputs);
+                        self.chunk_digits(chunk, &lay, &masks_f, params, scratch)
+                    },
                 )
+                .flatten_iter()
                 .collect();
             let packs: Vec<(usize, usize)> = jgs
                 .clone()
                 .flat_map(|jg| (0..lay.batches).map(move |b| (jg, b)))
                 .collect();
-            let sums = pack_blocks(entries, params, &lay, &digits, js.start, &packs);
-            for (pi, &(jg, b)) in packs.iter().enumerate() {
-                let mut glwe =
-                    negated_key_sum(params, &sums[pi * acc_len..(pi + 1) * acc_len], &mut ctx, &mut poly);
+            t_prod += t1.elapsed().as_secs_f64() * 1e3;
+            let t1 = std::time::Instant::now();
+            let glwes = pack_blocks(entries, params, &lay, &digits, js.start, &packs);
+            t_pack += t1.elapsed().as_secs_f64() * 1e3;
+            let t1 = std::time::Instant::now();
+            for (mut glwe, &(jg, b)) in glwes.into_iter().zip(&packs) {
                 let (valid_rows, valid_outs) = lay.valid(jg, b);
                 let (mask, body) = glwe.split_at_mut(mask_len);
                 for p in 0..valid_rows {
@@ -330,9 +350,13 @@ impl FourierLinearLayer {
                         .for_each(|&c| body_packer.push(c));
                 }
             }
+            t_fin += t1.elapsed().as_secs_f64() * 1e3;
         }
         mask_packer.finish();
         body_packer.finish();
+        if std::env::var_os("HYFHE_PROFILE").is_some() {
+            eprintln!("body {t_body:.1} masks {:.1} prod {t_prod:.1} pack {t_pack:.1} fin {t_fin:.1} wfft/tiles/ifft {:?}", t_masks - t_body, PROF.iter().map(|p| p.swap(0, std::sync::atomic::Ordering::Relaxed) / 1000).collect::<Vec<_>>());
+        }
         Ok(EncryptedOutputs {
             precision: plan.precision,
             rows: rows as u32,
@@ -345,69 +369,110 @@ impl FourierLinearLayer {
         })
     }
 
-    /// Output `j` over every batch: products, reinterpretation in the subring and decomposition.
-    /// Returns `[batch][level][u][p]` digits (`u < F` mask polynomial, `p < R_c` coefficient).
-    fn output_digits(
+    /// Outputs `js` over every batch: products, reinterpretation in the subring and
+    /// decomposition. Returns, per output, `[batch][level][u][p]` digits (`u < F` mask
+    /// polynomial, `p < R_c` coefficient).
+    ///
+    /// Per frequency bin the products are a small complex matrix product (batches × groups) ·
+    /// (groups × outputs); it runs in tiles of [`BIN_TILE`] bins so that the masks, weights and
+    /// accumulators of a tile stay in L1/L2 while every input mask is read once per chunk.
+    fn chunk_digits(
         &self,
-        j: usize,
+        js: std::ops::Range<usize>,
         lay: &BlockLayout,
         masks_f: &[f64],
         params: PackingParams,
         s: &mut ProductScratch,
-    ) -> Vec<i16> {
+    ) -> Vec<Vec<i16>> {
         let n = INPUT_GLWE.polynomial_size;
         let (cols, f, block) = (lay.in_features, lay.width, lay.block);
-        let row = &self.codes[j * cols..(j + 1) * cols];
+        let (groups, batches) = (lay.groups, lay.batches);
+        let tt = std::time::Instant::now();
+        let count = js.len();
+        // Polynomials of the scratch buffers are `stride` apart, not `n`: at a multiple of 4 KiB
+        // every tile would map to the same cache sets.
+        let stride = n + POLY_PAD;
+        s.weights_f.resize(count * groups * stride, 0.0);
+        s.acc.clear();
+        s.acc.resize(count * batches * stride, 0.0);
         // P_{j,g} = w_0 − Σ_{f≥1} w_f X^(N−f)  (X^(−f) = −X^(N−f)).
-        for g in 0..lay.groups {
-            s.poly.fill(0);
-            let part = &row[g * f..cols.min((g + 1) * f)];
-            s.poly[0] = part[0] as i64 as u64;
-            for (k, &w) in part.iter().enumerate().skip(1) {
-                s.poly[n - k] = (-(w as i64)) as u64;
+        for (c, j) in js.clone().enumerate() {
+            let row = &self.codes[j * cols..(j + 1) * cols];
+            for g in 0..groups {
+                s.poly.fill(0);
+                let part = &row[g * f..cols.min((g + 1) * f)];
+                s.poly[0] = part[0] as i64 as u64;
+                for (k, &w) in part.iter().enumerate().skip(1) {
+                    s.poly[n - k] = (-(w as i64)) as u64;
+                }
+                let at = (c * groups + g) * stride;
+                s.ctx
+                    .forward_integer(&s.poly, &mut s.weights_f[at..at + n]);
             }
-            s.ctx
-                .forward_integer(&s.poly, &mut s.weights_f[g * n..(g + 1) * n]);
         }
-        let levels = params.level_count;
-        let mut digits = vec![0i16; lay.batches * levels * n];
-        for b in 0..lay.batches {
-            s.acc.fill(0.0);
-            for g in 0..lay.groups {
-                let ct = b * lay.groups + g;
-                mul_add(
-                    &mut s.acc,
-                    &masks_f[ct * n..(ct + 1) * n],
-                    &s.weights_f[g * n..(g + 1) * n],
-                );
-            }
-            s.ctx.backward_torus(&s.acc, &mut s.product);
-            // M_0[p] = A[p·F];  M_u[p] = (Y·A_u)[p] = A[(p−1)·F + u], and −A[(R_c−1)·F + u] at p = 0.
-            for p in 0..block {
-                s.small[p] = s.product[p * f];
-            }
-            for u in 1..f {
-                let dst = &mut s.small[u * block..(u + 1) * block];
-                dst[0] = s.product[(block - 1) * f + u].wrapping_neg();
-                for p in 1..block {
-                    dst[p] = s.product[(p - 1) * f + u];
+        PROF[0].fetch_add(tt.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+        let tt = std::time::Instant::now();
+        for t0 in (0..n / 2).step_by(BIN_TILE) {
+            let bins = t0..(t0 + BIN_TILE).min(n / 2);
+            for g in 0..groups {
+                for b in 0..batches {
+                    let ct = b * groups + g;
+                    let tile = BinTile {
+                        n,
+                        count,
+                        acc_stride: batches * stride,
+                        w_stride: groups * stride,
+                    };
+                    mul_add_bins(
+                        tile,
+                        &mut s.acc[b * stride..],
+                        &masks_f[ct * n..(ct + 1) * n],
+                        &s.weights_f[g * stride..],
+                        bins.clone(),
+                    );
                 }
             }
-            decompose_row(
-                &s.small,
-                params.base_log,
-                levels,
-                &mut digits[b * levels * n..(b + 1) * levels * n],
-            );
         }
-        digits
+        PROF[1].fetch_add(tt.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+        let tt = std::time::Instant::now();
+        let levels = params.level_count;
+        let r = (0..count)
+            .map(|c| {
+                let mut digits = vec![0i16; batches * levels * n];
+                for b in 0..batches {
+                    let acc = &s.acc[(c * batches + b) * stride..][..n];
+                    s.ctx.backward_torus(acc, &mut s.product);
+                    // M_0[p] = A[p·F];  M_u[p] = (Y·A_u)[p] = A[(p−1)·F + u], and −A[(R_c−1)·F + u]
+                    // at p = 0.
+                    for p in 0..block {
+                        s.small[p] = s.product[p * f];
+                    }
+                    for u in 1..f {
+                        let dst = &mut s.small[u * block..(u + 1) * block];
+                        dst[0] = s.product[(block - 1) * f + u].wrapping_neg();
+                        for p in 1..block {
+                            dst[p] = s.product[(p - 1) * f + u];
+                        }
+                    }
+                    decompose_row(
+                        &s.small,
+                        params.base_log,
+                        levels,
+                        &mut digits[b * levels * n..(b + 1) * levels * n],
+                    );
+                }
+                digits
+            })
+            .collect();
+        PROF[2].fetch_add(tt.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+        r
     }
 
     /// `Σ_i b_{r,i}·w_{j,i}` for every row and output, exact, scaled back to the torus (`rows ×
     /// out`, row-major). Bodies are split in two halves so that every partial sum is an integer
     /// below 2^53 and the f64 matrix products (ndarray's blocked kernels) are exact.
     pub(super) fn body_products(&self, bodies: &[u64], rows: usize) -> Vec<u64> {
-        use ndarray::{s, Array2, ArrayView2};
+        use ndarray::{Array2, ArrayView2};
         let plan = &self.plan;
         let (cols, out, bits) = (plan.in_features, plan.out_features, plan.input_body_bits);
         let half = bits.div_ceil(2);
@@ -419,14 +484,19 @@ impl FourierLinearLayer {
                 x[[rows + r, i]] = (b >> half) as f64;
             }
         }
-        let w = ArrayView2::from_shape((out, cols), &self.codes).expect("out × in codes");
-        let w_t: Array2<f64> = w.t().mapv(|c| c as f64).as_standard_layout().into_owned();
+        // Each task converts its own slice of weight rows: no f64 copy of the layer is kept.
         let step = out.div_ceil(4 * rayon::current_num_threads()).max(64);
         let parts: Vec<(usize, Array2<f64>)> = (0..out)
             .step_by(step)
             .collect::<Vec<_>>()
             .into_par_iter()
-            .map(|j0| (j0, x.dot(&w_t.slice(s![.., j0..out.min(j0 + step)]))))
+            .map(|j0| {
+                let j1 = out.min(j0 + step);
+                let w = ArrayView2::from_shape((j1 - j0, cols), &self.codes[j0 * cols..j1 * cols])
+                    .expect("rows of codes")
+                    .mapv(|c| c as f64);
+                (j0, x.dot(&w.t()))
+            })
             .collect();
         let mut y = vec![0u64; rows * out];
         for (j0, part) in parts {
@@ -441,9 +511,14 @@ impl FourierLinearLayer {
     }
 }
 
-/// The Fourier sums `Σ_{u,l} D_{u,l} ⊙ K_{u,l}` of every pack in `packs` (`(output group, batch)`
-/// pairs), `[pack][limb][poly][N]`. Threads split the key entries; each pass over an entry serves
-/// every pack, so the key is streamed once per call.
+/// Bytes of block key one task may stream per pack it packs: tasks take enough packs that the key
+/// (which need not fit a cache) is read about this much per pack, and never more packs than
+/// [`MAX_PACKS_PER_TASK`] (their accumulators should stay in L2).
+const KEY_BYTES_PER_PACK: usize = 4 << 20;
+const MAX_PACKS_PER_TASK: usize = 16;
+
+/// `−Σ_{u,l} D_{u,l} · K_{u,l}` of every pack in `packs` (`(output group, batch)` pairs), as
+/// GLWEs without their bodies. Each task packs a few packs against the whole key.
 fn pack_blocks(
     entries: &FourierEntries,
     params: PackingParams,
@@ -451,7 +526,7 @@ fn pack_blocks(
     digits: &[Vec<i16>],
     first_output: usize,
     packs: &[(usize, usize)],
-) -> Vec<f64> {
+) -> Vec<Vec<u64>> {
     let n = INPUT_GLWE.polynomial_size;
     let (levels, polys, limbs) = (
         params.level_count,
@@ -460,55 +535,44 @@ fn pack_blocks(
     );
     let (f, block) = (lay.width, lay.block);
     let acc_len = limbs * polys * n;
-    struct State {
-        sums: Vec<f64>,
-        ctx: FourierContext,
-        d: Vec<u64>,
-        d_f: Vec<f64>,
-    }
-    (0..f)
-        .into_par_iter()
-        .fold(
-            || State {
-                sums: vec![0f64; packs.len() * acc_len],
-                ctx: FourierContext::new(n),
-                d: vec![0u64; n],
-                d_f: vec![0f64; n],
-            },
-            |mut st, u| {
+    let key_bytes = f * levels * acc_len * std::mem::size_of::<f64>();
+    let per_task = key_bytes.div_ceil(KEY_BYTES_PER_PACK).clamp(1, MAX_PACKS_PER_TASK);
+    packs
+        .par_chunks(per_task)
+        .flat_map_iter(|chunk| {
+            let mut ctx = FourierContext::new(n);
+            let mut d = vec![0u64; n];
+            let mut d_f = vec![0f64; n];
+            let mut sums = vec![0f64; chunk.len() * acc_len];
+            for u in 0..f {
                 for l in 0..levels {
                     let k_entry = entries.entry(u, l);
-                    if l + 1 < levels {
-                        prefetch(entries.entry(u, l + 1));
-                    }
-                    for (pi, &(jg, b)) in packs.iter().enumerate() {
+                    for (pi, &(jg, b)) in chunk.iter().enumerate() {
                         let (_, valid_outs) = lay.valid(jg, b);
-                        st.d.fill(0);
+                        d.fill(0);
                         for m in 0..valid_outs {
                             let j = jg * f + m - first_output;
                             let src = &digits[j][(b * levels + l) * n + u * block..][..block];
                             for (p, &digit) in src.iter().enumerate() {
-                                st.d[p * f + m] = digit as i64 as u64;
+                                d[p * f + m] = digit as i64 as u64;
                             }
                         }
-                        st.ctx.forward_integer(&st.d, &mut st.d_f);
-                        let acc = &mut st.sums[pi * acc_len..(pi + 1) * acc_len];
+                        ctx.forward_integer(&d, &mut d_f);
+                        let acc = &mut sums[pi * acc_len..(pi + 1) * acc_len];
                         for (acc_poly, key_poly) in
                             acc.chunks_exact_mut(n).zip(k_entry.chunks_exact(n))
                         {
-                            mul_add(acc_poly, &st.d_f, key_poly);
+                            mul_add(acc_poly, &d_f, key_poly);
                         }
                     }
                 }
-                st
-            },
-        )
-        .map(|st| st.sums)
-        .reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-            a
+            }
+            let mut poly = vec![0u64; n];
+            sums.chunks_exact(acc_len)
+                .map(|acc| negated_key_sum(params, acc, &mut ctx, &mut poly))
+                .collect::<Vec<_>>()
         })
-        .expect("F > 0")
+        .collect()
 }
 
 /// Client side: phases of a blocked response, row-major `rows × out`.

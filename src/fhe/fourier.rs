@@ -106,6 +106,101 @@ unsafe fn mul_add_avx2(acc: &mut [f64], a: &[f64], b: &[f64]) {
     mul_add_portable(acc, a, b)
 }
 
+/// One tile of a cache-blocked product: for `c < count`,
+/// `acc[c·acc_stride..][..n] += a ⊙ w[c·w_stride..][..n]` on the frequency bins `bins` only, for
+/// split Fourier polynomials of length `n` (real parts at `[0, n/2)`, imaginary at `[n/2, n)`).
+/// One call covers every output of a chunk, so that the tile of `a` is loaded once.
+#[derive(Clone, Copy)]
+pub struct BinTile {
+    pub n: usize,
+    pub count: usize,
+    pub acc_stride: usize,
+    pub w_stride: usize,
+}
+
+#[inline]
+pub fn mul_add_bins(tile: BinTile, acc: &mut [f64], a: &[f64], w: &[f64], bins: std::ops::Range<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            unsafe { mul_add_bins_avx2(tile, acc, a, w, bins) };
+            return;
+        }
+    }
+    mul_add_bins_portable(tile, acc, a, w, bins);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn mul_add_bins_avx2(
+    tile: BinTile,
+    acc: &mut [f64],
+    a: &[f64],
+    w: &[f64],
+    bins: std::ops::Range<usize>,
+) {
+    use std::arch::x86_64::*;
+    let half = tile.n / 2;
+    if bins.len() % 4 != 0 || bins.end > half {
+        return mul_add_bins_portable(tile, acc, a, w, bins);
+    }
+    // Every index below is < its slice's length: checked once here instead of per load.
+    assert!(a.len() >= tile.n);
+    if tile.count > 0 {
+        let last = (tile.count - 1) * tile.acc_stride + tile.n;
+        assert!(acc.len() >= last && w.len() >= (tile.count - 1) * tile.w_stride + tile.n);
+    }
+    let (ap, accp, wp) = (a.as_ptr(), acc.as_mut_ptr(), w.as_ptr());
+    for i in bins.step_by(4) {
+        // SAFETY: i + 3 < half and i + half + 3 < n, within every polynomial (asserted above).
+        let ar = _mm256_loadu_pd(ap.add(i));
+        let ai = _mm256_loadu_pd(ap.add(half + i));
+        for c in 0..tile.count {
+            let acc_re = accp.add(c * tile.acc_stride + i);
+            let acc_im = accp.add(c * tile.acc_stride + half + i);
+            let wr = _mm256_loadu_pd(wp.add(c * tile.w_stride + i));
+            let wi = _mm256_loadu_pd(wp.add(c * tile.w_stride + half + i));
+            let mut re = _mm256_loadu_pd(acc_re);
+            let mut im = _mm256_loadu_pd(acc_im);
+            re = _mm256_fmadd_pd(ar, wr, re);
+            re = _mm256_fnmadd_pd(ai, wi, re);
+            im = _mm256_fmadd_pd(ar, wi, im);
+            im = _mm256_fmadd_pd(ai, wr, im);
+            _mm256_storeu_pd(acc_re, re);
+            _mm256_storeu_pd(acc_im, im);
+        }
+    }
+}
+
+#[inline(always)]
+fn mul_add_bins_portable(
+    tile: BinTile,
+    acc: &mut [f64],
+    a: &[f64],
+    w: &[f64],
+    bins: std::ops::Range<usize>,
+) {
+    let half = tile.n / 2;
+    let len = bins.len();
+    let a_re = &a[bins.clone()];
+    let a_im = &a[half + bins.start..half + bins.end];
+    for c in 0..tile.count {
+        let acc = &mut acc[c * tile.acc_stride..c * tile.acc_stride + tile.n];
+        let w = &w[c * tile.w_stride..c * tile.w_stride + tile.n];
+        let (acc_re, acc_im) = acc.split_at_mut(half);
+        let acc_re = &mut acc_re[bins.start..bins.start + len];
+        let acc_im = &mut acc_im[bins.start..bins.start + len];
+        let w_re = &w[bins.start..bins.start + len];
+        let w_im = &w[half + bins.start..half + bins.start + len];
+        for i in 0..len {
+            let (ar, ai, br, bi) = (a_re[i], a_im[i], w_re[i], w_im[i]);
+            acc_re[i] += ar * br - ai * bi;
+            acc_im[i] += ar * bi + ai * br;
+        }
+    }
+}
+
 #[inline(always)]
 fn mul_add_portable(acc: &mut [f64], a: &[f64], b: &[f64]) {
     let half = acc.len() / 2;
