@@ -127,6 +127,7 @@ impl ClientKey {
         values: &[i32],
         rows: usize,
         block: usize,
+        encoding: Encoding,
     ) -> EncryptedRows {
         let n = INPUT_GLWE.polynomial_size;
         let cols = plan.in_features;
@@ -186,15 +187,13 @@ impl ClientKey {
             body_bits: plan.input_body_bits as u8,
             seed: seed.to_le_bytes().to_vec(),
             bodies: packed,
-            encoding: Encoding::Blocked {
-                rows: block as u32,
-            },
+            encoding,
         }
     }
 }
 
 /// Regenerate the masks of `count` blocked input ciphertexts and transform them: `[ct][N]`.
-fn blocked_masks(seed: u128, count: usize) -> Vec<f64> {
+pub(super) fn blocked_masks(seed: u128, count: usize) -> Vec<f64> {
     let n = INPUT_GLWE.polynomial_size;
     let size = GlweSize(INPUT_GLWE.glwe_dimension + 1);
     let mut masks_f = vec![0f64; count * n];
@@ -575,41 +574,45 @@ fn pack_blocks(
         .collect()
 }
 
-/// Client side: phases of a blocked response, row-major `rows × out`.
+/// Client side: phases of a blocked (or slot) response, row-major `rows × out`. `decrypt` turns
+/// every pack's GLWE (`(k+1)·N` coefficients) into its `N` phases at once.
 pub(super) fn blocked_phases(
     outputs: &EncryptedOutputs,
     block: usize,
     masks: &mut impl Iterator<Item = u64>,
     bodies: &mut impl Iterator<Item = u64>,
-    decrypt: &mut dyn FnMut(&[u64]) -> Vec<u64>,
+    decrypt: &dyn Fn(&[u64]) -> Vec<u64>,
     k: usize,
 ) -> Vec<u64> {
     let n = INPUT_GLWE.polynomial_size;
     let (rows, out) = (outputs.rows as usize, outputs.out_features as usize);
     let lay = BlockLayout::new(block, rows, 1, out);
+    let packs: Vec<(usize, usize)> = (0..lay.out_groups)
+        .flat_map(|jg| (0..lay.batches).map(move |b| (jg, b)))
+        .collect();
+    let mut glwes = vec![0u64; packs.len() * (k + 1) * n];
+    for (glwe, &(jg, b)) in glwes.chunks_exact_mut((k + 1) * n).zip(&packs) {
+        for (slot, m) in glwe[..k * n].iter_mut().zip(&mut *masks) {
+            *slot = m;
+        }
+        let (valid_rows, valid_outs) = lay.valid(jg, b);
+        let body = &mut glwe[k * n..];
+        for p in 0..valid_rows {
+            for (slot, v) in body[p * lay.width..p * lay.width + valid_outs]
+                .iter_mut()
+                .zip(&mut *bodies)
+            {
+                *slot = v;
+            }
+        }
+    }
+    let plain = decrypt(&glwes);
     let mut phases = vec![0u64; rows * out];
-    let mut glwe = vec![0u64; (k + 1) * n];
-    for jg in 0..lay.out_groups {
-        for b in 0..lay.batches {
-            for (slot, m) in glwe[..k * n].iter_mut().zip(&mut *masks) {
-                *slot = m;
-            }
-            let (valid_rows, valid_outs) = lay.valid(jg, b);
-            let body = &mut glwe[k * n..];
-            body.fill(0);
-            for p in 0..valid_rows {
-                for (slot, v) in body[p * lay.width..p * lay.width + valid_outs]
-                    .iter_mut()
-                    .zip(&mut *bodies)
-                {
-                    *slot = v;
-                }
-            }
-            let plain = decrypt(&glwe);
-            for p in 0..valid_rows {
-                for m in 0..valid_outs {
-                    phases[(b * block + p) * out + jg * lay.width + m] = plain[p * lay.width + m];
-                }
+    for (pack, &(jg, b)) in plain.chunks_exact(n).zip(&packs) {
+        let (valid_rows, valid_outs) = lay.valid(jg, b);
+        for p in 0..valid_rows {
+            for m in 0..valid_outs {
+                phases[(b * block + p) * out + jg * lay.width + m] = pack[p * lay.width + m];
             }
         }
     }

@@ -7,16 +7,18 @@
 //! outputs (`body_bits` each).
 
 use serde::{Deserialize, Serialize};
-use tfhe::core_crypto::prelude::{
-    decrypt_glwe_ciphertext, CiphertextModulus, GlweCiphertext, PlaintextList, PolynomialSize,
-};
+use rayon::prelude::*;
+use tfhe::core_crypto::prelude::GlweSecretKeyOwned;
 
 use super::bitpack::{packed_len, unpack_top_bits};
 use super::codec::{CodecError, Wire};
+use super::fourier::{mul_add, FourierContext};
 use super::encrypted_rows::MAX_ROWS;
 use super::keys::ClientKey;
 use super::blocked::{blocked_phases, BlockLayout};
-use super::params::{packing_params, Encoding, LayerPlan, Precision, BLOCK_ROWS, MAX_OUT_FEATURES};
+use super::params::{
+    packing_params, Encoding, LayerPlan, Precision, BLOCK_ROWS, INPUT_GLWE, MAX_OUT_FEATURES,
+};
 use super::FheError;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -48,6 +50,22 @@ impl EncryptedOutputs {
                 BlockLayout::new(rows as usize, self.rows as usize, 1, self.out_features as usize)
                     .packs()
             }
+            Encoding::Slot => BlockLayout::new(
+                INPUT_GLWE.polynomial_size,
+                self.rows as usize,
+                1,
+                self.out_features as usize,
+            )
+            .packs(),
+        }
+    }
+
+    /// Mask coefficients per output ciphertext: the output key's, or the input key's for slot
+    /// outputs (they are never keyswitched).
+    pub fn mask_len(&self) -> usize {
+        match self.encoding {
+            Encoding::Slot => INPUT_GLWE.lwe_dimension(),
+            _ => packing_params(self.precision).output.lwe_dimension(),
         }
     }
 
@@ -81,8 +99,7 @@ impl Wire for EncryptedOutputs {
                 )));
             }
         }
-        let shape = packing_params(self.precision).output;
-        let want_masks = packed_len(self.packs() * shape.lwe_dimension(), self.mask_bits as u32);
+        let want_masks = packed_len(self.packs() * self.mask_len(), self.mask_bits as u32);
         let want_bodies = packed_len(self.values(), self.body_bits as u32);
         if self.masks.len() != want_masks || self.bodies.len() != want_bodies {
             return Err(CodecError::invalid::<Self>(format!(
@@ -125,52 +142,38 @@ impl ClientKey {
         let total = outputs.values();
         let mut masks = unpack_top_bits(
             &outputs.masks,
-            outputs.packs() * k * n,
+            outputs.packs() * outputs.mask_len(),
             plan.output_mask_bits,
         );
         let mut bodies = unpack_top_bits(&outputs.bodies, total, plan.output_body_bits);
-        let key = self.output_key(plan.precision);
-        if let Encoding::Blocked { rows: block } = outputs.encoding {
-            let mut plain = PlaintextList::new(0u64, tfhe::core_crypto::prelude::PlaintextCount(n));
-            let mut decrypt = |glwe: &[u64]| {
-                let ct = GlweCiphertext::from_container(
-                    glwe,
-                    PolynomialSize(n),
-                    CiphertextModulus::new_native(),
-                );
-                decrypt_glwe_ciphertext(key, &ct, &mut plain);
-                plain.as_ref().to_vec()
-            };
+        let (key, block, k) = match outputs.encoding {
+            Encoding::Row => (self.output_key(plan.precision), 0, k),
+            Encoding::Blocked { rows } => (self.output_key(plan.precision), rows as usize, k),
+            Encoding::Slot => (&self.input, n, INPUT_GLWE.glwe_dimension),
+        };
+        let decrypt = |glwes: &[u64]| decrypt_all(key, k, n, glwes);
+        if block > 0 {
             return Ok(blocked_phases(
                 outputs,
-                block as usize,
+                block,
                 &mut masks,
                 &mut bodies,
-                &mut decrypt,
+                &decrypt,
                 k,
             ));
         }
-        let mut phases = Vec::with_capacity(total);
-        let mut glwe = vec![0u64; (k + 1) * n];
-        let mut plain = PlaintextList::new(0u64, tfhe::core_crypto::prelude::PlaintextCount(n));
-        for p in 0..outputs.packs() {
+        let packs = outputs.packs();
+        let mut glwes = vec![0u64; packs * (k + 1) * n];
+        for (p, glwe) in glwes.chunks_exact_mut((k + 1) * n).enumerate() {
             let count = n.min(total - p * n);
             for (slot, m) in glwe[..k * n].iter_mut().zip(&mut masks) {
                 *slot = m;
             }
-            let body = &mut glwe[k * n..];
-            body.fill(0);
-            for (slot, b) in body[..count].iter_mut().zip(&mut bodies) {
+            for (slot, b) in glwe[k * n..k * n + count].iter_mut().zip(&mut bodies) {
                 *slot = b;
             }
-            let ct = GlweCiphertext::from_container(
-                &glwe[..],
-                PolynomialSize(n),
-                CiphertextModulus::new_native(),
-            );
-            decrypt_glwe_ciphertext(key, &ct, &mut plain);
-            phases.extend_from_slice(&plain.as_ref()[..count]);
         }
+        let phases = decrypt(&glwes);
         // Column-major on the wire, row-major for the caller.
         let rows = outputs.rows as usize;
         let out = outputs.out_features as usize;
@@ -191,6 +194,76 @@ impl ClientKey {
             .map(|&p| decode(p, plan.delta_log()))
             .collect())
     }
+}
+
+/// Phases `body − ⟨mask, s⟩` of GLWEs `(k+1)·n` coefficients each (masks first), `n` per
+/// ciphertext, in parallel, exactly. The mask products run through the f64 FFT with each mask
+/// coefficient split as `hi·2^32 + lo` (`lo` signed): the `lo` products are below 2^43 and come
+/// back exact, the `hi` products are multiples of 2^32 computed with an error near 2^17, so
+/// rounding them to one is exact (the packing key's two-limb argument, `packing.rs`).
+fn decrypt_all(key: &GlweSecretKeyOwned<u64>, k: usize, n: usize, glwes: &[u64]) -> Vec<u64> {
+    const SPLIT: u32 = 32;
+    let mut ctx = FourierContext::new(n);
+    let key_f: Vec<Vec<f64>> = key
+        .as_ref()
+        .chunks_exact(n)
+        .map(|s| {
+            let mut f = vec![0f64; n];
+            ctx.forward_integer(s, &mut f);
+            f
+        })
+        .collect();
+    debug_assert_eq!(key_f.len(), k);
+    let mut phases = vec![0u64; glwes.len() / (k + 1)];
+    struct Scratch {
+        ctx: FourierContext,
+        limb: Vec<u64>,
+        limb_f: Vec<f64>,
+        hi: Vec<f64>,
+        lo: Vec<f64>,
+        product: Vec<u64>,
+    }
+    phases
+        .par_chunks_mut(n)
+        .zip(glwes.par_chunks(n * (k + 1)))
+        .for_each_init(
+            || Scratch {
+                ctx: FourierContext::new(n),
+                limb: vec![0u64; n],
+                limb_f: vec![0f64; n],
+                hi: vec![0f64; n],
+                lo: vec![0f64; n],
+                product: vec![0u64; n],
+            },
+            |s, (phase, glwe)| {
+                s.hi.fill(0.0);
+                s.lo.fill(0.0);
+                for (q, key_q) in key_f.iter().enumerate() {
+                    let mask = &glwe[q * n..(q + 1) * n];
+                    for (dst, &c) in s.limb.iter_mut().zip(mask) {
+                        *dst = c.wrapping_sub(c as u32 as i32 as i64 as u64);
+                    }
+                    s.ctx.forward_torus(&s.limb, &mut s.limb_f);
+                    mul_add(&mut s.hi, &s.limb_f, key_q);
+                    for (dst, &c) in s.limb.iter_mut().zip(mask) {
+                        *dst = c as u32 as i32 as i64 as u64;
+                    }
+                    s.ctx.forward_torus(&s.limb, &mut s.limb_f);
+                    mul_add(&mut s.lo, &s.limb_f, key_q);
+                }
+                s.ctx.backward_torus(&s.hi, &mut s.product);
+                let round = 1u64 << (SPLIT - 1);
+                let keep = !((1u64 << SPLIT) - 1);
+                for (dst, &h) in phase.iter_mut().zip(s.product.iter()) {
+                    *dst = h.wrapping_add(round) & keep;
+                }
+                s.ctx.backward_torus(&s.lo, &mut s.product);
+                for ((dst, &b), &l) in phase.iter_mut().zip(&glwe[k * n..]).zip(s.product.iter()) {
+                    *dst = b.wrapping_sub(dst.wrapping_add(l));
+                }
+            },
+        );
+    phases
 }
 
 /// Signed rounding of a phase to the nearest multiple of `2^delta_log`.

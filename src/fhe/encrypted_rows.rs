@@ -97,6 +97,10 @@ impl Wire for EncryptedRows {
     }
 }
 
+fn n_slot() -> usize {
+    INPUT_GLWE.polynomial_size
+}
+
 impl ClientKey {
     /// Encrypt `rows` rows of centred input codes (row-major, `plan.in_features` each) in the
     /// encoding the planner picks for that many rows ([`Encoding::choose`]).
@@ -137,7 +141,10 @@ impl ClientKey {
                     "blocks of {block} rows (this build offers {BLOCK_ROWS:?})"
                 )));
             }
-            return Ok(self.encrypt_blocked(plan, values, rows, block as usize));
+            return Ok(self.encrypt_blocked(plan, values, rows, block as usize, encoding));
+        }
+        if encoding == Encoding::Slot {
+            return Ok(self.encrypt_blocked(plan, values, rows, n_slot(), encoding));
         }
         let n = INPUT_GLWE.polynomial_size;
         let chunks = plan.chunks();

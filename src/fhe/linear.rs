@@ -140,8 +140,12 @@ impl FourierLinearLayer {
                 key.precision, plan.precision
             )));
         }
-        if let Encoding::Blocked { rows: block } = input.encoding {
-            return self.evaluate_blocked(key, input, block as usize, max_job_bytes);
+        match input.encoding {
+            Encoding::Blocked { rows: block } => {
+                return self.evaluate_blocked(key, input, block as usize, max_job_bytes)
+            }
+            Encoding::Slot => return self.evaluate_slot(input, max_job_bytes),
+            Encoding::Row => {}
         }
         let rows = input.rows as usize;
         let (chunks, cols, out) = (plan.chunks(), plan.in_features, plan.out_features);

@@ -15,6 +15,7 @@ mod fourier;
 mod keys;
 mod linear;
 mod packing;
+mod slot;
 pub mod params;
 
 pub use codec::{decode, encode, CodecError, Wire};

@@ -49,6 +49,12 @@
 //! instead of `n_in·L·N` with `F ≤ N/2 < n_in`, so they are smaller. The row model therefore
 //! bounds both encodings, and one [`LayerPlan`] (one set of wire widths) serves both;
 //! `tests/integration/noise.rs` measures blocked requests against it too.
+//!
+//! The slot encoding (one feature over `N` rows per input GLWE, outputs `Σ_i w_ji · ct_i` under
+//! the input key, computed as one f64 matrix product in the Fourier domain) has no packing at all:
+//! its noise is the input, body-switch and product terms of the row model, and an output modulus
+//! switch over `k_in·N/2 = 1024` mask coefficients instead of `k_out·N_out/2 = 2048`. Every term
+//! is at most the row model's, so the plan's widths are safe for it too.
 
 use serde::{Deserialize, Serialize};
 
@@ -154,8 +160,12 @@ pub enum Encoding {
     #[default]
     Row,
     /// `rows` rows × `N/rows` features per input GLWE; each product holds `rows` outputs, packed
-    /// `N/rows` outputs at a time by a small per-layout key. Cheapest for many rows.
+    /// `N/rows` outputs at a time by a small per-layout key. Cheapest for tens to hundreds of rows.
     Blocked { rows: u32 },
+    /// `N` rows of one feature per input GLWE (a column): output `j` is `Σ_i w_ji · ct_i`, a
+    /// clear-integer combination already packed `N` rows to a ciphertext under the input key, with
+    /// no packing key at all. Cheapest for about a thousand rows and more.
+    Slot,
 }
 
 /// Row-block sizes this build offers: each needs its own small packing key in the session's
@@ -167,6 +177,7 @@ impl std::fmt::Display for Encoding {
         match self {
             Encoding::Row => f.write_str("row"),
             Encoding::Blocked { rows } => write!(f, "blocked{rows}"),
+            Encoding::Slot => f.write_str("slot"),
         }
     }
 }
@@ -177,11 +188,14 @@ impl std::str::FromStr for Encoding {
         let offered = || {
             std::iter::once("row".to_string())
                 .chain(BLOCK_ROWS.iter().map(|r| format!("blocked{r}")))
+                .chain(std::iter::once("slot".to_string()))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        if s == "row" {
-            return Ok(Encoding::Row);
+        match s {
+            "row" => return Ok(Encoding::Row),
+            "slot" => return Ok(Encoding::Slot),
+            _ => {}
         }
         s.strip_prefix("blocked")
             .and_then(|r| r.parse::<u32>().ok())
@@ -197,6 +211,7 @@ impl Encoding {
         match self {
             Encoding::Row => 1,
             Encoding::Blocked { rows } => *rows as usize,
+            Encoding::Slot => INPUT_GLWE.polynomial_size,
         }
     }
 
@@ -204,14 +219,24 @@ impl Encoding {
     pub fn all() -> Vec<Encoding> {
         std::iter::once(Encoding::Row)
             .chain(BLOCK_ROWS.iter().map(|&rows| Encoding::Blocked { rows }))
+            .chain(std::iter::once(Encoding::Slot))
             .collect()
     }
 
-    /// The planner: the cheapest offered encoding for `rows` rows of `plan`, by a cost model in
-    /// units of one size-`N` FFT (see [`Encoding::predicted_cost`]).
+    /// The planner: among the offered encodings whose output costs at most
+    /// [`MAX_PLANNED_OUTPUT_BYTES`] per value for `rows` rows (a nearly empty slot or block
+    /// ciphertext sends a whole mask for a few values), the cheapest by a cost model in units of
+    /// one size-`N` FFT (see [`Encoding::predicted_cost`]).
     pub fn choose(plan: &LayerPlan, rows: usize) -> Encoding {
-        plan.encodings
-            .iter()
+        let rows = rows.max(1);
+        let lean = |e: &&Encoding| plan.output_bytes_per_value_as(**e, rows) <= MAX_PLANNED_OUTPUT_BYTES;
+        let candidates: Vec<&Encoding> = if plan.encodings.iter().any(|e| lean(&e)) {
+            plan.encodings.iter().filter(lean).collect()
+        } else {
+            plan.encodings.iter().collect()
+        };
+        candidates
+            .into_iter()
             .copied()
             .min_by(|a, b| {
                 a.predicted_cost(plan, rows)
@@ -230,6 +255,7 @@ impl Encoding {
         const DECOMPOSE: f64 = 0.6;
         const KEY_STREAM: f64 = 1.2;
         const BODY_MAC: f64 = 2.0 / 2048.0 / 40.0;
+        const GEMM_FMA: f64 = 1.0 / 20_000.0;
         let n = INPUT_GLWE.polynomial_size as f64;
         let (inputs, outputs) = (plan.in_features as f64, plan.out_features as f64);
         let p = plan.packing();
@@ -248,6 +274,10 @@ impl Encoding {
                     + (packs * pack).max(stream)
                     + body / 2.0
             }
+            Encoding::Slot => {
+                let batches = (rows as f64 / n).ceil();
+                batches * outputs * (inputs * n * GEMM_FMA + 1.0) + batches * inputs + body
+            }
             Encoding::Blocked { rows: block } => {
                 let block = *block as f64;
                 let f = n / block;
@@ -262,6 +292,10 @@ impl Encoding {
         }
     }
 }
+
+/// The planner avoids encodings whose output costs more than this per value (see
+/// [`Encoding::choose`]); the row encoding's full packs cost about 13.
+pub const MAX_PLANNED_OUTPUT_BYTES: f64 = 16.0;
 
 /// Standard deviations a layer must stay below for exactness.
 pub const Z_EXACT: f64 = 8.0;
@@ -472,12 +506,29 @@ impl LayerPlan {
         self.input_body_bits as f64 / 8.0
     }
 
-    /// Bytes per output value on the wire for `rows` rows (masks amortised over each pack).
+    /// Bytes per output value on the wire for `rows` rows in the row encoding (masks amortised
+    /// over each pack).
     pub fn output_bytes_per_value(&self, rows: usize) -> f64 {
+        self.output_bytes_per_value_as(Encoding::Row, rows)
+    }
+
+    /// Bytes per output value on the wire for `rows` rows in `encoding`.
+    pub fn output_bytes_per_value_as(&self, encoding: Encoding, rows: usize) -> f64 {
         let out = packing_params(self.precision).output;
         let total = rows * self.out_features;
-        let packs = total.div_ceil(out.polynomial_size);
-        let bits = packs * out.lwe_dimension() * self.output_mask_bits as usize
+        let n = INPUT_GLWE.polynomial_size;
+        let (packs, mask_len) = match encoding {
+            Encoding::Row => (total.div_ceil(out.polynomial_size), out.lwe_dimension()),
+            Encoding::Blocked { rows: block } => {
+                let width = n / block as usize;
+                (
+                    rows.div_ceil(block as usize) * self.out_features.div_ceil(width),
+                    out.lwe_dimension(),
+                )
+            }
+            Encoding::Slot => (rows.div_ceil(n) * self.out_features, INPUT_GLWE.lwe_dimension()),
+        };
+        let bits = packs * mask_len * self.output_mask_bits as usize
             + total * self.output_body_bits as usize;
         bits as f64 / 8.0 / total as f64
     }
