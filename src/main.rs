@@ -235,7 +235,7 @@ struct LinearArgs {
     /// Compact output precision (fewer bytes, only the top bits exact) instead of exact.
     #[arg(long)]
     compact: bool,
-    /// Force an encoding (`row`, `blocked16`, `blocked128`) instead of the planner's choice for
+    /// Force an encoding (`row`, `blocked16|32|64|128`, `slot`) instead of the planner's choice for
     /// the row count.
     #[arg(long)]
     encoding: Option<hyfhe::fhe::Encoding>,

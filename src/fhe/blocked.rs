@@ -236,10 +236,9 @@ pub(super) fn blocked_masks(seed: u128, count: usize) -> Vec<f64> {
 const BIN_TILE: usize = 64;
 /// Padding between the scratch polynomials of the product phase (f64s; 320 bytes).
 const POLY_PAD: usize = 40;
-/// Fourier weights one product task holds (it takes as many outputs as fit, at most 16).
-const WEIGHT_CHUNK_BYTES: usize = 8 << 20;
+/// Outputs one product task computes together (each input mask tile is loaded once for all).
+const CHUNK_OUTPUTS: usize = 16;
 
-pub static PROF: [std::sync::atomic::AtomicU64; 3] = [std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0)];
 /// Per-task buffers of the product phase.
 struct ProductScratch {
     ctx: FourierContext,
@@ -277,13 +276,9 @@ impl FourierLinearLayer {
         let bodies: Vec<u64> = unpack_top_bits(&input.bodies, rows * cols, plan.input_body_bits)
             .map(|b| b >> shift)
             .collect();
-        let t0 = std::time::Instant::now();
         let out_bodies = self.body_products(&bodies, rows);
         drop(bodies);
-        let t_body = t0.elapsed().as_secs_f64() * 1e3;
         let masks_f = blocked_masks(input.seed(), lay.ciphertexts());
-        let t_masks = t0.elapsed().as_secs_f64() * 1e3;
-        let (mut t_prod, mut t_pack, mut t_fin) = (0.0, 0.0, 0.0);
 
         let mask_len = params.output.lwe_dimension();
         let mut masks = Vec::with_capacity(packed_len(lay.packs() * mask_len, plan.output_mask_bits));
@@ -291,48 +286,64 @@ impl FourierLinearLayer {
         let mut mask_packer = BitPacker::new(plan.output_mask_bits, &mut masks);
         let mut body_packer = BitPacker::new(plan.output_body_bits, &mut sent_bodies);
 
-        // Working memory per output group: the digits of its F outputs over every batch, and
-        // each thread's Fourier accumulators of its packs.
-        let acc_len = params.fourier_limbs * (params.output.glwe_dimension + 1) * n;
-        let per_group = lay.width * lay.batches * levels * n * std::mem::size_of::<i16>()
-            + lay.batches * params.output.lwe_dimension().max(acc_len) * std::mem::size_of::<u64>();
-        let groups_per_step = (max_job_bytes / per_group).max(1);
+        // Working memory, bounded by `max_job_bytes` whatever the row count: per output group and
+        // batch, the digits of its F outputs, its finished pack and the product accumulators of
+        // its outputs. Steps take as many output groups as fit with every batch; when not even
+        // one does, the batches are taken a slice at a time (the weights are then transformed
+        // once per slice).
+        let glwe_len = (params.output.glwe_dimension + 1) * n;
+        let per_pack = lay.width
+            * (levels * n * std::mem::size_of::<i16>() + n * std::mem::size_of::<f64>())
+            + glwe_len * std::mem::size_of::<u64>();
+        let budget_packs = (max_job_bytes / per_pack).max(1);
+        let groups_per_step = (budget_packs / lay.batches).max(1);
+        let batches_per_step = budget_packs.clamp(1, lay.batches);
         for first in (0..lay.out_groups).step_by(groups_per_step) {
             let jgs = first..lay.out_groups.min(first + groups_per_step);
             let js = jgs.start * lay.width..out.min(jgs.end * lay.width);
-            let t1 = std::time::Instant::now();
-            let chunk_outputs = (WEIGHT_CHUNK_BYTES / (lay.groups * n * 8)).clamp(1, 16);
-            let digits: Vec<Vec<i16>> = js
-                .clone()
-                .step_by(chunk_outputs)
-                .collect::<Vec<_>>()
-                .into_par_iter()
-                .map_init(
-                    || ProductScratch {
-                        ctx: FourierContext::new(n),
-                        weights_f: Vec::new(),
-                        poly: vec![0u64; n],
-                        acc: Vec::new(),
-                        product: vec![0u64; n],
-                        small: vec![0u64; n],
-                    },
-                    |scratch, j0| {
-                        let chunk = j0..js.end.min(j0 + chunk_outputs);
-                        self.chunk_digits(chunk, &lay, &masks_f, params, scratch)
-                    },
-                )
-                .flatten_iter()
-                .collect();
-            let packs: Vec<(usize, usize)> = jgs
-                .clone()
-                .flat_map(|jg| (0..lay.batches).map(move |b| (jg, b)))
-                .collect();
-            t_prod += t1.elapsed().as_secs_f64() * 1e3;
-            let t1 = std::time::Instant::now();
-            let glwes = pack_blocks(entries, params, &lay, &digits, js.start, &packs);
-            t_pack += t1.elapsed().as_secs_f64() * 1e3;
-            let t1 = std::time::Instant::now();
-            for (mut glwe, &(jg, b)) in glwes.into_iter().zip(&packs) {
+            // finished[(jg − first)·batches + b]: packs leave in (group, batch) order.
+            let mut finished: Vec<Vec<u64>> = Vec::with_capacity(jgs.len() * lay.batches);
+            let mut slices = Vec::new();
+            for b0 in (0..lay.batches).step_by(batches_per_step) {
+                let bs = b0..lay.batches.min(b0 + batches_per_step);
+                let digits: Vec<Vec<i16>> = js
+                    .clone()
+                    .step_by(CHUNK_OUTPUTS)
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .map_init(
+                        || ProductScratch {
+                            ctx: FourierContext::new(n),
+                            weights_f: Vec::new(),
+                            poly: vec![0u64; n],
+                            acc: Vec::new(),
+                            product: vec![0u64; n],
+                            small: vec![0u64; n],
+                        },
+                        |scratch, j0| {
+                            let chunk = j0..js.end.min(j0 + CHUNK_OUTPUTS);
+                            self.chunk_digits(chunk, bs.clone(), &lay, &masks_f, params, scratch)
+                        },
+                    )
+                    .flatten_iter()
+                    .collect();
+                let packs: Vec<(usize, usize)> = jgs
+                    .clone()
+                    .flat_map(|jg| bs.clone().map(move |b| (jg, b)))
+                    .collect();
+                let glwes = pack_blocks(entries, params, &lay, &digits, js.start, bs.start, &packs);
+                slices.push((bs, glwes));
+            }
+            for jg in jgs.clone() {
+                for (bs, glwes) in &mut slices {
+                    let at = (jg - jgs.start) * bs.len();
+                    finished.extend(glwes[at..at + bs.len()].iter_mut().map(std::mem::take));
+                }
+            }
+            for (mut glwe, (jg, b)) in finished
+                .into_iter()
+                .zip(jgs.clone().flat_map(|jg| (0..lay.batches).map(move |b| (jg, b))))
+            {
                 let (valid_rows, valid_outs) = lay.valid(jg, b);
                 let (mask, body) = glwe.split_at_mut(mask_len);
                 for p in 0..valid_rows {
@@ -349,13 +360,9 @@ impl FourierLinearLayer {
                         .for_each(|&c| body_packer.push(c));
                 }
             }
-            t_fin += t1.elapsed().as_secs_f64() * 1e3;
         }
         mask_packer.finish();
         body_packer.finish();
-        if std::env::var_os("HYFHE_PROFILE").is_some() {
-            eprintln!("body {t_body:.1} masks {:.1} prod {t_prod:.1} pack {t_pack:.1} fin {t_fin:.1} wfft/tiles/ifft {:?}", t_masks - t_body, PROF.iter().map(|p| p.swap(0, std::sync::atomic::Ordering::Relaxed) / 1000).collect::<Vec<_>>());
-        }
         Ok(EncryptedOutputs {
             precision: plan.precision,
             rows: rows as u32,
@@ -369,7 +376,8 @@ impl FourierLinearLayer {
     }
 
     /// Outputs `js` over every batch: products, reinterpretation in the subring and
-    /// decomposition. Returns, per output, `[batch][level][u][p]` digits (`u < F` mask
+    /// decomposition, for the batches `bs`. Returns, per output, `[batch − bs.start][level][u][p]`
+    /// digits (`u < F` mask
     /// polynomial, `p < R_c` coefficient).
     ///
     /// Per frequency bin the products are a small complex matrix product (batches × groups) ·
@@ -378,6 +386,7 @@ impl FourierLinearLayer {
     fn chunk_digits(
         &self,
         js: std::ops::Range<usize>,
+        bs: std::ops::Range<usize>,
         lay: &BlockLayout,
         masks_f: &[f64],
         params: PackingParams,
@@ -385,57 +394,46 @@ impl FourierLinearLayer {
     ) -> Vec<Vec<i16>> {
         let n = INPUT_GLWE.polynomial_size;
         let (cols, f, block) = (lay.in_features, lay.width, lay.block);
-        let (groups, batches) = (lay.groups, lay.batches);
-        let tt = std::time::Instant::now();
+        let (groups, batches) = (lay.groups, bs.len());
         let count = js.len();
         // Polynomials of the scratch buffers are `stride` apart, not `n`: at a multiple of 4 KiB
         // every tile would map to the same cache sets.
         let stride = n + POLY_PAD;
-        s.weights_f.resize(count * groups * stride, 0.0);
+        s.weights_f.resize(count * stride, 0.0);
         s.acc.clear();
         s.acc.resize(count * batches * stride, 0.0);
-        // P_{j,g} = w_0 − Σ_{f≥1} w_f X^(N−f)  (X^(−f) = −X^(N−f)).
-        for (c, j) in js.clone().enumerate() {
-            let row = &self.codes[j * cols..(j + 1) * cols];
-            for g in 0..groups {
+        // Group by group: the chunk's weight polynomials of group g are transformed (P_{j,g} =
+        // w_0 − Σ_{f≥1} w_f X^(N−f), since X^(−f) = −X^(N−f)) and used at once, so only
+        // `count` of them are ever held and each input mask is read once per chunk.
+        for g in 0..groups {
+            for (c, j) in js.clone().enumerate() {
+                let row = &self.codes[j * cols..(j + 1) * cols];
                 s.poly.fill(0);
                 let part = &row[g * f..cols.min((g + 1) * f)];
                 s.poly[0] = part[0] as i64 as u64;
                 for (k, &w) in part.iter().enumerate().skip(1) {
                     s.poly[n - k] = (-(w as i64)) as u64;
                 }
-                let at = (c * groups + g) * stride;
                 s.ctx
-                    .forward_integer(&s.poly, &mut s.weights_f[at..at + n]);
+                    .forward_integer(&s.poly, &mut s.weights_f[c * stride..c * stride + n]);
             }
-        }
-        PROF[0].fetch_add(tt.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
-        let tt = std::time::Instant::now();
-        for t0 in (0..n / 2).step_by(BIN_TILE) {
-            let bins = t0..(t0 + BIN_TILE).min(n / 2);
-            for g in 0..groups {
-                for b in 0..batches {
-                    let ct = b * groups + g;
-                    let tile = BinTile {
-                        n,
-                        count,
-                        acc_stride: batches * stride,
-                        w_stride: groups * stride,
-                    };
-                    mul_add_bins(
-                        tile,
-                        &mut s.acc[b * stride..],
-                        &masks_f[ct * n..(ct + 1) * n],
-                        &s.weights_f[g * stride..],
-                        bins.clone(),
-                    );
+            for b in 0..batches {
+                let ct = (bs.start + b) * groups + g;
+                let a = &masks_f[ct * n..(ct + 1) * n];
+                let tile = BinTile {
+                    n,
+                    count,
+                    acc_stride: batches * stride,
+                    w_stride: stride,
+                };
+                for t0 in (0..n / 2).step_by(BIN_TILE) {
+                    let bins = t0..(t0 + BIN_TILE).min(n / 2);
+                    mul_add_bins(tile, &mut s.acc[b * stride..], a, &s.weights_f, bins);
                 }
             }
         }
-        PROF[1].fetch_add(tt.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
-        let tt = std::time::Instant::now();
         let levels = params.level_count;
-        let r = (0..count)
+        (0..count)
             .map(|c| {
                 let mut digits = vec![0i16; batches * levels * n];
                 for b in 0..batches {
@@ -462,9 +460,7 @@ impl FourierLinearLayer {
                 }
                 digits
             })
-            .collect();
-        PROF[2].fetch_add(tt.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
-        r
+            .collect()
     }
 
     /// `Σ_i b_{r,i}·w_{j,i}` for every row and output, exact, scaled back to the torus (`rows ×
@@ -524,6 +520,7 @@ fn pack_blocks(
     lay: &BlockLayout,
     digits: &[Vec<i16>],
     first_output: usize,
+    first_batch: usize,
     packs: &[(usize, usize)],
 ) -> Vec<Vec<u64>> {
     let n = INPUT_GLWE.polynomial_size;
@@ -551,7 +548,8 @@ fn pack_blocks(
                         d.fill(0);
                         for m in 0..valid_outs {
                             let j = jg * f + m - first_output;
-                            let src = &digits[j][(b * levels + l) * n + u * block..][..block];
+                            let local = b - first_batch;
+                            let src = &digits[j][(local * levels + l) * n + u * block..][..block];
                             for (p, &digit) in src.iter().enumerate() {
                                 d[p * f + m] = digit as i64 as u64;
                             }

@@ -170,7 +170,7 @@ pub enum Encoding {
 
 /// Row-block sizes this build offers: each needs its own small packing key in the session's
 /// evaluation key (`N/rows · L` GLWEs).
-pub const BLOCK_ROWS: [u32; 2] = [16, 128];
+pub const BLOCK_ROWS: [u32; 4] = [16, 32, 64, 128];
 
 impl std::fmt::Display for Encoding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -230,11 +230,19 @@ impl Encoding {
     pub fn choose(plan: &LayerPlan, rows: usize) -> Encoding {
         let rows = rows.max(1);
         let lean = |e: &&Encoding| plan.output_bytes_per_value_as(**e, rows) <= MAX_PLANNED_OUTPUT_BYTES;
-        let candidates: Vec<&Encoding> = if plan.encodings.iter().any(|e| lean(&e)) {
-            plan.encodings.iter().filter(lean).collect()
-        } else {
-            plan.encodings.iter().collect()
-        };
+        if !plan.encodings.iter().any(|e| lean(&e)) {
+            // Few values per ciphertext whatever the encoding: the wire dominates.
+            return plan
+                .encodings
+                .iter()
+                .copied()
+                .min_by(|a, b| {
+                    plan.output_bytes_per_value_as(*a, rows)
+                        .total_cmp(&plan.output_bytes_per_value_as(*b, rows))
+                })
+                .unwrap_or_default();
+        }
+        let candidates: Vec<&Encoding> = plan.encodings.iter().filter(lean).collect();
         candidates
             .into_iter()
             .copied()
@@ -245,57 +253,63 @@ impl Encoding {
             .unwrap_or_default()
     }
 
-    /// Predicted evaluation cost of `rows` rows, in size-`N` FFTs. The constants are measured
-    /// ratios on x86-64 with AVX2 (`hyfhe bench linear --encoding ...`): a Fourier multiply-add of
-    /// one polynomial costs about `MUL_ADD` FFTs, the decomposition of `N` coefficients `DECOMPOSE`,
-    /// and streaming one row-packing key entry from memory `KEY_STREAM` (the floor of a small
-    /// row request).
+    /// Predicted evaluation time of `rows` rows in milliseconds on two threads of the reference
+    /// machine (x86-64, AVX2; see BENCHMARKS.md). The model counts each encoding's operations
+    /// and weighs them by coefficients fitted to `hyfhe bench linear --encoding ...` over 41
+    /// (encoding, shape, rows) points, where it is within ±20 % of the measurements except for
+    /// blocked16 at 500+ rows (underestimated by 25-30 %, a range where it is never the choice).
+    /// Only the ranking matters to [`Encoding::choose`].
     pub fn predicted_cost(&self, plan: &LayerPlan, rows: usize) -> f64 {
-        const MUL_ADD: f64 = 0.15;
-        const DECOMPOSE: f64 = 0.6;
-        const KEY_STREAM: f64 = 1.2;
-        const BODY_MAC: f64 = 2.0 / 2048.0 / 40.0;
-        const GEMM_FMA: f64 = 1.0 / 20_000.0;
+        // ms per: size-N FFT, Fourier multiply-add, product inverse FFT + decomposition,
+        // f64 FMA of the slot product, exact body multiply-accumulate, and the row key's stream.
+        const FFT: f64 = 2.2e-3;
+        const MUL_ADD: f64 = 6.4e-4;
+        const PRODUCT: f64 = 4.6e-2;
+        const GEMM_FMA: f64 = 7.5e-8;
+        const BODY_MAC: f64 = 8.8e-8;
+        const ROW_KEY_STREAM: f64 = 4.4;
         let n = INPUT_GLWE.polynomial_size as f64;
         let (inputs, outputs) = (plan.in_features as f64, plan.out_features as f64);
         let p = plan.packing();
-        let (levels, polys) = (p.level_count as f64, (p.output.glwe_dimension + 1) as f64);
-        let limbs = p.fourier_limbs as f64;
-        let values = rows as f64 * outputs;
-        let body = 2.0 * values * inputs * BODY_MAC;
+        let levels = p.level_count as f64;
+        let key_polys = ((p.output.glwe_dimension + 1) * p.fourier_limbs) as f64;
+        let rows = rows as f64;
+        let values = rows * outputs;
         match self {
             Encoding::Row => {
-                let n_in = INPUT_GLWE.lwe_dimension() as f64;
                 let packs = (values / n).ceil();
-                let chunks = (inputs / n).ceil();
-                let pack = n_in * levels * (1.0 + polys * limbs * MUL_ADD);
-                let stream = n_in * levels * KEY_STREAM;
-                values * (1.0 + chunks * MUL_ADD + DECOMPOSE)
-                    + (packs * pack).max(stream)
-                    + body / 2.0
+                let n_in = INPUT_GLWE.lwe_dimension() as f64;
+                let ffts = packs * n_in * levels;
+                ffts * FFT
+                    + (ffts * key_polys + values * (inputs / n).ceil()) * MUL_ADD
+                    + values * PRODUCT
+                    + values * inputs * BODY_MAC
+                    + ROW_KEY_STREAM
             }
             Encoding::Slot => {
-                let batches = (rows as f64 / n).ceil();
-                batches * outputs * (inputs * n * GEMM_FMA + 1.0) + batches * inputs + body
+                let batches = (rows / n).ceil();
+                batches * inputs * FFT
+                    + batches * outputs * 0.2 * PRODUCT
+                    + batches * outputs * inputs * n * GEMM_FMA
+                    + 2.0 * values * inputs * BODY_MAC
             }
             Encoding::Blocked { rows: block } => {
-                let block = *block as f64;
-                let f = n / block;
+                let f = n / *block as f64;
                 let groups = (inputs / f).ceil();
-                let batches = (rows as f64 / block).ceil();
-                let packs = batches * (outputs / f).ceil();
-                outputs * groups
-                    + batches * outputs * (groups * MUL_ADD + 1.0 + DECOMPOSE)
-                    + packs * f * levels * (1.0 + polys * limbs * MUL_ADD)
-                    + body
+                let batches = (rows / *block as f64).ceil();
+                let pack_ffts = batches * (outputs / f).ceil() * f * levels;
+                (outputs * groups + pack_ffts) * FFT
+                    + (batches * outputs * groups + pack_ffts * key_polys) * MUL_ADD
+                    + batches * outputs * PRODUCT
+                    + 2.0 * values * inputs * BODY_MAC
             }
         }
     }
 }
 
 /// The planner avoids encodings whose output costs more than this per value (see
-/// [`Encoding::choose`]); the row encoding's full packs cost about 13.
-pub const MAX_PLANNED_OUTPUT_BYTES: f64 = 16.0;
+/// [`Encoding::choose`]); full packs cost about 13 (row, blocked) or 8-10 (slot).
+pub const MAX_PLANNED_OUTPUT_BYTES: f64 = 24.0;
 
 /// Standard deviations a layer must stay below for exactness.
 pub const Z_EXACT: f64 = 8.0;
