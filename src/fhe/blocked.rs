@@ -281,7 +281,8 @@ impl FourierLinearLayer {
         let masks_f = blocked_masks(input.seed(), lay.ciphertexts());
 
         let mask_len = params.output.lwe_dimension();
-        let mut masks = Vec::with_capacity(packed_len(lay.packs() * mask_len, plan.output_mask_bits));
+        let mut masks =
+            Vec::with_capacity(packed_len(lay.packs() * mask_len, plan.output_mask_bits));
         let mut sent_bodies = Vec::with_capacity(packed_len(rows * out, plan.output_body_bits));
         let mut mask_packer = BitPacker::new(plan.output_mask_bits, &mut masks);
         let mut body_packer = BitPacker::new(plan.output_body_bits, &mut sent_bodies);
@@ -340,10 +341,10 @@ impl FourierLinearLayer {
                     finished.extend(glwes[at..at + bs.len()].iter_mut().map(std::mem::take));
                 }
             }
-            for (mut glwe, (jg, b)) in finished
-                .into_iter()
-                .zip(jgs.clone().flat_map(|jg| (0..lay.batches).map(move |b| (jg, b))))
-            {
+            for (mut glwe, (jg, b)) in finished.into_iter().zip(
+                jgs.clone()
+                    .flat_map(|jg| (0..lay.batches).map(move |b| (jg, b))),
+            ) {
                 let (valid_rows, valid_outs) = lay.valid(jg, b);
                 let (mask, body) = glwe.split_at_mut(mask_len);
                 for p in 0..valid_rows {
@@ -532,7 +533,9 @@ fn pack_blocks(
     let (f, block) = (lay.width, lay.block);
     let acc_len = limbs * polys * n;
     let key_bytes = f * levels * acc_len * std::mem::size_of::<f64>();
-    let per_task = key_bytes.div_ceil(KEY_BYTES_PER_PACK).clamp(1, MAX_PACKS_PER_TASK);
+    let per_task = key_bytes
+        .div_ceil(KEY_BYTES_PER_PACK)
+        .clamp(1, MAX_PACKS_PER_TASK);
     packs
         .par_chunks(per_task)
         .flat_map_iter(|chunk| {

@@ -6,16 +6,16 @@
 //! full mask (`k_out·N_out` values of `mask_bits`) and only the body coefficients that hold
 //! outputs (`body_bits` each).
 
-use serde::{Deserialize, Serialize};
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use tfhe::core_crypto::prelude::GlweSecretKeyOwned;
 
 use super::bitpack::{packed_len, unpack_top_bits};
-use super::codec::{CodecError, Wire};
-use super::fourier::{mul_add, FourierContext};
-use super::encrypted_rows::MAX_ROWS;
-use super::keys::ClientKey;
 use super::blocked::{blocked_phases, BlockLayout};
+use super::codec::{CodecError, Wire};
+use super::encrypted_rows::MAX_ROWS;
+use super::fourier::{mul_add, FourierContext};
+use super::keys::ClientKey;
 use super::params::{
     packing_params, Encoding, LayerPlan, Precision, BLOCK_ROWS, INPUT_GLWE, MAX_OUT_FEATURES,
 };
@@ -46,10 +46,13 @@ impl EncryptedOutputs {
         let n = packing_params(self.precision).output.polynomial_size;
         match self.encoding {
             Encoding::Row => self.values().div_ceil(n),
-            Encoding::Blocked { rows } => {
-                BlockLayout::new(rows as usize, self.rows as usize, 1, self.out_features as usize)
-                    .packs()
-            }
+            Encoding::Blocked { rows } => BlockLayout::new(
+                rows as usize,
+                self.rows as usize,
+                1,
+                self.out_features as usize,
+            )
+            .packs(),
             Encoding::Slot => BlockLayout::new(
                 INPUT_GLWE.polynomial_size,
                 self.rows as usize,

@@ -119,7 +119,13 @@ pub struct BinTile {
 }
 
 #[inline]
-pub fn mul_add_bins(tile: BinTile, acc: &mut [f64], a: &[f64], w: &[f64], bins: std::ops::Range<usize>) {
+pub fn mul_add_bins(
+    tile: BinTile,
+    acc: &mut [f64],
+    a: &[f64],
+    w: &[f64],
+    bins: std::ops::Range<usize>,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {

@@ -11,9 +11,7 @@ use tfhe::core_crypto::prelude::{
 };
 
 use super::codec::{CodecError, Wire};
-use super::params::{
-    packing_params, GlweShape, PackingParams, Precision, BLOCK_ROWS, INPUT_GLWE,
-};
+use super::params::{packing_params, GlweShape, PackingParams, Precision, BLOCK_ROWS, INPUT_GLWE};
 
 /// A client's secret keys: the input GLWE key and one output key per precision. Never leaves the
 /// client.
@@ -260,7 +258,9 @@ impl Wire for EvaluationKey {
             )));
         }
         for (i, block) in self.blocks.iter().enumerate() {
-            if !BLOCK_ROWS.contains(&block.rows) || self.blocks[..i].iter().any(|b| b.rows == block.rows) {
+            if !BLOCK_ROWS.contains(&block.rows)
+                || self.blocks[..i].iter().any(|b| b.rows == block.rows)
+            {
                 return Err(CodecError::invalid::<Self>(format!(
                     "block key for {} rows per ciphertext (this build offers {BLOCK_ROWS:?}, each once)",
                     block.rows

@@ -15,13 +15,13 @@ mod fourier;
 mod keys;
 mod linear;
 mod packing;
-mod slot;
 pub mod params;
+mod slot;
 
+pub use blocked::{BlockLayout, CIPHERTEXTS_PER_SEED};
 pub use codec::{decode, encode, CodecError, Wire};
 pub use encrypted_outputs::{decode as decode_phase, EncryptedOutputs};
 pub use encrypted_rows::{EncryptedRows, MAX_ROWS};
-pub use blocked::{BlockLayout, CIPHERTEXTS_PER_SEED};
 pub use keys::{BlockKey, ClientKey, EvaluationKey};
 pub use linear::{
     digit_bytes_per_output, outputs_per_group, FourierLinearLayer, DEFAULT_JOB_BYTES,

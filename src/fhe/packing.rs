@@ -159,7 +159,12 @@ impl FourierPackingKey {
 
     /// Memory held by the transformed keys.
     pub fn size_bytes(&self) -> usize {
-        self.row.size_bytes() + self.blocks.iter().map(|(_, e)| e.size_bytes()).sum::<usize>()
+        self.row.size_bytes()
+            + self
+                .blocks
+                .iter()
+                .map(|(_, e)| e.size_bytes())
+                .sum::<usize>()
     }
 
     fn entry(&self, t: usize, l: usize) -> &[f64] {
@@ -325,7 +330,12 @@ pub fn pack(key: &FourierPackingKey, digits: &[i16], packs: &[PackInput<'_>]) ->
         .iter()
         .enumerate()
         .map(|(pi, pack)| {
-            let mut glwe = negated_key_sum(p, &sums[pi * acc_len..(pi + 1) * acc_len], &mut ctx, &mut poly);
+            let mut glwe = negated_key_sum(
+                p,
+                &sums[pi * acc_len..(pi + 1) * acc_len],
+                &mut ctx,
+                &mut poly,
+            );
             // packed = (0, Σ b_i X^i) − Σ D·K
             let body = &mut glwe[(polys - 1) * n..];
             for (c, &b) in body.iter_mut().zip(pack.bodies) {

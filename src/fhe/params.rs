@@ -229,7 +229,8 @@ impl Encoding {
     /// one size-`N` FFT (see [`Encoding::predicted_cost`]).
     pub fn choose(plan: &LayerPlan, rows: usize) -> Encoding {
         let rows = rows.max(1);
-        let lean = |e: &&Encoding| plan.output_bytes_per_value_as(**e, rows) <= MAX_PLANNED_OUTPUT_BYTES;
+        let lean =
+            |e: &&Encoding| plan.output_bytes_per_value_as(**e, rows) <= MAX_PLANNED_OUTPUT_BYTES;
         if !plan.encodings.iter().any(|e| lean(&e)) {
             // Few values per ciphertext whatever the encoding: the wire dominates.
             return plan
@@ -540,7 +541,10 @@ impl LayerPlan {
                     out.lwe_dimension(),
                 )
             }
-            Encoding::Slot => (rows.div_ceil(n) * self.out_features, INPUT_GLWE.lwe_dimension()),
+            Encoding::Slot => (
+                rows.div_ceil(n) * self.out_features,
+                INPUT_GLWE.lwe_dimension(),
+            ),
         };
         let bits = packs * mask_len * self.output_mask_bits as usize
             + total * self.output_body_bits as usize;

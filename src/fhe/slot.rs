@@ -48,7 +48,8 @@ impl FourierLinearLayer {
         let mut mask_packer = BitPacker::new(plan.output_mask_bits, &mut masks);
         let mut body_packer = BitPacker::new(plan.output_body_bits, &mut sent);
         // Per output: its f64 products for every batch and its coefficients.
-        let per_output = lay.batches * n * (std::mem::size_of::<f64>() + std::mem::size_of::<u64>());
+        let per_output =
+            lay.batches * n * (std::mem::size_of::<f64>() + std::mem::size_of::<u64>());
         let step = (max_job_bytes / per_output).clamp(1, out);
         for j0 in (0..out).step_by(step) {
             let j1 = out.min(j0 + step);

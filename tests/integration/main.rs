@@ -5,6 +5,7 @@ mod cluster;
 mod codecs;
 mod compose;
 mod config;
+mod encodings;
 mod exactness;
 mod hardening;
 mod helpers;

@@ -1,6 +1,6 @@
 //! The real noise of encrypted outputs against the noise budget documented in `fhe::params`.
 
-use hyfhe::fhe::{FourierLinearLayer, LayerPlan, Precision};
+use hyfhe::fhe::{Encoding, FourierLinearLayer, LayerPlan, Precision};
 use hyfhe::quant::QuantizedWeights;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -18,6 +18,16 @@ struct Measured {
 /// key, that shared part has a non-zero mean), so their errors are correlated: the RMS over one
 /// pack is close to a single sample. Measuring over many rows averages over independent packs.
 fn measure(precision: Precision, rows: usize, cols: usize, out: usize) -> (Measured, LayerPlan) {
+    measure_as(precision, Encoding::Row, rows, cols, out)
+}
+
+fn measure_as(
+    precision: Precision,
+    encoding: Encoding,
+    rows: usize,
+    cols: usize,
+    out: usize,
+) -> (Measured, LayerPlan) {
     let mut rng = StdRng::seed_from_u64(11);
     let plan = LayerPlan::new("noise", precision, cols, out, 8, 8).unwrap();
     let codes: Vec<i8> = (0..out * cols)
@@ -35,7 +45,10 @@ fn measure(precision: Precision, rows: usize, cols: usize, out: usize) -> (Measu
         zero_points: vec![0],
     };
     let server = FourierLinearLayer::new(plan.clone(), &codes).unwrap();
-    let request = KEYS.client.encrypt_rows(&plan, &values, rows).unwrap();
+    let request = KEYS
+        .client
+        .encrypt_rows_as(&plan, &values, rows, encoding)
+        .unwrap();
     let response = server.evaluate(KEYS.server(precision), &request).unwrap();
     let phases = KEYS.client.decrypt_phases(&plan, &response).unwrap();
     let rows_q = hyfhe::quant::QuantizedRows {
@@ -53,7 +66,7 @@ fn measure(precision: Precision, rows: usize, cols: usize, out: usize) -> (Measu
     let var = errors.iter().map(|e| e * e).sum::<f64>() / errors.len() as f64;
     let max = errors.iter().fold(0f64, |m, e| m.max(e.abs()));
     eprintln!(
-        "{precision:?}: measured std 2^{:.3} (max 2^{:.3}), predicted 2^{:.3}",
+        "{precision:?} {encoding}: measured std 2^{:.3} (max 2^{:.3}), predicted 2^{:.3}",
         var.sqrt().log2(),
         max.log2(),
         plan.noise_std_log2
@@ -95,4 +108,29 @@ fn compact_output_noise_stays_under_the_documented_bound() {
         m.std_log2,
         plan.noise_std_log2
     );
+}
+
+/// The blocked and slot encodings are bounded by the row model (the argument is in
+/// `fhe::params`): measured on the same worst-case layer, many packs each.
+#[test]
+fn blocked_and_slot_output_noise_stays_under_the_row_model_with_margin() {
+    for (encoding, rows) in [
+        (Encoding::Blocked { rows: 16 }, 64),
+        (Encoding::Blocked { rows: 128 }, 256),
+        (Encoding::Slot, 2048),
+    ] {
+        let (m, plan) = measure_as(Precision::Exact, encoding, rows, 2048, 2048);
+        assert!(
+            m.std_log2 <= plan.noise_std_log2,
+            "{encoding}: measured std 2^{:.2} above the predicted 2^{:.2}",
+            m.std_log2,
+            plan.noise_std_log2
+        );
+        let threshold = (plan.delta_log() - 1) as f64;
+        assert!(
+            m.max_log2 + 1.25f64.log2() <= threshold,
+            "{encoding}: max noise 2^{:.2} vs threshold 2^{threshold}",
+            m.max_log2
+        );
+    }
 }
