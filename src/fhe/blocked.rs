@@ -448,8 +448,8 @@ impl FourierLinearLayer {
                     for u in 1..f {
                         let dst = &mut s.small[u * block..(u + 1) * block];
                         dst[0] = s.product[(block - 1) * f + u].wrapping_neg();
-                        for p in 1..block {
-                            dst[p] = s.product[(p - 1) * f + u];
+                        for (p, slot) in dst.iter_mut().enumerate().skip(1) {
+                            *slot = s.product[(p - 1) * f + u];
                         }
                     }
                     decompose_row(

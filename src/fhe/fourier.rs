@@ -148,7 +148,7 @@ unsafe fn mul_add_bins_avx2(
 ) {
     use std::arch::x86_64::*;
     let half = tile.n / 2;
-    if bins.len() % 4 != 0 || bins.end > half {
+    if !bins.len().is_multiple_of(4) || bins.end > half {
         return mul_add_bins_portable(tile, acc, a, w, bins);
     }
     // Every index below is < its slice's length: checked once here instead of per load.
