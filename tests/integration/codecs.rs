@@ -42,7 +42,12 @@ fn evaluation_key_round_trips_through_its_codec() {
     let blob = encode(&KEYS.compact);
     let key: EvaluationKey = decode(&blob, LIMIT).unwrap();
     assert_eq!(key.bodies, KEYS.compact.bodies);
-    assert!(blob.len() - key.wire_len() < 256, "envelope overhead");
+    assert_eq!(key.blocks.len(), KEYS.compact.blocks.len());
+    for (a, b) in key.blocks.iter().zip(&KEYS.compact.blocks) {
+        assert_eq!((a.rows, &a.seeds, &a.bodies), (b.rows, &b.seeds, &b.bodies));
+    }
+    // Field names and length prefixes of the row key and its block keys: a few hundred bytes.
+    assert!(blob.len() - key.wire_len() < 512, "envelope overhead");
 }
 
 #[test]
