@@ -23,13 +23,14 @@ for shape in $SHAPES; do
         reports+=("$json")
     done
 done
-printf '%s\n' "${reports[@]}" | python3 -c '
+printf '%s\n' "${reports[@]}" | python3 -c "$(cat <<'PY'
 import json, sys
 print("| rows | in | out | encoding | eval ms | plaintext ms | ratio | B / input | B / output | eval key MiB | exact |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for line in sys.stdin:
     r = json.loads(line)
-    print(f"| {r[\"rows\"]} | {r[\"in\"]} | {r[\"out\"]} | {r[\"encoding\"]} | {r[\"eval_ms\"]:.0f} | "
-          f"{r[\"plaintext_ms\"]:.2f} | {r[\"ratio\"]:.1f} | {r[\"input_bytes_per_value\"]:.2f} | "
-          f"{r[\"output_bytes_per_value\"]:.2f} | {r[\"eval_key_bytes\"] / 2**20:.1f} | {r[\"exact\"]} |")
-'
+    print(f"| {r['rows']} | {r['in']} | {r['out']} | {r['encoding']} | {r['eval_ms']:.0f} | "
+          f"{r['plaintext_ms']:.2f} | {r['ratio']:.1f} | {r['input_bytes_per_value']:.2f} | "
+          f"{r['output_bytes_per_value']:.2f} | {r['eval_key_bytes'] / 2**20:.1f} | {r['exact']} |")
+PY
+)"
