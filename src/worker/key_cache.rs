@@ -20,7 +20,7 @@ use crate::queue::Broker;
 
 type KeyResult = Result<Arc<FourierPackingKey>, JobError>;
 
-/// Largest evaluation-key blob accepted from the store (both precisions are ~96 MiB).
+/// Largest evaluation-key blob accepted from the store (row key and block keys: ~107 MiB exact).
 fn max_key_bytes() -> usize {
     EvaluationKey::expected_len(Precision::Exact)
         .max(EvaluationKey::expected_len(Precision::Compact))
