@@ -140,6 +140,16 @@ impl FourierLinearLayer {
                 key.precision, plan.precision
             )));
         }
+        if !plan.encodings.contains(&input.encoding) {
+            return Err(FheError::ParameterMismatch(format!(
+                "the layer accepts {:?} requests, not {}",
+                plan.encodings
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>(),
+                input.encoding
+            )));
+        }
         match input.encoding {
             Encoding::Blocked { rows: block } => {
                 return self.evaluate_blocked(key, input, block as usize, max_job_bytes)

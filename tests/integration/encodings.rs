@@ -274,6 +274,35 @@ fn a_session_key_without_block_keys_refuses_blocked_requests_by_name_and_still_s
 }
 
 #[test]
+fn a_layer_whose_spec_accepts_rows_only_refuses_other_encodings_and_its_client_sends_rows() {
+    // Specs written before encodings existed deserialize with `encodings: [row]`.
+    let spec = LayerSpec::new(20, 64, 10);
+    let (layer, _, quantized) = random_layer(spec, 52);
+    let mut plan = plan_for(spec);
+    plan.encodings = vec![Encoding::Row];
+    let old: LayerPlan = serde_json::from_value({
+        let mut v = serde_json::to_value(&plan).unwrap();
+        v.as_object_mut().unwrap().remove("encodings");
+        v
+    })
+    .unwrap();
+    assert_eq!(old.encodings, vec![Encoding::Row]);
+    assert_eq!(Encoding::choose(&old, 2000), Encoding::Row);
+    let server = FourierLinearLayer::new(plan.clone(), &layer.weights.codes).unwrap();
+    let request = KEYS
+        .client
+        .encrypt_rows_as(&plan, &quantized.values, spec.rows, Encoding::Slot)
+        .unwrap();
+    let err = server
+        .evaluate(KEYS.server(Precision::Exact), &request)
+        .unwrap_err();
+    assert!(
+        matches!(err, FheError::ParameterMismatch(ref m) if m.contains("not slot")),
+        "{err}"
+    );
+}
+
+#[test]
 fn malformed_block_keys_are_typed_errors() {
     let mut key = KEYS.exact.clone();
     assert_eq!(key.blocks.len(), BLOCK_ROWS.len());
