@@ -364,16 +364,13 @@ impl FourierLinearLayer {
         }
         mask_packer.finish();
         body_packer.finish();
-        Ok(EncryptedOutputs {
-            precision: plan.precision,
-            rows: rows as u32,
-            out_features: out as u32,
-            mask_bits: plan.output_mask_bits as u8,
-            body_bits: plan.output_body_bits as u8,
+        Ok(EncryptedOutputs::of_plan(
+            plan,
+            rows,
+            input.encoding,
             masks,
-            bodies: sent_bodies,
-            encoding: input.encoding,
-        })
+            sent_bodies,
+        ))
     }
 
     /// Outputs `js` over every batch: products, reinterpretation in the subring and

@@ -38,6 +38,27 @@ pub struct EncryptedOutputs {
 }
 
 impl EncryptedOutputs {
+    /// The response of `plan`'s layer to `rows` rows in `encoding`, from its bit-packed masks and
+    /// bodies (what every engine returns).
+    pub(super) fn of_plan(
+        plan: &LayerPlan,
+        rows: usize,
+        encoding: Encoding,
+        masks: Vec<u8>,
+        bodies: Vec<u8>,
+    ) -> Self {
+        Self {
+            precision: plan.precision,
+            rows: rows as u32,
+            out_features: plan.out_features as u32,
+            mask_bits: plan.output_mask_bits as u8,
+            body_bits: plan.output_body_bits as u8,
+            masks,
+            bodies,
+            encoding,
+        }
+    }
+
     pub fn values(&self) -> usize {
         self.rows as usize * self.out_features as usize
     }

@@ -193,16 +193,13 @@ impl FourierLinearLayer {
         }
         mask_packer.finish();
         body_packer.finish();
-        Ok(EncryptedOutputs {
-            precision: plan.precision,
-            rows: rows as u32,
-            out_features: out as u32,
-            mask_bits: plan.output_mask_bits as u8,
-            body_bits: plan.output_body_bits as u8,
+        Ok(EncryptedOutputs::of_plan(
+            plan,
+            rows,
+            Encoding::Row,
             masks,
-            bodies: out_bodies,
-            encoding: Encoding::Row,
-        })
+            out_bodies,
+        ))
     }
 
     /// Products, sample extraction and packing of `outputs` (global indices `g = j·rows + r`,
