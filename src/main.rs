@@ -124,6 +124,10 @@ struct CompileArgs {
     /// Compact output precision (fewer bytes; only the top accumulator bits exact).
     #[arg(long)]
     compact: bool,
+    /// Top accumulator bits each bootstrap reads inside a module with activations (2..=6;
+    /// Concrete ML's rounding_threshold_bits). More bits: closer to float, more neighbour errors.
+    #[arg(long, default_value_t = hyfhe::fhe::pbs::DEFAULT_ROUNDING_BITS)]
+    rounding_bits: u32,
     /// Overwrite the client/, server/ and private/ trees of a non-empty --out.
     #[arg(long)]
     force: bool,
@@ -491,6 +495,7 @@ fn compile(args: CompileArgs) -> ExitCode {
             } else {
                 Precision::Exact
             },
+            rounding_bits: args.rounding_bits,
         },
         force: args.force,
     };

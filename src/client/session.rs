@@ -56,8 +56,13 @@ pub struct SessionKeys {
 }
 
 impl SessionKeys {
-    /// Fresh keys with an evaluation key for each of `precisions`.
-    pub fn generate(precisions: &BTreeSet<Precision>, progress: &dyn Progress) -> Self {
+    /// Fresh keys with an evaluation key for each of `precisions`; with `bootstrap`, the exact
+    /// one also carries bootstrapping keys (modules with activations inside).
+    pub fn generate_with(
+        precisions: &BTreeSet<Precision>,
+        bootstrap: bool,
+        progress: &dyn Progress,
+    ) -> Self {
         progress.stage("keygen", 1);
         let key = ClientKey::generate();
         progress.advance(1);
@@ -65,7 +70,12 @@ impl SessionKeys {
         for &precision in precisions {
             let n = crate::fhe::params::INPUT_GLWE.lwe_dimension();
             progress.stage(&format!("{precision} evaluation key"), n);
-            let eval = key.evaluation_key(precision, &|k| progress.advance(k));
+            let mut eval = key.evaluation_key(precision, &|k| progress.advance(k));
+            if bootstrap && precision == Precision::Exact {
+                progress.stage("bootstrap key", 1);
+                eval.bootstrap = Some(key.bootstrap_key());
+                progress.advance(1);
+            }
             evaluation_keys.push(encode(&eval));
         }
         Self {
@@ -73,6 +83,25 @@ impl SessionKeys {
             evaluation_keys,
             precisions: precisions.clone(),
         }
+    }
+
+    /// Fresh keys with an evaluation key for each of `precisions` (linear modules only).
+    pub fn generate(precisions: &BTreeSet<Precision>, progress: &dyn Progress) -> Self {
+        Self::generate_with(precisions, false, progress)
+    }
+
+    /// Fresh keys for everything `model`'s modules need.
+    pub fn generate_for(model: &HybridModel, progress: &dyn Progress) -> Self {
+        Self::generate_with(
+            &Self::precisions_of(model),
+            Self::needs_bootstrap(model),
+            progress,
+        )
+    }
+
+    /// Whether a module of `model` has activations inside.
+    pub fn needs_bootstrap(model: &HybridModel) -> bool {
+        model.specs().values().any(|s| s.output_plan.is_some())
     }
 
     /// The precisions `model`'s modules use.
@@ -100,7 +129,7 @@ impl Client {
     ) -> Result<RemoteSession, ClientError> {
         let max_job_values = self.check_specs(model).await?;
         // Seconds of CPU on the caller's task: a client has nothing else to serve meanwhile.
-        let keys = SessionKeys::generate(&SessionKeys::precisions_of(model), progress);
+        let keys = SessionKeys::generate_for(model, progress);
         self.start_session(model, Arc::new(keys), max_job_values)
             .await
     }

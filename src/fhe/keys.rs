@@ -6,12 +6,13 @@ use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
 use tfhe::core_crypto::prelude::{
     allocate_and_generate_new_binary_glwe_secret_key, encrypt_seeded_glwe_ciphertext_list,
     new_seeder, CiphertextModulus, DefaultRandomGenerator, DynamicDistribution,
-    GlweCiphertextCount, GlweDimension, GlweSecretKeyOwned, PlaintextList, PolynomialSize,
-    SecretRandomGenerator, SeededGlweCiphertextList,
+    GlweCiphertextCount, GlweDimension, GlweSecretKeyOwned, LweSecretKeyOwned, PlaintextList,
+    PolynomialSize, SecretRandomGenerator, SeededGlweCiphertextList,
 };
 
 use super::codec::{CodecError, Wire};
 use super::params::{packing_params, GlweShape, PackingParams, Precision, BLOCK_ROWS, INPUT_GLWE};
+use super::pbs::BootstrapKey;
 
 /// A client's secret keys: the input GLWE key and one output key per precision. Never leaves the
 /// client.
@@ -19,6 +20,8 @@ pub struct ClientKey {
     pub(crate) input: GlweSecretKeyOwned<u64>,
     pub(crate) exact_output: GlweSecretKeyOwned<u64>,
     pub(crate) compact_output: GlweSecretKeyOwned<u64>,
+    /// The small LWE key bootstraps run under (see `pbs.rs`).
+    pub(crate) small: LweSecretKeyOwned<u64>,
 }
 
 fn generate_glwe_key(
@@ -47,7 +50,14 @@ impl ClientKey {
                 packing_params(Precision::Compact).output,
                 &mut generator,
             ),
+            small: super::pbs::generate_small_key(),
         }
+    }
+
+    /// The bootstrapping keys a session needs for non-linear modules (about 90 MiB, seeded; a
+    /// second or so on two cores).
+    pub fn bootstrap_key(&self) -> BootstrapKey {
+        super::pbs::generate_bootstrap_key(&self.input, &self.small)
     }
 
     pub(crate) fn output_key(&self, precision: Precision) -> &GlweSecretKeyOwned<u64> {
@@ -99,6 +109,7 @@ impl ClientKey {
             seeds,
             bodies,
             blocks,
+            bootstrap: None,
         }
     }
 
@@ -193,6 +204,10 @@ pub struct EvaluationKey {
     /// (their sessions accept row requests only).
     #[serde(default)]
     pub blocks: Vec<BlockKey>,
+    /// Keyswitching and bootstrapping keys, for sessions whose modules have activations inside
+    /// (see `pbs.rs`); absent otherwise.
+    #[serde(default)]
+    pub bootstrap: Option<BootstrapKey>,
 }
 
 impl EvaluationKey {
@@ -215,6 +230,7 @@ impl EvaluationKey {
                 .iter()
                 .map(|b| b.seeds.len() + b.bodies.len())
                 .sum::<usize>()
+            + self.bootstrap.as_ref().map_or(0, BootstrapKey::wire_len)
     }
 
     /// Key entries in all (row key and block keys): what [`ClientKey::evaluation_key`] reports
@@ -231,6 +247,11 @@ impl EvaluationKey {
     pub fn expected_len(precision: Precision) -> usize {
         let p = packing_params(precision);
         Self::entries() * (16 + p.level_count * p.output.polynomial_size * 8)
+    }
+
+    /// The most an evaluation key of `precision` can weigh: with bootstrapping keys.
+    pub fn max_len(precision: Precision) -> usize {
+        Self::expected_len(precision) + BootstrapKey::expected_len()
     }
 }
 
@@ -277,6 +298,9 @@ impl Wire for EvaluationKey {
                     block.bodies.len()
                 )));
             }
+        }
+        if let Some(b) = &self.bootstrap {
+            b.check().map_err(CodecError::invalid::<Self>)?;
         }
         Ok(())
     }

@@ -21,6 +21,7 @@ use super::encrypted_rows::EncryptedRows;
 use super::fourier::{mul_add, FourierContext};
 use super::packing::{decompose_row, pack, FourierPackingKey, PackInput, BLOCK};
 use super::params::{packing_params, Encoding, LayerPlan, Precision, INPUT_GLWE};
+use super::pbs::BIG_LWE_LEN;
 use super::FheError;
 
 /// Default working-memory budget of one evaluation (digit buffers), as `worker.max_job_bytes`.
@@ -121,35 +122,7 @@ impl FourierLinearLayer {
         max_job_bytes: usize,
     ) -> Result<EncryptedOutputs, FheError> {
         let plan = &self.plan;
-        input.validate()?;
-        if input.in_features as usize != plan.in_features {
-            return Err(FheError::Shape(format!(
-                "rows have {} inputs, the layer takes {}",
-                input.in_features, plan.in_features
-            )));
-        }
-        if input.body_bits as u32 != plan.input_body_bits {
-            return Err(FheError::ParameterMismatch(format!(
-                "rows carry {}-bit bodies, the layer expects {}",
-                input.body_bits, plan.input_body_bits
-            )));
-        }
-        if key.precision != plan.precision {
-            return Err(FheError::ParameterMismatch(format!(
-                "the session's key is for {} precision, the layer is {}",
-                key.precision, plan.precision
-            )));
-        }
-        if !plan.encodings.contains(&input.encoding) {
-            return Err(FheError::ParameterMismatch(format!(
-                "the layer accepts {:?} requests, not {}",
-                plan.encodings
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>(),
-                input.encoding
-            )));
-        }
+        self.check_request(key, input)?;
         match input.encoding {
             Encoding::Blocked { rows: block } => {
                 return self.evaluate_blocked(key, input, block as usize, max_job_bytes)
@@ -200,6 +173,45 @@ impl FourierLinearLayer {
             masks,
             out_bodies,
         ))
+    }
+
+    /// The request and key fit this layer's plan (shape, wire widths, precision, encoding).
+    pub(super) fn check_request(
+        &self,
+        key: &FourierPackingKey,
+        input: &EncryptedRows,
+    ) -> Result<(), FheError> {
+        let plan = &self.plan;
+        input.validate()?;
+        if input.in_features as usize != plan.in_features {
+            return Err(FheError::Shape(format!(
+                "rows have {} inputs, the layer takes {}",
+                input.in_features, plan.in_features
+            )));
+        }
+        if input.body_bits as u32 != plan.input_body_bits {
+            return Err(FheError::ParameterMismatch(format!(
+                "rows carry {}-bit bodies, the layer expects {}",
+                input.body_bits, plan.input_body_bits
+            )));
+        }
+        if key.precision != plan.precision {
+            return Err(FheError::ParameterMismatch(format!(
+                "the session's key is for {} precision, the layer is {}",
+                key.precision, plan.precision
+            )));
+        }
+        if !plan.encodings.contains(&input.encoding) {
+            return Err(FheError::ParameterMismatch(format!(
+                "the layer accepts {:?} requests, not {}",
+                plan.encodings
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>(),
+                input.encoding
+            )));
+        }
+        Ok(())
     }
 
     /// Products, sample extraction and packing of `outputs` (global indices `g = j·rows + r`,
@@ -308,6 +320,126 @@ impl FourierLinearLayer {
         );
         masks_f
     }
+}
+
+impl FourierLinearLayer {
+    /// Products and sample extraction only: one LWE under the input key per output value
+    /// (`BIG_LWE_LEN` coefficients each, row-major `rows × out`), for a bootstrap to read.
+    /// Row-encoded requests only (checked by the caller).
+    pub(super) fn extract_lwes(&self, input: &EncryptedRows) -> Vec<u64> {
+        let plan = &self.plan;
+        let rows = input.rows as usize;
+        let (n, chunks, cols, out) = (
+            INPUT_GLWE.polynomial_size,
+            plan.chunks(),
+            plan.in_features,
+            plan.out_features,
+        );
+        let shift = 64 - plan.input_body_bits;
+        let bodies: Vec<u64> = unpack_top_bits(&input.bodies, rows * cols, plan.input_body_bits)
+            .map(|b| b >> shift)
+            .collect();
+        let masks_f = self.input_masks(input.seed(), rows * chunks);
+        let len = BIG_LWE_LEN;
+        let mut lwes = vec![0u64; rows * out * len];
+        lwes.par_chunks_mut(len).enumerate().for_each_init(
+            || (FourierContext::new(n), vec![0f64; n], vec![0u64; n]),
+            |(ctx, acc, product), (g, lwe)| {
+                let (r, j) = (g / out, g % out);
+                acc.fill(0.0);
+                for c in 0..chunks {
+                    mul_add(
+                        acc,
+                        &masks_f[(r * chunks + c) * n..(r * chunks + c + 1) * n],
+                        &self.weights_f[(j * chunks + c) * n..(j * chunks + c + 1) * n],
+                    );
+                }
+                ctx.backward_torus(acc, product);
+                // Extracted mask coefficient t is product coefficient N−1−t.
+                for (dst, &p) in lwe[..n].iter_mut().zip(product.iter().rev()) {
+                    *dst = p;
+                }
+                lwe[n] = body_dot(
+                    &bodies[r * cols..(r + 1) * cols],
+                    &self.codes[j * cols..(j + 1) * cols],
+                    plan.input_body_bits,
+                );
+            },
+        );
+        lwes
+    }
+}
+
+/// Pack LWEs under the input key (`BIG_LWE_LEN` coefficients each, row-major `rows × out` as
+/// `plan` counts them) into the row encoding's response, as [`FourierLinearLayer::evaluate`]
+/// packs its extracted products.
+pub(super) fn pack_lwes(
+    key: &FourierPackingKey,
+    plan: &LayerPlan,
+    rows: usize,
+    lwes: &[u64],
+) -> EncryptedOutputs {
+    let out = plan.out_features;
+    let params = key.params;
+    let (levels, n_in) = (params.level_count, INPUT_GLWE.lwe_dimension());
+    let n_out = params.output.polynomial_size;
+    let mask_len = params.output.lwe_dimension();
+    let total = rows * out;
+    let block_len = n_in * levels * BLOCK;
+    let mut masks = Vec::with_capacity(packed_len(
+        total.div_ceil(n_out) * mask_len,
+        plan.output_mask_bits,
+    ));
+    let mut out_bodies = Vec::with_capacity(packed_len(total, plan.output_body_bits));
+    let mut mask_packer = BitPacker::new(plan.output_mask_bits, &mut masks);
+    let mut body_packer = BitPacker::new(plan.output_body_bits, &mut out_bodies);
+    // One pack at a time bounds the digit buffer (`N` outputs × n_in × L digits).
+    for first in (0..total).step_by(n_out) {
+        let count = n_out.min(total - first);
+        let mut digits = vec![0i16; count.div_ceil(BLOCK) * block_len];
+        let mut bodies = vec![0u64; count];
+        digits
+            .par_chunks_mut(block_len)
+            .zip(bodies.par_chunks_mut(BLOCK))
+            .enumerate()
+            .for_each_init(
+                || vec![0i16; BLOCK * levels * n_in],
+                |local, (block, (digits, block_bodies))| {
+                    for (i, body) in block_bodies.iter_mut().enumerate() {
+                        // Column-major on the wire: output g is (j = g / rows, r = g % rows).
+                        let g = first + block * BLOCK + i;
+                        let (j, r) = (g / rows, g % rows);
+                        let lwe =
+                            &lwes[(r * out + j) * BIG_LWE_LEN..(r * out + j + 1) * BIG_LWE_LEN];
+                        decompose_row(
+                            &lwe[..n_in],
+                            params.base_log,
+                            levels,
+                            &mut local[i * levels * n_in..(i + 1) * levels * n_in],
+                        );
+                        *body = lwe[n_in];
+                    }
+                    transpose_block(local, digits, block_bodies.len(), levels * n_in);
+                },
+            );
+        let glwes = pack(
+            key,
+            &digits,
+            &[PackInput {
+                bodies: &bodies,
+                first_block: 0,
+            }],
+        );
+        for glwe in &glwes {
+            glwe[..mask_len].iter().for_each(|&c| mask_packer.push(c));
+            glwe[mask_len..mask_len + count]
+                .iter()
+                .for_each(|&c| body_packer.push(c));
+        }
+    }
+    mask_packer.finish();
+    body_packer.finish();
+    EncryptedOutputs::of_plan(plan, rows, Encoding::Row, masks, out_bodies)
 }
 
 /// Per-task buffers of the product phase.

@@ -8,6 +8,7 @@
 
 pub mod bitpack;
 mod blocked;
+mod chain;
 pub mod codec;
 mod encrypted_outputs;
 mod encrypted_rows;
@@ -16,9 +17,11 @@ mod keys;
 mod linear;
 mod packing;
 pub mod params;
+pub mod pbs;
 mod slot;
 
 pub use blocked::{BlockLayout, CIPHERTEXTS_PER_SEED};
+pub use chain::{table_lookup, ChainProgram, ChainStage, EncryptedChain, ModuleProgram};
 pub use codec::{decode, encode, CodecError, Wire};
 pub use encrypted_outputs::{decode as decode_phase, EncryptedOutputs};
 pub use encrypted_rows::{EncryptedRows, MAX_ROWS};
@@ -28,6 +31,7 @@ pub use linear::{
 };
 pub use packing::FourierPackingKey;
 pub use params::{Encoding, LayerPlan, PlanError, Precision, BLOCK_ROWS};
+pub use pbs::{BootstrapKey, FourierBootstrapKey, PBS_PARAMS};
 
 /// Errors of the encrypted engine; each names what was wrong.
 #[derive(Debug, thiserror::Error)]

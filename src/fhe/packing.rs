@@ -45,6 +45,8 @@ pub struct FourierPackingKey {
     row: FourierEntries,
     /// The blocked encoding's keys, by rows per ciphertext.
     blocks: Vec<(usize, FourierEntries)>,
+    /// Keyswitching and bootstrapping keys, if the session uploaded them (non-linear modules).
+    pub bootstrap: Option<super::pbs::FourierBootstrapKey>,
 }
 
 /// Key entries in the Fourier domain: `[entry][l][limb][poly][N]` split polynomials.
@@ -154,12 +156,20 @@ impl FourierPackingKey {
                     )
                 })
                 .collect(),
+            // A decoded key was checked against this build's parameters, so `new` succeeds.
+            bootstrap: key
+                .bootstrap
+                .as_ref()
+                .and_then(|b| super::pbs::FourierBootstrapKey::new(b).ok()),
         }
     }
 
     /// Memory held by the transformed keys.
     pub fn size_bytes(&self) -> usize {
-        self.row.size_bytes()
+        self.bootstrap
+            .as_ref()
+            .map_or(0, super::pbs::FourierBootstrapKey::size_bytes)
+            + self.row.size_bytes()
             + self
                 .blocks
                 .iter()

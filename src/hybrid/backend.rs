@@ -18,7 +18,7 @@ use super::runtime::{ms_since, BoxFuture, ForwardStats, ModuleBackend};
 use super::spec::{ClientSpec, ServerModule};
 use super::HybridError;
 use crate::fhe::{
-    ClientKey, EncryptedOutputs, EncryptedRows, FourierLinearLayer, FourierPackingKey, Precision,
+    ClientKey, EncryptedOutputs, EncryptedRows, FourierPackingKey, ModuleProgram, Precision,
     MAX_ROWS,
 };
 use crate::model::{LinearModule, Value};
@@ -47,6 +47,8 @@ pub struct ExecuteKeys {
     client: ClientKey,
     exact: OnceLock<FourierPackingKey>,
     compact: OnceLock<FourierPackingKey>,
+    /// The exact key with bootstrapping keys (modules with activations inside).
+    bootstrap: OnceLock<FourierPackingKey>,
 }
 
 impl ExecuteKeys {
@@ -55,11 +57,21 @@ impl ExecuteKeys {
             client,
             exact: OnceLock::new(),
             compact: OnceLock::new(),
+            bootstrap: OnceLock::new(),
         }
     }
 
     pub fn client(&self) -> &ClientKey {
         &self.client
+    }
+
+    /// The server's exact packing key with bootstrapping keys.
+    pub fn with_bootstrap(&self) -> &FourierPackingKey {
+        self.bootstrap.get_or_init(|| {
+            let mut key = self.client.evaluation_key(Precision::Exact, &|_| ());
+            key.bootstrap = Some(self.client.bootstrap_key());
+            FourierPackingKey::new(&key)
+        })
     }
 
     /// The server's Fourier packing key for `precision`.
@@ -75,7 +87,7 @@ impl ExecuteKeys {
 /// Client keys and a server in one process: what `execute` mode runs on.
 pub struct LocalServer {
     keys: Arc<ExecuteKeys>,
-    layers: HashMap<String, FourierLinearLayer>,
+    layers: HashMap<String, ModuleProgram>,
 }
 
 impl LocalServer {
@@ -87,10 +99,14 @@ impl LocalServer {
         let layers = modules
             .iter()
             .map(|(name, m)| {
-                keys.packing(m.plan.precision);
+                if m.chain.is_some() {
+                    keys.with_bootstrap();
+                } else {
+                    keys.packing(m.plan.precision);
+                }
                 Ok((
                     name.clone(),
-                    FourierLinearLayer::new(m.plan.clone(), &m.weights.codes)?,
+                    ModuleProgram::new(m.plan.clone(), &m.weights.codes, m.chain.as_ref())?,
                 ))
             })
             .collect::<Result<_, HybridError>>()?;
@@ -113,17 +129,31 @@ impl Remote for LocalServer {
                 .layers
                 .get(module)
                 .ok_or_else(|| HybridError::UnknownRemote(module.to_string()))?;
-            let key = self.keys.packing(layer.plan().precision);
+            let key = if layer.needs_bootstrap() {
+                self.keys.with_bootstrap()
+            } else {
+                self.keys.packing(layer.plan().precision)
+            };
             Ok(layer.evaluate(key, &request)?)
         })
     }
 }
 
+/// Rows per request of a module with activations inside (within the default job budget for
+/// hidden layers up to 256 wide).
+pub const CHAIN_ROWS_PER_REQUEST: usize = 32;
+
 /// Float linear layers; records each module's input range (calibration).
 pub(crate) struct FloatBackend<'a> {
     pub modules: &'a HashMap<String, LinearModule>,
     pub ranges: Mutex<HashMap<String, (f32, f32)>>,
+    /// Input rows of modules with activations inside (compile calibrates their hidden layers on
+    /// them), at most [`MAX_CHAIN_SAMPLES`] rows each.
+    pub samples: Option<Mutex<HashMap<String, Vec<f32>>>>,
 }
+
+/// Calibration rows kept per non-linear module.
+const MAX_CHAIN_SAMPLES: usize = 4096;
 
 impl ModuleBackend for FloatBackend<'_> {
     fn compute<'a>(
@@ -143,6 +173,17 @@ impl ModuleBackend for FloatBackend<'_> {
             let r = ranges.entry(module.to_string()).or_insert((lo, hi));
             *r = (r.0.min(lo), r.1.max(hi));
             drop(ranges);
+            if let Some(chain) = &m.chain {
+                if let Some(samples) = &self.samples {
+                    let mut samples = samples.lock().expect("samples");
+                    let kept = samples.entry(module.to_string()).or_default();
+                    let room = MAX_CHAIN_SAMPLES * m.in_features
+                        - kept.len().min(MAX_CHAIN_SAMPLES * m.in_features);
+                    kept.extend_from_slice(&x[..x.len().min(room)]);
+                }
+                let y = super::compile_chain::chain_float(chain, &x, m.in_features);
+                return Ok(from_rows(&layout, m.out_features, &y)?);
+            }
             let y = float_matmul(
                 &x,
                 m.in_features,
@@ -178,7 +219,11 @@ impl ModuleBackend for ClearBackend<'_> {
             };
             let (x, layout) = to_rows(module, &spec.kind, spec.in_features, &input)?;
             let q = spec.input.quantize(&x, spec.in_features)?;
-            let y = if self.integer {
+            let y = if let Some(chain) = &server.chain {
+                // Both clear modes run the integer program of a non-linear module.
+                let acc = chain.simulate(&integer_matmul(&q, &server.weights), q.rows);
+                spec.dequantizer.apply(&acc, &q)?
+            } else if self.integer {
                 let acc = integer_matmul(&q, &server.weights);
                 spec.dequantizer.apply(&acc, &q)?
             } else {
@@ -240,10 +285,15 @@ impl ModuleBackend for EncryptedBackend<'_> {
                 s.quantize_ms += ms_since(t);
 
                 let key = self.remote.client_key();
+                let output_plan = spec.output_plan.as_ref().unwrap_or(&spec.plan);
                 let mut acc = Vec::with_capacity(q.rows * spec.out_features);
                 // Requests of at most the server's row limit: a conv over a batch easily has tens
                 // of thousands of im2col rows.
-                let max_rows = self.remote.max_rows(module).clamp(1, MAX_ROWS);
+                let mut max_rows = self.remote.max_rows(module).clamp(1, MAX_ROWS);
+                if spec.output_plan.is_some() {
+                    // A non-linear module holds every hidden LWE of a request: its own limit.
+                    max_rows = max_rows.min(CHAIN_ROWS_PER_REQUEST);
+                }
                 for chunk in q.values.chunks(max_rows * spec.in_features) {
                     let rows = chunk.len() / spec.in_features;
                     let t = Instant::now();
@@ -265,7 +315,7 @@ impl ModuleBackend for EncryptedBackend<'_> {
                     let t = Instant::now();
                     acc.extend(
                         tracing::info_span!("decrypt")
-                            .in_scope(|| key.decrypt_outputs(&spec.plan, &response))?,
+                            .in_scope(|| key.decrypt_outputs(output_plan, &response))?,
                     );
                     s.decrypt_ms += ms_since(t);
                 }

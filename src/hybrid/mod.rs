@@ -18,6 +18,7 @@
 
 mod artefacts;
 mod backend;
+mod compile_chain;
 mod lm;
 mod rows;
 mod runtime;
@@ -35,6 +36,7 @@ pub use artefacts::{
     model_dirs, read_tree, ArtefactError, Manifest, Tree, FORMAT_VERSION, MANIFEST,
 };
 pub use backend::{ExecuteKeys, LocalServer, Remote};
+pub use compile_chain::ChainReport;
 pub use lm::{GenerateReport, LmSignature};
 pub use rows::{from_rows, to_rows, RowLayout};
 pub use runtime::{BoxFuture, ForwardStats, ModuleBackend, Runtime};
@@ -116,6 +118,9 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// Each remote module's calibrated input range, and the input rows of the non-linear ones.
+type CalibrationRecord = (HashMap<String, (f32, f32)>, HashMap<String, Vec<f32>>);
+
 /// Per-model compile settings (applied to every remote module).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompileOptions {
@@ -124,6 +129,9 @@ pub struct CompileOptions {
     /// Quantize inputs per row at run time instead of with the calibrated range.
     pub dynamic_inputs: bool,
     pub precision: Precision,
+    /// Top accumulator bits a bootstrap reads between two layers of a non-linear module
+    /// (Concrete ML's `rounding_threshold_bits`).
+    pub rounding_bits: u32,
 }
 
 impl Default for CompileOptions {
@@ -132,6 +140,7 @@ impl Default for CompileOptions {
             n_bits: 8,
             dynamic_inputs: false,
             precision: Precision::Exact,
+            rounding_bits: crate::fhe::pbs::DEFAULT_ROUNDING_BITS,
         }
     }
 }
@@ -142,6 +151,8 @@ pub struct ModuleReport {
     pub module: String,
     pub plan: LayerPlan,
     pub input: InputQuantization,
+    /// For a module with activations inside.
+    pub chain: Option<ChainReport>,
 }
 
 /// Which artefact trees [`HybridModel::load_trees`] reads (the client tree always).
@@ -262,8 +273,10 @@ impl HybridModel {
             self.verify_cut(&first)?;
         }
         let mut ranges = HashMap::new();
-        if !options.dynamic_inputs {
-            ranges = self.calibrate(calibration, progress)?;
+        let mut samples = HashMap::new();
+        let chains = self.linear.values().any(|m| m.chain.is_some());
+        if !options.dynamic_inputs || chains {
+            (ranges, samples) = self.calibrate(calibration, progress)?;
         }
         let order = self.remote_modules();
         progress.stage("compiling", order.len());
@@ -276,6 +289,33 @@ impl HybridModel {
                     "`{name}` has no float weights here (private info was cleared)"
                 ))
             })?;
+            if let Some(chain) = &m.chain {
+                if options.dynamic_inputs {
+                    return Err(HybridError::Unsupported(format!(
+                        "`{name}` has activations inside: its input quantizer must be static \
+                         (the tables fold its scale), drop --dynamic"
+                    )));
+                }
+                let (lo, hi) = ranges.get(name).copied().ok_or_else(|| {
+                    HybridError::Unsupported(format!("calibration never reached `{name}`"))
+                })?;
+                let input = AffineQuantizer::from_range(lo, hi, options.n_bits)?;
+                let rows: &Vec<f32> = samples.get(name).ok_or_else(|| {
+                    HybridError::Unsupported(format!("calibration never reached `{name}`"))
+                })?;
+                let (spec, module, report) =
+                    compile_chain::compile_chain(name, m, chain, input, rows, options)?;
+                reports.push(ModuleReport {
+                    module: name.clone(),
+                    plan: spec.output_plan.clone().unwrap_or(spec.plan.clone()),
+                    input: spec.input,
+                    chain: Some(report),
+                });
+                server.insert(name.clone(), module);
+                specs.insert(name.clone(), spec);
+                progress.advance(1);
+                continue;
+            }
             let weights = QuantizedWeights::quantize(
                 &m.weight,
                 m.out_features,
@@ -311,6 +351,7 @@ impl HybridModel {
                 input,
                 plan: plan.clone(),
                 dequantizer: OutputDequantizer::new(&weights, m.bias.clone()),
+                output_plan: None,
             };
             server.insert(
                 name.clone(),
@@ -320,12 +361,14 @@ impl HybridModel {
                     plan: plan.clone(),
                     weights,
                     client_spec_sha256: spec.sha256(),
+                    chain: None,
                 },
             );
             reports.push(ModuleReport {
                 module: name.clone(),
                 plan,
                 input,
+                chain: None,
             });
             specs.insert(name.clone(), spec);
             progress.advance(1);
@@ -342,7 +385,7 @@ impl HybridModel {
         &self,
         calibration: &Value,
         progress: &dyn Progress,
-    ) -> Result<HashMap<String, (f32, f32)>, HybridError> {
+    ) -> Result<CalibrationRecord, HybridError> {
         let shape = calibration.shape();
         let samples = *shape.first().ok_or_else(|| {
             HybridError::Model(ModelError::Input("calibration data is a scalar".into()))
@@ -355,6 +398,7 @@ impl HybridModel {
         let backend = FloatBackend {
             modules: &self.linear,
             ranges: Mutex::new(HashMap::new()),
+            samples: Some(Mutex::new(HashMap::new())),
         };
         let stats = Mutex::new(ForwardStats::default());
         progress.stage("calibrating", samples);
@@ -372,7 +416,11 @@ impl HybridModel {
             progress.advance(end - start);
             start = end;
         }
-        Ok(backend.ranges.into_inner().expect("ranges"))
+        let samples = backend
+            .samples
+            .map(|s| s.into_inner().expect("samples"))
+            .unwrap_or_default();
+        Ok((backend.ranges.into_inner().expect("ranges"), samples))
     }
 
     /// Samples per calibration run: the declared batch size, or [`CALIBRATION_BATCH`].
@@ -447,6 +495,7 @@ impl HybridModel {
                 let backend = FloatBackend {
                     modules: &self.linear,
                     ranges: Mutex::new(HashMap::new()),
+                    samples: None,
                 };
                 f(runtime, &backend)
             }
@@ -517,6 +566,7 @@ impl HybridModel {
         let backend = FloatBackend {
             modules: &self.linear,
             ranges: Mutex::new(HashMap::new()),
+            samples: None,
         };
         run_ready(
             self.runtime

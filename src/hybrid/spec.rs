@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::fhe::{CodecError, LayerPlan, Wire};
+use crate::fhe::{ChainProgram, CodecError, LayerPlan, Wire};
 use crate::model::LinearKind;
 use crate::quant::{InputQuantization, OutputDequantizer, QuantizedWeights};
 
@@ -25,6 +25,9 @@ pub struct ClientSpec {
     pub input: InputQuantization,
     pub plan: LayerPlan,
     pub dequantizer: OutputDequantizer,
+    /// How a non-linear module's result is decoded (`plan` then only describes its input).
+    #[serde(default)]
+    pub output_plan: Option<LayerPlan>,
 }
 
 impl Wire for ClientSpec {
@@ -35,7 +38,8 @@ impl Wire for ClientSpec {
     fn validate(&self) -> Result<(), CodecError> {
         let bad = |r: String| Err(CodecError::invalid::<Self>(r));
         check_protocol::<Self>(self.protocol_version)?;
-        if self.plan.in_features != self.in_features || self.plan.out_features != self.out_features
+        if self.plan.in_features != self.in_features
+            || (self.output_plan.is_none() && self.plan.out_features != self.out_features)
         {
             return bad(format!(
                 "plan is {}×{}, module {}×{}",
@@ -53,6 +57,13 @@ impl Wire for ClientSpec {
         }
         if self.input.bits() != self.plan.input_bits {
             return bad("input quantizer and plan disagree on bits".into());
+        }
+        let output = self.output_plan.as_ref().unwrap_or(&self.plan);
+        if output.out_features != self.out_features {
+            return bad(format!(
+                "output plan has {} values, the module {}",
+                output.out_features, self.out_features
+            ));
         }
         if self.dequantizer.out_features != self.out_features {
             return bad("dequantizer width differs from the module's".into());
@@ -76,6 +87,9 @@ pub struct ServerModule {
     pub weights: QuantizedWeights,
     /// [`ClientSpec::sha256`] of the spec compiled alongside.
     pub client_spec_sha256: String,
+    /// The stages after the first layer of a non-linear module.
+    #[serde(default)]
+    pub chain: Option<ChainProgram>,
 }
 
 impl Wire for ServerModule {
@@ -102,6 +116,9 @@ impl Wire for ServerModule {
                 self.plan.in_features,
                 self.plan.weight_bits
             ));
+        }
+        if let Some(chain) = &self.chain {
+            chain.check(&self.plan).or_else(|e| bad(e))?;
         }
         Ok(())
     }

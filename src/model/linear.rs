@@ -86,6 +86,9 @@ pub struct LinearModule {
     /// that only reads tensors of the rest of the graph stays) and the initializers only they use.
     pub nodes: Vec<usize>,
     pub initializers: Vec<String>,
+    /// For a module with activations inside: all its layers (the first is the one described by
+    /// the fields above, whose `out_features` is then the module's output width).
+    pub chain: Option<Box<super::chain::ChainModule>>,
 }
 
 /// Ops that change an activation's shape but not the row-major order of its values: a linear
@@ -440,6 +443,7 @@ impl LinearModule {
             output,
             nodes,
             initializers,
+            chain: None,
         })
     }
 }

@@ -5,6 +5,7 @@
 //! module ([`graph::REMOTE_OP`]) and [`graph::StagePlan`] splits it into local segments (run by
 //! [`runner::LocalSegment`]) and remote steps, which `hybrid` fills with a backend.
 
+pub mod chain;
 pub mod graph;
 pub mod linear;
 pub mod modules;
@@ -139,7 +140,19 @@ impl OnnxModel {
     /// ops and unsupported attributes).
     pub fn linear_module(&self, path: &str) -> Result<LinearModule, ModelError> {
         let info = self.modules.resolve(path)?;
-        LinearModule::extract(self.graph(), info)
+        if !chain::ChainModule::applies(self.graph(), info) {
+            return LinearModule::extract(self.graph(), info);
+        }
+        let c = chain::ChainModule::extract(self.graph(), info)?;
+        let last = c.layers.last().expect("one layer at least");
+        let mut first = c.layers[0].clone();
+        first.out_features = last.out_features;
+        first.input = c.input.clone();
+        first.output = c.output.clone();
+        first.nodes = c.nodes.clone();
+        first.initializers = c.initializers.clone();
+        first.chain = Some(Box::new(c));
+        Ok(first)
     }
 
     /// Names of the graph inputs that are not initializers (what a caller must feed).

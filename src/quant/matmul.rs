@@ -29,6 +29,10 @@ pub struct OutputDequantizer {
     pub scales: Vec<f32>,
     pub zero_points: Vec<i32>,
     pub bias: Option<Vec<f32>>,
+    /// The scale of what the server multiplied, when it is not the client's row quantizer: the
+    /// last hidden quantizer of a non-linear module (its codes are centred: no zero point).
+    #[serde(default)]
+    pub input_scale: Option<f32>,
 }
 
 impl OutputDequantizer {
@@ -38,6 +42,7 @@ impl OutputDequantizer {
             scales: weights.scales.clone(),
             zero_points: weights.zero_points.clone(),
             bias,
+            input_scale: None,
         }
     }
 
@@ -78,8 +83,13 @@ impl OutputDequantizer {
         }
         let mut y = Vec::with_capacity(acc.len());
         for r in 0..rows.rows {
-            let row_sum: i64 = rows.row(r).iter().map(|&v| v as i64).sum();
-            let s_x = rows.quantizers[r].scale as f64;
+            let (row_sum, s_x) = match self.input_scale {
+                Some(s) => (0, s as f64),
+                None => (
+                    rows.row(r).iter().map(|&v| v as i64).sum(),
+                    rows.quantizers[r].scale as f64,
+                ),
+            };
             for j in 0..out {
                 let zp = Self::pick(&self.zero_points, j) as i64;
                 let corrected = acc[r * out + j] - zp * row_sum;

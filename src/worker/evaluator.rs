@@ -11,7 +11,7 @@ use actix::{Actor, Context, Handler, Message, ResponseFuture};
 use tokio::sync::oneshot;
 
 use super::{JobError, WorkerMetrics};
-use crate::fhe::{EncryptedOutputs, EncryptedRows, FourierLinearLayer, FourierPackingKey};
+use crate::fhe::{EncryptedOutputs, EncryptedRows, FourierPackingKey, ModuleProgram};
 
 pub struct Evaluator {
     pool: Arc<rayon::ThreadPool>,
@@ -42,7 +42,7 @@ impl Actor for Evaluator {
 #[derive(Message)]
 #[rtype(result = "Result<Evaluated, JobError>")]
 pub struct Evaluate {
-    pub layer: Arc<FourierLinearLayer>,
+    pub layer: Arc<ModuleProgram>,
     pub key: Arc<FourierPackingKey>,
     pub rows: EncryptedRows,
     /// The job's span: actor handlers run outside it, so the parent is passed along.

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use actix::{Actor, Context, Handler, Message};
 
 use super::JobError;
-use crate::fhe::FourierLinearLayer;
+use crate::fhe::ModuleProgram;
 use crate::hybrid::{HybridError, HybridModel, Trees};
 
 /// Every (model, module) this worker can evaluate.
 pub struct ModuleSet {
-    layers: HashMap<(String, String), Arc<FourierLinearLayer>>,
+    layers: HashMap<(String, String), Arc<ModuleProgram>>,
 }
 
 impl ModuleSet {
@@ -32,7 +32,7 @@ impl ModuleSet {
                 ))
             })?;
             for (name, m) in server {
-                let layer = FourierLinearLayer::new(m.plan.clone(), &m.weights.codes)?;
+                let layer = ModuleProgram::new(m.plan.clone(), &m.weights.codes, m.chain.as_ref())?;
                 layers.insert((model.name().to_string(), name.clone()), Arc::new(layer));
             }
         }
@@ -47,7 +47,7 @@ impl ModuleSet {
         self.layers.is_empty()
     }
 
-    pub fn get(&self, model: &str, module: &str) -> Option<Arc<FourierLinearLayer>> {
+    pub fn get(&self, model: &str, module: &str) -> Option<Arc<ModuleProgram>> {
         self.layers
             .get(&(model.to_string(), module.to_string()))
             .cloned()
@@ -70,14 +70,14 @@ impl Actor for ModuleCache {
 
 /// The layer of `model`/`module`.
 #[derive(Message)]
-#[rtype(result = "Result<Arc<FourierLinearLayer>, JobError>")]
+#[rtype(result = "Result<Arc<ModuleProgram>, JobError>")]
 pub struct GetModule {
     pub model: String,
     pub module: String,
 }
 
 impl Handler<GetModule> for ModuleCache {
-    type Result = Result<Arc<FourierLinearLayer>, JobError>;
+    type Result = Result<Arc<ModuleProgram>, JobError>;
 
     fn handle(&mut self, msg: GetModule, _: &mut Context<Self>) -> Self::Result {
         self.modules.get(&msg.model, &msg.module).ok_or_else(|| {

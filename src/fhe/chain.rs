@@ -1,0 +1,476 @@
+//! A non-linear remote module: linear layers separated by table lookups, evaluated end to end
+//! under encryption (the hidden values never leave the server in a form its client can decrypt).
+//!
+//! The client's request is the first layer's row-encoded input, exactly as for a single linear
+//! layer. The server
+//! 1. multiplies and sample-extracts: one LWE per hidden accumulator under the input key, its
+//!    accumulator placed so that the layer's *rounding window* fills the top of the torus;
+//! 2. bootstraps each one (`pbs.rs`) through its channel's table: round to the window's top
+//!    `rounding_bits` bits, requantise, activate, quantise for the next layer — the result is the
+//!    next layer's input code, again an LWE under the input key;
+//! 3. multiplies those LWEs by the next layer's clear weight codes (an integer combination of
+//!    ciphertexts: no packing, no key), and repeats;
+//! 4. packs the last stage's LWEs with the session's packing key into the usual response.
+//!
+//! [`ChainProgram::simulate`] is the same computation on clear integers with round-to-nearest.
+//! The bootstrap rounds approximately (see `pbs.rs`): a hidden value can come out one rounding
+//! step away from the simulation when its accumulator sits within the noise of a rounding
+//! boundary; two steps away has the probability [`ChainProgram::failure_log2`] states.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use tfhe::core_crypto::prelude::GlweCiphertextOwned;
+
+use super::encrypted_outputs::EncryptedOutputs;
+use super::encrypted_rows::EncryptedRows;
+use super::linear::{pack_lwes, FourierLinearLayer};
+use super::packing::FourierPackingKey;
+use super::params::{Encoding, LayerPlan, Precision};
+use super::pbs::{
+    bootstrap_input_std, bootstrap_output_variance, failure_log2, lookup_table, neighbour_rate,
+    BIG_LWE_LEN, MAX_ROUNDING_BITS, PBS_PARAMS, WINDOW_OFFSET,
+};
+use super::FheError;
+
+/// One stage after the module's first linear layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ChainStage {
+    /// A bootstrap per value: round the accumulator (signed, in a window of `window_bits`) to
+    /// its top `rounding_bits`, then channel `j`'s table gives the output code, placed at
+    /// `2^output_delta_log`.
+    Table {
+        channels: usize,
+        rounding_bits: u32,
+        window_bits: u32,
+        output_delta_log: u32,
+        /// `channels × 2^rounding_bits` signed output codes, entry `i` for rounded input
+        /// `i − 2^(rounding_bits − 1)`.
+        codes: Vec<i32>,
+    },
+    /// `y_j = Σ_i w_ji · x_i` on the previous stage's codes.
+    Linear {
+        in_features: usize,
+        out_features: usize,
+        weight_bits: u32,
+        #[serde(with = "serde_bytes")]
+        codes: Vec<u8>,
+    },
+}
+
+impl ChainStage {
+    fn width(&self) -> usize {
+        match self {
+            ChainStage::Table { channels, .. } => *channels,
+            ChainStage::Linear { out_features, .. } => *out_features,
+        }
+    }
+
+    fn weight(&self, j: usize, i: usize) -> i64 {
+        match self {
+            ChainStage::Linear {
+                in_features, codes, ..
+            } => codes[j * in_features + i] as i8 as i64,
+            ChainStage::Table { .. } => 0,
+        }
+    }
+}
+
+/// What a non-linear module computes after its first linear layer, and how its result is
+/// returned.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChainProgram {
+    /// The first layer's accumulator window (its plan's `acc_bits` equals it).
+    pub stages: Vec<ChainStage>,
+    /// How the last stage's values are packed and decoded (its `acc_bits` is their width).
+    pub output: LayerPlan,
+}
+
+impl ChainProgram {
+    /// Shapes and ranges agree (a decoded server module is checked with this).
+    pub fn check(&self, first: &LayerPlan) -> Result<(), String> {
+        let mut width = first.out_features;
+        let mut window = first.acc_bits;
+        if !matches!(self.stages.first(), Some(ChainStage::Table { .. })) {
+            return Err("a non-linear module starts with a table after its first layer".into());
+        }
+        for (k, stage) in self.stages.iter().enumerate() {
+            match stage {
+                ChainStage::Table {
+                    channels,
+                    rounding_bits,
+                    window_bits,
+                    output_delta_log,
+                    codes,
+                } => {
+                    let bits = *rounding_bits;
+                    if *channels != width
+                        || !(1..=MAX_ROUNDING_BITS).contains(&bits)
+                        || *window_bits != window
+                        || *window_bits < bits + 1
+                        || *window_bits > 62
+                        || !(2..=62).contains(output_delta_log)
+                        || codes.len() != channels << bits
+                    {
+                        return Err(format!(
+                            "stage {k}: table of {channels} channels × 2^{bits} ({} codes), \
+                             window {window_bits} bits (expected {window}), output at 2^{output_delta_log}, \
+                             after {width} values",
+                            codes.len()
+                        ));
+                    }
+                    window = 64 - output_delta_log;
+                    if matches!(self.stages.get(k + 1), Some(ChainStage::Table { .. })) {
+                        return Err(format!("stage {k}: two tables in a row"));
+                    }
+                }
+                ChainStage::Linear {
+                    in_features,
+                    out_features,
+                    weight_bits,
+                    codes,
+                } => {
+                    if *in_features != width
+                        || *out_features == 0
+                        || !(2..=8).contains(weight_bits)
+                        || codes.len() != in_features * out_features
+                    {
+                        return Err(format!(
+                            "stage {k}: {out_features}×{in_features} linear layer with {} codes after {width} values",
+                            codes.len()
+                        ));
+                    }
+                    width = *out_features;
+                }
+            }
+        }
+        if self.output.out_features != width || self.output.acc_bits != window {
+            return Err(format!(
+                "output plan of {} values × {} bits, the chain ends with {width} × {window}",
+                self.output.out_features, self.output.acc_bits
+            ));
+        }
+        if self.output.precision != Precision::Exact {
+            return Err("a non-linear module's output uses exact precision".into());
+        }
+        Ok(())
+    }
+
+    /// Number of bootstraps per row.
+    pub fn bootstraps_per_row(&self) -> usize {
+        self.stages
+            .iter()
+            .filter(|s| matches!(s, ChainStage::Table { .. }))
+            .map(ChainStage::width)
+            .sum()
+    }
+
+    /// Widest stage (what one row's LWEs take in memory).
+    pub fn max_width(&self, first: &LayerPlan) -> usize {
+        self.stages
+            .iter()
+            .map(ChainStage::width)
+            .chain([first.out_features])
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Rows one request may hold under a working-memory budget (two LWE sets of the widest
+    /// stage per row).
+    pub fn max_rows(&self, first: &LayerPlan, max_job_bytes: usize) -> usize {
+        (max_job_bytes / (2 * self.max_width(first) * BIG_LWE_LEN * 8)).max(1)
+    }
+
+    /// Standard deviation of the phase each bootstrap reads, worst stage first.
+    pub fn bootstrap_std(&self, first: &LayerPlan) -> f64 {
+        // The first layer's products carry the row model's noise; later layers the previous
+        // bootstrap's output weighted by their codes.
+        let mut worst = bootstrap_input_std(&PBS_PARAMS, 2f64.powf(2.0 * first.noise_std_log2));
+        let mut norm2 = 0f64;
+        for stage in &self.stages {
+            match stage {
+                ChainStage::Linear {
+                    in_features,
+                    out_features,
+                    ..
+                } => {
+                    norm2 = (0..*out_features)
+                        .map(|j| {
+                            (0..*in_features)
+                                .map(|i| (stage.weight(j, i) as f64).powi(2))
+                                .sum::<f64>()
+                        })
+                        .fold(0.0, f64::max);
+                }
+                ChainStage::Table { .. } if norm2 > 0.0 => {
+                    let v = norm2 * bootstrap_output_variance(&PBS_PARAMS);
+                    worst = worst.max(bootstrap_input_std(&PBS_PARAMS, v));
+                }
+                ChainStage::Table { .. } => {}
+            }
+        }
+        worst
+    }
+
+    /// `log2` of the probability that some bootstrap of one row lands two or more rounding steps
+    /// from round-to-nearest (union bound over the row's bootstraps).
+    pub fn failure_log2(&self, first: &LayerPlan) -> f64 {
+        let std = self.bootstrap_std(first);
+        let per = self
+            .stages
+            .iter()
+            .filter_map(|s| match s {
+                ChainStage::Table { rounding_bits, .. } => Some(*rounding_bits),
+                _ => None,
+            })
+            .map(|b| failure_log2(b, std))
+            .fold(f64::NEG_INFINITY, f64::max);
+        per + (self.bootstraps_per_row().max(1) as f64).log2()
+    }
+
+    /// Expected fraction of hidden values one step from the simulation (the rounding's spread).
+    pub fn neighbour_rate(&self, first: &LayerPlan) -> f64 {
+        let std = self.bootstrap_std(first);
+        self.stages
+            .iter()
+            .filter_map(|s| match s {
+                ChainStage::Table { rounding_bits, .. } => {
+                    Some(neighbour_rate(*rounding_bits, std))
+                }
+                _ => None,
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// The clear computation the encrypted one approximates: first-layer accumulators
+    /// (row-major `rows × first.out_features`) → the values the client decodes (row-major).
+    pub fn simulate(&self, first_acc: &[i64], rows: usize) -> Vec<i64> {
+        let mut values = first_acc.to_vec();
+        let mut width = first_acc.len() / rows.max(1);
+        for stage in &self.stages {
+            match stage {
+                ChainStage::Table {
+                    channels,
+                    rounding_bits,
+                    window_bits,
+                    codes,
+                    ..
+                } => {
+                    for (g, v) in values.iter_mut().enumerate() {
+                        *v = table_lookup(*v, g % channels, *rounding_bits, *window_bits, codes);
+                    }
+                }
+                ChainStage::Linear { out_features, .. } => {
+                    let next: Vec<i64> = (0..rows * out_features)
+                        .map(|g| {
+                            let (r, j) = (g / out_features, g % out_features);
+                            (0..width)
+                                .map(|i| stage.weight(j, i) * values[r * width + i])
+                                .sum()
+                        })
+                        .collect();
+                    values = next;
+                    width = *out_features;
+                }
+            }
+        }
+        values
+    }
+}
+
+/// What one bootstrap computes on a clear accumulator: round-to-nearest of `acc / 2^s`
+/// (`s = window_bits − rounding_bits − 1`), moved into `[0, 2^bits)`, looked up; past the window
+/// it wraps negacyclically as the encrypted table does (entry `i + 2^bits` is `−table[i]`).
+pub fn table_lookup(acc: i64, channel: usize, bits: u32, window_bits: u32, codes: &[i32]) -> i64 {
+    let s = window_bits - bits - 1;
+    let rounded = if s == 0 {
+        acc
+    } else {
+        (acc + (1i64 << (s - 1))) >> s
+    };
+    let index = (rounded + (1i64 << (bits - 1))).rem_euclid(1i64 << (bits + 1)) as usize;
+    let size = 1usize << bits;
+    let table = &codes[channel * size..(channel + 1) * size];
+    if index < size {
+        table[index] as i64
+    } else {
+        -(table[index - size] as i64)
+    }
+}
+
+/// A non-linear module ready to evaluate: its first layer in the Fourier domain and one lookup
+/// table per channel of every table stage.
+pub struct EncryptedChain {
+    first: FourierLinearLayer,
+    program: ChainProgram,
+    luts: Vec<Vec<GlweCiphertextOwned<u64>>>,
+}
+
+impl EncryptedChain {
+    pub fn new(first: FourierLinearLayer, program: ChainProgram) -> Result<Self, FheError> {
+        program
+            .check(first.plan())
+            .map_err(|e| FheError::Shape(format!("non-linear module: {e}")))?;
+        let luts = program
+            .stages
+            .iter()
+            .filter_map(|s| match s {
+                ChainStage::Table {
+                    channels,
+                    rounding_bits,
+                    output_delta_log,
+                    codes,
+                    ..
+                } => Some(
+                    codes
+                        .chunks_exact(1 << rounding_bits)
+                        .take(*channels)
+                        .map(|table| {
+                            let torus: Vec<u64> = table
+                                .iter()
+                                .map(|&c| (c as i64 as u64).wrapping_shl(*output_delta_log))
+                                .collect();
+                            lookup_table(*rounding_bits, &torus)
+                        })
+                        .collect(),
+                ),
+                ChainStage::Linear { .. } => None,
+            })
+            .collect();
+        Ok(Self {
+            first,
+            program,
+            luts,
+        })
+    }
+
+    /// The plan the client encrypts with (the first layer's).
+    pub fn plan(&self) -> &LayerPlan {
+        self.first.plan()
+    }
+
+    pub fn program(&self) -> &ChainProgram {
+        &self.program
+    }
+
+    /// Evaluate with at most about `max_job_bytes` of ciphertexts in flight.
+    pub fn evaluate_within(
+        &self,
+        key: &FourierPackingKey,
+        input: &EncryptedRows,
+        max_job_bytes: usize,
+    ) -> Result<EncryptedOutputs, FheError> {
+        let plan = self.first.plan();
+        self.first.check_request(key, input)?;
+        if input.encoding != Encoding::Row {
+            return Err(FheError::ParameterMismatch(format!(
+                "a non-linear module takes row-encoded requests, not {}",
+                input.encoding
+            )));
+        }
+        let pbs = key.bootstrap.as_ref().ok_or_else(|| {
+            FheError::ParameterMismatch(
+                "the session uploaded no bootstrap key; this module has activations inside".into(),
+            )
+        })?;
+        let rows = input.rows as usize;
+        let limit = self.program.max_rows(plan, max_job_bytes);
+        if rows > limit {
+            return Err(FheError::Shape(format!(
+                "{rows} rows exceed this module's {limit} rows per request (its widest stage has {} values per row)",
+                self.program.max_width(plan)
+            )));
+        }
+        let mut lwes = self.first.extract_lwes(input);
+        let mut width = plan.out_features;
+        let mut tables = self.luts.iter();
+        for stage in &self.program.stages {
+            match stage {
+                ChainStage::Table { channels, .. } => {
+                    let luts = tables.next().expect("one table set per table stage");
+                    let channels = *channels;
+                    pbs.bootstrap_all(&mut lwes, WINDOW_OFFSET, luts, |g| g % channels);
+                }
+                ChainStage::Linear { out_features, .. } => {
+                    lwes = combine(stage, &lwes, rows, width, *out_features);
+                    width = *out_features;
+                }
+            }
+        }
+        Ok(pack_lwes(key, &self.program.output, rows, &lwes))
+    }
+}
+
+/// `out[r][j] = Σ_i w_ji · in[r][i]` on whole LWE ciphertexts (wrapping integer arithmetic).
+fn combine(stage: &ChainStage, lwes: &[u64], rows: usize, width: usize, out: usize) -> Vec<u64> {
+    let mut next = vec![0u64; rows * out * BIG_LWE_LEN];
+    next.par_chunks_mut(BIG_LWE_LEN)
+        .enumerate()
+        .for_each(|(g, dst)| {
+            let (r, j) = (g / out, g % out);
+            for i in 0..width {
+                let w = stage.weight(j, i) as u64;
+                if w == 0 {
+                    continue;
+                }
+                let src = &lwes[(r * width + i) * BIG_LWE_LEN..(r * width + i + 1) * BIG_LWE_LEN];
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = d.wrapping_add(s.wrapping_mul(w));
+                }
+            }
+        });
+    next
+}
+
+/// What a server evaluates for one remote module: a linear layer, or a chain with activations.
+pub enum ModuleProgram {
+    Linear(FourierLinearLayer),
+    Chain(EncryptedChain),
+}
+
+impl ModuleProgram {
+    /// The first layer's weights in the Fourier domain, and the chain after it if there is one.
+    pub fn new(
+        plan: LayerPlan,
+        codes: &[i8],
+        chain: Option<&ChainProgram>,
+    ) -> Result<Self, FheError> {
+        let first = FourierLinearLayer::new(plan, codes)?;
+        Ok(match chain {
+            None => Self::Linear(first),
+            Some(program) => Self::Chain(EncryptedChain::new(first, program.clone())?),
+        })
+    }
+
+    /// The plan requests are encrypted with.
+    pub fn plan(&self) -> &LayerPlan {
+        match self {
+            Self::Linear(l) => l.plan(),
+            Self::Chain(c) => c.plan(),
+        }
+    }
+
+    /// Whether the session needs bootstrapping keys for it.
+    pub fn needs_bootstrap(&self) -> bool {
+        matches!(self, Self::Chain(_))
+    }
+
+    pub fn evaluate_within(
+        &self,
+        key: &FourierPackingKey,
+        input: &EncryptedRows,
+        max_job_bytes: usize,
+    ) -> Result<EncryptedOutputs, FheError> {
+        match self {
+            Self::Linear(l) => l.evaluate_within(key, input, max_job_bytes),
+            Self::Chain(c) => c.evaluate_within(key, input, max_job_bytes),
+        }
+    }
+
+    pub fn evaluate(
+        &self,
+        key: &FourierPackingKey,
+        input: &EncryptedRows,
+    ) -> Result<EncryptedOutputs, FheError> {
+        self.evaluate_within(key, input, super::linear::DEFAULT_JOB_BYTES)
+    }
+}
