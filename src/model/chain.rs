@@ -504,6 +504,7 @@ fn activation_between(
     };
     // Constants: scalars only (a per-channel constant is not element-wise).
     let mut constants = HashMap::new();
+    let mut extra = Vec::new();
     for &i in &nodes {
         let n = &graph.node[i];
         if n.op_type == "Cast" {
@@ -534,7 +535,18 @@ fn activation_between(
             .iter()
             .filter(|t| !t.is_empty() && !live.contains(*t))
         {
-            let init = graph.initializer.iter().find(|x| &x.name == t);
+            let init = graph.initializer.iter().find(|x| &x.name == t).or_else(|| {
+                // A Constant node of the module (TorchScript writes GELU's √2 and ½ that way).
+                let p = info.nodes.iter().copied().find(|&i| {
+                    graph.node[i].op_type == "Constant" && graph.node[i].output.contains(t)
+                })?;
+                extra.push(p);
+                graph.node[p]
+                    .attribute
+                    .iter()
+                    .find(|a| a.name == "value")
+                    .and_then(|a| a.t.as_ref())
+            });
             match init.map(float_initializer) {
                 Some(Ok((_, values))) if values.len() == 1 => {
                     constants.insert(t.clone(), values[0]);
@@ -576,6 +588,9 @@ fn activation_between(
             other => other.to_string(),
         })
         .unwrap_or_else(|| ops.join("+"));
+    nodes.extend(extra);
+    nodes.sort_unstable();
+    nodes.dedup();
     let act = Activation {
         name,
         input: from.to_string(),

@@ -12,6 +12,7 @@ mod helpers;
 mod hybrid;
 mod llm;
 mod noise;
+mod pbs;
 mod queue;
 mod serving;
 mod telemetry;

@@ -1,0 +1,320 @@
+//! Non-linear remote modules: every supported activation through compile, simulate and execute;
+//! refusals; the bootstrap's measured rounding spread and failures against the stated bound;
+//! malformed bootstrap keys; FCSmall's whole `seq` through the served path.
+
+use std::sync::{Arc, LazyLock};
+
+use hyfhe::client::SessionKeys;
+use hyfhe::commands::read_npy;
+use hyfhe::fhe::{
+    decode, encode, table_lookup, ChainProgram, ChainStage, ClientKey, CodecError, EvaluationKey,
+    FheError, FourierPackingKey, LayerPlan, ModuleProgram, Precision,
+};
+use hyfhe::hybrid::{CompileOptions, HybridModel, Mode};
+use hyfhe::model::{OnnxModel, Value};
+use hyfhe::progress::Silent;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::cluster::{config_file, serial, Cluster};
+use crate::hybrid::{fixture, values, KEYS};
+use crate::serving::connect;
+
+fn chain_model(file: &str, remote: &[&str], calibration: &str) -> HybridModel {
+    let onnx = OnnxModel::load(fixture(file)).unwrap();
+    let name = file.rsplit('/').next().unwrap().trim_end_matches(".onnx");
+    let mut m = HybridModel::new(name, onnx, remote).unwrap();
+    m.compile(
+        &read_npy(&fixture(calibration)).unwrap(),
+        &CompileOptions::default(),
+        &Silent,
+    )
+    .unwrap();
+    m.use_keys(KEYS.clone());
+    m
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+fn first_rows(x: Value, n: usize) -> Value {
+    let rows = n.min(x.shape()[0]);
+    x.slice(0, 0, rows).unwrap()
+}
+
+#[test]
+fn every_supported_activation_runs_encrypted_close_to_simulate_and_torch() {
+    let x = first_rows(read_npy(&fixture("chains/act_input.npy")).unwrap(), 4);
+    for act in [
+        "relu",
+        "gelu",
+        "gelu_dynamo",
+        "silu",
+        "sigmoid",
+        "tanh",
+        "leakyrelu",
+        "batchnorm",
+    ] {
+        let m = chain_model(
+            &format!("chains/act_{act}.onnx"),
+            &["seq"],
+            "chains/act_calibration.npy",
+        );
+        let torch = values(&m.forward(x.clone(), Mode::Torch).unwrap().0);
+        let simulate = values(&m.forward(x.clone(), Mode::Simulate).unwrap().0);
+        let (y, stats) = m.forward(x.clone(), Mode::Execute).unwrap();
+        let execute = values(&y);
+        let (vs_torch, vs_sim) = (max_diff(&simulate, &torch), max_diff(&execute, &simulate));
+        eprintln!("{act}: simulate vs torch {vs_torch:.3e}, execute vs simulate {vs_sim:.3e}");
+        // Outputs are O(1): 5 rounded bits cost a few hundredths; one neighbour step per hidden
+        // value at most a few more. A broken table or key gives errors of order 1.
+        assert!(vs_torch < 0.25, "{act}: simulate vs torch {vs_torch}");
+        assert!(vs_sim < 0.25, "{act}: execute vs simulate {vs_sim}");
+        assert_eq!(stats.requests, 1);
+    }
+}
+
+#[test]
+fn ops_a_non_linear_module_cannot_hold_are_refused_by_name() {
+    let onnx = OnnxModel::load(fixture("chains/act_softmax.onnx")).unwrap();
+    let err = HybridModel::new("softmax", onnx, &["seq"])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("Softmax") && err.contains("element-wise"),
+        "{err}"
+    );
+    // The tables fold the input scale: a per-row dynamic quantizer cannot be used.
+    let onnx = OnnxModel::load(fixture("chains/act_relu.onnx")).unwrap();
+    let mut m = HybridModel::new("relu", onnx, &["seq"]).unwrap();
+    let options = CompileOptions {
+        dynamic_inputs: true,
+        ..CompileOptions::default()
+    };
+    let calibration = read_npy(&fixture("chains/act_calibration.npy")).unwrap();
+    let err = m
+        .compile(&calibration, &options, &Silent)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("static"), "{err}");
+    let options = CompileOptions {
+        rounding_bits: 9,
+        ..CompileOptions::default()
+    };
+    let err = m
+        .compile(&calibration, &options, &Silent)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("rounding bits"), "{err}");
+}
+
+/// Client keys with bootstrapping keys, and the server's form of them (seconds: built once).
+struct PbsKeys {
+    client: ClientKey,
+    eval: EvaluationKey,
+    server: FourierPackingKey,
+}
+
+static PBS_KEYS: LazyLock<PbsKeys> = LazyLock::new(|| {
+    let client = ClientKey::generate();
+    let mut eval = client.evaluation_key(Precision::Exact, &|_| ());
+    eval.bootstrap = Some(client.bootstrap_key());
+    let server = FourierPackingKey::new(&eval);
+    PbsKeys {
+        client,
+        eval,
+        server,
+    }
+});
+
+/// A 64 → 64 layer followed by a table whose codes are the rounded index itself: the decrypted
+/// outputs are then exactly what each bootstrap read, to compare with round-to-nearest.
+fn index_chain(rows: usize, seed: u64) -> (LayerPlan, Vec<i8>, ChainProgram, Vec<i32>, Vec<i64>) {
+    let (inp, out, bits) = (64usize, 64usize, 5u32);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let codes: Vec<i8> = (0..inp * out).map(|_| rng.gen_range(-127..=127)).collect();
+    let x: Vec<i32> = (0..rows * inp).map(|_| rng.gen_range(-128..=127)).collect();
+    let acc: Vec<i64> = (0..rows * out)
+        .map(|g| {
+            let (r, j) = (g / out, g % out);
+            (0..inp)
+                .map(|i| x[r * inp + i] as i64 * codes[j * inp + i] as i64)
+                .sum()
+        })
+        .collect();
+    let max = acc.iter().map(|a| a.abs()).max().unwrap() as f64;
+    let mut s = 0;
+    while max / 2f64.powi(s) >= 2f64.powi(bits as i32 - 1) - 0.5 {
+        s += 1;
+    }
+    let mut plan = LayerPlan::new("index", Precision::Exact, inp, out, 8, 8).unwrap();
+    plan.encodings = vec![hyfhe::fhe::Encoding::Row];
+    plan.acc_bits = s as u32 + bits + 1;
+    let output = LayerPlan::new("index", Precision::Exact, 1, out, 8, 2).unwrap();
+    let size = 1i32 << bits;
+    let table: Vec<i32> = (0..out)
+        .flat_map(|_| (0..size).map(|i| i - size / 2))
+        .collect();
+    let program = ChainProgram {
+        stages: vec![ChainStage::Table {
+            channels: out,
+            rounding_bits: bits,
+            window_bits: plan.acc_bits,
+            output_delta_log: 64 - output.acc_bits,
+            codes: table,
+        }],
+        output,
+    };
+    (plan, codes, program, x, acc)
+}
+
+#[test]
+fn bootstraps_round_within_one_step_at_the_predicted_rate() {
+    let rows = 16;
+    let (plan, codes, program, x, acc) = index_chain(rows, 7);
+    program.check(&plan).unwrap();
+    let module = ModuleProgram::new(plan.clone(), &codes, Some(&program)).unwrap();
+    let keys = &*PBS_KEYS;
+    let request = keys.client.encrypt_rows(&plan, &x, rows).unwrap();
+    let response = module.evaluate(&keys.server, &request).unwrap();
+    let got = keys
+        .client
+        .decrypt_outputs(&program.output, &response)
+        .unwrap();
+    let ChainStage::Table {
+        rounding_bits,
+        window_bits,
+        codes: ref table,
+        ..
+    } = program.stages[0]
+    else {
+        unreachable!()
+    };
+    let want: Vec<i64> = acc
+        .iter()
+        .enumerate()
+        .map(|(g, &a)| table_lookup(a, g % 64, rounding_bits, window_bits, table))
+        .collect();
+    assert_eq!(want, program.simulate(&acc, rows));
+    let neighbours = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| (*a - *b).abs() == 1)
+        .count();
+    let failures = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| (*a - *b).abs() > 1)
+        .count();
+    let rate = neighbours as f64 / got.len() as f64;
+    let predicted = program.neighbour_rate(&plan);
+    let failure_log2 = program.failure_log2(&plan);
+    eprintln!(
+        "{} bootstraps: {neighbours} one step off ({rate:.4}, predicted {predicted:.4}), \
+         {failures} two or more (stated bound 2^{failure_log2:.1} per row)",
+        got.len()
+    );
+    assert_eq!(failures, 0, "a bootstrap landed two steps away");
+    assert!(
+        failure_log2 < -40.0,
+        "stated failure probability 2^{failure_log2}"
+    );
+    // The spread is the model's: not above it (with room for 1024 samples), not far below
+    // (a model that overstates the noise would hide a worse parameter choice).
+    assert!(
+        rate <= predicted * 1.5 + 0.01,
+        "{rate} vs predicted {predicted}"
+    );
+    assert!(rate >= predicted * 0.3, "{rate} vs predicted {predicted}");
+}
+
+#[test]
+fn malformed_or_missing_bootstrap_keys_are_typed_errors() {
+    const LIMIT: usize = 1 << 30;
+    let keys = &*PBS_KEYS;
+    let bytes = encode(&keys.eval);
+    assert!(decode::<EvaluationKey>(&bytes, LIMIT).is_ok());
+    let mut short = keys.eval.clone();
+    short.bootstrap.as_mut().unwrap().bsk_bodies.truncate(1000);
+    match decode::<EvaluationKey>(&encode(&short), LIMIT) {
+        Err(CodecError::Invalid { reason, .. }) => {
+            assert!(reason.contains("bootstrap"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut other_params = keys.eval.clone();
+    other_params.bootstrap.as_mut().unwrap().params.ks_level += 1;
+    match decode::<EvaluationKey>(&encode(&other_params), LIMIT) {
+        Err(CodecError::Invalid { reason, .. }) => {
+            assert!(reason.contains("parameters"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Garbage inside the envelope: an error, never a panic.
+    let mut garbage = bytes.clone();
+    let n = garbage.len();
+    garbage[n / 2..n / 2 + 64].fill(0xff);
+    garbage.truncate(n - 3);
+    assert!(decode::<EvaluationKey>(&garbage, LIMIT).is_err());
+    // A session without bootstrapping keys asking for a non-linear module.
+    let (plan, codes, program, x, _) = index_chain(1, 8);
+    let module = ModuleProgram::new(plan.clone(), &codes, Some(&program)).unwrap();
+    let request = keys.client.encrypt_rows(&plan, &x, 1).unwrap();
+    let plain = FourierPackingKey::new(&keys.client.evaluation_key(Precision::Exact, &|_| ()));
+    match module.evaluate(&plain, &request) {
+        Err(FheError::ParameterMismatch(m)) => assert!(m.contains("bootstrap key"), "{m}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    // A table stage that does not fit the layer before it.
+    let mut bad = program.clone();
+    if let ChainStage::Table { channels, .. } = &mut bad.stages[0] {
+        *channels += 1;
+    }
+    let err = ModuleProgram::new(plan, &codes, Some(&bad)).err().unwrap();
+    assert!(err.to_string().contains("table"), "{err}");
+}
+
+#[test]
+fn fc_small_with_its_whole_seq_remote_is_served_close_to_simulate() {
+    let _serial = serial();
+    let models = tempfile::tempdir().unwrap();
+    let mut m = chain_model("fc_small.onnx", &["seq"], "fc_small_calibration.npy");
+    let x = first_rows(read_npy(&fixture("fc_small_input.npy")).unwrap(), 4);
+    let torch = values(&m.forward(x.clone(), Mode::Torch).unwrap().0);
+    let simulate = values(&m.forward(x.clone(), Mode::Simulate).unwrap().0);
+    let execute = values(&m.forward(x.clone(), Mode::Execute).unwrap().0);
+    eprintln!(
+        "FCSmall seq: simulate vs torch {:.3e}, execute vs simulate {:.3e}",
+        max_diff(&simulate, &torch),
+        max_diff(&execute, &simulate)
+    );
+    assert!(max_diff(&execute, &simulate) < 0.25);
+    m.save_and_clear_private_info(models.path().join("fc_small"), true)
+        .unwrap();
+    hyfhe::client::block_on(async {
+        let config_dir = tempfile::tempdir().unwrap();
+        let config = config_file(config_dir.path());
+        let cluster = Cluster::embedded(models.path(), &config);
+        let url = cluster.url().to_string();
+        let keys = Arc::new(SessionKeys::generate_with(
+            &[Precision::Exact].into(),
+            true,
+            &Silent,
+        ));
+        let (_dir, model, session) = connect(&url, "fc_small", keys).await;
+        let (y, stats) = model.forward_remote(x.clone(), &session).await.unwrap();
+        let remote = values(&y);
+        eprintln!(
+            "FCSmall seq served: remote vs simulate {:.3e}, {} B up, {} B down",
+            max_diff(&remote, &simulate),
+            stats.upload_bytes,
+            stats.download_bytes
+        );
+        assert!(max_diff(&remote, &simulate) < 0.25);
+        session.close().await.unwrap();
+    });
+}
