@@ -155,6 +155,26 @@ fn render_reports(reports: &[ModuleReport]) -> String {
             "  {:<24} {}→{}  {}-bit acc  {precision}  input {input}\n",
             r.module, r.plan.in_features, r.plan.out_features, r.plan.acc_bits
         ));
+        if let Some(c) = &r.chain {
+            let windows: Vec<String> = c
+                .windows
+                .iter()
+                .map(|(w, step)| format!("{w}-bit window, step {step}"))
+                .collect();
+            out.push_str(&format!(
+                "  {:<24} activations {} · {} rounded bits ({}) · {} bootstraps/row · \
+                 P(two steps off) ≤ 2^{:.0}/row · ~{:.1}% hidden values one step off · \
+                 calibration max error {:.3e}\n",
+                "",
+                c.activations.join(", "),
+                c.rounding_bits,
+                windows.join("; "),
+                c.bootstraps_per_row,
+                c.failure_log2,
+                100.0 * c.neighbour_rate,
+                c.calibration_max_error
+            ));
+        }
     }
     out
 }

@@ -115,7 +115,6 @@ pub(super) fn compile_chain(
     // The window of the accumulator being built; set when the layer after a table is known.
     let mut first_window = None;
     let mut pending_table: Option<usize> = None;
-    let mut last_scale = 1.0f32;
     let output_plan;
     let dequantizer;
     let mut k = 0;
@@ -216,14 +215,13 @@ pub(super) fn compile_chain(
             {
                 *output_delta_log = 64 - plan.acc_bits;
             }
-            last_scale = hidden.scale;
             output_plan = plan;
             dequantizer = OutputDequantizer {
                 out_features: width,
                 scales: vec![1.0],
                 zero_points: vec![0],
                 bias: None,
-                input_scale: Some(last_scale),
+                input_scale: Some(hidden.scale),
             };
             break;
         }
@@ -245,7 +243,6 @@ pub(super) fn compile_chain(
         width = next.out_features;
         bias = next.bias.clone();
     }
-    let _ = last_scale;
     plan1.acc_bits = first_window.expect("the first layer has a window");
     let program = ChainProgram {
         stages,

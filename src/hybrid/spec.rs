@@ -118,7 +118,7 @@ impl Wire for ServerModule {
             ));
         }
         if let Some(chain) = &self.chain {
-            chain.check(&self.plan).or_else(|e| bad(e))?;
+            chain.check(&self.plan).or_else(bad)?;
         }
         Ok(())
     }
