@@ -5,7 +5,7 @@
 #   bash loadtest/pbs_vs_concrete.sh            # hyfhe, and Concrete ML if its venv exists
 #
 # Concrete ML 1.9.0 runs from $CONCRETE_VENV (default ~/.cache/hyfhe-concrete/venv: `python3 -m
-# venv ... && .../pip install concrete-ml==1.9.0`); without it only hyfhe's side is printed.
+# venv ... && .../pip install concrete-ml==1.9.0 requests`); without it only hyfhe's side is printed.
 # Never part of CI: it takes minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ run_hyfhe() { # model calibration input label
     local pbs
     pbs=$("$HYFHE" compile --model "$1" --remote seq --calibration "$2" --out "$dir" --n-bits 6 \
         --force | sed -n 's/.* \([0-9]*\) bootstraps\/row.*/\1/p')
-    for rows in 1 8; do
+    for rows in 1 4; do
         local out
         out=$("$HYFHE" run "$dir" --input "$3" --first "$rows" --mode execute 2>&1)
         local fhe keys

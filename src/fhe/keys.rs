@@ -54,7 +54,7 @@ impl ClientKey {
         }
     }
 
-    /// The bootstrapping keys a session needs for non-linear modules (about 90 MiB, seeded; a
+    /// The bootstrapping keys a session needs for non-linear modules (about 60 MiB, seeded; a
     /// second or so on two cores).
     pub fn bootstrap_key(&self) -> BootstrapKey {
         super::pbs::generate_bootstrap_key(&self.input, &self.small)

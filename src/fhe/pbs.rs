@@ -12,11 +12,12 @@
 //! `V1_8_PARAM_MESSAGE_2_CARRY_2_KS_PBS_TUNIFORM_2M128` (128-bit, an alias of the `V1_4` set):
 //! small LWE `n = 918` with `TUniform(45)` noise, GLWE `k = 1, N = 2048` with `TUniform(17)` (the
 //! input key of this crate, [`INPUT_GLWE`]), keyswitch base `2^4`, 4 levels. Only the bootstrap's
-//! gadget decomposition differs: base `2^12` with 3 levels instead of base `2^23` with 1 level.
+//! gadget decomposition differs: base `2^16` with 2 levels instead of base `2^23` with 1 level.
 //! Decomposition parameters change the noise and the cost, never the hardness of the keys (the
 //! LWE/GLWE dimensions and noise distributions are the set's), and the set's own base leaves
 //! `σ ≈ 2^48.8` on a bootstrap's output — too much for the next linear layer, whose weights
-//! multiply it by up to `‖w‖ ≈ 2^8`. With 3 levels it is `σ ≈ 2^39`.
+//! multiply it by up to `‖w‖ ≈ 2^10`. With 2 levels it is `σ ≈ 2^42.3` (3 levels of `2^12` would
+//! give `2^39` for half again the cost; the module's output keeps enough exact top bits either way).
 //!
 //! # Noise and failure probability (variances on the 64-bit torus, `q = 2^64`)
 //!
@@ -62,8 +63,8 @@ pub const PBS_PARAMS: PbsParams = PbsParams {
     lwe_noise_bound_log2: 45,
     ks_base_log: 4,
     ks_level: 4,
-    pbs_base_log: 12,
-    pbs_level: 3,
+    pbs_base_log: 16,
+    pbs_level: 2,
 };
 
 /// Rounded accumulator bits a bootstrap may read (the padding bit comes on top).

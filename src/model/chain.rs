@@ -208,11 +208,13 @@ impl ChainModule {
             .filter(|&&i| is_weighted(&graph.node[i]))
             .count();
         weighted > 1
-            || weighted == 1 && info.nodes.iter().any(|&i| {
-                let op = graph.node[i].op_type.as_str();
-                ELEMENTWISE.contains(&op) && !matches!(op, "Add" | "Identity" | "Constant" | "Cast")
-                    || op == "BatchNormalization"
-            })
+            || weighted == 1
+                && info.nodes.iter().any(|&i| {
+                    let op = graph.node[i].op_type.as_str();
+                    ELEMENTWISE.contains(&op)
+                        && !matches!(op, "Add" | "Identity" | "Constant" | "Cast")
+                        || op == "BatchNormalization"
+                })
     }
 
     pub fn extract(graph: &GraphProto, info: &ModuleInfo) -> Result<Self, ModelError> {

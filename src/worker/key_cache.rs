@@ -21,7 +21,7 @@ use crate::queue::Broker;
 type KeyResult = Result<Arc<FourierPackingKey>, JobError>;
 
 /// Largest evaluation-key blob accepted from the store (row key and block keys: ~107 MiB exact;
-/// with bootstrapping keys ~197 MiB).
+/// with bootstrapping keys ~167 MiB).
 fn max_key_bytes() -> usize {
     EvaluationKey::max_len(Precision::Exact).max(EvaluationKey::max_len(Precision::Compact)) + 4096
 }

@@ -67,10 +67,11 @@ fn every_supported_activation_runs_encrypted_close_to_simulate_and_torch() {
         let execute = values(&y);
         let (vs_torch, vs_sim) = (max_diff(&simulate, &torch), max_diff(&execute, &simulate));
         eprintln!("{act}: simulate vs torch {vs_torch:.3e}, execute vs simulate {vs_sim:.3e}");
-        // Outputs are O(1): 5 rounded bits cost a few hundredths; one neighbour step per hidden
-        // value at most a few more. A broken table or key gives errors of order 1.
+        // Outputs are O(1): 5 rounded bits cost a few hundredths; neighbour steps of the 12
+        // hidden values (each ~1/32 of its range, times a weight) at most a few tenths together.
+        // A broken table or key gives errors of order 1 and more.
         assert!(vs_torch < 0.25, "{act}: simulate vs torch {vs_torch}");
-        assert!(vs_sim < 0.25, "{act}: execute vs simulate {vs_sim}");
+        assert!(vs_sim < 0.4, "{act}: execute vs simulate {vs_sim}");
         assert_eq!(stats.requests, 1);
     }
 }
@@ -292,7 +293,7 @@ fn fc_small_with_its_whole_seq_remote_is_served_close_to_simulate() {
         max_diff(&simulate, &torch),
         max_diff(&execute, &simulate)
     );
-    assert!(max_diff(&execute, &simulate) < 0.25);
+    assert!(max_diff(&execute, &simulate) < 0.4);
     m.save_and_clear_private_info(models.path().join("fc_small"), true)
         .unwrap();
     hyfhe::client::block_on(async {
@@ -314,7 +315,39 @@ fn fc_small_with_its_whole_seq_remote_is_served_close_to_simulate() {
             stats.upload_bytes,
             stats.download_bytes
         );
-        assert!(max_diff(&remote, &simulate) < 0.25);
+        assert!(max_diff(&remote, &simulate) < 0.4);
         session.close().await.unwrap();
     });
+}
+
+#[test]
+fn the_digits_mlp_with_its_whole_net_remote_keeps_float_accuracy() {
+    let m = chain_model("digits_mlp.onnx", &["net"], "digits_calibration_x.npy");
+    let x = read_npy(&fixture("digits_test_x.npy")).unwrap();
+    let labels = hyfhe::commands::read_labels(&fixture("digits_test_y.npy")).unwrap();
+    let torch = m.forward(x.clone(), Mode::Torch).unwrap().0;
+    let simulate = m.forward(x.clone(), Mode::Simulate).unwrap().0;
+    let (a_torch, a_sim) = (
+        hyfhe::commands::accuracy(&torch, &labels).unwrap(),
+        hyfhe::commands::accuracy(&simulate, &labels).unwrap(),
+    );
+    eprintln!("digits MLP, net remote: float {a_torch:.4}, simulate {a_sim:.4}");
+    assert!(a_sim >= a_torch - 0.02, "{a_sim} vs float {a_torch}");
+    // Encrypted on a few images (96 bootstraps each): the same classes as simulate.
+    let few = first_rows(x, 6);
+    let sim = values(&m.forward(few.clone(), Mode::Simulate).unwrap().0);
+    let exe = values(&m.forward(few, Mode::Execute).unwrap().0);
+    let argmax = |v: &[f32]| -> Vec<usize> {
+        v.chunks(10)
+            .map(|r| (0..10).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap())
+            .collect()
+    };
+    let (e, s) = (argmax(&exe), argmax(&sim));
+    let differ = e.iter().zip(&s).filter(|(a, b)| a != b).count();
+    eprintln!(
+        "execute vs simulate logits: {:.3e}, {differ} of 6 classes differ",
+        max_diff(&exe, &sim)
+    );
+    // Neighbour roundings move logits by a few tenths: a close call may flip, not more.
+    assert!(differ <= 1, "{e:?} vs {s:?}");
 }
