@@ -158,10 +158,7 @@ impl FourierLinearLayer {
                 self.evaluate_group(key, rows, &masks_f, &bodies, outputs.clone(), &mut digits);
             for (p, glwe) in glwes.iter().enumerate() {
                 let count = n_out.min(outputs.end - outputs.start - p * n_out);
-                glwe[..mask_len].iter().for_each(|&c| mask_packer.push(c));
-                glwe[mask_len..mask_len + count]
-                    .iter()
-                    .for_each(|&c| body_packer.push(c));
+                push_pack(glwe, mask_len, count, &mut mask_packer, &mut body_packer);
             }
         }
         mask_packer.finish();
@@ -431,15 +428,27 @@ pub(super) fn pack_lwes(
             }],
         );
         for glwe in &glwes {
-            glwe[..mask_len].iter().for_each(|&c| mask_packer.push(c));
-            glwe[mask_len..mask_len + count]
-                .iter()
-                .for_each(|&c| body_packer.push(c));
+            push_pack(glwe, mask_len, count, &mut mask_packer, &mut body_packer);
         }
     }
     mask_packer.finish();
     body_packer.finish();
     EncryptedOutputs::of_plan(plan, rows, Encoding::Row, masks, out_bodies)
+}
+
+/// One packed GLWE onto the wire: its `mask_len` mask coefficients, then the first `count`
+/// body coefficients (the values it holds).
+fn push_pack(
+    glwe: &[u64],
+    mask_len: usize,
+    count: usize,
+    masks: &mut BitPacker<'_>,
+    bodies: &mut BitPacker<'_>,
+) {
+    glwe[..mask_len].iter().for_each(|&c| masks.push(c));
+    glwe[mask_len..mask_len + count]
+        .iter()
+        .for_each(|&c| bodies.push(c));
 }
 
 /// Per-task buffers of the product phase.
