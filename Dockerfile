@@ -1,8 +1,33 @@
 # One image for every role: the command picks it (coordinator | worker | serve | demo | run ...).
+#
+# With a registry (builds hyfhe from source in a Rust image):
 #   docker build -t hyfhe .
 #   docker run --rm hyfhe demo
+# Without one, deploy/local-images.sh builds the `prebuilt` target on a Debian base made with
+# debootstrap, from a binary built on the host. Both base images are build arguments.
+ARG RUNTIME_IMAGE=debian:bookworm-slim
+ARG BUILD_IMAGE=rust:1.91-bookworm
 
-FROM rust:1.91-bookworm AS build
+FROM ${RUNTIME_IMAGE} AS runtime
+# curl is the healthchecks' client; a base that already has it (the debootstrap one) needs no
+# package index, so the image builds offline.
+RUN if ! command -v curl >/dev/null 2>&1; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends curl ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && useradd --system --uid 10001 hyfhe
+COPY config /etc/hyfhe
+USER hyfhe
+ENTRYPOINT ["hyfhe"]
+CMD ["--help"]
+
+# A binary built on the host (context: target/release/hyfhe, config/). Placed before the source
+# build so that `--target prebuilt` never needs the Rust image, with or without BuildKit.
+FROM runtime AS prebuilt
+COPY target/release/hyfhe /usr/local/bin/hyfhe
+
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
@@ -13,13 +38,5 @@ COPY loadtest loadtest
 COPY tests/fixtures tests/fixtures
 RUN cargo build --release --locked --bin hyfhe
 
-FROM debian:bookworm-slim
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends curl ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 hyfhe
+FROM runtime
 COPY --from=build /src/target/release/hyfhe /usr/local/bin/hyfhe
-COPY config /etc/hyfhe
-USER hyfhe
-ENTRYPOINT ["hyfhe"]
-CMD ["--help"]

@@ -14,6 +14,10 @@
 //!   interval (JSON lines, on stderr or into `--samples FILE`) for long soak runs
 //!   (`loadtest/soak.sh`).
 //!
+//! With `--verify-with DIR` every result is compared bit for bit with what `simulate` gives for the same
+//! input (`wrong` in the report), and `--events FILE` records each forward's outcome and times, so
+//! a fault injected from outside can be lined up with what clients saw (`tests/compose/run.sh`).
+//!
 //! `--json` prints exactly one JSON object on stdout; progress and diagnostics go to stderr.
 //!
 //! Uses the public client API only (download the client tree, open sessions, forward), so what
@@ -93,6 +97,17 @@ struct Args {
     /// decryption included) [default: the number of CPUs].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     threads: Option<u32>,
+    /// Open loop: check every result bit for bit against `simulate` run on DIR, the compiled
+    /// model as `hyfhe compile` wrote it (simulate needs its server/ tree, which the downloaded
+    /// client tree lacks). Forward i then sends input window i % K (K distinct windows of
+    /// --batch samples, at most 16), so that a result delivered to the wrong forward cannot pass;
+    /// mismatches are counted as `wrong`.
+    #[arg(long, value_name = "DIR", requires = "rate")]
+    verify_with: Option<PathBuf>,
+    /// Open loop: write one JSON line per finished forward (its index, due and completion time in
+    /// seconds from the report's `t0_unix_ms`, and `ok`, `wrong` or the error code) to FILE.
+    #[arg(long, value_name = "FILE", requires = "rate")]
+    events: Option<PathBuf>,
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {

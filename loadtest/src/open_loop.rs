@@ -25,7 +25,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use hyfhe::client::{Client, ClientError, RemoteSession, SessionKeys};
 use hyfhe::commands::read_npy;
-use hyfhe::hybrid::{ForwardStats, HybridError, HybridModel};
+use hyfhe::hybrid::{ForwardStats, HybridError, HybridModel, Mode};
+use hyfhe::model::runner::f32_values;
 use hyfhe::model::Value;
 use hyfhe::progress::Silent;
 
@@ -35,6 +36,8 @@ use crate::Args;
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 /// Sessions set up (keys generated and uploaded, warm-up forward) at once before the load.
 const SETUP_CONCURRENCY: usize = 8;
+/// `--verify-with`: most distinct input windows the forwards cycle through.
+const MAX_VERIFY_INPUTS: usize = 16;
 
 /// The open-loop summary (`--json` prints it as one object).
 #[derive(Serialize)]
@@ -52,14 +55,22 @@ pub struct OpenReport {
     elapsed_s: f64,
     /// Forwards due in the send window: `ceil(rate * duration_s)`.
     due: u64,
+    /// The first due time, as Unix milliseconds (`--events` times count from it).
+    t0_unix_ms: u64,
     /// Forwards started.
     sent: u64,
+    /// Forwards that returned a result (with `--verify-with`: the right one).
     ok: u64,
+    /// `--verify-with`: forwards that returned a result other than simulate's, bit for bit.
+    wrong: u64,
     /// Failed forwards, all codes together.
     errors: u64,
     /// Failed forwards by code: the API error code (`too_many_requests`, `unavailable`,
     /// `deadline_exceeded`, ...), `transport` (no answer from the server) or `other`.
     errors_by_code: BTreeMap<String, u64>,
+    /// Compute attempts the clients retried (and the forward went on), by cause: `transport`,
+    /// `session_not_found` (renewed) or the refusal's code. Not errors: what the faults cost.
+    retried_by_code: BTreeMap<String, u64>,
     /// Due in the window but never started: every permit was still taken when it closed.
     not_sent: u64,
     /// Still running `--drain-s` after the window closed (abandoned).
@@ -106,6 +117,7 @@ struct Sample {
 struct Counts {
     sent: u64,
     ok: u64,
+    wrong: u64,
     errors: BTreeMap<String, u64>,
     /// Latencies of the successful forwards, µs.
     latency: Histogram<u64>,
@@ -116,6 +128,7 @@ impl Counts {
         Self {
             sent: 0,
             ok: 0,
+            wrong: 0,
             errors: BTreeMap::new(),
             latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid bounds"),
         }
@@ -127,6 +140,7 @@ impl Counts {
 
     fn record(&mut self, outcome: &Result<Duration, String>) {
         match outcome {
+            Err(code) if code == WRONG => self.wrong += 1,
             Ok(latency) => {
                 self.ok += 1;
                 let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
@@ -141,6 +155,9 @@ impl Counts {
     }
 }
 
+/// The outcome recorded for a result that differs from simulate's (`--verify-with`).
+const WRONG: &str = "wrong";
+
 struct Stats {
     total: Counts,
     interval: Counts,
@@ -149,11 +166,68 @@ struct Stats {
     round_trip_ms: f64,
     start_delay_max: Duration,
     last_done: Option<Instant>,
+    journal: Arc<Journal>,
+}
+
+/// One `--events` line: a finished forward.
+#[derive(Serialize)]
+struct Event<'a> {
+    i: u64,
+    /// Seconds from `t0_unix_ms` to the forward's due time, and to its end.
+    due_s: f64,
+    done_s: f64,
+    /// `ok`, `wrong` or the error code.
+    outcome: &'a str,
+}
+
+/// One `--events` line: a compute attempt the client retried (hidden from the forward's outcome).
+#[derive(Serialize)]
+struct Retry<'a> {
+    t_s: f64,
+    /// `transport`, `session_not_found` or the refusal's API code.
+    retry: &'a str,
+}
+
+/// The `--events` file and the retries the sessions report, from the first due time on.
+struct Journal {
+    t0: std::sync::OnceLock<Instant>,
+    file: Mutex<Option<LineWriter<std::fs::File>>>,
+    retried: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Journal {
+    fn write(&self, line: &impl Serialize) {
+        let mut file = self.file.lock().expect("events");
+        if let Some(f) = file.as_mut() {
+            let line = serde_json::to_string(line).expect("plain numbers and strings");
+            if let Err(e) = writeln!(f, "{line}") {
+                eprintln!("writing --events: {e}; no more events are written");
+                *file = None;
+            }
+        }
+    }
+
+    /// A retried attempt (the sessions' [`hyfhe::client::RetryObserver`]); warm-up ones are not
+    /// counted.
+    fn retried(&self, cause: &str) {
+        let Some(t0) = self.t0.get() else { return };
+        *self
+            .retried
+            .lock()
+            .expect("retries")
+            .entry(cause.to_string())
+            .or_default() += 1;
+        self.write(&Retry {
+            t_s: t0.elapsed().as_secs_f64(),
+            retry: cause,
+        });
+    }
 }
 
 impl Stats {
-    fn new(t0: Instant) -> Self {
+    fn new(t0: Instant, journal: Arc<Journal>) -> Self {
         Self {
+            journal,
             total: Counts::new(),
             interval: Counts::new(),
             interval_start: t0,
@@ -169,26 +243,39 @@ impl Stats {
         self.interval.sent += 1;
     }
 
-    /// A forward due at `due`, started at `started`, finished now with `outcome`.
+    /// Forward `i`, due at `due`, started at `started`, finished now with `outcome`; with
+    /// `expected`, a result is right only if it has exactly these bits.
     fn finish(
         &mut self,
+        i: u64,
         due: Instant,
         started: Instant,
         outcome: Result<(Value, ForwardStats), HybridError>,
+        expected: Option<&[u32]>,
     ) {
         let done = Instant::now();
         self.last_done = Some(done);
         self.start_delay_max = self.start_delay_max.max(started - due);
         let outcome = match outcome {
-            Ok((_, stats)) => {
+            Ok((y, stats)) => {
                 self.module_requests += stats.requests;
                 self.round_trip_ms += stats.fhe_ms;
-                Ok(done - due)
+                match expected {
+                    Some(bits) if !same_bits(&y, bits) => Err(WRONG.to_string()),
+                    _ => Ok(done - due),
+                }
             }
             Err(e) => Err(hybrid_error_code(&e)),
         };
         self.total.record(&outcome);
         self.interval.record(&outcome);
+        let t0 = *self.journal.t0.get().expect("set before the first forward");
+        self.journal.write(&Event {
+            i,
+            due_s: (due - t0).as_secs_f64(),
+            done_s: (done - t0).as_secs_f64(),
+            outcome: outcome.as_ref().map_or_else(|code| code.as_str(), |_| "ok"),
+        });
     }
 
     /// The current interval as a sample; starts the next one.
@@ -210,6 +297,12 @@ impl Stats {
             errors_by_code: c.errors,
         }
     }
+}
+
+/// Whether `y` is f32 with exactly the bit patterns `bits`.
+fn same_bits(y: &Value, bits: &[u32]) -> bool {
+    f32_values(y, "the output")
+        .is_ok_and(|v| v.len() == bits.len() && v.iter().zip(bits).all(|(a, &b)| a.to_bits() == b))
 }
 
 /// The code a failed forward is counted under.
@@ -273,7 +366,10 @@ impl Sink {
 /// What the forwards share.
 struct Load {
     model: Arc<HybridModel>,
-    x: Arc<Value>,
+    /// Forward i sends `inputs[i % len]` (one input unless `--verify-with`).
+    inputs: Vec<Arc<Value>>,
+    /// `--verify-with`: simulate's output for each input, as f32 bits.
+    expected: Option<Vec<Arc<[u32]>>>,
     sessions: Vec<Arc<RemoteSession>>,
     stats: Arc<Mutex<Stats>>,
     permits: Arc<Semaphore>,
@@ -318,16 +414,66 @@ pub fn run(args: &Args, rate: f64) -> Result<OpenReport, Box<dyn Error>> {
     runtime.block_on(client.download_model(&args.model, dir.path()))?;
     let model = Arc::new(HybridModel::load(dir.path())?);
     let input = read_npy(&args.input)?;
-    let x = Arc::new(input.slice(0, 0, args.batch.min(input.shape()[0]))?);
+    let n = input.shape().first().copied().unwrap_or(0);
+    let batch = args.batch.min(n);
+    if batch == 0 {
+        return Err(format!("{}: no samples", args.input.display()).into());
+    }
+    let windows = if args.verify_with.is_some() {
+        (n / batch).clamp(1, MAX_VERIFY_INPUTS)
+    } else {
+        1
+    };
+    let inputs = (0..windows)
+        .map(|k| Ok(Arc::new(input.slice(0, k * batch, (k + 1) * batch)?)))
+        .collect::<Result<Vec<_>, Box<dyn Error>>>()?;
+    let expected = if let Some(owner) = &args.verify_with {
+        let owner = HybridModel::load(owner)?;
+        if owner.specs() != model.specs() {
+            return Err(format!(
+                "--verify-with: the served `{}` was compiled differently from the model there",
+                args.model
+            )
+            .into());
+        }
+        let mut out = Vec::with_capacity(inputs.len());
+        for x in &inputs {
+            let (y, _) = owner.forward((**x).clone(), Mode::Simulate)?;
+            let bits: Vec<u32> = f32_values(&y, "the output")?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            out.push(Arc::from(bits));
+        }
+        Some(out)
+    } else {
+        None
+    };
+    let file = match &args.events {
+        Some(path) => Some(LineWriter::new(
+            std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        )),
+        None => None,
+    };
+    let journal = Arc::new(Journal {
+        t0: std::sync::OnceLock::new(),
+        file: Mutex::new(file),
+        retried: Mutex::new(BTreeMap::new()),
+    });
 
-    let sessions = runtime.block_on(open_sessions(args, &client, &model, &x))?;
+    let sessions = runtime.block_on(open_sessions(args, &client, &model, &inputs[0], &journal))?;
     let window = Duration::from_secs(args.duration_s);
     let t0 = Instant::now();
+    journal.t0.set(t0).expect("set once");
+    let t0_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let load = Load {
         model,
-        x,
+        inputs,
+        expected,
         sessions,
-        stats: Arc::new(Mutex::new(Stats::new(t0))),
+        stats: Arc::new(Mutex::new(Stats::new(t0, journal.clone()))),
         permits: Arc::new(Semaphore::new(args.max_outstanding as usize)),
         max_outstanding: args.max_outstanding,
         t0,
@@ -378,10 +524,13 @@ pub fn run(args: &Args, rate: f64) -> Result<OpenReport, Box<dyn Error>> {
         duration_s: window_s,
         elapsed_s,
         due: dispatched.due,
+        t0_unix_ms,
         sent: c.sent,
         ok: c.ok,
+        wrong: c.wrong,
         errors: c.errors_total(),
         errors_by_code: c.errors.clone(),
+        retried_by_code: journal.retried.lock().expect("retries").clone(),
         not_sent: dispatched.due - c.sent,
         unfinished: dispatched.unfinished,
         peak_outstanding: dispatched.peak_outstanding,
@@ -412,6 +561,7 @@ async fn open_sessions(
     client: &Client,
     model: &Arc<HybridModel>,
     x: &Arc<Value>,
+    journal: &Arc<Journal>,
 ) -> Result<Vec<Arc<RemoteSession>>, Box<dyn Error>> {
     let bar = ProgressBar::new(args.clients as u64).with_message("sessions");
     bar.set_style(ProgressStyle::with_template(
@@ -440,6 +590,7 @@ async fn open_sessions(
             bar.clone(),
         );
         let (shared, precisions) = (shared.clone(), precisions.clone());
+        let journal = journal.clone();
         tasks.spawn(async move {
             let _permit = setup.acquire_owned().await.expect("never closed");
             let keys = match shared {
@@ -456,6 +607,7 @@ async fn open_sessions(
                     client_error_code(&e)
                 )
             })?;
+            let session = session.on_retry(Arc::new(move |cause: &str| journal.retried(cause)));
             if let Err(e) = model.forward_remote((*x).clone(), &session).await {
                 bar.suspend(|| eprintln!("warm-up forward of session {k} failed: {e}"));
             }
@@ -497,7 +649,10 @@ async fn drive(
         let permit = permit.expect("the semaphore is never closed");
         peak_outstanding = peak_outstanding.max(load.in_flight());
         load.stats.lock().expect("stats").sent();
-        let (model, x, stats) = (load.model.clone(), load.x.clone(), load.stats.clone());
+        let (model, stats) = (load.model.clone(), load.stats.clone());
+        let k = i as usize % load.inputs.len();
+        let x = load.inputs[k].clone();
+        let expected = load.expected.as_ref().map(|e| e[k].clone());
         let session = load.sessions[i as usize % load.sessions.len()].clone();
         tasks.spawn(async move {
             let started = Instant::now();
@@ -506,7 +661,7 @@ async fn drive(
             stats
                 .lock()
                 .expect("stats")
-                .finish(due_at, started, outcome);
+                .finish(i, due_at, started, outcome, expected.as_deref());
         });
         while let Some(joined) = tasks.try_join_next() {
             rethrow(joined);
@@ -613,7 +768,8 @@ impl OpenReport {
         };
         println!(
             "open loop at {:.2}/s over {} sessions (at most {} in flight) for {:.1} s:\n\
-             sent {} of {} due, ok {} ({:.2}/s over {:.1} s), errors {}{}, unfinished {}\n\
+             sent {} of {} due, ok {} ({:.2}/s over {:.1} s), wrong {}, errors {}{}, \
+             unfinished {}\n\
              latency from the due time p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, \
              max {:.1} ms\n\
              start delay max {:.1} ms, peak in flight {}, server round trip per request {:.1} ms",
@@ -626,6 +782,7 @@ impl OpenReport {
             self.ok,
             self.achieved_rate,
             self.elapsed_s,
+            self.wrong,
             self.errors,
             errors,
             self.unfinished,

@@ -28,7 +28,7 @@ use crate::hybrid::HybridError;
 use crate::protocol::{ClientBundle, ErrorBody, ErrorCode, ModelList};
 
 pub use remote_model::{BlockingRemoteModel, RemoteModel};
-pub use session::{RemoteSession, RetryPolicy, SessionKeys};
+pub use session::{RemoteSession, RetryObserver, RetryPolicy, SessionKeys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

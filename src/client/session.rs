@@ -37,12 +37,18 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Called with the cause of every retried compute attempt (`transport`, `session_not_found` or
+/// the refusal's API code, e.g. `unavailable`): what a fault looked like to this client, even
+/// when the retries hid it (see [`RemoteSession::on_retry`]).
+pub type RetryObserver = Arc<dyn Fn(&str) + Send + Sync>;
+
 pub struct RemoteSession {
     client: Client,
     model: String,
     keys: Arc<SessionKeys>,
     current: Mutex<SessionCreated>,
     retry: RetryPolicy,
+    on_retry: Option<RetryObserver>,
     /// Rows per request the server accepts, by module (from its `max_job_values`).
     max_rows: BTreeMap<String, usize>,
 }
@@ -169,6 +175,7 @@ impl Client {
             keys,
             current: Mutex::new(current),
             retry: RetryPolicy::default(),
+            on_retry: None,
             max_rows: model
                 .specs()
                 .iter()
@@ -287,6 +294,18 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
 }
 
 impl RemoteSession {
+    /// Call `observer` with the cause of each retried compute attempt.
+    pub fn on_retry(mut self, observer: RetryObserver) -> Self {
+        self.on_retry = Some(observer);
+        self
+    }
+
+    fn retried(&self, cause: &str) {
+        if let Some(observer) = &self.on_retry {
+            observer(cause);
+        }
+    }
+
     pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
@@ -367,6 +386,7 @@ impl RemoteSession {
             }
             let wait = match request.send().await {
                 Err(e) if e.is_timeout() || e.is_connect() || e.is_request() => {
+                    self.retried("transport");
                     last = Some(self.client.transport(e));
                     backoff
                 }
@@ -378,18 +398,23 @@ impl RemoteSession {
                         Ok(bytes) => return Ok(bytes),
                         // The connection broke while the answer was coming: same job id again.
                         Err(e @ ClientError::Transport { .. }) => {
+                            self.retried("transport");
                             last = Some(e);
                             backoff
                         }
                         Err(e) if e.code() == Some(ErrorCode::SessionNotFound) => {
+                            self.retried("session_not_found");
                             self.renew().await?;
                             last = Some(e);
                             continue;
                         }
-                        Err(e)
+                        Err(e @ ClientError::Api { .. })
                             if status == StatusCode::TOO_MANY_REQUESTS
                                 || status == StatusCode::SERVICE_UNAVAILABLE =>
                         {
+                            if let ClientError::Api { code, .. } = &e {
+                                self.retried(code);
+                            }
                             last = Some(e);
                             retry_after.unwrap_or(backoff)
                         }

@@ -16,8 +16,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
 use super::{
-    fair_share, shard_of, Begin, BoxFuture, CompletionStream, Delivery, Job, JobOutcome, JobQueue,
-    Leases, QueueError, QueueSettings, SessionRecord, SessionStore, StoredOutcome, TenantUsage,
+    fair_share, shard_of, Begin, BoxFuture, Completion, CompletionStream, Delivery, Job,
+    JobOutcome, JobQueue, Leases, QueueError, QueueSettings, SessionRecord, SessionStore,
+    StoredOutcome, TenantUsage,
 };
 use crate::protocol::ErrorCode;
 
@@ -203,7 +204,7 @@ impl MemoryQueue {
         &self,
         delivery: &Delivery,
         outcome: &StoredOutcome,
-    ) -> Result<(), QueueError> {
+    ) -> Result<Completion, QueueError> {
         let seq = Self::entry_seq(delivery)?;
         let mut state = self.lock();
         let now = Instant::now();
@@ -226,7 +227,11 @@ impl MemoryQueue {
         drop(state);
         // No subscriber is not an error: nobody is waiting.
         let _ = self.completed.send(id.clone());
-        Ok(())
+        Ok(if stored {
+            Completion::Duplicate
+        } else {
+            Completion::Stored
+        })
     }
 }
 
@@ -446,7 +451,7 @@ impl JobQueue for MemoryQueue {
         &'a self,
         delivery: &'a Delivery,
         outcome: &'a StoredOutcome,
-    ) -> BoxFuture<'a, Result<(), QueueError>> {
+    ) -> BoxFuture<'a, Result<Completion, QueueError>> {
         Box::pin(async move { self.store_outcome(delivery, outcome) })
     }
 
@@ -468,7 +473,7 @@ impl JobQueue for MemoryQueue {
                 fhe_seconds: 0.0,
                 outcome: JobOutcome::failed(ErrorCode::DeadLettered, reason),
             };
-            self.store_outcome(delivery, &outcome)
+            self.store_outcome(delivery, &outcome).map(|_| ())
         })
     }
 

@@ -104,6 +104,15 @@ impl JobOutcome {
     }
 }
 
+/// What [`Broker::complete`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// This outcome is the job's.
+    Stored,
+    /// Another evaluation's outcome was there first and is kept; this one is dropped.
+    Duplicate,
+}
+
 /// An outcome as stored under its job id.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredOutcome {
@@ -240,12 +249,13 @@ pub trait JobQueue: Send + Sync {
         entries: &'a [String],
     ) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Store the outcome unless one exists (`SET NX`), clear the in-flight marker, announce it,
-    /// then acknowledge the entry.
+    /// then acknowledge the entry. [`Completion::Duplicate`] when an outcome was already stored:
+    /// the job was evaluated twice (a worker that lost its lease finished it anyway).
     fn complete<'a>(
         &'a self,
         delivery: &'a Delivery,
         outcome: &'a StoredOutcome,
-    ) -> BoxFuture<'a, Result<(), QueueError>>;
+    ) -> BoxFuture<'a, Result<Completion, QueueError>>;
     /// Record the job on the dead-letter stream and complete it as failed.
     fn dead_letter<'a>(
         &'a self,

@@ -7,6 +7,7 @@ pub struct WorkerMetrics {
     pub shards_owned: Gauge,
     pub jobs_received: Counter,
     pub jobs_done: Counter,
+    pub duplicate_outcomes: Counter,
     pub jobs_failed: Counter,
     pub jobs_expired: Counter,
     pub jobs_dead_lettered: Counter,
@@ -39,6 +40,11 @@ impl WorkerMetrics {
             "hyfhe_worker_jobs_done_total",
             "Jobs evaluated and stored.",
             self.jobs_done.get(),
+        );
+        e.counter(
+            "hyfhe_worker_duplicate_outcomes_total",
+            "Jobs finished here after another evaluation had stored their outcome.",
+            self.duplicate_outcomes.get(),
         );
         e.counter(
             "hyfhe_worker_jobs_failed_total",

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use actix::{Actor, Context, Handler, Message, ResponseFuture};
 
 use super::WorkerMetrics;
-use crate::queue::{Broker, Delivery, JobOutcome, QueueError, StoredOutcome};
+use crate::queue::{Broker, Completion, Delivery, JobOutcome, QueueError, StoredOutcome};
 
 pub struct ResultWriter {
     broker: Arc<dyn Broker>,
@@ -36,7 +36,13 @@ impl Handler<WriteOutcome> for ResultWriter {
         let broker = self.broker.clone();
         let metrics = self.metrics.clone();
         Box::pin(async move {
-            broker.complete(&msg.delivery, &msg.outcome).await?;
+            if broker.complete(&msg.delivery, &msg.outcome).await? == Completion::Duplicate {
+                // Another worker stored this job first (this one lost its lease mid-job, e.g.
+                // paused or cut off): its outcome stands and this one is dropped.
+                metrics.duplicate_outcomes.inc();
+                tracing::warn!(job = %msg.delivery.job.id, "outcome already stored by another evaluation");
+                return Ok(());
+            }
             match msg.outcome.outcome {
                 JobOutcome::Done(_) => metrics.jobs_done.inc(),
                 JobOutcome::Failed { .. } => metrics.jobs_failed.inc(),

@@ -15,22 +15,35 @@ fn compose() -> Value {
     serde_yaml::from_str(&read("docker-compose.yml")).unwrap()
 }
 
+/// A list of strings, variables resolved to their defaults.
 fn strings(v: &Value) -> Vec<String> {
     v.as_sequence()
         .unwrap_or_else(|| panic!("expected a list, got {v:?}"))
         .iter()
-        .map(|s| s.as_str().unwrap().to_string())
+        .map(|s| resolve(s.as_str().unwrap()))
         .collect()
 }
 
-/// `${VAR:-default}` as Compose resolves it with VAR unset.
+/// Every `${VAR:-default}` in `value` as Compose resolves it with VAR unset.
 fn resolve(value: &str) -> String {
-    match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
-        Some(inner) => inner
-            .split_once(":-")
-            .map_or(String::new(), |(_, d)| d.to_string()),
-        None => value.to_string(),
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("closed ${") + start;
+        let inner = &rest[start + 2..end];
+        out.push_str(inner.split_once(":-").map_or("", |(_, d)| d));
+        rest = &rest[end + 1..];
     }
+    out + rest
+}
+
+#[test]
+fn variables_resolve_to_their_defaults() {
+    assert_eq!(resolve("${A:-./models}:/models:ro"), "./models:/models:ro");
+    assert_eq!(resolve("${P:-8080}:8080"), "8080:8080");
+    assert_eq!(resolve("${T:-}"), "");
+    assert_eq!(resolve("plain"), "plain");
 }
 
 /// The service's environment with YAML merge keys (`<<: *anchor`) applied.
@@ -77,6 +90,13 @@ fn the_compose_file_matches_the_config_and_the_cli() {
         // Every variable is a config override that applies cleanly to docker.toml.
         let mut env = environment(service);
         // The tenants come from a mounted file, never from docker.toml.
+        if let Some(inline) = env.remove(hyfhe::config::TENANTS_ENV) {
+            assert_eq!(
+                (role, inline.as_str()),
+                ("coordinator", ""),
+                "no tenant by default"
+            );
+        }
         if let Some(file) = env.remove(hyfhe::config::TENANTS_FILE_ENV) {
             assert_eq!(role, "coordinator");
             let volumes = strings(&service["volumes"]);

@@ -7,8 +7,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use hyfhe::protocol::ErrorCode;
 use hyfhe::queue::{
-    shard_of, Begin, Broker, Job, JobOutcome, JobQueue, MemoryQueue, QueueError, QueueSettings,
-    RedisQueue, StoredOutcome,
+    shard_of, Begin, Broker, Completion, Job, JobOutcome, JobQueue, MemoryQueue, QueueError,
+    QueueSettings, RedisQueue, StoredOutcome,
 };
 
 use crate::cluster::RedisServer;
@@ -106,7 +106,10 @@ async fn contract(q: Arc<dyn Broker>) {
     assert_eq!((got[0].shard, got[0].deliveries), (shard, 1));
     assert_eq!(got[0].job, job("job-1", &session));
     let done = stored(JobOutcome::Done(vec![9, 9]));
-    q.complete(&got[0], &done).await.unwrap();
+    assert_eq!(
+        q.complete(&got[0], &done).await.unwrap(),
+        Completion::Stored
+    );
     let announced = tokio::time::timeout(Duration::from_secs(5), completions.next())
         .await
         .unwrap();
@@ -118,12 +121,11 @@ async fn contract(q: Arc<dyn Broker>) {
         "a finished job is not started again"
     );
     // SET NX: a second completion of the same job id keeps the first outcome.
-    q.complete(
-        &got[0],
-        &stored(JobOutcome::failed(ErrorCode::Internal, "late duplicate")),
-    )
-    .await
-    .unwrap();
+    let late = stored(JobOutcome::failed(ErrorCode::Internal, "late duplicate"));
+    assert_eq!(
+        q.complete(&got[0], &late).await.unwrap(),
+        Completion::Duplicate
+    );
     assert_eq!(q.outcome("job-1").await.unwrap(), Some(done));
     // A job that could not be enqueued gives its marker back.
     let orphan = job("job-orphan", &session);

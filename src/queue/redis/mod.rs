@@ -24,8 +24,8 @@ use tokio::sync::Mutex;
 
 use self::link::{unavailable, Link, CONNECT_TIMEOUT};
 use super::{
-    redact_url, BoxFuture, CompletionStream, Delivery, Job, JobQueue, Leases, QueueError,
-    QueueSettings, SessionRecord, SessionStore, StoredOutcome, TenantUsage,
+    redact_url, BoxFuture, Completion, CompletionStream, Delivery, Job, JobQueue, Leases,
+    QueueError, QueueSettings, SessionRecord, SessionStore, StoredOutcome, TenantUsage,
 };
 
 const PREFIX: &str = "hyfhe:";
@@ -228,7 +228,7 @@ impl JobQueue for RedisQueue {
         &'a self,
         delivery: &'a Delivery,
         outcome: &'a StoredOutcome,
-    ) -> BoxFuture<'a, Result<(), QueueError>> {
+    ) -> BoxFuture<'a, Result<Completion, QueueError>> {
         Box::pin(self.complete_job(delivery, outcome))
     }
 

@@ -8,12 +8,15 @@ use super::link::{is_dead, unavailable};
 use super::{RedisQueue, PREFIX};
 use crate::protocol::ErrorCode;
 use crate::queue::{
-    shard_of, Begin, CompletionStream, Delivery, Job, JobOutcome, QueueError, StoredOutcome,
+    shard_of, Begin, Completion, CompletionStream, Delivery, Job, JobOutcome, QueueError,
+    StoredOutcome,
 };
 
 pub(super) const GROUP: &str = "workers";
 const RESULTS_CHANNEL: &str = "hyfhe:results";
 const DEAD_LETTER: &str = "hyfhe:dead-letter";
+/// Jobs whose outcome was already stored when a worker finished them (evaluated twice).
+const DUPLICATE_OUTCOMES_KEY: &str = "hyfhe:stats:duplicate-outcomes";
 /// Entries kept on the dead-letter stream (approximately: `MAXLEN ~`).
 const DEAD_LETTER_CAP: usize = 10_000;
 /// Entries claimed per XAUTOCLAIM round trip.
@@ -346,7 +349,7 @@ impl RedisQueue {
         &self,
         delivery: &Delivery,
         outcome: &StoredOutcome,
-    ) -> Result<(), QueueError> {
+    ) -> Result<Completion, QueueError> {
         let bytes = encode(outcome);
         let stream = stream_key(delivery.shard);
         let job = &delivery.job;
@@ -372,11 +375,26 @@ impl RedisQueue {
             .cmd("XDEL")
             .arg(&stream)
             .arg(&delivery.entry_id);
-        let _: Value = self
+        let replies: Vec<Value> = self
             .commands
             .run(|mut c| async move { pipe.query_async(&mut c).await })
             .await?;
-        Ok(())
+        // `SET NX` answers nil when an outcome was already there: this evaluation was a second
+        // one. Counted in Redis too, so the count survives the worker (the compose fault tests
+        // read it after killing and scaling workers away).
+        if matches!(replies.first(), Some(Value::Nil)) {
+            let _: Value = self
+                .commands
+                .run(|mut c| async move {
+                    redis::cmd("INCR")
+                        .arg(DUPLICATE_OUTCOMES_KEY)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            return Ok(Completion::Duplicate);
+        }
+        Ok(Completion::Stored)
     }
 
     /// Record an entry on the dead-letter stream (no payload: it may be large) and remove it.
