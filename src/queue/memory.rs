@@ -298,6 +298,17 @@ impl JobQueue for MemoryQueue {
         })
     }
 
+    fn is_running<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<bool, QueueError>> {
+        Box::pin(async move {
+            let now = Instant::now();
+            Ok(self
+                .lock()
+                .running
+                .get(job_id)
+                .is_some_and(|r| r.expires > now))
+        })
+    }
+
     fn outcome<'a>(
         &'a self,
         job_id: &'a str,

@@ -209,6 +209,9 @@ pub trait JobQueue: Send + Sync {
         &'a self,
         job_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<StoredOutcome>, QueueError>>;
+    /// Whether `begin`'s in-flight marker of `job_id` exists: with no outcome either, the job is
+    /// gone (the store lost it, e.g. Redis restarted without persistence) and nobody will answer.
+    fn is_running<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<bool, QueueError>>;
     /// Every job id completed from now on (one subscription per coordinator).
     fn completions(&self) -> BoxFuture<'_, Result<CompletionStream, QueueError>>;
     /// Workers whose heartbeat is younger than the lease TTL.

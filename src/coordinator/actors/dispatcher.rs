@@ -66,6 +66,27 @@ pub struct Dispatched {
     pub enqueued: bool,
 }
 
+/// Called with no outcome stored: `None` while the job is still queued or running; otherwise the
+/// outcome stored meanwhile, or `Unavailable` when the store has neither (it lost the job: Redis
+/// restarted without persistence). Nobody would ever answer that job, so waiting out the deadline
+/// would only turn an outage of seconds into a `deadline_exceeded` minutes later; a retry under
+/// the same key enqueues it again (on a renewed session if the session went with it).
+async fn lost_job(broker: &dyn Broker, job_id: &str) -> Option<Result<StoredOutcome, ApiError>> {
+    match broker.is_running(job_id).await {
+        Ok(true) | Err(_) => None,
+        // The outcome and the marker change in one transaction, but between our two reads the
+        // job may have completed: look once more.
+        Ok(false) => match broker.outcome(job_id).await {
+            Ok(Some(stored)) => Some(Ok(stored)),
+            Ok(None) => Some(Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "the queue lost this job (it restarted); retry with the same job id",
+            ))),
+            Err(_) => None,
+        },
+    }
+}
+
 /// The same idempotency key with another body is a client bug, never silently answered.
 fn check_same_request(job: &Job, request_sha256: &str) -> Result<(), ApiError> {
     if request_sha256 == job.request_sha256 {
@@ -148,7 +169,13 @@ impl Handler<Dispatch> for Dispatcher {
                         let _ = tokio::time::timeout(left.min(RECHECK), done.changed()).await;
                         match broker.outcome(&job.id).await {
                             Ok(Some(stored)) => return Ok(Dispatched { stored, enqueued }),
-                            Ok(None) => {}
+                            Ok(None) => {
+                                if let Some(lost) = lost_job(&*broker, &job.id).await {
+                                    return lost
+                                        .map(|stored| Dispatched { stored, enqueued })
+                                        .map_err(|e| e.retry_after(retry_after));
+                                }
+                            }
                             // The job is queued or running: a store that blinks must cost
                             // latency, not the request.
                             Err(e) => {

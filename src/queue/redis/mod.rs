@@ -169,6 +169,10 @@ impl JobQueue for RedisQueue {
         Box::pin(self.enqueue_job(job))
     }
 
+    fn is_running<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<bool, QueueError>> {
+        Box::pin(self.job_running(job_id))
+    }
+
     fn outcome<'a>(
         &'a self,
         job_id: &'a str,

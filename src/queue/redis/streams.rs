@@ -83,6 +83,16 @@ impl RedisQueue {
         Ok(())
     }
 
+    pub(super) async fn job_running(&self, job_id: &str) -> Result<bool, QueueError> {
+        let key = running_key(job_id);
+        self.commands
+            .run(|mut c| {
+                let key = key.clone();
+                async move { redis::cmd("EXISTS").arg(key).query_async(&mut c).await }
+            })
+            .await
+    }
+
     pub(super) async fn begin_job(&self, job: &Job, ttl_ms: u64) -> Result<Begin, QueueError> {
         let reply: Vec<Vec<u8>> = self
             .commands

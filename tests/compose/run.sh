@@ -1,0 +1,229 @@
+#!/usr/bin/env bash
+# The docker-compose cluster, run for real: images built here without a registry
+# (deploy/local-images.sh), `docker compose up`, the digits model served to `hyfhe run --mode
+# remote` on the host (bit-identical to simulate), then container faults under open-loop load
+# from hyfhe-loadtest, each checked bit for bit against simulate (tests/compose/analyse.py):
+#
+#   kill-worker     docker kill one worker mid-load (its leases taken over, nothing lost)
+#   pause-worker    docker pause one past the lease TTL, then unpause (gives its shards up, rejoins)
+#   partition       docker network disconnect one worker, reconnect it
+#   restart-redis   docker compose restart redis (sessions renewed by clients, 503s meanwhile)
+#   restart-coord   docker compose restart coordinator (clients retry with the same job ids)
+#   scale-1-3-1     --scale worker=1, then 3, then 1 under load
+#
+# Prints a Markdown table (also written to target/compose-scenarios.md) and fails when any
+# scenario lost, got wrong or failed a forward. Skipped, with the reason, where no Docker engine
+# or Compose answers. Usage: tests/compose/run.sh [SCENARIO...] (default: all).
+# Environment: HYFHE_COMPOSE_RATE (forwards/s, default 2), HYFHE_COMPOSE_LOAD_S (seconds of load
+# per scenario, default 40), HYFHE_COMPOSE_KEEP=1 leaves the cluster up.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+skip() {
+    echo "tests/compose: skipped: $*"
+    exit 0
+}
+docker info >/dev/null 2>&1 || skip "no Docker engine answers (docker info failed)"
+if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+elif command -v docker-compose >/dev/null 2>&1; then
+    # Compose v1 applies deploy.replicas and deploy.resources.limits only in compatibility mode.
+    COMPOSE=(docker-compose --compatibility)
+else
+    skip "neither 'docker compose' nor 'docker-compose' is installed"
+fi
+
+RATE=${HYFHE_COMPOSE_RATE:-2}
+LOAD_S=${HYFHE_COMPOSE_LOAD_S:-40}
+SCENARIOS=("$@")
+[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(kill-worker pause-worker partition restart-redis restart-coord scale-1-3-1)
+# config/docker.toml: queue.lease_ttl_ms (5 s) and worker.max_pending (2 jobs per worker).
+LEASE_TTL_S=5
+MAX_PENDING=2
+
+log() { printf '[compose %s] %s\n' "$(date +%T)" "$*" >&2; }
+now_ms() { date +%s%3N; }
+
+cargo build --release --locked --quiet --workspace --bins
+HYFHE=target/release/hyfhe
+LOADTEST=target/release/hyfhe-loadtest
+HYFHE_BINARY=$HYFHE deploy/local-images.sh
+
+work=$(mktemp -d)
+chmod 755 "$work" # the containers run as uid 10001 and read the models from here
+project="hyfhe-ci-$$"
+compose() { "${COMPOSE[@]}" -p "$project" "$@"; }
+cleanup() {
+    status=$?
+    if [ "$status" -ne 0 ]; then
+        for s in coordinator worker redis; do
+            log "last logs of $s:"
+            compose logs --tail 30 "$s" 2>&1 | tail -60 >&2 || true
+        done
+    fi
+    if [ "${HYFHE_COMPOSE_KEEP:-0}" = 1 ]; then
+        log "left running: project $project (docker-compose -p $project down -v)"
+    else
+        compose down -v --timeout 5 >/dev/null 2>&1 || true
+        rm -rf "$work"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+
+log "compiling the digits CNN into $work/models"
+$HYFHE compile --model tests/fixtures/digits_cnn.onnx \
+    --remote features.2 --remote classifier.0 --remote classifier.2 \
+    --calibration tests/fixtures/digits_calibration_images.npy \
+    --out "$work/models/digits_cnn" --force >/dev/null
+API_KEY="ci-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+printf '[[tenants]]\nname = "compose-ci"\napi_key_sha256 = "%s"\n' "$($HYFHE keys hash "$API_KEY")" \
+    >"$work/tenants.toml"
+export HYFHE_MODELS_PATH="$work/models" HYFHE_TENANTS_PATH="$work/tenants.toml"
+HYFHE_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+export HYFHE_PORT
+URL="http://127.0.0.1:$HYFHE_PORT"
+
+containers() { docker ps -q --filter "label=com.docker.compose.project=$project" --filter "label=com.docker.compose.service=$1"; }
+# Wait until the coordinator is ready and N workers report healthy (they hold shards).
+wait_ready() {
+    local want=$1 deadline=$((SECONDS + 180)) healthy
+    while :; do
+        healthy=0
+        for c in $(containers worker); do
+            [ "$(docker inspect -f '{{.State.Health.Status}}' "$c")" = healthy ] && healthy=$((healthy + 1))
+        done
+        if [ "$healthy" -eq "$want" ] && curl -fsS "$URL/health/ready" >/dev/null 2>&1; then
+            break
+        fi
+        [ $SECONDS -lt $deadline ] || {
+            log "not ready after 180 s: $healthy of $want workers healthy"
+            return 1
+        }
+        sleep 1
+    done
+    sleep $((LEASE_TTL_S / 2 + 1)) # let the shard leases settle over the workers
+}
+duplicates() {
+    docker exec "$(containers redis)" redis-cli GET hyfhe:stats:duplicate-outcomes | tr -dc 0-9 || true
+}
+
+log "docker compose up (project $project, coordinator on $URL)"
+t=$SECONDS
+compose up -d >/dev/null 2>&1 || compose up -d
+wait_ready 3
+log "cluster ready in $((SECONDS - t)) s: $(docker ps --filter "label=com.docker.compose.project=$project" --format '{{.Names}}' | sort | tr '\n' ' ')"
+
+log "hyfhe run --mode remote through the cluster, compared with simulate"
+$HYFHE run "$work/models/digits_cnn" --mode remote --compare simulate \
+    --input tests/fixtures/digits_test_images.npy --first 16 \
+    --labels tests/fixtures/digits_test_y.npy \
+    --server "$URL" --api-key "$API_KEY" --json >"$work/demo.json"
+python3 - "$work/demo.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["mode"] == "remote" and r["reference"]["mode"] == "simulate", r
+if not r["reference"]["bit_identical"]:
+    sys.exit(f"remote differs from simulate: max |diff| {r['reference']['max_abs_diff']}")
+print(f"[compose] digits through the cluster: 16 images, accuracy {100 * r['accuracy']:.1f}%, "
+      f"bit-identical to simulate, {r['stats']['requests']} requests, {r['total_ms']:.0f} ms", file=sys.stderr)
+PY
+
+# --- fault scenarios ------------------------------------------------------------------------
+table="$work/table.md"
+{
+    echo "| scenario | forwards | module requests | final errors | retried attempts (cause) | lost | wrong | duplicate evaluations | fault (s) | recovery (s) | p50 (ms) | max (s) |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+} >"$table"
+failed=0
+
+# The faults: each runs while the load does and returns when the fault is over.
+fault_kill-worker() { docker kill "$(containers worker | head -1)" >/dev/null; }
+fault_pause-worker() {
+    local c
+    c=$(containers worker | head -1)
+    docker pause "$c" >/dev/null
+    sleep $((2 * LEASE_TTL_S))
+    docker unpause "$c" >/dev/null
+}
+fault_partition() {
+    local c net
+    c=$(containers worker | head -1)
+    net=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$c")
+    docker network disconnect "$net" "$c"
+    sleep $((2 * LEASE_TTL_S))
+    docker network connect --alias worker "$net" "$c"
+}
+fault_restart-redis() { compose restart redis >/dev/null 2>&1; }
+fault_restart-coord() { compose restart coordinator >/dev/null 2>&1; }
+fault_scale-1-3-1() {
+    compose up -d --no-recreate --scale worker=1 >/dev/null 2>&1
+    sleep 8
+    compose up -d --no-recreate --scale worker=3 >/dev/null 2>&1
+    sleep 10
+    compose up -d --no-recreate --scale worker=1 >/dev/null 2>&1
+}
+# After each: the cluster back to three ready workers.
+restore() {
+    local c
+    for c in $(docker ps -aq --filter "label=com.docker.compose.project=$project" --filter status=exited); do
+        docker start "$c" >/dev/null
+    done
+    compose up -d --no-recreate --scale worker=3 >/dev/null 2>&1
+    wait_ready 3
+}
+# Duplicate evaluations a fault can explain: the jobs the cut-off worker had in hand.
+allowed_dups() {
+    case "$1" in
+    pause-worker | partition) echo "$MAX_PENDING" ;;
+    *) echo 0 ;;
+    esac
+}
+
+for name in "${SCENARIOS[@]}"; do
+    declare -F "fault_$name" >/dev/null || {
+        echo "unknown scenario $name" >&2
+        exit 2
+    }
+    load_s=$LOAD_S
+    [ "$name" != scale-1-3-1 ] || load_s=$((LOAD_S + 20))
+    log "$name: ${load_s} s of load at $RATE/s"
+    dups_before=$(duplicates)
+    events="$work/$name.events"
+    rm -f "$events"
+    $LOADTEST --server "$URL" --api-key "$API_KEY" --model digits_cnn \
+        --input tests/fixtures/digits_test_images.npy --rate "$RATE" --clients 4 \
+        --duration-s "$load_s" --drain-s 180 --verify-with "$work/models/digits_cnn" \
+        --events "$events" --json >"$work/$name.json" 2>"$work/$name.err" &
+    load=$!
+    # Fault once the load has run a few seconds (sessions are opened and warmed up first).
+    until [ -f "$events" ] && [ "$(grep -c '"ok"' "$events" || true)" -ge $((RATE * 5)) ]; do
+        kill -0 "$load" 2>/dev/null || break
+        sleep 0.2
+    done
+    start=$(now_ms)
+    "fault_$name"
+    end=$(now_ms)
+    log "$name: fault over after $(((end - start) / 1000)) s"
+    if ! wait "$load"; then
+        log "$name: hyfhe-loadtest failed:"
+        tail -20 "$work/$name.err" >&2
+        exit 1
+    fi
+    dups_after=$(duplicates)
+    dups=$((${dups_after:-0} - ${dups_before:-0}))
+    [ "$dups" -ge 0 ] || dups=${dups_after:-0} # Redis restarted: its counter began again
+    python3 tests/compose/analyse.py "$name" "$work/$name.json" "$events" "$start" "$end" \
+        "$dups" "$(allowed_dups "$name")" >>"$table" || failed=1
+    tail -1 "$table" >&2
+    restore
+done
+
+mkdir -p target
+cp "$table" target/compose-scenarios.md
+cat "$table"
+[ "$failed" = 0 ] || {
+    log "some scenarios broke their promises (above)"
+    exit 1
+}
+log "all scenarios: nothing lost, nothing wrong"
