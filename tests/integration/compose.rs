@@ -1,4 +1,5 @@
-//! docker-compose.yml and the Dockerfile, checked by parsing (no Docker engine here): the
+//! docker-compose.yml and the Dockerfile, checked by parsing (tests/compose/run.sh runs them for
+//! real where a Docker engine answers): the
 //! services, commands, ports, volumes and environment must agree with the configuration.
 
 use std::collections::BTreeMap;

@@ -95,6 +95,9 @@ async fn contract(q: Arc<dyn Broker>) {
             request_sha256: "digest-of-body".into()
         }
     );
+    // What a waiting coordinator checks to tell a running job from one the store lost.
+    assert!(q.is_running("job-1").await.unwrap());
+    assert!(!q.is_running("job-never-begun").await.unwrap());
     q.enqueue(&job("job-1", &session)).await.unwrap();
     assert!(q
         .read("worker-b", &b.owned, 10, 50)
@@ -114,6 +117,7 @@ async fn contract(q: Arc<dyn Broker>) {
         .await
         .unwrap();
     assert_eq!(announced.as_deref(), Some("job-1"));
+    assert!(!q.is_running("job-1").await.unwrap(), "done, not running");
     assert_eq!(q.outcome("job-1").await.unwrap(), Some(done.clone()));
     assert_eq!(
         q.begin(&job("job-1", &session), 60_000).await.unwrap(),
@@ -131,6 +135,7 @@ async fn contract(q: Arc<dyn Broker>) {
     let orphan = job("job-orphan", &session);
     assert_eq!(q.begin(&orphan, 60_000).await.unwrap(), Begin::Started);
     q.abandon(&orphan.id).await.unwrap();
+    assert!(!q.is_running(&orphan.id).await.unwrap());
     assert_eq!(q.begin(&orphan, 60_000).await.unwrap(), Begin::Started);
     assert_eq!(q.depth().await.unwrap(), 0);
 

@@ -605,6 +605,71 @@ fn a_full_queue_or_too_many_in_flight_requests_get_503_or_429_with_retry_after()
 }
 
 #[test]
+fn a_job_the_queue_lost_is_answered_503_at_once_not_at_the_deadline() {
+    let _serial = serial();
+    hyfhe::client::block_on(async {
+        // No worker, a long deadline: the request waits on its queued job until Redis loses it
+        // (FLUSHALL: what a restart without persistence does).
+        let redis = crate::cluster::RedisServer::start();
+        let config_dir = tempfile::tempdir().unwrap();
+        let mut env = crate::cluster::base_env(&MODELS.dir);
+        env.extend(crate::cluster::env(&[
+            ("QUEUE__BACKEND", "redis"),
+            ("QUEUE__REDIS_URL", &redis.url()),
+            ("COORDINATOR__REQUEST_TIMEOUT_MS", "60000"),
+        ]));
+        let config = config_file(config_dir.path());
+        let coordinator = Service::spawn(
+            "coordinator",
+            &["coordinator", "--config", config.to_str().unwrap()],
+            &env,
+        );
+        let url = coordinator.url.clone();
+        let fc = &MODELS.served[0];
+        let (_dir, model, session) = connect(&url, fc.name, SESSION_KEYS.clone()).await;
+        let api = Api {
+            http: reqwest::Client::new(),
+            url: url.clone(),
+        };
+        let path = format!("/v1/sessions/{}/modules/seq.0/compute", session.id());
+        let waiting = tokio::spawn(
+            api.post(&path, Some(API_KEY))
+                .header("x-hyfhe-session-token", session.token())
+                .header("idempotency-key", uuid_like())
+                .body(encrypted_zero_row(&model))
+                .send(),
+        );
+        let admitted = std::time::Instant::now();
+        while metric(&coordinator.metrics_url, "hyfhe_coordinator_in_flight") < 1.0 {
+            assert!(
+                admitted.elapsed() < Duration::from_secs(30),
+                "never admitted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let flushed = std::process::Command::new("redis-cli")
+            .args(["-u", &redis.url(), "FLUSHALL"])
+            .output()
+            .unwrap();
+        assert!(flushed.status.success(), "{flushed:?}");
+        let lost_at = std::time::Instant::now();
+        let answer = waiting.await.unwrap().unwrap();
+        let waited = lost_at.elapsed();
+        assert_eq!(answer.status().as_u16(), 503);
+        assert!(answer.headers().contains_key("retry-after"));
+        let body: serde_json::Value =
+            serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+        assert_eq!(code(&body), "unavailable", "{body}");
+        assert!(body["message"].as_str().unwrap().contains("lost"), "{body}");
+        // Found at the next re-check (2 s), far from the 60 s deadline.
+        assert!(
+            waited < Duration::from_secs(10),
+            "answered after {waited:?}"
+        );
+    })
+}
+
+#[test]
 fn the_embedded_server_passes_the_same_end_to_end_test_without_redis() {
     let _serial = serial();
     hyfhe::client::block_on(async {

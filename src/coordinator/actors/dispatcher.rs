@@ -21,6 +21,8 @@ use crate::queue::{Begin, Broker, Job, QueueError, StoredOutcome};
 /// Re-check the stored outcome this often even without a completion message (a lost publish
 /// must cost latency, not the request).
 const RECHECK: Duration = Duration::from_secs(2);
+/// How long before the deadline the in-flight marker may be missing because it expired.
+const MARKER_MARGIN: Duration = Duration::from_secs(1);
 
 pub struct Dispatcher {
     broker: Arc<dyn Broker>,
@@ -169,13 +171,19 @@ impl Handler<Dispatch> for Dispatcher {
                         let _ = tokio::time::timeout(left.min(RECHECK), done.changed()).await;
                         match broker.outcome(&job.id).await {
                             Ok(Some(stored)) => return Ok(Dispatched { stored, enqueued }),
-                            Ok(None) => {
+                            // The marker lives as long as the request (`ttl_ms`): near the
+                            // deadline its absence means it expired, not that the job was lost.
+                            Ok(None)
+                                if deadline.saturating_duration_since(Instant::now())
+                                    > MARKER_MARGIN =>
+                            {
                                 if let Some(lost) = lost_job(&*broker, &job.id).await {
                                     return lost
                                         .map(|stored| Dispatched { stored, enqueued })
                                         .map_err(|e| e.retry_after(retry_after));
                                 }
                             }
+                            Ok(None) => {}
                             // The job is queued or running: a store that blinks must cost
                             // latency, not the request.
                             Err(e) => {
