@@ -13,6 +13,8 @@
 #
 #   deploy/local-images.sh            # then: docker compose up -d
 #   deploy/local-images.sh --rebase   # rebuild the base even if its recipe is unchanged
+#   deploy/local-images.sh --metrics  # also hyfhe-prometheus:debian (Debian's Prometheus) for the
+#                                     # metrics profile: HYFHE_PROMETHEUS_IMAGE=hyfhe-prometheus:debian
 #
 # Environment: DEBIAN_MIRROR (default http://deb.debian.org/debian), HYFHE_IMAGE_CACHE (where the
 # root filesystem is assembled; default ~/.cache/hyfhe-images), HYFHE_BINARY (use this binary
@@ -27,11 +29,13 @@ PACKAGES=ca-certificates,curl,redis-server
 BASE=hyfhe-base:$SUITE
 CACHE=${HYFHE_IMAGE_CACHE:-$HOME/.cache/hyfhe-images}
 rebase=0
+metrics=0
 for arg in "$@"; do
     case "$arg" in
     --rebase) rebase=1 ;;
+    --metrics) metrics=1 ;;
     -h | --help)
-        sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -99,5 +103,12 @@ log "building hyfhe:latest (Dockerfile target prebuilt on $BASE)"
 DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0} docker build --quiet --target prebuilt \
     --build-arg RUNTIME_IMAGE="$BASE" -f Dockerfile -t hyfhe:latest "$context" >/dev/null
 rm -rf "$context"
+
+# --- Prometheus for the metrics profile (optional: its package is fetched inside the build) -----
+if [ "$metrics" = 1 ]; then
+    log "building hyfhe-prometheus:debian (Debian's prometheus package on $BASE)"
+    DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0} docker build --quiet --build-arg BASE="$BASE" \
+        -t hyfhe-prometheus:debian - <deploy/prometheus.Dockerfile >/dev/null
+fi
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' \
-    | grep -E '^(hyfhe|hyfhe-base|redis):' >&2
+    | grep -E '^(hyfhe|hyfhe-base|hyfhe-prometheus|redis):' >&2
