@@ -92,7 +92,7 @@ binary=${HYFHE_BINARY:-}
 if [ -z "$binary" ]; then
     log "building the hyfhe binary (cargo build --release --bin hyfhe)"
     cargo build --release --locked --quiet --bin hyfhe
-    binary=target/release/hyfhe
+    binary=${CARGO_TARGET_DIR:-target}/release/hyfhe
 fi
 context="$CACHE/context"
 rm -rf "$context"

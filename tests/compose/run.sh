@@ -45,8 +45,9 @@ log() { printf '[compose %s] %s\n' "$(date +%T)" "$*" >&2; }
 now_ms() { date +%s%3N; }
 
 cargo build --release --locked --quiet --workspace --bins
-HYFHE=target/release/hyfhe
-LOADTEST=target/release/hyfhe-loadtest
+TARGET=${CARGO_TARGET_DIR:-target}
+HYFHE=$TARGET/release/hyfhe
+LOADTEST=$TARGET/release/hyfhe-loadtest
 HYFHE_BINARY=$HYFHE deploy/local-images.sh
 
 work=$(mktemp -d)
