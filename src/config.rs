@@ -68,6 +68,8 @@ pub struct CoordinatorConfig {
     /// Largest session request body (it carries the evaluation keys).
     pub max_session_bytes: usize,
     pub request_timeout_ms: u64,
+    /// Time a connection has to send a request head (actix's client request timeout; 408).
+    pub header_timeout_ms: u64,
     pub retry_after_s: u64,
 }
 
@@ -323,6 +325,10 @@ impl Config {
         positive(
             "coordinator.request_timeout_ms",
             self.coordinator.request_timeout_ms,
+        )?;
+        positive(
+            "coordinator.header_timeout_ms",
+            self.coordinator.header_timeout_ms,
         )?;
         if self.coordinator.max_body_bytes < 1 << 16 {
             return Err(invalid(

@@ -87,6 +87,7 @@ impl Application {
             config.coordinator.retry_after_s,
         );
         let sessions = SessionRegistry::new(broker.clone(), config.sessions.ttl_s).start();
+        let header_timeout = std::time::Duration::from_millis(config.coordinator.header_timeout_ms);
         let state = web::Data::new(AppState {
             config,
             catalog,
@@ -129,6 +130,10 @@ impl Application {
                 })
                 .configure(routes_config)
         })
+        // actix's default (5 s) is too short on a saturated machine: the only 408 this server
+        // sends came back to a test with 16 clients generating keys on 2 cores, whose request
+        // heads the server's threads did not get to read in time.
+        .client_request_timeout(header_timeout)
         .listen(listener)?
         .run();
         Ok(Self {

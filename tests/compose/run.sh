@@ -138,18 +138,38 @@ table="$work/table.md"
 } >"$table"
 failed=0
 
+# The worker to fault: the one receiving the most jobs over two seconds, so that the fault hits
+# shards the load is using (4 sessions use at most 4 of the 16 shards: an arbitrary worker could
+# hold none of them and the scenario would test nothing).
+jobs_received() {
+    local n
+    n=$(docker exec "$1" curl -fsS http://127.0.0.1:9090/metrics 2>/dev/null |
+        awk '$1 == "hyfhe_worker_jobs_received_total" { printf "%d", $2 }')
+    echo "${n:-0}"
+}
+busiest_worker() {
+    local c best="" most=-1 n
+    declare -A before
+    for c in $(containers worker); do before[$c]=$(jobs_received "$c"); done
+    sleep 2
+    for c in $(containers worker); do
+        n=$(($(jobs_received "$c") - ${before[$c]:-0}))
+        if [ "$n" -gt "$most" ]; then best=$c most=$n; fi
+    done
+    log "faulting worker $(docker inspect -f '{{.Name}}' "$best") ($most jobs in the last 2 s)"
+    echo "$best"
+}
+
 # The faults: each runs while the load does and returns when the fault is over.
-fault_kill-worker() { docker kill "$(containers worker | head -1)" >/dev/null; }
+fault_kill-worker() { docker kill "$VICTIM" >/dev/null; }
 fault_pause-worker() {
-    local c
-    c=$(containers worker | head -1)
+    local c=$VICTIM
     docker pause "$c" >/dev/null
     sleep $((2 * LEASE_TTL_S))
     docker unpause "$c" >/dev/null
 }
 fault_partition() {
-    local c net
-    c=$(containers worker | head -1)
+    local c=$VICTIM net
     net=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$c")
     docker network disconnect "$net" "$c"
     sleep $((2 * LEASE_TTL_S))
@@ -202,6 +222,8 @@ for name in "${SCENARIOS[@]}"; do
         kill -0 "$load" 2>/dev/null || break
         sleep 0.2
     done
+    VICTIM=""
+    case "$name" in kill-worker | pause-worker | partition) VICTIM=$(busiest_worker) ;; esac
     start=$(now_ms)
     "fault_$name"
     end=$(now_ms)
