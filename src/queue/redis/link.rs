@@ -99,6 +99,30 @@ impl Link {
         }
     }
 
+    /// [`Self::run`] for a command that is safe to repeat (a read, a `SET` of the same value):
+    /// when it fails on a dead connection and a new one opens, it runs once more on that one.
+    /// A connection that died unnoticed (Redis restarted while this link was idle) then costs
+    /// this call nothing, instead of failing a job that waits for redelivery.
+    pub(super) async fn run_repeatable<T, F, Fut>(&self, f: F) -> Result<T, QueueError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let (generation, conn) = self.current();
+        match f(conn).await {
+            Ok(v) => Ok(v),
+            Err(e) if is_dead(&e) => {
+                self.replace(generation).await;
+                let (now, _) = self.current();
+                if now == generation {
+                    return Err(unavailable(e));
+                }
+                self.run(f).await
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
     async fn replace(&self, failed: u64) {
         let _one_at_a_time = self.replacing.lock().await;
         if self.current().0 != failed {

@@ -128,7 +128,9 @@ impl RedisQueue {
     ) -> Result<Option<T>, QueueError> {
         let bytes: Option<Vec<u8>> = self
             .commands
-            .run(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
+            .run_repeatable(
+                |mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await },
+            )
             .await?;
         bytes
             .map(|b| {

@@ -40,7 +40,7 @@ impl RedisQueue {
     ) -> Result<(), QueueError> {
         let _: Value = self
             .blobs
-            .run(|mut c| async move {
+            .run_repeatable(|mut c| async move {
                 redis::cmd("SET")
                     .arg(key_key(key_id))
                     .arg(bytes)
@@ -55,7 +55,7 @@ impl RedisQueue {
 
     pub(super) async fn load_key(&self, key_id: &str) -> Result<Option<Vec<u8>>, QueueError> {
         self.blobs
-            .run(|mut c| async move {
+            .run_repeatable(|mut c| async move {
                 redis::cmd("GET")
                     .arg(key_key(key_id))
                     .query_async(&mut c)
