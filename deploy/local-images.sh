@@ -46,6 +46,15 @@ for arg in "$@"; do
 done
 
 log() { printf '[local-images] %s\n' "$*" >&2; }
+# docker build, quiet unless it fails (the legacy builder's deprecation notice is noise: BuildKit
+# is off on purpose, see the Dockerfile, and may not even be installed).
+build() {
+    local out
+    out=$(DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0} docker build --quiet "$@" 2>&1) || {
+        printf '%s\n' "$out" >&2
+        return 1
+    }
+}
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 docker info >/dev/null 2>&1 || {
@@ -100,15 +109,13 @@ mkdir -p "$context/target/release"
 cp -p "$binary" "$context/target/release/hyfhe"
 cp -rp config "$context/config"
 log "building hyfhe:latest (Dockerfile target prebuilt on $BASE)"
-DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0} docker build --quiet --target prebuilt \
-    --build-arg RUNTIME_IMAGE="$BASE" -f Dockerfile -t hyfhe:latest "$context" >/dev/null
+build --target prebuilt --build-arg RUNTIME_IMAGE="$BASE" -f Dockerfile -t hyfhe:latest "$context"
 rm -rf "$context"
 
 # --- Prometheus for the metrics profile (optional: its package is fetched inside the build) -----
 if [ "$metrics" = 1 ]; then
     log "building hyfhe-prometheus:debian (Debian's prometheus package on $BASE)"
-    DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0} docker build --quiet --build-arg BASE="$BASE" \
-        -t hyfhe-prometheus:debian - <deploy/prometheus.Dockerfile >/dev/null
+    build --build-arg BASE="$BASE" -t hyfhe-prometheus:debian - <deploy/prometheus.Dockerfile
 fi
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' \
     | grep -E '^(hyfhe|hyfhe-base|hyfhe-prometheus|redis):' >&2
