@@ -3,8 +3,10 @@
 # With a registry (builds hyfhe from source in a Rust image):
 #   docker build -t hyfhe .
 #   docker run --rm hyfhe demo
-# Without one, deploy/local-images.sh builds the `prebuilt` target on a Debian base made with
-# debootstrap, from a binary built on the host. Both base images are build arguments.
+# Without one, deploy/local-images.sh builds the `runtime` stage on a Debian base made with
+# debootstrap and adds a binary built on the host (deploy/prebuilt.Dockerfile). Both base images
+# are build arguments. The runtime stage comes first so that `--target runtime` builds nothing
+# else, with or without BuildKit (the legacy builder builds every stage before its target).
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 ARG BUILD_IMAGE=rust:1.91-bookworm
 
@@ -21,11 +23,6 @@ COPY config /etc/hyfhe
 USER hyfhe
 ENTRYPOINT ["hyfhe"]
 CMD ["--help"]
-
-# A binary built on the host (context: target/release/hyfhe, config/). Placed before the source
-# build so that `--target prebuilt` never needs the Rust image, with or without BuildKit.
-FROM runtime AS prebuilt
-COPY target/release/hyfhe /usr/local/bin/hyfhe
 
 FROM ${BUILD_IMAGE} AS build
 WORKDIR /src

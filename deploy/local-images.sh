@@ -5,8 +5,9 @@
 #                         needs (ca-certificates, curl) and redis-server.
 #   redis:7-bookworm      that base under the tag the compose file's redis service names (Debian
 #                         bookworm ships Redis 7.0).
-#   hyfhe:latest          the Dockerfile's `prebuilt` target on that base, with a hyfhe binary
-#                         built here on the host (same Debian release, so the same glibc).
+#   hyfhe:latest          the Dockerfile's `runtime` stage on that base plus a hyfhe binary built
+#                         here on the host (deploy/prebuilt.Dockerfile; build on Debian bookworm
+#                         or an older glibc: the binary must run on bookworm's).
 #
 # Idempotent: the base is rebuilt only when its recipe changes (a label on the image records it)
 # and the hyfhe image reuses Docker's layer cache, so a second run takes seconds.
@@ -103,14 +104,20 @@ if [ -z "$binary" ]; then
     cargo build --release --locked --quiet --bin hyfhe
     binary=${CARGO_TARGET_DIR:-target}/release/hyfhe
 fi
-context="$CACHE/context"
-rm -rf "$context"
-mkdir -p "$context/target/release"
-cp -p "$binary" "$context/target/release/hyfhe"
+mkdir -p "$CACHE"
+context=$(mktemp -d "$CACHE/context.XXXXXX")
+trap 'rm -rf "$context"' EXIT
+cp -p "$binary" "$context/hyfhe"
 cp -rp config "$context/config"
-log "building hyfhe:latest (Dockerfile target prebuilt on $BASE)"
-build --target prebuilt --build-arg RUNTIME_IMAGE="$BASE" -f Dockerfile -t hyfhe:latest "$context"
-rm -rf "$context"
+log "building hyfhe:latest (the Dockerfile's runtime stage on $BASE, plus $binary)"
+build --target runtime --build-arg RUNTIME_IMAGE="$BASE" -f Dockerfile \
+    -t "hyfhe-runtime:$SUITE" "$context"
+build --build-arg RUNTIME="hyfhe-runtime:$SUITE" -f deploy/prebuilt.Dockerfile -t hyfhe:latest \
+    "$context"
+docker run --rm --entrypoint hyfhe hyfhe:latest --version >/dev/null || {
+    echo "$binary does not run in $BASE (built against a newer glibc than bookworm's?)" >&2
+    exit 1
+}
 
 # --- Prometheus for the metrics profile (optional: its package is fetched inside the build) -----
 if [ "$metrics" = 1 ]; then
@@ -118,4 +125,4 @@ if [ "$metrics" = 1 ]; then
     build --build-arg BASE="$BASE" -t hyfhe-prometheus:debian - <deploy/prometheus.Dockerfile
 fi
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' \
-    | grep -E '^(hyfhe|hyfhe-base|hyfhe-prometheus|redis):' >&2
+    | grep -E '^(hyfhe|hyfhe-base|hyfhe-runtime|hyfhe-prometheus|redis):' >&2

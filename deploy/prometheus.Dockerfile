@@ -7,7 +7,6 @@ FROM ${BASE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends prometheus \
     && rm -rf /var/lib/apt/lists/* \
-    && ln -s /usr/bin/prometheus /bin/prometheus 2>/dev/null || true \
     && mkdir -p /prometheus && chown nobody:nogroup /prometheus
 USER nobody
 ENTRYPOINT ["/usr/bin/prometheus"]

@@ -176,6 +176,9 @@ pub struct Quota {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TenantsFile {
+    /// An empty file is allowed: compose always mounts one, and the tenants may all come from
+    /// `HYFHE_TENANTS`.
+    #[serde(default)]
     tenants: Vec<TenantConfig>,
 }
 

@@ -100,8 +100,8 @@ struct Args {
     /// Open loop: check every result bit for bit against `simulate` run on DIR, the compiled
     /// model as `hyfhe compile` wrote it (simulate needs its server/ tree, which the downloaded
     /// client tree lacks). Forward i then sends input window i % K (K distinct windows of
-    /// --batch samples, at most 16), so that a result delivered to the wrong forward cannot pass;
-    /// mismatches are counted as `wrong`.
+    /// --batch samples, at most 16), so that a result delivered to another forward passes only
+    /// if that forward sent the same input; mismatches are counted as `wrong`.
     #[arg(long, value_name = "DIR", requires = "rate")]
     verify_with: Option<PathBuf>,
     /// Open loop: write one JSON line per finished forward (its index, due and completion time in

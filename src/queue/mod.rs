@@ -259,6 +259,11 @@ pub trait JobQueue: Send + Sync {
         delivery: &'a Delivery,
         outcome: &'a StoredOutcome,
     ) -> BoxFuture<'a, Result<Completion, QueueError>>;
+    /// Count a second evaluation of a job where the count outlives the worker (Redis:
+    /// `hyfhe:stats:duplicate-outcomes`); the in-process queue keeps no such count.
+    fn count_duplicate(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+        Box::pin(async { Ok(()) })
+    }
     /// Record the job on the dead-letter stream and complete it as failed.
     fn dead_letter<'a>(
         &'a self,

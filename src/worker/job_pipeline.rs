@@ -77,23 +77,24 @@ async fn run(p: &Pipeline, delivery: &Delivery) {
         fhe_seconds,
         outcome,
     };
-    let outcome = if now_unix_ms() > job.deadline_unix_ms {
+    let (outcome, evaluated) = if now_unix_ms() > job.deadline_unix_ms {
         p.metrics.jobs_expired.inc();
-        stored(
+        let expired = stored(
             0.0,
             JobOutcome::failed(
                 ErrorCode::DeadlineExceeded,
                 "the job's deadline passed before a worker took it",
             ),
-        )
+        );
+        (expired, false)
     } else {
         match p.broker.outcome(&job.id).await {
             // A redelivery of a job whose outcome is stored: acknowledge, do not recompute.
-            Ok(Some(done)) => done,
+            Ok(Some(done)) => (done, false),
             Ok(None) => match evaluate(p, delivery).await {
-                Ok((bytes, seconds)) => stored(seconds, JobOutcome::Done(bytes)),
+                Ok((bytes, seconds)) => (stored(seconds, JobOutcome::Done(bytes)), true),
                 Err(e) => match e.code() {
-                    Some(code) => stored(0.0, JobOutcome::failed(code, e.to_string())),
+                    Some(code) => (stored(0.0, JobOutcome::failed(code, e.to_string())), true),
                     None => return leave_pending(p, delivery, &e),
                 },
             },
@@ -103,6 +104,7 @@ async fn run(p: &Pipeline, delivery: &Delivery) {
     let write = p.writer.send(WriteOutcome {
         delivery: delivery.clone(),
         outcome,
+        evaluated,
     });
     match write.instrument(tracing::info_span!("publish")).await {
         Ok(Ok(())) => {}

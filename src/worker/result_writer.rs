@@ -27,6 +27,9 @@ impl Actor for ResultWriter {
 pub struct WriteOutcome {
     pub delivery: Delivery,
     pub outcome: StoredOutcome,
+    /// This worker evaluated the job (rather than finding its outcome stored on a redelivery):
+    /// only then is an outcome already there a second evaluation.
+    pub evaluated: bool,
 }
 
 impl Handler<WriteOutcome> for ResultWriter {
@@ -36,11 +39,16 @@ impl Handler<WriteOutcome> for ResultWriter {
         let broker = self.broker.clone();
         let metrics = self.metrics.clone();
         Box::pin(async move {
-            if broker.complete(&msg.delivery, &msg.outcome).await? == Completion::Duplicate {
+            let completion = broker.complete(&msg.delivery, &msg.outcome).await?;
+            if completion == Completion::Duplicate && msg.evaluated {
                 // Another worker stored this job first (this one lost its lease mid-job, e.g.
                 // paused or cut off): its outcome stands and this one is dropped.
                 metrics.duplicate_outcomes.inc();
                 tracing::warn!(job = %msg.delivery.job.id, "outcome already stored by another evaluation");
+                // The outcome is stored and the entry acknowledged: a failed count is only logged.
+                if let Err(e) = broker.count_duplicate().await {
+                    tracing::warn!(error = %e, "counting the duplicate evaluation failed");
+                }
                 return Ok(());
             }
             match msg.outcome.outcome {

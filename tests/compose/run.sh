@@ -14,7 +14,7 @@
 # Prints a Markdown table (also written to target/compose-scenarios.md) and fails when any
 # scenario lost, got wrong or failed a forward. Skipped, with the reason, where no Docker engine
 # or Compose answers. Usage: tests/compose/run.sh [SCENARIO...] (default: all).
-# Environment: HYFHE_COMPOSE_RATE (forwards/s, default 2), HYFHE_COMPOSE_LOAD_S (seconds of load
+# Environment: HYFHE_COMPOSE_RATE (whole forwards/s, default 2), HYFHE_COMPOSE_LOAD_S (seconds of load
 # per scenario, default 40), HYFHE_COMPOSE_KEEP=1 leaves the cluster up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,6 +35,10 @@ fi
 
 RATE=${HYFHE_COMPOSE_RATE:-2}
 LOAD_S=${HYFHE_COMPOSE_LOAD_S:-40}
+[[ "$RATE" =~ ^[1-9][0-9]*$ && "$LOAD_S" =~ ^[1-9][0-9]*$ ]] || {
+    echo "HYFHE_COMPOSE_RATE and HYFHE_COMPOSE_LOAD_S are whole numbers (forwards/s, seconds)" >&2
+    exit 2
+}
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(kill-worker pause-worker partition restart-redis restart-coord scale-1-3-1)
 # config/docker.toml: queue.lease_ttl_ms (5 s) and worker.max_pending (2 jobs per worker).
@@ -54,8 +58,17 @@ work=$(mktemp -d)
 chmod 755 "$work" # the containers run as uid 10001 and read the models from here
 project="hyfhe-ci-$$"
 compose() { "${COMPOSE[@]}" -p "$project" "$@"; }
+load=""
 cleanup() {
     status=$?
+    # A scenario that failed mid-fault: stop its load and undo a pause before tearing down.
+    if [ -n "$load" ]; then
+        kill "$load" 2>/dev/null || true
+        wait "$load" 2>/dev/null || true
+    fi
+    for c in $(docker ps -q --filter "label=com.docker.compose.project=$project" --filter status=paused); do
+        docker unpause "$c" >/dev/null 2>&1 || true
+    done
     if [ "$status" -ne 0 ]; then
         for s in coordinator worker redis; do
             log "last logs of $s:"
@@ -78,8 +91,9 @@ $HYFHE compile --model tests/fixtures/digits_cnn.onnx \
     --calibration tests/fixtures/digits_calibration_images.npy \
     --out "$work/models/digits_cnn" --force >/dev/null
 API_KEY="ci-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
-printf '[[tenants]]\nname = "compose-ci"\napi_key_sha256 = "%s"\n' "$($HYFHE keys hash "$API_KEY")" \
-    >"$work/tenants.toml"
+KEY_HASH=$($HYFHE keys hash "$API_KEY")
+printf '[[tenants]]\nname = "compose-ci"\napi_key_sha256 = "%s"\n' "$KEY_HASH" >"$work/tenants.toml"
+chmod -R a+rX "$work" # whatever the umask: the containers run as uid 10001
 export HYFHE_MODELS_PATH="$work/models" HYFHE_TENANTS_PATH="$work/tenants.toml"
 HYFHE_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 export HYFHE_PORT
@@ -229,16 +243,21 @@ for name in "${SCENARIOS[@]}"; do
     end=$(now_ms)
     log "$name: fault over after $(((end - start) / 1000)) s"
     if ! wait "$load"; then
+        load=""
         log "$name: hyfhe-loadtest failed:"
         tail -20 "$work/$name.err" >&2
         exit 1
     fi
+    load=""
     dups_after=$(duplicates)
     dups=$((${dups_after:-0} - ${dups_before:-0}))
     [ "$dups" -ge 0 ] || dups=${dups_after:-0} # Redis restarted: its counter began again
-    python3 tests/compose/analyse.py "$name" "$work/$name.json" "$events" "$start" "$end" \
-        "$dups" "$(allowed_dups "$name")" >>"$table" || failed=1
-    tail -1 "$table" >&2
+    row=$(python3 tests/compose/analyse.py "$name" "$work/$name.json" "$events" "$start" "$end" \
+        "$dups" "$(allowed_dups "$name")") || failed=1
+    if [ -n "$row" ]; then
+        echo "$row" >>"$table"
+        echo "$row" >&2
+    fi
     restore
 done
 

@@ -639,11 +639,19 @@ fn a_job_the_queue_lost_is_answered_503_at_once_not_at_the_deadline() {
                 .body(encrypted_zero_row(&model))
                 .send(),
         );
+        // Admission comes before the body is read and the job begun: wait for the job's marker.
         let admitted = std::time::Instant::now();
-        while metric(&coordinator.metrics_url, "hyfhe_coordinator_in_flight") < 1.0 {
+        loop {
+            let scan = std::process::Command::new("redis-cli")
+                .args(["-u", &redis.url(), "--scan", "--pattern", "hyfhe:running:*"])
+                .output()
+                .unwrap();
+            if !scan.stdout.is_empty() {
+                break;
+            }
             assert!(
                 admitted.elapsed() < Duration::from_secs(30),
-                "never admitted"
+                "job never begun"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

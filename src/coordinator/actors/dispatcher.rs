@@ -171,11 +171,15 @@ impl Handler<Dispatch> for Dispatcher {
                         let _ = tokio::time::timeout(left.min(RECHECK), done.changed()).await;
                         match broker.outcome(&job.id).await {
                             Ok(Some(stored)) => return Ok(Dispatched { stored, enqueued }),
-                            // The marker lives as long as the request (`ttl_ms`): near the
-                            // deadline its absence means it expired, not that the job was lost.
+                            // Only the request that set the marker knows its lifetime: it was
+                            // set with this request's timeout, so until shortly before our
+                            // deadline its absence means the store lost the job, not that the
+                            // marker expired. A retry that joined a running job has a later
+                            // deadline than the marker and waits as before.
                             Ok(None)
-                                if deadline.saturating_duration_since(Instant::now())
-                                    > MARKER_MARGIN =>
+                                if enqueued
+                                    && deadline.saturating_duration_since(Instant::now())
+                                        > MARKER_MARGIN =>
                             {
                                 if let Some(lost) = lost_job(&*broker, &job.id).await {
                                     return lost

@@ -238,6 +238,10 @@ impl JobQueue for RedisQueue {
         Box::pin(self.complete_job(delivery, outcome))
     }
 
+    fn count_duplicate(&self) -> BoxFuture<'_, Result<(), QueueError>> {
+        Box::pin(self.incr_duplicates())
+    }
+
     fn dead_letter<'a>(
         &'a self,
         delivery: &'a Delivery,

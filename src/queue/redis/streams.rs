@@ -86,7 +86,7 @@ impl RedisQueue {
     pub(super) async fn job_running(&self, job_id: &str) -> Result<bool, QueueError> {
         let key = running_key(job_id);
         self.commands
-            .run(|mut c| {
+            .run_repeatable(|mut c| {
                 let key = key.clone();
                 async move { redis::cmd("EXISTS").arg(key).query_async(&mut c).await }
             })
@@ -389,22 +389,26 @@ impl RedisQueue {
             .commands
             .run(|mut c| async move { pipe.query_async(&mut c).await })
             .await?;
-        // `SET NX` answers nil when an outcome was already there: this evaluation was a second
-        // one. Counted in Redis too, so the count survives the worker (the compose fault tests
-        // read it after killing and scaling workers away).
+        // `SET NX` answers nil when an outcome was already there.
         if matches!(replies.first(), Some(Value::Nil)) {
-            let _: Value = self
-                .commands
-                .run(|mut c| async move {
-                    redis::cmd("INCR")
-                        .arg(DUPLICATE_OUTCOMES_KEY)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await?;
             return Ok(Completion::Duplicate);
         }
         Ok(Completion::Stored)
+    }
+
+    /// Count a second evaluation in Redis, so that the count outlives the worker (the compose
+    /// fault tests read it after killing and scaling workers away).
+    pub(super) async fn incr_duplicates(&self) -> Result<(), QueueError> {
+        let _: Value = self
+            .commands
+            .run(|mut c| async move {
+                redis::cmd("INCR")
+                    .arg(DUPLICATE_OUTCOMES_KEY)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
     }
 
     /// Record an entry on the dead-letter stream (no payload: it may be large) and remove it.
