@@ -72,7 +72,7 @@ async fn refresh_running(id: &str, pipeline: &Pipeline, leases: &Leases) {
     }
 }
 
-/// A shard just taken may hold a dead worker's unacknowledged jobs: take them all now. On shards
+/// A shard just taken may hold a dead worker's unacknowledged jobs: take them now. On shards
 /// held for a while, only entries idle past `claim_idle_ms` (jobs left pending after a transient
 /// failure; running ones were refreshed just before).
 async fn claim(
@@ -84,7 +84,11 @@ async fn claim(
 ) {
     for &shard in &leases.owned {
         let min_idle = if leases.acquired.contains(&shard) {
-            0
+            // Not 0: a shard handed over by a live worker (a rebalance) can still hold entries
+            // that worker read just before giving it up and is about to run; taking them would
+            // evaluate them twice (seen under `--scale`). A dead owner's entries have been idle
+            // at least the lease TTL less a heartbeat by now, so half the TTL still takes them all.
+            pipeline.broker.settings().lease_ttl_ms / 2
         } else if idle_round {
             settings.claim_idle_ms
         } else {
