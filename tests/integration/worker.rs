@@ -55,6 +55,9 @@ fn a_job_past_max_deliveries_is_dead_lettered_with_a_clear_error() {
         // Two deliveries to consumers that died before finishing (read, then a takeover).
         assert_eq!(queue.read("ghost", &[0], 1, 10).await.unwrap().len(), 1);
         assert_eq!(queue.claim("ghost", 0, 0).await.unwrap()[0].deliveries, 2);
+        // The ghost died: by the time its lease could have expired its entry has been idle; a
+        // takeover claims entries idle half a lease TTL (not those a live owner just read).
+        tokio::time::sleep(Duration::from_millis(config.queue.lease_ttl_ms / 2 + 100)).await;
         // A real worker takes the shard over: the third delivery is past the limit.
         let handle = worker::start(&config, broker, modules);
         let outcome = outcome_of(&queue, &job.id).await;
