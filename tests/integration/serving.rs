@@ -525,28 +525,41 @@ fn bad_requests_get_their_4xx_code_and_the_server_stays_healthy() {
     })
 }
 
+/// A coordinator over a fresh Redis with no worker (nothing drains the queue), with `extra`
+/// config overrides; the Redis server and config folder live as long as the caller keeps them.
+fn coordinator_without_workers(
+    extra: &[(&str, &str)],
+) -> (crate::cluster::RedisServer, tempfile::TempDir, Service) {
+    let redis = crate::cluster::RedisServer::start();
+    let config_dir = tempfile::tempdir().unwrap();
+    let mut env = crate::cluster::base_env(&MODELS.dir);
+    let url = redis.url();
+    let mut pairs = vec![
+        ("QUEUE__BACKEND", "redis"),
+        ("QUEUE__REDIS_URL", url.as_str()),
+    ];
+    pairs.extend_from_slice(extra);
+    env.extend(crate::cluster::env(&pairs));
+    let config = config_file(config_dir.path());
+    let coordinator = Service::spawn(
+        "coordinator",
+        &["coordinator", "--config", config.to_str().unwrap()],
+        &env,
+    );
+    (redis, config_dir, coordinator)
+}
+
 #[test]
 fn a_full_queue_or_too_many_in_flight_requests_get_503_or_429_with_retry_after() {
     let _serial = serial();
     hyfhe::client::block_on(async {
         // A coordinator with no worker: nothing drains the queue.
-        let redis = crate::cluster::RedisServer::start();
-        let config_dir = tempfile::tempdir().unwrap();
-        let mut env = crate::cluster::base_env(&MODELS.dir);
-        env.extend(crate::cluster::env(&[
-            ("QUEUE__BACKEND", "redis"),
-            ("QUEUE__REDIS_URL", &redis.url()),
+        let (_redis, _config_dir, coordinator) = coordinator_without_workers(&[
             ("COORDINATOR__MAX_IN_FLIGHT", "1"),
             ("COORDINATOR__REQUEST_TIMEOUT_MS", "3000"),
             ("COORDINATOR__RETRY_AFTER_S", "2"),
             ("QUEUE__MAX_DEPTH", "1"),
-        ]));
-        let config = config_file(config_dir.path());
-        let coordinator = Service::spawn(
-            "coordinator",
-            &["coordinator", "--config", config.to_str().unwrap()],
-            &env,
-        );
+        ]);
         let url = coordinator.url.clone();
         assert_eq!(
             http_get(&format!("{url}/health/ready")).0,
@@ -610,20 +623,8 @@ fn a_job_the_queue_lost_is_answered_503_at_once_not_at_the_deadline() {
     hyfhe::client::block_on(async {
         // No worker, a long deadline: the request waits on its queued job until Redis loses it
         // (FLUSHALL: what a restart without persistence does).
-        let redis = crate::cluster::RedisServer::start();
-        let config_dir = tempfile::tempdir().unwrap();
-        let mut env = crate::cluster::base_env(&MODELS.dir);
-        env.extend(crate::cluster::env(&[
-            ("QUEUE__BACKEND", "redis"),
-            ("QUEUE__REDIS_URL", &redis.url()),
-            ("COORDINATOR__REQUEST_TIMEOUT_MS", "60000"),
-        ]));
-        let config = config_file(config_dir.path());
-        let coordinator = Service::spawn(
-            "coordinator",
-            &["coordinator", "--config", config.to_str().unwrap()],
-            &env,
-        );
+        let (redis, _config_dir, coordinator) =
+            coordinator_without_workers(&[("COORDINATOR__REQUEST_TIMEOUT_MS", "60000")]);
         let url = coordinator.url.clone();
         let fc = &MODELS.served[0];
         let (_dir, model, session) = connect(&url, fc.name, SESSION_KEYS.clone()).await;
