@@ -108,18 +108,11 @@ impl Link {
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let (generation, conn) = self.current();
-        match f(conn).await {
-            Ok(v) => Ok(v),
-            Err(e) if is_dead(&e) => {
-                self.replace(generation).await;
-                let (now, _) = self.current();
-                if now == generation {
-                    return Err(unavailable(e));
-                }
-                self.run(f).await
-            }
-            Err(e) => Err(unavailable(e)),
+        let (generation, _) = self.current();
+        match self.run(&f).await {
+            // `run` replaced the dead connection: once more on the new one.
+            Err(_) if self.current().0 != generation => self.run(f).await,
+            done => done,
         }
     }
 
