@@ -119,6 +119,11 @@ impl SessionKeys {
         &self.key
     }
 
+    /// The encoded evaluation keys a session uploads, one per precision.
+    pub fn evaluation_key_blobs(&self) -> &[Vec<u8>] {
+        &self.evaluation_keys
+    }
+
     /// Bytes of evaluation keys a session uploads.
     pub fn upload_bytes(&self) -> usize {
         self.evaluation_keys.iter().map(Vec::len).sum()

@@ -12,6 +12,7 @@ pub struct CoordinatorMetrics {
     pub rejected_queue_full: Counter,
     pub rejected_quota: Counter,
     pub retries_joined: Counter,
+    pub outcome_checks: Counter,
     pub in_flight: Gauge,
     pub sessions_created: Counter,
     pub sessions_deleted: Counter,
@@ -60,6 +61,11 @@ impl CoordinatorMetrics {
             "hyfhe_coordinator_retries_joined_total",
             "Retries of a running job that waited for it instead of enqueueing it again.",
             self.retries_joined.get(),
+        );
+        e.counter(
+            "hyfhe_coordinator_outcome_checks_total",
+            "Reads of a job's stored outcome by requests waiting for it (woken or every 2 s).",
+            self.outcome_checks.get(),
         );
         e.gauge(
             "hyfhe_coordinator_in_flight",

@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, Notify};
 
 use super::{
     fair_share, shard_of, Begin, BoxFuture, Completion, CompletionStream, Delivery, Job,
-    JobOutcome, JobQueue, Leases, QueueError, QueueSettings, SessionRecord, SessionStore,
+    JobOutcome, JobQueue, Leases, Marker, QueueError, QueueSettings, SessionRecord, SessionStore,
     StoredOutcome, TenantUsage,
 };
 use crate::protocol::ErrorCode;
@@ -67,13 +67,14 @@ struct State {
     leases: Vec<Option<Expiring<String>>>,
     workers: HashMap<String, Instant>,
     outcomes: HashMap<String, Expiring<StoredOutcome>>,
-    /// In-flight markers: job id → request digest.
-    running: HashMap<String, Expiring<String>>,
+    /// In-flight markers by job id.
+    running: HashMap<String, Expiring<Marker>>,
     sessions: HashMap<String, Expiring<SessionRecord>>,
     keys: HashMap<String, Expiring<Vec<u8>>>,
     dead_letters: VecDeque<DeadLetter>,
     dead_lettered_total: usize,
     last_prune: Option<Instant>,
+    read_rotation: usize,
 }
 
 impl State {
@@ -161,7 +162,13 @@ impl MemoryQueue {
     fn take_unread(&self, shards: &[u32], count: usize) -> Vec<Delivery> {
         let mut state = self.lock();
         let mut out = Vec::new();
-        for &s in shards {
+        if shards.is_empty() {
+            return out;
+        }
+        // Start at a rotating shard, as the Redis queue does, so a busy shard cannot starve the rest.
+        state.read_rotation = state.read_rotation.wrapping_add(1);
+        let start = state.read_rotation % shards.len();
+        for &s in shards[start..].iter().chain(&shards[..start]) {
             let shard = &mut state.shards[s as usize];
             while out.len() < count {
                 let Some(seq) = shard.unread.pop_front() else {
@@ -244,7 +251,12 @@ impl JobQueue for MemoryQueue {
         Box::pin(async { Ok(()) })
     }
 
-    fn begin<'a>(&'a self, job: &'a Job, ttl_ms: u64) -> BoxFuture<'a, Result<Begin, QueueError>> {
+    fn begin<'a>(
+        &'a self,
+        job: &'a Job,
+        ttl_ms: u64,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Begin, QueueError>> {
         Box::pin(async move {
             let now = Instant::now();
             let mut state = self.lock();
@@ -252,15 +264,18 @@ impl JobQueue for MemoryQueue {
             if let Some(done) = state.outcomes.get(&job.id).and_then(|o| o.live(now)) {
                 return Ok(Begin::Done(done));
             }
-            if let Some(digest) = state.running.get(&job.id).and_then(|r| r.live(now)) {
+            if let Some(marker) = state.running.get(&job.id).and_then(|r| r.live(now)) {
                 return Ok(Begin::Running {
-                    request_sha256: digest,
+                    request_sha256: marker.request_sha256,
                 });
             }
             state.running.insert(
                 job.id.clone(),
                 Expiring {
-                    value: job.request_sha256.clone(),
+                    value: Marker {
+                        request_sha256: job.request_sha256.clone(),
+                        owner: owner.to_string(),
+                    },
                     expires: Self::ttl(ttl_ms),
                 },
             );
@@ -268,9 +283,20 @@ impl JobQueue for MemoryQueue {
         })
     }
 
-    fn abandon<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
+    fn abandon<'a>(
+        &'a self,
+        job_id: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
-            self.lock().running.remove(job_id);
+            let mut state = self.lock();
+            if state
+                .running
+                .get(job_id)
+                .is_some_and(|m| m.value.owner == owner)
+            {
+                state.running.remove(job_id);
+            }
             Ok(())
         })
     }
@@ -418,13 +444,21 @@ impl JobQueue for MemoryQueue {
         _worker: &'a str,
         shard: u32,
         min_idle_ms: u64,
+        count: usize,
     ) -> BoxFuture<'a, Result<Vec<Delivery>, QueueError>> {
         Box::pin(async move {
             let mut state = self.lock();
             let shard_state = &mut state.shards[shard as usize];
             let min_idle = Duration::from_millis(min_idle_ms);
             let mut out = Vec::new();
-            for (&seq, pending) in shard_state.pending.iter_mut() {
+            // Oldest first, like XAUTOCLAIM's scan from 0-0.
+            let mut seqs: Vec<u64> = shard_state.pending.keys().copied().collect();
+            seqs.sort_unstable();
+            for seq in seqs {
+                if out.len() >= count {
+                    break;
+                }
+                let pending = shard_state.pending.get_mut(&seq).expect("listed above");
                 if pending.delivered_at.elapsed() >= min_idle {
                     pending.delivered_at = Instant::now();
                     pending.deliveries += 1;
@@ -466,9 +500,21 @@ impl JobQueue for MemoryQueue {
         Box::pin(async move { self.store_outcome(delivery, outcome) })
     }
 
+    fn discard<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let seq = Self::entry_seq(delivery)?;
+            let mut state = self.lock();
+            let shard = &mut state.shards[delivery.shard as usize];
+            shard.pending.remove(&seq);
+            shard.jobs.remove(&seq);
+            Ok(())
+        })
+    }
+
     fn dead_letter<'a>(
         &'a self,
         delivery: &'a Delivery,
+        code: ErrorCode,
         reason: &'a str,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
@@ -482,7 +528,7 @@ impl JobQueue for MemoryQueue {
             let outcome = StoredOutcome {
                 request_sha256: job.request_sha256.clone(),
                 fhe_seconds: 0.0,
-                outcome: JobOutcome::failed(ErrorCode::DeadLettered, reason),
+                outcome: JobOutcome::failed(code, reason),
             };
             self.store_outcome(delivery, &outcome).map(|_| ())
         })

@@ -128,13 +128,22 @@ pub struct StoredOutcome {
 pub enum Begin {
     /// No outcome and no run: the marker is now ours, enqueue the job.
     Started,
-    /// Another request with this id is running; its body had this digest.
+    /// Another request with this id is running (or about to enqueue it); its body had this
+    /// digest.
     Running { request_sha256: String },
     /// The job already ended.
     Done(StoredOutcome),
 }
 
 /// A client session: one tenant's evaluation keys for one model.
+/// The value of an in-flight marker: the request's digest and the token of the request that
+/// set it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Marker {
+    pub request_sha256: String,
+    pub owner: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
     pub id: String,
@@ -199,10 +208,21 @@ pub trait JobQueue: Send + Sync {
     fn ping(&self) -> BoxFuture<'_, Result<(), QueueError>>;
 
     /// Claim `job.id` for one run: the stored outcome if it ended, the running request's digest
-    /// if it runs, or an in-flight marker set for `ttl_ms` ([`Begin::Started`]).
-    fn begin<'a>(&'a self, job: &'a Job, ttl_ms: u64) -> BoxFuture<'a, Result<Begin, QueueError>>;
-    /// Drop the in-flight marker of a job that could not be enqueued.
-    fn abandon<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<(), QueueError>>;
+    /// if it runs, or an in-flight marker set for `ttl_ms` and owned by `owner` (a token unique
+    /// to the request that begins it; [`Begin::Started`]).
+    fn begin<'a>(
+        &'a self,
+        job: &'a Job,
+        ttl_ms: u64,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Begin, QueueError>>;
+    /// Drop the in-flight marker of a job that could not be enqueued, if `owner` still owns it
+    /// (never a marker another request set since).
+    fn abandon<'a>(
+        &'a self,
+        job_id: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Append `job` to its session's shard; refuses with [`QueueError::Full`] past the cap.
     fn enqueue<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), QueueError>>;
     fn outcome<'a>(
@@ -227,8 +247,10 @@ pub trait JobQueue: Send + Sync {
         worker: &'a str,
         busy: &'a [u32],
     ) -> BoxFuture<'a, Result<Leases, QueueError>>;
-    /// New jobs of `shards`, waiting up to `block_ms` for the first. Entries that cannot be
-    /// decoded are dead-lettered on the spot and not returned.
+    /// At most `count` new jobs *in total* over `shards` (what the worker has room to start),
+    /// waiting up to `block_ms` for the first; successive reads start at different shards, so a
+    /// busy shard cannot starve the others. Entries that cannot be decoded are dead-lettered on
+    /// the spot and not returned.
     fn read<'a>(
         &'a self,
         worker: &'a str,
@@ -236,12 +258,14 @@ pub trait JobQueue: Send + Sync {
         count: usize,
         block_ms: u64,
     ) -> BoxFuture<'a, Result<Vec<Delivery>, QueueError>>;
-    /// Take over entries of `shard` delivered to anyone and unacknowledged for `min_idle_ms`.
+    /// Take over at most `count` entries of `shard` delivered to anyone and unacknowledged for
+    /// `min_idle_ms` (oldest first); fewer than `count` means none is left to take.
     fn claim<'a>(
         &'a self,
         worker: &'a str,
         shard: u32,
         min_idle_ms: u64,
+        count: usize,
     ) -> BoxFuture<'a, Result<Vec<Delivery>, QueueError>>;
     /// Reset the idle time of `entries` of `shard` (in flight on `worker`) without counting a
     /// delivery, so that no idle claim takes a job that is still running.
@@ -264,12 +288,17 @@ pub trait JobQueue: Send + Sync {
     fn count_duplicate(&self) -> BoxFuture<'_, Result<(), QueueError>> {
         Box::pin(async { Ok(()) })
     }
-    /// Record the job on the dead-letter stream and complete it as failed.
+    /// Record the job on the dead-letter stream and complete it as failed with `code`
+    /// ([`ErrorCode::DeadLettered`] past `max_deliveries`, [`ErrorCode::Internal`] for a panic).
     fn dead_letter<'a>(
         &'a self,
         delivery: &'a Delivery,
+        code: ErrorCode,
         reason: &'a str,
     ) -> BoxFuture<'a, Result<(), QueueError>>;
+    /// Acknowledge and delete the entry without storing an outcome (a job past its deadline:
+    /// nobody waits for it, and a retry under the same key must run it, not find a failure).
+    fn discard<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), QueueError>>;
     /// Entries on the dead-letter stream.
     fn dead_letters(&self) -> BoxFuture<'_, Result<usize, QueueError>>;
     /// Give back `worker`'s leases (graceful shutdown, once its jobs in flight are done).

@@ -2,6 +2,7 @@
 //! the shards whose jobs are still running (draining, not read), refreshes those jobs' entries so
 //! that no idle claim takes them, and claims pending entries of shards just taken over.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,9 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(settings.heartbeat_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_idle_claim = Instant::now();
+    // Shards with entries still to claim (more than there was room for), and the idle time
+    // their claims ask for.
+    let mut backlog: BTreeMap<u32, u64> = BTreeMap::new();
     while !shared.stopped.load(Ordering::Acquire) {
         tick.tick().await;
         if shared.stopped.load(Ordering::Acquire) {
@@ -53,7 +57,7 @@ pub async fn run(
             last_idle_claim = Instant::now();
         }
         if !shared.leaving.load(Ordering::Acquire) {
-            claim(&id, &settings, &pipeline, &leases, idle_round).await;
+            claim(&id, &settings, &pipeline, &leases, idle_round, &mut backlog).await;
         }
     }
     shared.keeper_done.store(true, Ordering::Release);
@@ -74,14 +78,18 @@ async fn refresh_running(id: &str, pipeline: &Pipeline, leases: &Leases) {
 
 /// A shard just taken may hold a dead worker's unacknowledged jobs: take them now. On shards
 /// held for a while, only entries idle past `claim_idle_ms` (jobs left pending after a transient
-/// failure; running ones were refreshed just before).
+/// failure; running ones were refreshed just before). A claim takes no more entries than there
+/// are free permits (each claimed entry starts at once, in flight); a shard with more left is
+/// claimed again at the next heartbeat.
 async fn claim(
     id: &str,
     settings: &WorkerConfig,
     pipeline: &Arc<Pipeline>,
     leases: &Leases,
     idle_round: bool,
+    backlog: &mut BTreeMap<u32, u64>,
 ) {
+    backlog.retain(|shard, _| leases.owned.contains(shard));
     for &shard in &leases.owned {
         let min_idle = if leases.acquired.contains(&shard) {
             // Not 0: a shard handed over by a live worker (a rebalance) can still hold entries
@@ -89,25 +97,36 @@ async fn claim(
             // evaluate them twice (seen under `--scale`). A dead owner's entries have been idle
             // at least the lease TTL less a heartbeat by now, so half the TTL still takes them all.
             pipeline.broker.settings().lease_ttl_ms / 2
+        } else if let Some(&min_idle) = backlog.get(&shard) {
+            min_idle
         } else if idle_round {
             settings.claim_idle_ms
         } else {
             continue;
         };
-        match pipeline.broker.claim(id, shard, min_idle).await {
+        let mut permits: Vec<_> = pipeline.spare_permits().collect();
+        if permits.is_empty() {
+            backlog.insert(shard, min_idle);
+            continue;
+        }
+        match pipeline
+            .broker
+            .claim(id, shard, min_idle, permits.len())
+            .await
+        {
             Ok(claimed) => {
-                for delivery in claimed {
-                    pipeline.metrics.jobs_claimed.inc();
-                    let p = pipeline.clone();
-                    actix::spawn(async move {
-                        let Ok(permit) = p.permits.clone().acquire_owned().await else {
-                            return;
-                        };
-                        p.start(delivery, permit);
-                    });
+                if claimed.len() < permits.len() {
+                    backlog.remove(&shard);
+                } else {
+                    backlog.insert(shard, min_idle);
                 }
+                pipeline.metrics.jobs_claimed.add(claimed.len() as u64);
+                pipeline.start_all(claimed, &mut permits).await;
             }
-            Err(e) => tracing::warn!(error = %e, shard, "claim failed"),
+            Err(e) => {
+                backlog.insert(shard, min_idle);
+                tracing::warn!(error = %e, shard, "claim failed");
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ pub struct WorkerMetrics {
     pub jobs_failed: Counter,
     pub jobs_expired: Counter,
     pub jobs_dead_lettered: Counter,
+    pub jobs_panicked: Counter,
     pub jobs_claimed: Counter,
     pub jobs_left_pending: Counter,
     pub jobs_in_progress: Gauge,
@@ -55,6 +56,11 @@ impl WorkerMetrics {
             "hyfhe_worker_jobs_expired_total",
             "Jobs dropped past their deadline.",
             self.jobs_expired.get(),
+        );
+        e.counter(
+            "hyfhe_worker_jobs_panicked_total",
+            "Evaluations that panicked (a bug): answered as internal errors and dead-lettered.",
+            self.jobs_panicked.get(),
         );
         e.counter(
             "hyfhe_worker_jobs_dead_lettered_total",

@@ -47,6 +47,9 @@ pub enum JobError {
     BadRequest(String),
     #[error("{0}")]
     Internal(String),
+    /// The evaluation panicked (a bug): final at once, never redelivered.
+    #[error("{0}")]
+    Panicked(String),
     /// Not the job's fault (Redis unreachable, a key blob that could not be read): the job is
     /// left pending and redelivered, never completed with this.
     #[error("{0}")]
@@ -59,7 +62,7 @@ impl JobError {
         match self {
             JobError::NotFound(_) => Some(ErrorCode::NotFound),
             JobError::BadRequest(_) => Some(ErrorCode::BadRequest),
-            JobError::Internal(_) => Some(ErrorCode::Internal),
+            JobError::Internal(_) | JobError::Panicked(_) => Some(ErrorCode::Internal),
             JobError::Transient(_) => None,
         }
     }
@@ -73,8 +76,27 @@ pub struct WorkerHandle {
     pub metrics: Arc<WorkerMetrics>,
 }
 
+/// Faults a test injects into a worker (never set by a served path).
+#[doc(hidden)]
+#[derive(Clone, Debug, Default)]
+pub struct TestHooks {
+    /// Evaluating this module panics on the evaluator's thread, as a bug in an engine would.
+    pub panic_on_module: Option<String>,
+}
+
 /// Start a worker's actors on the current actix system.
 pub fn start(config: &Config, broker: Arc<dyn Broker>, modules: Arc<ModuleSet>) -> WorkerHandle {
+    start_with_hooks(config, broker, modules, TestHooks::default())
+}
+
+/// [`start`] with injected faults.
+#[doc(hidden)]
+pub fn start_with_hooks(
+    config: &Config,
+    broker: Arc<dyn Broker>,
+    modules: Arc<ModuleSet>,
+    hooks: TestHooks,
+) -> WorkerHandle {
     let id = if config.worker.id.is_empty() {
         default_worker_id()
     } else {
@@ -96,6 +118,7 @@ pub fn start(config: &Config, broker: Arc<dyn Broker>, modules: Arc<ModuleSet>) 
         threads,
         config.worker.max_job_bytes as usize,
         metrics.clone(),
+        hooks,
     )
     .start();
     let writer = ResultWriter::new(broker.clone(), metrics.clone()).start();

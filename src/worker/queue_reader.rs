@@ -198,13 +198,15 @@ async fn reads(
     mut shards: watch::Receiver<Vec<u32>>,
 ) {
     while !shared.leaving.load(Ordering::Acquire) {
-        // Only read what we can start: jobs left unread stay for a worker with room.
-        let Ok(permit) = pipeline.permits.clone().acquire_owned().await else {
+        // Only read what we can start: every entry holds a permit from the moment it is read, so
+        // at most `max_pending` entries (and their payloads) are on this worker, every one of them
+        // in flight (refreshed, and keeping its shard busy until it finishes).
+        let Ok(first) = pipeline.permits.clone().acquire_owned().await else {
             return;
         };
         let owned = shards.borrow_and_update().clone();
         if owned.is_empty() || shared.leaving.load(Ordering::Acquire) {
-            drop(permit);
+            drop(first);
             let _ = tokio::time::timeout(
                 Duration::from_millis(settings.read_block_ms),
                 shards.changed(),
@@ -212,10 +214,11 @@ async fn reads(
             .await;
             continue;
         }
-        let room = 1 + pipeline.permits.available_permits();
+        let mut permits = vec![first];
+        permits.extend(pipeline.spare_permits());
         let deliveries = match pipeline
             .broker
-            .read(&id, &owned, room, settings.read_block_ms)
+            .read(&id, &owned, permits.len(), settings.read_block_ms)
             .await
         {
             Ok(d) => d,
@@ -225,16 +228,7 @@ async fn reads(
                 continue;
             }
         };
-        let mut first = Some(permit);
-        for delivery in deliveries {
-            let permit = match first.take() {
-                Some(p) => p,
-                None => match pipeline.permits.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
-            pipeline.start(delivery, permit);
-        }
+        // Permits left over go back as `permits` drops.
+        pipeline.start_all(deliveries, &mut permits).await;
     }
 }

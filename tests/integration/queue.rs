@@ -51,9 +51,14 @@ fn stored(outcome: JobOutcome) -> StoredOutcome {
 
 /// A session id that lands on `shard`.
 fn session_on(shard: u32) -> String {
+    session_on_of(shard, settings().shards)
+}
+
+/// A session id that lands on `shard` of `shards`.
+fn session_on_of(shard: u32, shards: u32) -> String {
     (0..)
         .map(|i| format!("session-{i}"))
-        .find(|s| shard_of(s, settings().shards) == shard)
+        .find(|s| shard_of(s, shards) == shard)
         .unwrap()
 }
 
@@ -86,11 +91,15 @@ async fn contract(q: Arc<dyn Broker>) {
     let session = session_on(shard);
     // The in-flight marker: the first begin starts the job, a second finds it running.
     assert_eq!(
-        q.begin(&job("job-1", &session), 60_000).await.unwrap(),
+        q.begin(&job("job-1", &session), 60_000, "owner-1")
+            .await
+            .unwrap(),
         Begin::Started
     );
     assert_eq!(
-        q.begin(&job("job-1", &session), 60_000).await.unwrap(),
+        q.begin(&job("job-1", &session), 60_000, "owner-1")
+            .await
+            .unwrap(),
         Begin::Running {
             request_sha256: "digest-of-body".into()
         }
@@ -120,7 +129,9 @@ async fn contract(q: Arc<dyn Broker>) {
     assert!(!q.is_running("job-1").await.unwrap(), "done, not running");
     assert_eq!(q.outcome("job-1").await.unwrap(), Some(done.clone()));
     assert_eq!(
-        q.begin(&job("job-1", &session), 60_000).await.unwrap(),
+        q.begin(&job("job-1", &session), 60_000, "owner-1")
+            .await
+            .unwrap(),
         Begin::Done(done.clone()),
         "a finished job is not started again"
     );
@@ -133,10 +144,20 @@ async fn contract(q: Arc<dyn Broker>) {
     assert_eq!(q.outcome("job-1").await.unwrap(), Some(done));
     // A job that could not be enqueued gives its marker back.
     let orphan = job("job-orphan", &session);
-    assert_eq!(q.begin(&orphan, 60_000).await.unwrap(), Begin::Started);
-    q.abandon(&orphan.id).await.unwrap();
+    assert_eq!(
+        q.begin(&orphan, 60_000, "owner-1").await.unwrap(),
+        Begin::Started
+    );
+    // Only the request that set the marker gives it back: not one that joined it, nor an
+    // earlier owner whose marker expired and was set again by another request.
+    q.abandon(&orphan.id, "someone-else").await.unwrap();
+    assert!(q.is_running(&orphan.id).await.unwrap());
+    q.abandon(&orphan.id, "owner-1").await.unwrap();
     assert!(!q.is_running(&orphan.id).await.unwrap());
-    assert_eq!(q.begin(&orphan, 60_000).await.unwrap(), Begin::Started);
+    assert_eq!(
+        q.begin(&orphan, 60_000, "owner-2").await.unwrap(),
+        Begin::Started
+    );
     assert_eq!(q.depth().await.unwrap(), 0);
 
     // Cap per shard.
@@ -156,19 +177,27 @@ async fn contract(q: Arc<dyn Broker>) {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let running: Vec<String> = taken.iter().map(|d| d.entry_id.clone()).collect();
     q.refresh("worker-a", shard, &running).await.unwrap();
-    assert!(q.claim("worker-a", shard, 300).await.unwrap().is_empty());
+    assert!(q
+        .claim("worker-a", shard, 300, 10)
+        .await
+        .unwrap()
+        .is_empty());
     tokio::time::sleep(Duration::from_millis(1700)).await;
     let b = q.heartbeat("worker-b", &[]).await.unwrap();
     assert_eq!(b.owned, vec![0, 1, 2, 3], "the dead worker's shards move");
     assert!(b.acquired.contains(&shard));
-    let claimed = q.claim("worker-b", shard, 0).await.unwrap();
+    // A claim takes no more than it is asked for (the worker's free permits), oldest first.
+    let first = q.claim("worker-b", shard, 0, 2).await.unwrap();
+    assert_eq!(first.len(), 2, "{first:?}");
+    let claimed = q.claim("worker-b", shard, 0, 10).await.unwrap();
     assert_eq!(claimed.len(), 3);
-    assert!(claimed.iter().all(|d| d.deliveries == 2), "{claimed:?}");
+    let counts: Vec<u32> = claimed.iter().map(|d| d.deliveries).collect();
+    assert_eq!(counts.iter().filter(|&&c| c == 3).count(), 2, "{claimed:?}");
+    assert_eq!(counts.iter().filter(|&&c| c == 2).count(), 1, "{claimed:?}");
 
     // Past max_deliveries: dead letter, with a failed outcome the client can read.
-    let again = q.claim("worker-b", shard, 0).await.unwrap();
-    let poisoned = again.iter().find(|d| d.deliveries == 3).unwrap();
-    q.dead_letter(poisoned, "failed 2 deliveries")
+    let poisoned = claimed.iter().find(|d| d.deliveries == 3).unwrap();
+    q.dead_letter(poisoned, ErrorCode::DeadLettered, "failed 2 deliveries")
         .await
         .unwrap();
     assert_eq!(q.dead_letters().await.unwrap(), 1);
@@ -182,10 +211,96 @@ async fn contract(q: Arc<dyn Broker>) {
         other => panic!("{other:?}"),
     }
 
+    // A job dropped past its deadline leaves no outcome: a retry under its key runs it.
+    let expired = claimed
+        .iter()
+        .find(|d| d.entry_id != poisoned.entry_id)
+        .unwrap();
+    q.discard(expired).await.unwrap();
+    assert_eq!(q.outcome(&expired.job.id).await.unwrap(), None);
+    assert!(
+        q.claim("worker-b", shard, 0, 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|d| d.entry_id != expired.entry_id),
+        "a discarded entry is gone from the pending list"
+    );
+
     // Leaving gives the leases back at once.
     q.leave("worker-b").await.unwrap();
     let c = q.heartbeat("worker-c", &[]).await.unwrap();
     assert_eq!(c.owned.len(), 4);
+}
+
+/// Reads over many shards that all hold entries: the count bounds the total, not each stream;
+/// successive reads start at different shards; every entry is read once.
+async fn bounded_reads(q: Arc<dyn Broker>) {
+    let shards = q.settings().shards;
+    let leases = q.heartbeat("worker-a", &[]).await.unwrap();
+    assert_eq!(leases.owned.len(), shards as usize);
+    let per_shard = 6;
+    for shard in 0..shards {
+        let session = session_on_of(shard, shards);
+        for i in 0..per_shard {
+            q.enqueue(&job(&format!("s{shard}-{i}"), &session))
+                .await
+                .unwrap();
+        }
+    }
+    let total = (shards * per_shard) as usize;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut first_shards = std::collections::BTreeSet::new();
+    while seen.len() < total {
+        let got = q.read("worker-a", &leases.owned, 3, 200).await.unwrap();
+        assert!(
+            (1..=3).contains(&got.len()),
+            "a read of 3 over {shards} full shards returned {}",
+            got.len()
+        );
+        first_shards.insert(got[0].shard);
+        for d in got {
+            assert!(seen.insert(d.job.id.clone()), "{} read twice", d.job.id);
+        }
+    }
+    assert_eq!(seen.len(), total);
+    assert!(
+        first_shards.len() > 1,
+        "every read started at the same shard: {first_shards:?}"
+    );
+    assert!(q
+        .read("worker-a", &leases.owned, 3, 50)
+        .await
+        .unwrap()
+        .is_empty());
+    // A read of one over every shard, woken by an entry enqueued while it waits.
+    let waiting = {
+        let q = q.clone();
+        let owned = leases.owned.clone();
+        tokio::spawn(async move { q.read("worker-a", &owned, 1, 5000).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for shard in 0..shards {
+        q.enqueue(&job(
+            &format!("late-{shard}"),
+            &session_on_of(shard, shards),
+        ))
+        .await
+        .unwrap();
+    }
+    let woken = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("an enqueued entry wakes a blocked read")
+        .unwrap();
+    assert_eq!(woken.len(), 1, "{woken:?}");
+}
+
+fn wide_settings() -> QueueSettings {
+    QueueSettings {
+        shards: 8,
+        max_depth: 100,
+        ..settings()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,6 +310,11 @@ async fn the_redis_queue_keeps_the_job_queue_contract() {
         .await
         .unwrap();
     contract(Arc::new(q)).await;
+    let wide = RedisServer::start();
+    let q = RedisQueue::connect(&wide.url(), wide_settings(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    bounded_reads(Arc::new(q)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,6 +365,7 @@ async fn an_undecodable_entry_is_dead_lettered_alone_and_the_rest_of_its_batch_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_queue_keeps_the_job_queue_contract() {
     contract(Arc::new(MemoryQueue::new(settings()))).await;
+    bounded_reads(Arc::new(MemoryQueue::new(wide_settings()))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,7 +431,10 @@ async fn the_memory_queue_prunes_expired_outcomes_and_bounds_its_dead_letters() 
     let total = hyfhe::queue::MEMORY_DEAD_LETTER_CAP + 100;
     for i in 0..total {
         let job = job(&format!("job-{i:05}"), &session_on(i as u32 % 4));
-        assert_eq!(q.begin(&job, 60_000).await.unwrap(), Begin::Started);
+        assert_eq!(
+            q.begin(&job, 60_000, "owner").await.unwrap(),
+            Begin::Started
+        );
         q.enqueue(&job).await.unwrap();
         let got = q.read("worker-a", &leases.owned, 1, 100).await.unwrap();
         if i % 2 == 0 {
@@ -318,7 +442,9 @@ async fn the_memory_queue_prunes_expired_outcomes_and_bounds_its_dead_letters() 
                 .await
                 .unwrap();
         } else {
-            q.dead_letter(&got[0], "poison").await.unwrap();
+            q.dead_letter(&got[0], ErrorCode::DeadLettered, "poison")
+                .await
+                .unwrap();
         }
     }
     let sizes = q.sizes();

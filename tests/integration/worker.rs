@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use hyfhe::config::Config;
 use hyfhe::protocol::ErrorCode;
-use hyfhe::queue::{Broker, Job, JobOutcome, JobQueue, MemoryQueue};
+use hyfhe::queue::{Broker, Job, JobOutcome, JobQueue, MemoryQueue, SessionStore};
 use hyfhe::worker::{self, GetKeyCacheStats, ModuleSet, Stats};
 
 use crate::serving::MODELS;
@@ -54,7 +54,10 @@ fn a_job_past_max_deliveries_is_dead_lettered_with_a_clear_error() {
         queue.enqueue(&job).await.unwrap();
         // Two deliveries to consumers that died before finishing (read, then a takeover).
         assert_eq!(queue.read("ghost", &[0], 1, 10).await.unwrap().len(), 1);
-        assert_eq!(queue.claim("ghost", 0, 0).await.unwrap()[0].deliveries, 2);
+        assert_eq!(
+            queue.claim("ghost", 0, 0, 1).await.unwrap()[0].deliveries,
+            2
+        );
         // The ghost died: by the time its lease could have expired its entry has been idle; a
         // takeover claims entries idle half a lease TTL (not those a live owner just read).
         tokio::time::sleep(Duration::from_millis(config.queue.lease_ttl_ms / 2 + 100)).await;
@@ -89,17 +92,16 @@ fn a_job_past_its_deadline_is_dropped_not_computed() {
     actix::System::new().block_on(async move {
         queue.enqueue(&job).await.unwrap();
         let handle = worker::start(&config, broker, modules);
-        let outcome = outcome_of(&queue, &job.id).await;
-        assert!(
-            matches!(
-                &outcome,
-                JobOutcome::Failed {
-                    code: ErrorCode::DeadlineExceeded,
-                    ..
-                }
-            ),
-            "{outcome:?}"
-        );
+        let dropped = Instant::now();
+        while handle.metrics.jobs_expired.get() == 0 {
+            assert!(dropped.elapsed() < Duration::from_secs(10), "never taken");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Nobody waits for it: acknowledged without an outcome, so that a retry under the same
+        // key (with a deadline of its own) runs the job instead of reading a stored failure.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(queue.outcome(&job.id).await.unwrap(), None);
+        assert_eq!(queue.depth().await.unwrap(), 0, "the entry is gone");
         assert_eq!(handle.metrics.jobs_expired.get(), 1);
         assert_eq!(
             handle.metrics.key_cache_misses.get(),
@@ -113,5 +115,58 @@ fn a_job_past_its_deadline_is_dropped_not_computed() {
         assert!(!reader.leaving);
         let keys = handle.keys.send(GetKeyCacheStats).await.unwrap();
         assert_eq!((keys.keys, keys.bytes, keys.loading), (0, 0, 0), "{keys:?}");
+    });
+}
+
+#[test]
+fn a_panicking_evaluation_is_answered_as_an_internal_error_dead_lettered_and_the_worker_lives_on() {
+    let mut config = Config::load(None).unwrap();
+    config.queue.shards = 1;
+    config.worker.heartbeat_ms = 50;
+    let queue = Arc::new(MemoryQueue::new(config.queue_settings()));
+    let broker: Arc<dyn Broker> = queue.clone();
+    let modules = Arc::new(ModuleSet::load(&MODELS.dir).unwrap());
+    let fc = hyfhe::hybrid::HybridModel::load(MODELS.dir.join("fc_small")).unwrap();
+    let payload = crate::serving::encrypted_zero_row(&fc);
+    let key = crate::serving::SESSION_KEYS.evaluation_key_blobs()[0].clone();
+    let hooks = worker::TestHooks {
+        panic_on_module: Some("seq.0".into()),
+    };
+    actix::System::new().block_on(async move {
+        queue.put_key("k", &key, 600_000).await.unwrap();
+        let poison = Job {
+            payload: payload.clone(),
+            ..job("panics-0001", u64::MAX)
+        };
+        queue.enqueue(&poison).await.unwrap();
+        let handle = worker::start_with_hooks(&config, broker, modules, hooks);
+        match outcome_of(&queue, &poison.id).await {
+            JobOutcome::Failed { code, message } => {
+                assert_eq!(code, ErrorCode::Internal);
+                assert!(
+                    message.contains("panic") && message.contains("not retried"),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(handle.metrics.jobs_panicked.get(), 1);
+        assert_eq!(
+            queue.dead_letters().await.unwrap(),
+            1,
+            "dead-lettered at once"
+        );
+        assert_eq!(queue.depth().await.unwrap(), 0, "not left for redelivery");
+        // The worker survived the panic and takes the next job as usual (a malformed payload:
+        // its typed outcome).
+        let next = job("after-0001", u64::MAX);
+        queue.enqueue(&next).await.unwrap();
+        match outcome_of(&queue, &next.id).await {
+            JobOutcome::Failed { code, .. } => assert_eq!(code, ErrorCode::BadRequest),
+            other => panic!("{other:?}"),
+        }
+        let reader = handle.reader.send(Stats).await.unwrap();
+        assert_eq!(reader.jobs_in_flight, 0, "{reader:?}");
+        assert_eq!(handle.metrics.jobs_received.get(), 2);
     });
 }

@@ -103,6 +103,35 @@ fn check_same_request(job: &Job, request_sha256: &str) -> Result<(), ApiError> {
     ))
 }
 
+/// Enqueue `job` under the marker `begin` just gave `owner`; on refusal the marker goes back so
+/// that a retry can enqueue it.
+async fn enqueue(
+    broker: &dyn Broker,
+    job: &Job,
+    owner: &str,
+    metrics: &CoordinatorMetrics,
+    retry_after: u64,
+) -> Result<(), ApiError> {
+    let result = broker
+        .enqueue(job)
+        .instrument(tracing::info_span!("enqueue"))
+        .await;
+    let Err(e) = result else {
+        return Ok(());
+    };
+    if let Err(e) = broker.abandon(&job.id, owner).await {
+        tracing::warn!(error = %e, "in-flight marker left to expire");
+    }
+    Err(match e {
+        QueueError::Full { .. } => {
+            metrics.rejected_queue_full.inc();
+            ApiError::new(ErrorCode::Unavailable, format!("queue full: {e}"))
+        }
+        e => ApiError::from(e),
+    }
+    .retry_after(retry_after))
+}
+
 impl Handler<Dispatch> for Dispatcher {
     type Result = ResponseFuture<Result<Dispatched, ApiError>>;
 
@@ -115,11 +144,13 @@ impl Handler<Dispatch> for Dispatcher {
             let job = msg.job;
             let parent = msg.parent;
             let deadline = Instant::now() + msg.timeout;
+            // Whose in-flight marker this request sets, if it sets one.
+            let owner = format!("{:032x}", rand::random::<u128>());
             let mut done = router.send(Watch(job.id.clone())).await?;
             let result = async {
                 let ttl_ms = msg.timeout.as_millis() as u64;
                 let mut enqueued = false;
-                match broker.begin(&job, ttl_ms).await {
+                match broker.begin(&job, ttl_ms, &owner).await {
                     // A retry of a finished job: answer from the stored outcome.
                     Ok(Begin::Done(stored)) => {
                         check_same_request(&job, &stored.request_sha256)?;
@@ -134,27 +165,7 @@ impl Handler<Dispatch> for Dispatcher {
                         metrics.retries_joined.inc();
                     }
                     Ok(Begin::Started) => {
-                        let result = broker
-                            .enqueue(&job)
-                            .instrument(tracing::info_span!("enqueue"))
-                            .await;
-                        if let Err(e) = result {
-                            // Nothing runs under the marker: let a retry enqueue it.
-                            if let Err(e) = broker.abandon(&job.id).await {
-                                tracing::warn!(error = %e, "in-flight marker left to expire");
-                            }
-                            return Err(match e {
-                                QueueError::Full { .. } => {
-                                    metrics.rejected_queue_full.inc();
-                                    ApiError::new(
-                                        ErrorCode::Unavailable,
-                                        format!("queue full: {e}"),
-                                    )
-                                }
-                                e => ApiError::from(e),
-                            }
-                            .retry_after(retry_after));
-                        }
+                        enqueue(&*broker, &job, &owner, &metrics, retry_after).await?;
                         enqueued = true;
                     }
                     Err(e) => return Err(ApiError::from(e).retry_after(retry_after)),
@@ -168,14 +179,25 @@ impl Handler<Dispatch> for Dispatcher {
                                 format!("no result within {} ms", msg.timeout.as_millis()),
                             ));
                         }
-                        let _ = tokio::time::timeout(left.min(RECHECK), done.changed()).await;
+                        let wait = left.min(RECHECK);
+                        match tokio::time::timeout(wait, done.changed()).await {
+                            // Woken by a completion, or the periodic re-check.
+                            Ok(Ok(())) | Err(_) => {}
+                            // The router holds a sender for as long as this request is counted
+                            // among the job's waiters, so this should not happen; if it does,
+                            // wait out the re-check period rather than spin on a closed channel.
+                            Ok(Err(_)) => {
+                                tracing::warn!("completion channel closed; re-checking on a timer");
+                                tokio::time::sleep(wait).await;
+                            }
+                        }
+                        metrics.outcome_checks.inc();
                         match broker.outcome(&job.id).await {
                             Ok(Some(stored)) => return Ok(Dispatched { stored, enqueued }),
                             // Only the request that set the marker knows its lifetime: it was
                             // set with this request's timeout, so until shortly before our
                             // deadline its absence means the store lost the job, not that the
-                            // marker expired. A retry that joined a running job has a later
-                            // deadline than the marker and waits as before.
+                            // marker expired.
                             Ok(None)
                                 if enqueued
                                     && deadline.saturating_duration_since(Instant::now())
@@ -185,6 +207,28 @@ impl Handler<Dispatch> for Dispatcher {
                                     return lost
                                         .map(|stored| Dispatched { stored, enqueued })
                                         .map_err(|e| e.retry_after(retry_after));
+                                }
+                            }
+                            // A retry that joined another request's run: when that run is gone
+                            // without an outcome (its request could not enqueue it and gave the
+                            // marker back, its job was dropped past that request's deadline, or
+                            // the store lost it), nobody will answer; this request takes it over.
+                            Ok(None) if !enqueued => {
+                                if let Ok(false) = broker.is_running(&job.id).await {
+                                    let ttl_ms = left.as_millis() as u64;
+                                    match broker.begin(&job, ttl_ms, &owner).await {
+                                        Ok(Begin::Started) => {
+                                            enqueue(&*broker, &job, &owner, &metrics, retry_after)
+                                                .await?;
+                                            enqueued = true;
+                                        }
+                                        Ok(Begin::Done(stored)) => {
+                                            check_same_request(&job, &stored.request_sha256)?;
+                                            return Ok(Dispatched { stored, enqueued });
+                                        }
+                                        Ok(Begin::Running { .. }) => {}
+                                        Err(e) => tracing::warn!(error = %e, "re-begin failed; still waiting"),
+                                    }
                                 }
                             }
                             Ok(None) => {}

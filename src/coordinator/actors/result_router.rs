@@ -16,7 +16,10 @@ use crate::queue::Broker;
 
 pub struct ResultRouter {
     broker: Arc<dyn Broker>,
-    waiters: HashMap<String, watch::Sender<()>>,
+    /// Per job: the channel its waiters watch and how many requests watch it. Counted here,
+    /// not read off the channel's receiver count: a waiter's receiver may drop before or after
+    /// its `Unwatch` arrives, so the receiver count cannot tell whether others still wait.
+    waiters: HashMap<String, (watch::Sender<()>, usize)>,
 }
 
 impl ResultRouter {
@@ -75,10 +78,11 @@ impl Handler<Watch> for ResultRouter {
     type Result = actix::MessageResult<Watch>;
 
     fn handle(&mut self, msg: Watch, _: &mut Context<Self>) -> Self::Result {
-        let sender = self
+        let (sender, watching) = self
             .waiters
             .entry(msg.0)
-            .or_insert_with(|| watch::channel(()).0);
+            .or_insert_with(|| (watch::channel(()).0, 0));
+        *watching += 1;
         actix::MessageResult(sender.subscribe())
     }
 }
@@ -87,13 +91,11 @@ impl Handler<Unwatch> for ResultRouter {
     type Result = ();
 
     fn handle(&mut self, msg: Unwatch, _: &mut Context<Self>) {
-        // The caller's receiver is dropped after this message, so at most one is still counted.
-        if self
-            .waiters
-            .get(&msg.0)
-            .is_some_and(|s| s.receiver_count() <= 1)
-        {
-            self.waiters.remove(&msg.0);
+        if let Some((_, watching)) = self.waiters.get_mut(&msg.0) {
+            *watching -= 1;
+            if *watching == 0 {
+                self.waiters.remove(&msg.0);
+            }
         }
     }
 }
@@ -103,8 +105,8 @@ impl Handler<Completed> for ResultRouter {
 
     fn handle(&mut self, msg: Completed, _: &mut Context<Self>) {
         if msg.0.is_empty() {
-            self.waiters.values().for_each(|s| s.send_replace(()));
-        } else if let Some(s) = self.waiters.get(&msg.0) {
+            self.waiters.values().for_each(|(s, _)| s.send_replace(()));
+        } else if let Some((s, _)) = self.waiters.get(&msg.0) {
             s.send_replace(());
         }
     }

@@ -23,6 +23,8 @@ use redis::{AsyncConnectionConfig, Client, RedisError, Script};
 use tokio::sync::Mutex;
 
 use self::link::{unavailable, Link, CONNECT_TIMEOUT};
+use crate::protocol::ErrorCode;
+
 use super::{
     redact_url, BoxFuture, Completion, CompletionStream, Delivery, Job, JobQueue, Leases,
     QueueError, QueueSettings, SessionRecord, SessionStore, StoredOutcome, TenantUsage,
@@ -51,13 +53,17 @@ pub struct RedisQueue {
     /// dropped instead of blocking forever.
     readers: Mutex<Vec<MultiplexedConnection>>,
     scripts: Scripts,
+    /// Which owned shard a read starts at, turned by one each read (fairness across shards).
+    read_rotation: std::sync::atomic::AtomicUsize,
 }
 
 struct Scripts {
     renew: Script,
     release: Script,
     begin: Script,
+    abandon: Script,
     usage: Script,
+    read_new: Script,
 }
 
 impl RedisQueue {
@@ -98,8 +104,11 @@ impl RedisQueue {
                 renew: Script::new(leases::RENEW_IF_OWNER),
                 release: Script::new(leases::RELEASE_IF_OWNER),
                 begin: Script::new(streams::BEGIN),
+                abandon: Script::new(streams::ABANDON),
                 usage: Script::new(sessions::TENANT_USAGE),
+                read_new: Script::new(streams::READ_NEW),
             },
+            read_rotation: Default::default(),
         };
         queue.ensure_groups().await?;
         Ok(queue)
@@ -159,12 +168,17 @@ impl JobQueue for RedisQueue {
         &'a self,
         job: &'a Job,
         ttl_ms: u64,
+        owner: &'a str,
     ) -> BoxFuture<'a, Result<super::Begin, QueueError>> {
-        Box::pin(self.begin_job(job, ttl_ms))
+        Box::pin(self.begin_job(job, ttl_ms, owner))
     }
 
-    fn abandon<'a>(&'a self, job_id: &'a str) -> BoxFuture<'a, Result<(), QueueError>> {
-        Box::pin(self.abandon_job(job_id))
+    fn abandon<'a>(
+        &'a self,
+        job_id: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.abandon_job(job_id, owner))
     }
 
     fn enqueue<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), QueueError>> {
@@ -217,8 +231,9 @@ impl JobQueue for RedisQueue {
         worker: &'a str,
         shard: u32,
         min_idle_ms: u64,
+        count: usize,
     ) -> BoxFuture<'a, Result<Vec<Delivery>, QueueError>> {
-        Box::pin(self.claim_idle(worker, shard, min_idle_ms))
+        Box::pin(self.claim_idle(worker, shard, min_idle_ms, count))
     }
 
     fn refresh<'a>(
@@ -245,9 +260,14 @@ impl JobQueue for RedisQueue {
     fn dead_letter<'a>(
         &'a self,
         delivery: &'a Delivery,
+        code: ErrorCode,
         reason: &'a str,
     ) -> BoxFuture<'a, Result<(), QueueError>> {
-        Box::pin(self.dead_letter_job(delivery, reason))
+        Box::pin(self.dead_letter_job(delivery, code, reason))
+    }
+
+    fn discard<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.discard_entry(delivery))
     }
 
     fn dead_letters(&self) -> BoxFuture<'_, Result<usize, QueueError>> {

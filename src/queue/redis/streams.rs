@@ -1,5 +1,7 @@
 //! Jobs on shard streams: enqueue, the in-flight marker, reads, claims, completion, dead letters.
 
+use std::sync::atomic::Ordering;
+
 use futures::StreamExt;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{RedisError, Value};
@@ -22,16 +24,54 @@ const DEAD_LETTER_CAP: usize = 10_000;
 /// Entries claimed per XAUTOCLAIM round trip.
 const CLAIM_BATCH: usize = 64;
 
-/// KEYS: result, running marker. ARGV: request digest, marker TTL (ms).
+/// KEYS: result, running marker. ARGV: request digest, marker TTL (ms), owner token.
 /// Returns `{'done', outcome}`, `{'running', digest}` or `{'started'}`; atomic, so two retries
-/// arriving together start the job once.
+/// arriving together start the job once. The marker holds `digest owner`.
 pub(super) const BEGIN: &str = r"
 local done = redis.call('GET', KEYS[1])
 if done then return {'done', done} end
 local running = redis.call('GET', KEYS[2])
-if running then return {'running', running} end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if running then
+  local digest = string.match(running, '^(%S+)') or running
+  return {'running', digest}
+end
+redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. ARGV[3], 'PX', ARGV[2])
 return {'started'}";
+
+/// KEYS: running marker. ARGV: owner token. Deletes the marker only if that owner set it.
+pub(super) const ABANDON: &str = r"
+local marker = redis.call('GET', KEYS[1])
+if marker and string.match(marker, ' (%S+)$') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// KEYS: shard streams in reading order. ARGV: group, consumer, count.
+/// Reads new entries stream by stream until `count` in total; returns `{entries, {}}` in
+/// `XREADGROUP`'s reply shape, or, when there were none, `{{}, last-delivered ids}` to wait from.
+pub(super) const READ_NEW: &str = r"
+local left = tonumber(ARGV[3])
+local out = {}
+for _, key in ipairs(KEYS) do
+  if left <= 0 then break end
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', left, 'STREAMS', key, '>')
+  if r and #r[1][2] > 0 then
+    out[#out + 1] = r[1]
+    left = left - #r[1][2]
+  end
+end
+if #out > 0 then return {out, {}} end
+local ids = {}
+for _, key in ipairs(KEYS) do
+  local id = '0-0'
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f['name'] == ARGV[1] then id = f['last-delivered-id'] end
+  end
+  ids[#ids + 1] = id
+end
+return {out, ids}";
 
 pub(super) fn stream_key(shard: u32) -> String {
     format!("{PREFIX}jobs:{shard}")
@@ -93,7 +133,12 @@ impl RedisQueue {
             .await
     }
 
-    pub(super) async fn begin_job(&self, job: &Job, ttl_ms: u64) -> Result<Begin, QueueError> {
+    pub(super) async fn begin_job(
+        &self,
+        job: &Job,
+        ttl_ms: u64,
+        owner: &str,
+    ) -> Result<Begin, QueueError> {
         let reply: Vec<Vec<u8>> = self
             .commands
             .run(|mut c| async move {
@@ -103,6 +148,7 @@ impl RedisQueue {
                     .key(running_key(&job.id))
                     .arg(&job.request_sha256)
                     .arg(ttl_ms.max(1))
+                    .arg(owner)
                     .invoke_async(&mut c)
                     .await
             })
@@ -122,13 +168,15 @@ impl RedisQueue {
         }
     }
 
-    pub(super) async fn abandon_job(&self, job_id: &str) -> Result<(), QueueError> {
+    pub(super) async fn abandon_job(&self, job_id: &str, owner: &str) -> Result<(), QueueError> {
         let _: i64 = self
             .commands
             .run(|mut c| async move {
-                redis::cmd("DEL")
-                    .arg(running_key(job_id))
-                    .query_async(&mut c)
+                self.scripts
+                    .abandon
+                    .key(running_key(job_id))
+                    .arg(owner)
+                    .invoke_async(&mut c)
                     .await
             })
             .await?;
@@ -193,6 +241,14 @@ impl RedisQueue {
         Ok(lens.iter().sum())
     }
 
+    /// At most `count` new entries over all of `shards`, waiting up to `block_ms` for the first.
+    ///
+    /// `XREADGROUP … COUNT n` counts per stream, so one call over 16 streams could hand a worker
+    /// 16·n entries it has no room to start. [`READ_NEW`] reads the streams one after another in
+    /// one script until `count` is reached, starting at a rotating shard so that no shard starves.
+    /// When every stream is drained, the wait is a plain `XREAD BLOCK` from the group's
+    /// last-delivered ids: it consumes nothing (what it returns is dropped, and the next scripted
+    /// read takes the entries under the bound), so a wake-up never over-reads either.
     pub(super) async fn read_new(
         &self,
         worker: &str,
@@ -200,48 +256,92 @@ impl RedisQueue {
         count: usize,
         block_ms: u64,
     ) -> Result<Vec<Delivery>, QueueError> {
-        if shards.is_empty() {
+        if shards.is_empty() || count == 0 {
             tokio::time::sleep(std::time::Duration::from_millis(block_ms)).await;
             return Ok(Vec::new());
         }
-        let mut conn = self.reader().await?;
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(GROUP)
-            .arg(worker)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(block_ms)
-            .arg("STREAMS");
-        for &s in shards {
-            cmd.arg(stream_key(s));
-        }
-        for _ in shards {
-            cmd.arg(">");
-        }
-        let reply: Result<Option<StreamReadReply>, RedisError> = cmd.query_async(&mut conn).await;
-        let reply = match reply {
-            Ok(r) => {
-                self.readers.lock().await.push(conn);
-                r
-            }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(block_ms);
+        let start = self.read_rotation.fetch_add(1, Ordering::Relaxed) % shards.len();
+        let order: Vec<u32> = shards[start..]
+            .iter()
+            .chain(&shards[..start])
+            .copied()
+            .collect();
+        loop {
+            let reply: Option<(StreamReadReply, Vec<String>)> = self
+                .commands
+                .run(|mut c| {
+                    let order = &order;
+                    async move {
+                        let mut call = self.scripts.read_new.prepare_invoke();
+                        for &s in order {
+                            call.key(stream_key(s));
+                        }
+                        call.arg(GROUP).arg(worker).arg(count);
+                        match call.invoke_async(&mut c).await {
+                            Err(e) if e.code() == Some("NOGROUP") => Ok(None),
+                            other => other.map(Some),
+                        }
+                    }
+                })
+                .await?;
             // Redis lost its state (restart without persistence): recreate the groups.
-            Err(e) if e.code() == Some("NOGROUP") => {
-                self.readers.lock().await.push(conn);
+            let Some((entries, last_delivered)) = reply else {
                 self.ensure_groups().await?;
                 return Ok(Vec::new());
+            };
+            if !entries.keys.is_empty() {
+                return self.deliveries_of(entries).await;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() || last_delivered.len() != order.len() {
+                return Ok(Vec::new());
+            }
+            self.wait_for_entries(&order, &last_delivered, left).await?;
+        }
+    }
+
+    /// Block until a stream of `order` holds an entry past its `last_delivered` id, or `left`
+    /// passes, on a connection of its own (never the shared one).
+    async fn wait_for_entries(
+        &self,
+        order: &[u32],
+        last_delivered: &[String],
+        left: std::time::Duration,
+    ) -> Result<(), QueueError> {
+        let mut conn = self.reader().await?;
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(left.as_millis().max(1) as u64)
+            .arg("STREAMS");
+        for &s in order {
+            cmd.arg(stream_key(s));
+        }
+        for id in last_delivered {
+            cmd.arg(id);
+        }
+        let woke: Result<Value, RedisError> = cmd.query_async(&mut conn).await;
+        match woke {
+            Ok(_) => {
+                self.readers.lock().await.push(conn);
+                Ok(())
             }
             // A dead connection is dropped here, not returned to the pool.
             Err(e) => {
                 if is_dead(&e) {
                     tracing::warn!(error = %e, "blocking read got no answer; dropping its connection");
                 }
-                return Err(unavailable(e));
+                Err(unavailable(e))
             }
-        };
+        }
+    }
+
+    /// The jobs of a read's entries; entries that are not jobs are dead-lettered on their own.
+    async fn deliveries_of(&self, reply: StreamReadReply) -> Result<Vec<Delivery>, QueueError> {
         let mut out = Vec::new();
-        for stream in reply.map(|r| r.keys).unwrap_or_default() {
+        for stream in reply.keys {
             let shard = stream
                 .key
                 .rsplit(':')
@@ -268,10 +368,12 @@ impl RedisQueue {
         worker: &str,
         shard: u32,
         min_idle_ms: u64,
+        count: usize,
     ) -> Result<Vec<Delivery>, QueueError> {
         let mut out = Vec::new();
         let mut cursor = "0-0".to_string();
-        loop {
+        while out.len() < count {
+            let batch = CLAIM_BATCH.min(count - out.len());
             let reply: StreamAutoClaimReply = self
                 .commands
                 .run(|mut c| {
@@ -284,7 +386,7 @@ impl RedisQueue {
                             .arg(min_idle_ms)
                             .arg(cursor)
                             .arg("COUNT")
-                            .arg(CLAIM_BATCH)
+                            .arg(batch)
                             .query_async(&mut c)
                             .await
                     }
@@ -305,10 +407,11 @@ impl RedisQueue {
                 }
             }
             if reply.next_stream_id == "0-0" {
-                return Ok(out);
+                break;
             }
             cursor = reply.next_stream_id;
         }
+        Ok(out)
     }
 
     async fn delivery_count(&self, shard: u32, entry_id: &str) -> Result<u32, QueueError> {
@@ -467,9 +570,28 @@ impl RedisQueue {
             .await
     }
 
+    pub(super) async fn discard_entry(&self, delivery: &Delivery) -> Result<(), QueueError> {
+        let stream = stream_key(delivery.shard);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("XACK")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg(&delivery.entry_id)
+            .cmd("XDEL")
+            .arg(&stream)
+            .arg(&delivery.entry_id);
+        let _: Value = self
+            .commands
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
     pub(super) async fn dead_letter_job(
         &self,
         delivery: &Delivery,
+        code: ErrorCode,
         reason: &str,
     ) -> Result<(), QueueError> {
         let job = &delivery.job;
@@ -477,7 +599,7 @@ impl RedisQueue {
         let outcome = StoredOutcome {
             request_sha256: job.request_sha256.clone(),
             fhe_seconds: 0.0,
-            outcome: JobOutcome::failed(ErrorCode::DeadLettered, reason),
+            outcome: JobOutcome::failed(code, reason),
         };
         self.complete_job(delivery, &outcome).await?;
         self.dead_letter_fields(
