@@ -10,6 +10,7 @@ mod exactness;
 mod hardening;
 mod helpers;
 mod hybrid;
+mod isolation;
 mod llm;
 mod noise;
 mod pbs;

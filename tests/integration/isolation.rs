@@ -1,0 +1,122 @@
+//! The second hardening pass of the served path: waiting without spinning, metering where the
+//! evaluation completes, key blobs that go with their sessions, tenants kept apart, row budgets.
+//! Real coordinator and worker processes, a real redis-server.
+
+use std::time::{Duration, Instant};
+
+use crate::cluster::{base_env, config_file, env, metric, serial, RedisServer, Service};
+use crate::serving::{connect, encrypted_zero_row, Api, API_KEY, MODELS, SESSION_KEYS};
+
+/// A coordinator over a fresh Redis with `extra` overrides, and what a worker needs to join it.
+struct Stack {
+    _redis: RedisServer,
+    redis_url: String,
+    _config_dir: tempfile::TempDir,
+    config: String,
+    vars: Vec<(String, String)>,
+    coordinator: Service,
+}
+
+impl Stack {
+    fn start(extra: &[(&str, &str)]) -> Self {
+        let redis = RedisServer::start();
+        let config_dir = tempfile::tempdir().unwrap();
+        let config = config_file(config_dir.path())
+            .to_str()
+            .unwrap()
+            .to_string();
+        let mut vars = base_env(&MODELS.dir);
+        let redis_url = redis.url();
+        vars.extend(env(&[
+            ("QUEUE__BACKEND", "redis"),
+            ("QUEUE__REDIS_URL", &redis_url),
+        ]));
+        vars.extend(env(extra));
+        let coordinator =
+            Service::spawn("coordinator", &["coordinator", "--config", &config], &vars);
+        Self {
+            _redis: redis,
+            redis_url,
+            _config_dir: config_dir,
+            config,
+            vars,
+            coordinator,
+        }
+    }
+
+    fn worker(&self) -> Service {
+        Service::spawn("worker", &["worker", "--config", &self.config], &self.vars)
+    }
+
+    fn redis_cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-u", &self.redis_url])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+#[test]
+fn a_joiner_that_outlives_the_first_requests_deadline_waits_idle_and_gets_the_answer() {
+    let _serial = serial();
+    hyfhe::client::block_on(async {
+        let stack = Stack::start(&[("COORDINATOR__REQUEST_TIMEOUT_MS", "12000")]);
+        let url = stack.coordinator.url.clone();
+        let metrics = stack.coordinator.metrics_url.clone();
+        let fc = &MODELS.served[0];
+        let (_dir, model, session) = connect(&url, fc.name, SESSION_KEYS.clone()).await;
+        let api = Api {
+            http: reqwest::Client::new(),
+            url: url.clone(),
+        };
+        let path = format!("/v1/sessions/{}/modules/seq.0/compute", session.id());
+        let body = encrypted_zero_row(&model);
+        let request = || {
+            api.post(&path, Some(API_KEY))
+                .header("x-hyfhe-session-token", session.token())
+                .header("idempotency-key", "joined-key-0001")
+                .body(body.clone())
+                .send()
+        };
+        // No worker: the first request's job waits in the queue until its deadline.
+        let first = tokio::spawn(request());
+        while metric(&metrics, "hyfhe_coordinator_in_flight") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The joiner's deadline is 8 s after the first's: time for a worker to start after it.
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let joiner = tokio::spawn(request());
+        while metric(&metrics, "hyfhe_coordinator_retries_joined_total") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.status().as_u16(), 504, "the first request's deadline");
+        let checks_at_first_deadline = metric(&metrics, "hyfhe_coordinator_outcome_checks_total");
+        let after_first = Instant::now();
+        // The joiner is alone now. Its wait must cost a re-check every 2 s, not a loop.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let idle_checks =
+            metric(&metrics, "hyfhe_coordinator_outcome_checks_total") - checks_at_first_deadline;
+        assert!(
+            idle_checks <= 3.0,
+            "the joiner read the outcome {idle_checks} times in 2 s"
+        );
+        // A worker arrives: the first job was dropped at its deadline (no outcome stored), so
+        // the joiner takes the run over and gets the answer under its own deadline.
+        let worker = stack.worker();
+        let answer = joiner.await.unwrap().unwrap();
+        assert_eq!(answer.status().as_u16(), 200, "{:?}", answer.text().await);
+        let waited = after_first.elapsed().as_secs_f64();
+        let checks =
+            metric(&metrics, "hyfhe_coordinator_outcome_checks_total") - checks_at_first_deadline;
+        assert!(
+            checks <= waited / 2.0 + 4.0,
+            "{checks} outcome reads over the joiner's last {waited:.1} s"
+        );
+        assert_eq!(metric(&worker.url, "hyfhe_worker_jobs_done_total"), 1.0);
+        let _ = stack.redis_cli(&["PING"]);
+    })
+}
