@@ -65,7 +65,8 @@ pub struct CoordinatorConfig {
     pub max_job_values: u64,
     /// Largest compute request body.
     pub max_body_bytes: usize,
-    /// Largest session request body (it carries the evaluation keys).
+    /// Largest session request body (it carries the evaluation keys); 0: what the largest served
+    /// model's keys need.
     pub max_session_bytes: usize,
     pub request_timeout_ms: u64,
     /// Time a connection has to send a request head (actix's client request timeout; 408).
@@ -162,6 +163,10 @@ pub struct TenantConfig {
     pub max_in_flight: Option<usize>,
     #[serde(default)]
     pub max_key_bytes: Option<u64>,
+    /// The models this tenant may list, download and open sessions on; absent: every model
+    /// served (what configurations written before this key meant).
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
 }
 
 /// A tenant's quotas after its overrides.
@@ -233,6 +238,7 @@ impl Config {
                 max_sessions: None,
                 max_in_flight: None,
                 max_key_bytes: None,
+                models: None,
             });
         }
         self.validate()
@@ -340,10 +346,14 @@ impl Config {
             ));
         }
         let one_key = crate::fhe::EvaluationKey::expected_len(crate::fhe::Precision::Exact);
-        if self.coordinator.max_session_bytes < one_key + (1 << 16) {
+        if self.coordinator.max_session_bytes != 0
+            && self.coordinator.max_session_bytes < one_key + (1 << 16)
+        {
             return Err(invalid(
                 "coordinator.max_session_bytes",
-                format!("must hold at least one evaluation key ({one_key} bytes) plus 64 KiB"),
+                format!(
+                    "must be 0 (sized from the served models' keys) or hold at least one evaluation key ({one_key} bytes) plus 64 KiB"
+                ),
             ));
         }
         positive("worker.max_pending", self.worker.max_pending as u64)?;
@@ -361,6 +371,18 @@ impl Config {
         positive("queue.max_depth", self.queue.max_depth as u64)?;
         positive("queue.max_deliveries", self.queue.max_deliveries as u64)?;
         positive("queue.result_ttl_ms", self.queue.result_ttl_ms)?;
+        // A job completes by its request's deadline at the latest; a client whose response was
+        // lost retries within seconds of that. An outcome kept for less than the deadline could
+        // be gone before the retry of a request that waited the whole time.
+        if self.queue.result_ttl_ms < self.coordinator.request_timeout_ms {
+            return Err(invalid(
+                "queue.result_ttl_ms",
+                format!(
+                    "must be at least coordinator.request_timeout_ms ({}): a retry of a request that waited until its deadline must still find the outcome",
+                    self.coordinator.request_timeout_ms
+                ),
+            ));
+        }
         if self.queue.lease_ttl_ms < 2 * self.worker.heartbeat_ms {
             return Err(invalid(
                 "queue.lease_ttl_ms",
@@ -395,6 +417,28 @@ impl Config {
                     "must be 64 hex digits (the SHA-256 of the key; `hyfhe keys hash KEY`)",
                 ));
             }
+            // One key, two tenants: the key would act as whichever comes first.
+            if let Some(o) = self.tenants[..i]
+                .iter()
+                .find(|o| o.api_key_sha256.eq_ignore_ascii_case(&t.api_key_sha256))
+            {
+                return Err(invalid(
+                    &format!("tenants[{i}].api_key_sha256"),
+                    format!(
+                        "tenant {:?} has the same API key as tenant {:?}: give each tenant its own key",
+                        t.name, o.name
+                    ),
+                ));
+            }
+            if t.models
+                .as_ref()
+                .is_some_and(|m| m.iter().any(String::is_empty))
+            {
+                return Err(invalid(
+                    &format!("tenants[{i}].models"),
+                    "must not hold an empty model name",
+                ));
+            }
         }
         Ok(())
     }
@@ -424,6 +468,15 @@ impl Config {
                 .and_then(|t| t.max_key_bytes)
                 .unwrap_or(self.quotas.key_bytes),
         }
+    }
+
+    /// Whether `tenant` may use `model` (list it, download it, open sessions on it).
+    pub fn may_use(&self, tenant: &str, model: &str) -> bool {
+        self.tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .and_then(|t| t.models.as_ref())
+            .is_none_or(|models| models.iter().any(|m| m == model))
     }
 
     /// The tenant whose API key this is.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde_bytes::ByteBuf;
 
-use crate::fhe::Precision;
+use crate::fhe::{EvaluationKey, Precision};
 use crate::hybrid::{read_tree, ClientSpec, HybridError, HybridModel, Trees};
 use crate::protocol::{ClientBundle, ModelInfo, ModuleInfo};
 
@@ -21,7 +21,25 @@ impl ServedModel {
     pub fn precisions(&self) -> BTreeSet<Precision> {
         self.specs.values().map(|s| s.plan.precision).collect()
     }
+
+    /// The largest session request for this model: one evaluation key per precision (the exact
+    /// one with bootstrapping keys when a module has activations inside) and the envelope.
+    pub fn session_bytes(&self) -> usize {
+        let bootstrap = self.specs.values().any(|s| s.output_plan.is_some());
+        let keys: usize = self
+            .precisions()
+            .into_iter()
+            .map(|p| match (p, bootstrap) {
+                (Precision::Exact, true) => EvaluationKey::max_len(p),
+                _ => EvaluationKey::expected_len(p),
+            })
+            .sum();
+        keys + SESSION_ENVELOPE_BYTES
+    }
 }
+
+/// What a session request carries besides its keys (msgpack framing, the model's name), with room.
+const SESSION_ENVELOPE_BYTES: usize = 1 << 16;
 
 pub struct Catalog {
     pub models: BTreeMap<String, ServedModel>,
@@ -77,5 +95,15 @@ impl Catalog {
 
     pub fn get(&self, name: &str) -> Option<&ServedModel> {
         self.models.get(name)
+    }
+
+    /// The session request body limit when `coordinator.max_session_bytes` is 0: what the
+    /// largest model's keys need.
+    pub fn max_session_bytes(&self) -> usize {
+        self.models
+            .values()
+            .map(ServedModel::session_bytes)
+            .max()
+            .unwrap_or(SESSION_ENVELOPE_BYTES)
     }
 }

@@ -52,6 +52,17 @@ pub struct AppState {
     pub worker_metrics: Option<Arc<WorkerMetrics>>,
 }
 
+impl AppState {
+    /// The session request body limit: `coordinator.max_session_bytes`, or when that is 0 what
+    /// the served models' keys need.
+    pub fn session_bytes_limit(&self) -> usize {
+        match self.config.coordinator.max_session_bytes {
+            0 => self.catalog.max_session_bytes(),
+            n => n,
+        }
+    }
+}
+
 pub struct Application {
     port: u16,
     metrics_port: u16,

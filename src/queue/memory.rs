@@ -8,7 +8,7 @@
 //! once per [`PRUNE_EVERY`], so a burst of requests does not scan the maps each time), and the
 //! dead-letter record keeps the last [`DEAD_LETTER_CAP`] entries without their payloads.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,8 @@ use tokio::sync::{broadcast, Notify};
 
 use super::{
     fair_share, shard_of, Begin, BoxFuture, Completion, CompletionStream, Delivery, Job,
-    JobOutcome, JobQueue, Leases, Marker, QueueError, QueueSettings, SessionRecord, SessionStore,
-    StoredOutcome, TenantUsage,
+    JobOutcome, JobQueue, Leases, Marker, QueueError, QueueSettings, Reserved, SessionQuota,
+    SessionRecord, SessionStore, StoredOutcome, TenantUsage,
 };
 use crate::protocol::ErrorCode;
 
@@ -71,6 +71,8 @@ struct State {
     running: HashMap<String, Expiring<Marker>>,
     sessions: HashMap<String, Expiring<SessionRecord>>,
     keys: HashMap<String, Expiring<Vec<u8>>>,
+    /// Key blob id → the sessions that reference it.
+    key_refs: HashMap<String, HashSet<String>>,
     dead_letters: VecDeque<DeadLetter>,
     dead_lettered_total: usize,
     last_prune: Option<Instant>,
@@ -91,6 +93,8 @@ impl State {
         self.running.retain(|_, r| r.expires > now);
         self.sessions.retain(|_, s| s.expires > now);
         self.keys.retain(|_, k| k.expires > now);
+        let keys = &self.keys;
+        self.key_refs.retain(|id, _| keys.contains_key(id));
         self.workers.retain(|_, &mut t| t > now);
     }
 
@@ -552,7 +556,53 @@ impl JobQueue for MemoryQueue {
     }
 }
 
+impl State {
+    fn usage_of(&self, tenant: &str, now: Instant) -> TenantUsage {
+        let mut usage = TenantUsage::default();
+        for s in self.sessions.values().filter(|s| s.expires > now) {
+            if s.value.tenant == tenant {
+                usage.sessions += 1;
+                usage.key_bytes += s.value.key_bytes;
+            }
+        }
+        usage
+    }
+}
+
 impl SessionStore for MemoryQueue {
+    fn create_session<'a>(
+        &'a self,
+        record: &'a SessionRecord,
+        ttl_ms: u64,
+        quota: SessionQuota,
+    ) -> BoxFuture<'a, Result<Reserved, QueueError>> {
+        Box::pin(async move {
+            let now = Instant::now();
+            let mut state = self.lock();
+            let usage = state.usage_of(&record.tenant, now);
+            if usage.sessions >= quota.sessions
+                || usage.key_bytes + record.key_bytes > quota.key_bytes
+            {
+                return Ok(Reserved::OverQuota(usage));
+            }
+            for key_id in record.keys.values() {
+                state
+                    .key_refs
+                    .entry(key_id.clone())
+                    .or_default()
+                    .insert(record.id.clone());
+            }
+            state.sessions.insert(
+                record.id.clone(),
+                Expiring {
+                    value: record.clone(),
+                    expires: Self::ttl(ttl_ms),
+                },
+            );
+            Ok(Reserved::Created)
+        })
+    }
+
     fn put_key<'a>(
         &'a self,
         key_id: &'a str,
@@ -624,11 +674,29 @@ impl SessionStore for MemoryQueue {
     ) -> BoxFuture<'a, Result<bool, QueueError>> {
         Box::pin(async move {
             let now = Instant::now();
-            Ok(self
-                .lock()
+            let mut state = self.lock();
+            let deleted = state
                 .sessions
                 .remove(&record.id)
-                .is_some_and(|s| s.expires > now))
+                .is_some_and(|s| s.expires > now);
+            for key_id in record.keys.values() {
+                let State {
+                    key_refs,
+                    sessions,
+                    keys,
+                    ..
+                } = &mut *state;
+                let Some(refs) = key_refs.get_mut(key_id) else {
+                    continue;
+                };
+                refs.remove(&record.id);
+                refs.retain(|s| sessions.get(s).is_some_and(|s| s.expires > now));
+                if refs.is_empty() {
+                    key_refs.remove(key_id);
+                    keys.remove(key_id);
+                }
+            }
+            Ok(deleted)
         })
     }
 
@@ -636,18 +704,7 @@ impl SessionStore for MemoryQueue {
         &'a self,
         tenant: &'a str,
     ) -> BoxFuture<'a, Result<TenantUsage, QueueError>> {
-        Box::pin(async move {
-            let now = Instant::now();
-            let state = self.lock();
-            let mut usage = TenantUsage::default();
-            for s in state.sessions.values().filter(|s| s.expires > now) {
-                if s.value.tenant == tenant {
-                    usage.sessions += 1;
-                    usage.key_bytes += s.value.key_bytes;
-                }
-            }
-            Ok(usage)
-        })
+        Box::pin(async move { Ok(self.lock().usage_of(tenant, Instant::now())) })
     }
 }
 

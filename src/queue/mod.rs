@@ -305,9 +305,48 @@ pub trait JobQueue: Send + Sync {
     fn leave<'a>(&'a self, worker: &'a str) -> BoxFuture<'a, Result<(), QueueError>>;
 }
 
+/// What one tenant may hold at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionQuota {
+    pub sessions: usize,
+    pub key_bytes: u64,
+}
+
+/// What [`SessionStore::create_session`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reserved {
+    /// The session is stored and counted against its tenant.
+    Created,
+    /// Nothing was stored: the tenant holds this much already.
+    OverQuota(TenantUsage),
+}
+
+/// The id a session's evaluation key blob is stored under: its content digest *within its
+/// tenant*, so that sessions of one tenant that uploaded the same keys share one blob (and the
+/// workers' transformed copy), while no tenant can keep, drop or evict another tenant's blob.
+pub fn scoped_key_id(tenant: &str, blob: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update((tenant.len() as u64).to_le_bytes());
+    h.update(tenant.as_bytes());
+    h.update(Sha256::digest(blob));
+    hex::encode(h.finalize())
+}
+
 /// Sessions and their evaluation keys, with TTLs refreshed on use.
+///
+/// A key blob is referenced by the sessions that uploaded it: it lives as long as the longest of
+/// them (its TTL follows theirs) and is deleted with the last one closed.
 pub trait SessionStore: Send + Sync {
-    /// Store an evaluation key blob under its content id.
+    /// Store a new session if its tenant's live sessions and key bytes stay within `quota`, in
+    /// one atomic step (concurrent creations cannot pass the quota together), and reference its
+    /// key blobs from it. The blobs are stored afterwards with [`SessionStore::put_key`].
+    fn create_session<'a>(
+        &'a self,
+        record: &'a SessionRecord,
+        ttl_ms: u64,
+        quota: SessionQuota,
+    ) -> BoxFuture<'a, Result<Reserved, QueueError>>;
+    /// Store an evaluation key blob under its id ([`scoped_key_id`]).
     fn put_key<'a>(
         &'a self,
         key_id: &'a str,
@@ -316,7 +355,7 @@ pub trait SessionStore: Send + Sync {
     ) -> BoxFuture<'a, Result<(), QueueError>>;
     fn get_key<'a>(&'a self, key_id: &'a str)
         -> BoxFuture<'a, Result<Option<Vec<u8>>, QueueError>>;
-    /// Store (or renew) a session and index it under its tenant.
+    /// Renew a session created by [`SessionStore::create_session`] (and its blobs' TTL).
     fn put_session<'a>(
         &'a self,
         record: &'a SessionRecord,
@@ -326,6 +365,7 @@ pub trait SessionStore: Send + Sync {
         &'a self,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<SessionRecord>, QueueError>>;
+    /// Delete a session, and each of its key blobs that no other live session references.
     /// Whether a session was there to delete.
     fn delete_session<'a>(
         &'a self,

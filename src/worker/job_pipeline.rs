@@ -192,6 +192,7 @@ async fn evaluate(p: &Pipeline, delivery: &Delivery) -> Result<(Vec<u8>, f64), J
         .keys
         .send(GetKey {
             key_id: job.key_id.clone(),
+            tenant: job.tenant.clone(),
             parent: tracing::Span::current(),
         })
         .await

@@ -30,6 +30,8 @@ struct Entry {
     key: Arc<FourierPackingKey>,
     bytes: u64,
     last_used: u64,
+    /// The tenant the blob is charged to (blob ids are scoped by tenant, so it is only one).
+    tenant: String,
 }
 
 pub struct KeyCache {
@@ -57,19 +59,70 @@ impl KeyCache {
         self.entries.values().map(|e| e.bytes).sum()
     }
 
-    /// Evict least-recently-used keys until `incoming` more bytes fit. Jobs still holding an
-    /// evicted key keep it alive through their `Arc` until they finish.
-    fn make_room(&mut self, incoming: u64) {
-        while !self.entries.is_empty() && self.used_bytes() + incoming > self.capacity_bytes {
-            let oldest = self
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, _)| k.clone())
-                .expect("non-empty");
-            self.entries.remove(&oldest);
-            self.metrics.key_cache_evictions.inc();
-            tracing::info!(key = %oldest, "evicted evaluation key");
+    fn bytes_of(&self, tenant: &str) -> u64 {
+        self.entries
+            .values()
+            .filter(|e| e.tenant == tenant)
+            .map(|e| e.bytes)
+            .sum()
+    }
+
+    /// Each tenant's share of the cache: an equal part per tenant holding keys here (counting
+    /// the one about to load), so one tenant's sessions cannot push every other tenant's keys out.
+    fn share(&self, incoming_tenant: &str) -> u64 {
+        let mut tenants: Vec<&str> = self.entries.values().map(|e| e.tenant.as_str()).collect();
+        tenants.push(incoming_tenant);
+        tenants.sort_unstable();
+        tenants.dedup();
+        self.capacity_bytes / tenants.len() as u64
+    }
+
+    /// The least recently used entry whose tenant satisfies `pick`.
+    fn oldest_of(&self, pick: impl Fn(&str) -> bool) -> Option<String> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| pick(&e.tenant))
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, _)| k.clone())
+    }
+
+    fn evict(&mut self, key_id: &str) {
+        self.entries.remove(key_id);
+        self.metrics.key_cache_evictions.inc();
+        tracing::info!(key = %key_id, "evicted evaluation key");
+    }
+
+    /// Make room for `incoming` bytes of `tenant`'s. A tenant over its share evicts its own
+    /// least-recently-used keys first; past that, the cache takes from tenants over their share
+    /// before anyone else, and least recently used last. Jobs still holding an evicted key keep
+    /// it alive through their `Arc` until they finish.
+    fn make_room(&mut self, tenant: &str, incoming: u64) {
+        let share = self.share(tenant);
+        while self.bytes_of(tenant) + incoming > share {
+            let Some(own) = self.oldest_of(|t| t == tenant) else {
+                break;
+            };
+            self.evict(&own);
+        }
+        while self.used_bytes() + incoming > self.capacity_bytes {
+            let share = self.share(tenant);
+            let over: Vec<String> = {
+                let mut tenants: Vec<String> =
+                    self.entries.values().map(|e| e.tenant.clone()).collect();
+                tenants.sort_unstable();
+                tenants.dedup();
+                tenants
+                    .into_iter()
+                    .filter(|t| self.bytes_of(t) > share)
+                    .collect()
+            };
+            let victim = self
+                .oldest_of(|t| over.iter().any(|o| o == t))
+                .or_else(|| self.oldest_of(|_| true));
+            match victim {
+                Some(v) => self.evict(&v),
+                None => break,
+            }
         }
     }
 }
@@ -83,6 +136,8 @@ impl Actor for KeyCache {
 #[rtype(result = "Result<Arc<FourierPackingKey>, JobError>")]
 pub struct GetKey {
     pub key_id: String,
+    /// The tenant whose job needs it (the key is charged to its share of the cache).
+    pub tenant: String,
     /// The job's span (the load is traced under the job that missed first).
     pub parent: tracing::Span,
 }
@@ -151,6 +206,7 @@ impl Handler<GetKey> for KeyCache {
         self.loading.entry(msg.key_id.clone()).or_default().push(tx);
         if first {
             let key_id = msg.key_id.clone();
+            let tenant = msg.tenant.clone();
             let span = tracing::info_span!(parent: &msg.parent, "key_load", key = %key_id);
             let fut = load(self.broker.clone(), key_id.clone())
                 .instrument(span)
@@ -158,7 +214,7 @@ impl Handler<GetKey> for KeyCache {
                 .map(move |result, act, _| {
                     if let Ok(key) = &result {
                         let bytes = key.size_bytes() as u64;
-                        act.make_room(bytes);
+                        act.make_room(&tenant, bytes);
                         act.clock += 1;
                         act.entries.insert(
                             key_id.clone(),
@@ -166,6 +222,7 @@ impl Handler<GetKey> for KeyCache {
                                 key: key.clone(),
                                 bytes,
                                 last_used: act.clock,
+                                tenant,
                             },
                         );
                         act.metrics.key_loads.inc();

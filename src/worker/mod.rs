@@ -28,7 +28,7 @@ use actix::{Actor, Addr};
 
 pub use evaluator::Evaluator;
 pub use http::metrics_app;
-pub use key_cache::{GetKeyCacheStats, KeyCache, KeyCacheStats};
+pub use key_cache::{GetKey, GetKeyCacheStats, KeyCache, KeyCacheStats};
 pub use metrics::WorkerMetrics;
 pub use module_cache::{ModuleCache, ModuleSet};
 pub use queue_reader::{Leave, QueueReader, ReaderStats, Stats};

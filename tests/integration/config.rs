@@ -89,6 +89,39 @@ fn unknown_keys_and_bad_values_fail_naming_the_key() {
     );
     let e = error(&bad_hash, &[]);
     assert!(e.contains("tenants[0].api_key_sha256"), "{e}");
+    // One API key for two tenants would act as whichever is listed first: refused at start.
+    let twice = format!(
+        "{DEFAULT_TOML}\n[[tenants]]\nname = \"copy\"\napi_key_sha256 = \"889E795705BA97234307B5C3BFCF4C07A923208B7FF1433840AFC510D8DA1901\"\n"
+    );
+    let e = error(&twice, &[]);
+    assert!(
+        e.contains("tenants[1].api_key_sha256") && e.contains("\"demo\""),
+        "{e}"
+    );
+    // Outcomes must outlive the deadline of the request that waits for them.
+    let e = error(
+        DEFAULT_TOML,
+        &[
+            ("HYFHE__QUEUE__RESULT_TTL_MS", "60000"),
+            ("HYFHE__COORDINATOR__REQUEST_TIMEOUT_MS", "120000"),
+        ],
+    );
+    assert!(
+        e.contains("queue.result_ttl_ms") && e.contains("request_timeout_ms"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_tenant_may_be_limited_to_some_models_and_is_allowed_all_by_default() {
+    let text = format!(
+        "{DEFAULT_TOML}\n[[tenants]]\nname = \"narrow\"\napi_key_sha256 = \"{}\"\nmodels = [\"digits_mlp\"]\n",
+        hyfhe::config::hash_api_key("narrow-key")
+    );
+    let config = Config::from_toml(&text, "", &Default::default()).unwrap();
+    assert!(config.may_use("narrow", "digits_mlp"));
+    assert!(!config.may_use("narrow", "fc_small"));
+    assert!(config.may_use("demo", "fc_small"), "no list: every model");
 }
 
 #[test]

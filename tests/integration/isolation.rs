@@ -21,10 +21,7 @@ impl Stack {
     fn start(extra: &[(&str, &str)]) -> Self {
         let redis = RedisServer::start();
         let config_dir = tempfile::tempdir().unwrap();
-        let config = config_file(config_dir.path())
-            .to_str()
-            .unwrap()
-            .to_string();
+        let config = config_file(config_dir.path()).to_str().unwrap().to_string();
         let mut vars = base_env(&MODELS.dir);
         let redis_url = redis.url();
         vars.extend(env(&[
@@ -119,4 +116,57 @@ fn a_joiner_that_outlives_the_first_requests_deadline_waits_idle_and_gets_the_an
         assert_eq!(metric(&worker.url, "hyfhe_worker_jobs_done_total"), 1.0);
         let _ = stack.redis_cli(&["PING"]);
     })
+}
+
+#[test]
+fn one_tenants_keys_cannot_push_another_tenants_key_out_of_a_workers_cache() {
+    use hyfhe::queue::{MemoryQueue, SessionStore};
+    use hyfhe::worker::{GetKey, GetKeyCacheStats, KeyCache, WorkerMetrics};
+    use std::sync::Arc;
+
+    let config = hyfhe::config::Config::load(None).unwrap();
+    let queue = Arc::new(MemoryQueue::new(config.queue_settings()));
+    let blob = SESSION_KEYS.evaluation_key_blobs()[0].clone();
+    actix::System::new().block_on(async move {
+        use actix::Actor;
+        // One real key blob stored under several ids, as several sessions' keys would be.
+        for id in ["a1", "a2", "a3", "b1", "probe"] {
+            queue.put_key(id, &blob, 600_000).await.unwrap();
+        }
+        let get = |cache: &actix::Addr<KeyCache>, id: &str, tenant: &str| {
+            cache.send(GetKey {
+                key_id: id.into(),
+                tenant: tenant.into(),
+                parent: tracing::Span::none(),
+            })
+        };
+        // How many bytes one transformed key takes.
+        let probe =
+            KeyCache::new(queue.clone(), u64::MAX, Arc::new(WorkerMetrics::default())).start();
+        get(&probe, "probe", "a").await.unwrap().unwrap();
+        let one = probe.send(GetKeyCacheStats).await.unwrap().bytes;
+        drop(probe);
+
+        // Room for two and a half keys, shared by the tenants holding keys here.
+        let metrics = Arc::new(WorkerMetrics::default());
+        let cache = KeyCache::new(queue.clone(), one * 5 / 2, metrics.clone()).start();
+        get(&cache, "a1", "a").await.unwrap().unwrap();
+        get(&cache, "b1", "b").await.unwrap().unwrap();
+        // a1 is used again, so b1 is now the least recently used key of the cache.
+        get(&cache, "a1", "a").await.unwrap().unwrap();
+        for (i, id) in ["a2", "a3"].into_iter().enumerate() {
+            get(&cache, id, "a").await.unwrap().unwrap();
+            let stats = cache.send(GetKeyCacheStats).await.unwrap();
+            assert!(stats.bytes <= stats.capacity_bytes, "{stats:?}");
+            assert_eq!(metrics.key_cache_evictions.get(), i as u64 + 1);
+            // Tenant a is over its half: it evicted its own key, not b's.
+            let loads = metrics.key_loads.get();
+            get(&cache, "b1", "b").await.unwrap().unwrap();
+            assert_eq!(
+                metrics.key_loads.get(),
+                loads,
+                "b's key stayed cached while a loaded {id}"
+            );
+        }
+    });
 }

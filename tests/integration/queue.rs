@@ -8,7 +8,7 @@ use futures::StreamExt;
 use hyfhe::protocol::ErrorCode;
 use hyfhe::queue::{
     shard_of, Begin, Broker, Completion, Job, JobOutcome, JobQueue, MemoryQueue, QueueError,
-    QueueSettings, RedisQueue, StoredOutcome,
+    QueueSettings, RedisQueue, Reserved, SessionQuota, SessionRecord, StoredOutcome, TenantUsage,
 };
 
 use crate::cluster::RedisServer;
@@ -370,7 +370,6 @@ async fn the_memory_queue_keeps_the_job_queue_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_keys_expire_in_both_stores() {
-    use hyfhe::queue::SessionRecord;
     let redis = RedisServer::start();
     let stores: Vec<Arc<dyn Broker>> = vec![
         Arc::new(MemoryQueue::new(settings())),
@@ -390,8 +389,15 @@ async fn sessions_and_keys_expire_in_both_stores() {
             key_bytes: 4,
             expires_unix_ms: hyfhe::queue::now_unix_ms() + 1000,
         };
+        let quota = SessionQuota {
+            sessions: 4,
+            key_bytes: 100,
+        };
+        assert_eq!(
+            store.create_session(&record, 1000, quota).await.unwrap(),
+            Reserved::Created
+        );
         store.put_key("key-1", b"blob", 1000).await.unwrap();
-        store.put_session(&record, 1000).await.unwrap();
         assert_eq!(store.get_session("s1").await.unwrap(), Some(record.clone()));
         let usage = store.tenant_usage("t").await.unwrap();
         assert_eq!((usage.sessions, usage.key_bytes), (1, 4));
@@ -412,7 +418,7 @@ async fn sessions_and_keys_expire_in_both_stores() {
             expires_unix_ms: hyfhe::queue::now_unix_ms() + 10_000,
             ..record.clone()
         };
-        store.put_session(&renewed, 10_000).await.unwrap();
+        store.create_session(&renewed, 10_000, quota).await.unwrap();
         assert_eq!(store.tenant_usage("t").await.unwrap().sessions, 1);
         assert!(store.delete_session(&renewed).await.unwrap());
         assert!(!store.delete_session(&renewed).await.unwrap());
@@ -456,4 +462,116 @@ async fn the_memory_queue_prunes_expired_outcomes_and_bounds_its_dead_letters() 
     assert_eq!(q.dead_letters().await.unwrap(), total / 2, "all counted");
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert_eq!(q.sizes().outcomes, 0, "expired outcomes are pruned");
+}
+
+fn session(id: &str, tenant: &str, key_id: &str, key_bytes: u64) -> SessionRecord {
+    SessionRecord {
+        id: id.into(),
+        tenant: tenant.into(),
+        model: "m".into(),
+        token_sha256: "x".into(),
+        keys: [("exact".to_string(), key_id.to_string())].into(),
+        key_bytes,
+        expires_unix_ms: hyfhe::queue::now_unix_ms() + 60_000,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_blob_goes_with_the_last_session_that_uses_it_and_quotas_hold_under_concurrent_creations(
+) {
+    let redis = RedisServer::start();
+    let stores: Vec<Arc<dyn Broker>> = vec![
+        Arc::new(MemoryQueue::new(settings())),
+        Arc::new(
+            RedisQueue::connect(&redis.url(), settings(), Duration::from_secs(5))
+                .await
+                .unwrap(),
+        ),
+    ];
+    for store in stores {
+        let roomy = SessionQuota {
+            sessions: 10,
+            key_bytes: 1 << 30,
+        };
+        // Two sessions of one tenant share a blob (the same keys uploaded twice).
+        let blob = hyfhe::queue::scoped_key_id("t", b"blob");
+        for id in ["s1", "s2"] {
+            let record = session(id, "t", &blob, 4);
+            assert_eq!(
+                store.create_session(&record, 60_000, roomy).await.unwrap(),
+                Reserved::Created
+            );
+            store.put_key(&blob, b"blob", 60_000).await.unwrap();
+        }
+        // Another tenant with byte-identical keys gets a blob of its own.
+        let theirs = hyfhe::queue::scoped_key_id("u", b"blob");
+        assert_ne!(theirs, blob, "blob ids are scoped by tenant");
+        let other = session("s3", "u", &theirs, 4);
+        store.create_session(&other, 60_000, roomy).await.unwrap();
+        store.put_key(&theirs, b"blob", 60_000).await.unwrap();
+        // Closing one session keeps the blob the other still uses; closing the last drops it.
+        assert!(store
+            .delete_session(&session("s1", "t", &blob, 4))
+            .await
+            .unwrap());
+        assert!(store.get_key(&blob).await.unwrap().is_some(), "s2 uses it");
+        assert!(store
+            .delete_session(&session("s2", "t", &blob, 4))
+            .await
+            .unwrap());
+        assert_eq!(
+            store.get_key(&blob).await.unwrap(),
+            None,
+            "no session uses it"
+        );
+        assert!(
+            store.get_key(&theirs).await.unwrap().is_some(),
+            "another tenant's blob is not touched"
+        );
+        assert!(store.delete_session(&other).await.unwrap());
+        assert_eq!(store.get_key(&theirs).await.unwrap(), None);
+
+        // Sixteen creations at once against a quota of three: exactly three pass.
+        let tight = SessionQuota {
+            sessions: 3,
+            key_bytes: 1 << 30,
+        };
+        let tries: Vec<_> = (0..16)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let record = session(&format!("c{i}"), "busy", "k", 10);
+                    store.create_session(&record, 60_000, tight).await.unwrap()
+                })
+            })
+            .collect();
+        let mut created = 0;
+        for t in tries {
+            match t.await.unwrap() {
+                Reserved::Created => created += 1,
+                Reserved::OverQuota(usage) => assert_eq!(usage.sessions, 3, "{usage:?}"),
+            }
+        }
+        assert_eq!(created, 3);
+        // Key bytes likewise: 25 bytes allowed, 10 per session.
+        let bytes = SessionQuota {
+            sessions: 100,
+            key_bytes: 25,
+        };
+        let mut passed = 0;
+        for i in 0..4 {
+            let record = session(&format!("b{i}"), "bytes", "k", 10);
+            if store.create_session(&record, 60_000, bytes).await.unwrap() == Reserved::Created {
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 2);
+        assert_eq!(
+            store.tenant_usage("bytes").await.unwrap(),
+            TenantUsage {
+                sessions: 2,
+                key_bytes: 20
+            }
+        );
+    }
 }

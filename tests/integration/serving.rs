@@ -409,11 +409,21 @@ async fn assert_bad_requests_are_refused(url: &str) {
         .send(good(api.post(&compute(&sid, "seq.0"), Some("nope"))).body(rows.clone()))
         .await;
     assert_eq!((s, code(&b)), (401, "unauthorized"), "{b}");
-    // 403: another tenant's session; a wrong session token.
-    let (s, b, _) = api
+    // Another tenant's session is answered exactly as a session that does not exist (a 403
+    // would confirm a guessed id); a wrong session token of one's own session is a 403.
+    let (s, theirs, _) = api
         .send(good(api.post(&compute(&sid, "seq.0"), Some("other-key"))).body(rows.clone()))
         .await;
-    assert_eq!((s, code(&b)), (403, "forbidden"), "{b}");
+    assert_eq!((s, code(&theirs)), (404, "session_not_found"), "{theirs}");
+    let absent = "0123456789abcdef0123456789abcdef";
+    let (_, missing, _) = api
+        .send(good(api.post(&compute(absent, "seq.0"), Some("other-key"))).body(rows.clone()))
+        .await;
+    assert_eq!(
+        theirs["message"].as_str().unwrap().replace(&sid, "ID"),
+        missing["message"].as_str().unwrap().replace(absent, "ID"),
+        "the same words for both"
+    );
     let (s, b, _) = api
         .send(
             api.post(&compute(&sid, "seq.0"), Some(API_KEY))

@@ -6,4 +6,4 @@ pub mod session_registry;
 
 pub use dispatcher::{Dispatch, Dispatched, Dispatcher};
 pub use result_router::ResultRouter;
-pub use session_registry::{Authorize, CreateSession, DeleteSession, SessionRegistry};
+pub use session_registry::{over_quota, Authorize, CreateSession, DeleteSession, SessionRegistry};

@@ -10,7 +10,9 @@ use actix::{Actor, Context, Handler, Message, ResponseFuture};
 use crate::coordinator::error::ApiError;
 use crate::hybrid::sha256_hex;
 use crate::protocol::{ErrorCode, SessionCreated};
-use crate::queue::{now_unix_ms, Broker, SessionRecord};
+use crate::queue::{
+    now_unix_ms, scoped_key_id, Broker, Reserved, SessionQuota, SessionRecord, TenantUsage,
+};
 
 pub struct SessionRegistry {
     broker: Arc<dyn Broker>,
@@ -39,6 +41,9 @@ pub struct CreateSession {
     pub keys: Vec<(String, Vec<u8>)>,
     /// Their total size (the tenant's key-bytes quota).
     pub key_bytes: u64,
+    /// What the tenant may hold, checked atomically with the creation.
+    pub quota: SessionQuota,
+    pub retry_after_s: u64,
 }
 
 /// The session `id` if `tenant` owns it and `token` is its token.
@@ -70,26 +75,42 @@ impl Handler<CreateSession> for SessionRegistry {
         let broker = self.broker.clone();
         let ttl_ms = self.ttl_ms;
         Box::pin(async move {
-            let mut keys = BTreeMap::new();
-            for (precision, bytes) in &msg.keys {
-                // Content-addressed: a client renewing its session with the same keys reuses the
-                // stored blob and the workers' transformed copy.
-                let key_id = sha256_hex(bytes);
-                broker.put_key(&key_id, bytes, ttl_ms).await?;
-                keys.insert(precision.clone(), key_id);
-            }
+            // Content-addressed within the tenant: a client renewing its session with the same
+            // keys reuses the stored blob and the workers' transformed copy.
+            let keys: BTreeMap<String, String> = msg
+                .keys
+                .iter()
+                .map(|(precision, bytes)| (precision.clone(), scoped_key_id(&msg.tenant, bytes)))
+                .collect();
             let id = random_hex(16);
             let token = random_hex(32);
             let record = SessionRecord {
                 id: id.clone(),
-                tenant: msg.tenant,
+                tenant: msg.tenant.clone(),
                 model: msg.model,
                 token_sha256: sha256_hex(token.as_bytes()),
                 keys,
                 key_bytes: msg.key_bytes,
                 expires_unix_ms: now_unix_ms() + ttl_ms,
             };
-            broker.put_session(&record, ttl_ms).await?;
+            // The quota is reserved first, in one step with the record, so that concurrent
+            // creations cannot pass it together; the ~100 MiB blobs are stored after.
+            if let Reserved::OverQuota(usage) =
+                broker.create_session(&record, ttl_ms, msg.quota).await?
+            {
+                return Err(over_quota(&msg.tenant, &usage, msg.key_bytes, msg.quota)
+                    .retry_after(msg.retry_after_s));
+            }
+            for (_, bytes) in &msg.keys {
+                let key_id = scoped_key_id(&msg.tenant, bytes);
+                if let Err(e) = broker.put_key(&key_id, bytes, ttl_ms).await {
+                    // A session without its keys would only fail its jobs: take it back.
+                    if let Err(e) = broker.delete_session(&record).await {
+                        tracing::warn!(error = %e, session = %id, "session without keys left to expire");
+                    }
+                    return Err(e.into());
+                }
+            }
             tracing::info!(session = %id, tenant = %record.tenant, model = %record.model, "session opened");
             Ok(SessionCreated {
                 session_id: id,
@@ -101,6 +122,34 @@ impl Handler<CreateSession> for SessionRegistry {
     }
 }
 
+/// Which of `quota`'s limits a new session of `key_bytes` would pass, given `usage`.
+pub fn over_quota(
+    tenant: &str,
+    usage: &TenantUsage,
+    key_bytes: u64,
+    quota: SessionQuota,
+) -> ApiError {
+    let message = if usage.sessions >= quota.sessions {
+        format!(
+            "tenant `{tenant}` holds {} sessions, its quota is {}: close one (DELETE /v1/sessions/ID) or wait for one to expire",
+            usage.sessions, quota.sessions
+        )
+    } else {
+        format!(
+            "tenant `{tenant}` holds {} bytes of evaluation keys; {key_bytes} more would pass its quota of {}",
+            usage.key_bytes, quota.key_bytes
+        )
+    };
+    ApiError::new(ErrorCode::QuotaExceeded, message)
+}
+
+fn session_not_found(id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::SessionNotFound,
+        format!("no session {id} (it expired or was closed): open a new one"),
+    )
+}
+
 impl Handler<Authorize> for SessionRegistry {
     type Result = ResponseFuture<Result<SessionRecord, ApiError>>;
 
@@ -108,20 +157,14 @@ impl Handler<Authorize> for SessionRegistry {
         let broker = self.broker.clone();
         let ttl_ms = self.ttl_ms;
         Box::pin(async move {
-            let mut record = broker.get_session(&msg.id).await?.ok_or_else(|| {
-                ApiError::new(
-                    ErrorCode::SessionNotFound,
-                    format!(
-                        "no session {} (it expired or was closed): open a new one",
-                        msg.id
-                    ),
-                )
-            })?;
+            let mut record = broker
+                .get_session(&msg.id)
+                .await?
+                .ok_or_else(|| session_not_found(&msg.id))?;
+            // Another tenant's session is answered as a missing one, word for word: a 403 would
+            // tell a tenant that a session id it guessed exists.
             if record.tenant != msg.tenant {
-                return Err(ApiError::new(
-                    ErrorCode::Forbidden,
-                    format!("session {} belongs to another tenant", msg.id),
-                ));
+                return Err(session_not_found(&msg.id));
             }
             let token_ok = msg
                 .token

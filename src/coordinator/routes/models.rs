@@ -8,12 +8,13 @@ use crate::coordinator::AppState;
 use crate::protocol::{ModelList, MSGPACK};
 
 pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    tenant(&req, &state)?;
+    let tenant = tenant(&req, &state)?;
     let models = state
         .catalog
         .models
-        .values()
-        .map(|m| m.info.clone())
+        .iter()
+        .filter(|(name, _)| state.config.may_use(&tenant, name))
+        .map(|(_, m)| m.info.clone())
         .collect();
     Ok(HttpResponse::Ok().json(ModelList {
         models,
@@ -26,11 +27,12 @@ pub async fn client_tree(
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    tenant(&req, &state)?;
+    let tenant = tenant(&req, &state)?;
     let model = state
         .catalog
         .get(&path)
-        .ok_or_else(|| ApiError::not_found(format!("no model `{path}` is served here")))?;
+        .filter(|_| state.config.may_use(&tenant, &path))
+        .ok_or_else(|| super::sessions::no_such_model(&path))?;
     Ok(HttpResponse::Ok()
         .content_type(MSGPACK)
         .body(model.bundle.clone()))

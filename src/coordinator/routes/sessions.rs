@@ -3,11 +3,12 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{read_body, session_token, tenant};
-use crate::coordinator::actors::{Authorize, CreateSession, DeleteSession};
+use crate::coordinator::actors::{over_quota, Authorize, CreateSession, DeleteSession};
 use crate::coordinator::error::ApiError;
 use crate::coordinator::AppState;
 use crate::fhe::{decode, EvaluationKey};
 use crate::protocol::{self, ErrorCode};
+use crate::queue::SessionQuota;
 
 pub async fn create(
     req: HttpRequest,
@@ -32,28 +33,46 @@ async fn open(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let tenant = tenant(req, state)?;
-    // Both checks before the ~100 MiB body is read.
+    // Both checks before the ~100 MiB body is read (the quota is checked again, atomically with
+    // the creation, once the body is in).
     let _permit = state.admission.session()?;
     let quota = state.config.quota_of(&tenant);
+    let quota = SessionQuota {
+        sessions: quota.sessions,
+        key_bytes: quota.key_bytes,
+    };
     let usage = state.broker.tenant_usage(&tenant).await?;
     let retry_after = state.config.coordinator.retry_after_s;
     if usage.sessions >= quota.sessions {
-        return Err(ApiError::new(
-            ErrorCode::QuotaExceeded,
+        return Err(over_quota(&tenant, &usage, 0, quota).retry_after(retry_after));
+    }
+    let limit = state.session_bytes_limit();
+    let body = read_body(req, payload, limit).await.map_err(|e| {
+        if e.code != ErrorCode::PayloadTooLarge {
+            return e;
+        }
+        let needs: Vec<String> = state
+            .catalog
+            .models
+            .iter()
+            .map(|(name, m)| format!("`{name}` {} bytes", m.session_bytes()))
+            .collect();
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
             format!(
-                "tenant `{tenant}` holds {} sessions, its quota is {}: close one (DELETE /v1/sessions/ID) or wait for one to expire",
-                usage.sessions, quota.sessions
+                "{}; a session request carries the model's evaluation keys, which need at most: {} (coordinator.max_session_bytes, 0 = sized from the served models)",
+                e.message,
+                needs.join(", ")
             ),
         )
-        .retry_after(retry_after));
-    }
-    let limit = state.config.coordinator.max_session_bytes;
-    let body = read_body(req, payload, limit).await?;
+    })?;
     let request: protocol::CreateSession = rmp_serde::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed session request (msgpack): {e}")))?;
-    let model = state.catalog.get(&request.model).ok_or_else(|| {
-        ApiError::not_found(format!("no model `{}` is served here", request.model))
-    })?;
+    let model = state
+        .catalog
+        .get(&request.model)
+        .filter(|_| state.config.may_use(&tenant, &request.model))
+        .ok_or_else(|| no_such_model(&request.model))?;
     let mut keys = Vec::new();
     for (i, blob) in request.keys.iter().enumerate() {
         let key: EvaluationKey =
@@ -62,14 +81,7 @@ async fn open(
     }
     let key_bytes: u64 = keys.iter().map(|(_, b)| b.len() as u64).sum();
     if usage.key_bytes + key_bytes > quota.key_bytes {
-        return Err(ApiError::new(
-            ErrorCode::QuotaExceeded,
-            format!(
-                "tenant `{tenant}` holds {} bytes of evaluation keys; {key_bytes} more would pass its quota of {}",
-                usage.key_bytes, quota.key_bytes
-            ),
-        )
-        .retry_after(retry_after));
+        return Err(over_quota(&tenant, &usage, key_bytes, quota).retry_after(retry_after));
     }
     for precision in model.precisions() {
         if !keys.iter().any(|(p, _)| *p == precision.to_string()) {
@@ -86,10 +98,18 @@ async fn open(
             model: request.model,
             keys,
             key_bytes,
+            quota,
+            retry_after_s: retry_after,
         })
         .await??;
     state.metrics.sessions_created.inc();
     Ok(HttpResponse::Created().json(created))
+}
+
+/// The same answer for a model that is not served and one the tenant may not use: a tenant
+/// learns nothing of other tenants' models.
+pub fn no_such_model(name: &str) -> ApiError {
+    ApiError::not_found(format!("no model `{name}` is served here"))
 }
 
 pub async fn delete(

@@ -27,7 +27,8 @@ use crate::protocol::ErrorCode;
 
 use super::{
     redact_url, BoxFuture, Completion, CompletionStream, Delivery, Job, JobQueue, Leases,
-    QueueError, QueueSettings, SessionRecord, SessionStore, StoredOutcome, TenantUsage,
+    QueueError, QueueSettings, Reserved, SessionQuota, SessionRecord, SessionStore, StoredOutcome,
+    TenantUsage,
 };
 
 const PREFIX: &str = "hyfhe:";
@@ -64,6 +65,8 @@ struct Scripts {
     abandon: Script,
     usage: Script,
     read_new: Script,
+    create_session: Script,
+    delete_session: Script,
 }
 
 impl RedisQueue {
@@ -107,6 +110,8 @@ impl RedisQueue {
                 abandon: Script::new(streams::ABANDON),
                 usage: Script::new(sessions::TENANT_USAGE),
                 read_new: Script::new(streams::READ_NEW),
+                create_session: Script::new(sessions::CREATE_SESSION),
+                delete_session: Script::new(sessions::DELETE_SESSION),
             },
             read_rotation: Default::default(),
         };
@@ -280,6 +285,15 @@ impl JobQueue for RedisQueue {
 }
 
 impl SessionStore for RedisQueue {
+    fn create_session<'a>(
+        &'a self,
+        record: &'a SessionRecord,
+        ttl_ms: u64,
+        quota: SessionQuota,
+    ) -> BoxFuture<'a, Result<Reserved, QueueError>> {
+        Box::pin(self.reserve_session(record, ttl_ms, quota))
+    }
+
     fn put_key<'a>(
         &'a self,
         key_id: &'a str,

@@ -3,7 +3,7 @@
 use redis::Value;
 
 use super::{RedisQueue, PREFIX};
-use crate::queue::{now_unix_ms, QueueError, SessionRecord, TenantUsage};
+use crate::queue::{now_unix_ms, QueueError, Reserved, SessionQuota, SessionRecord, TenantUsage};
 
 /// KEYS: tenant's session index (zset by expiry), its key-bytes hash. ARGV: now (ms).
 /// Drops expired sessions from both, then returns `{sessions, key bytes}`.
@@ -15,12 +15,63 @@ local total = 0
 for _, v in ipairs(redis.call('HVALS', KEYS[2])) do total = total + tonumber(v) end
 return {redis.call('ZCARD', KEYS[1]), total}";
 
+/// KEYS: session, tenant index, tenant key bytes, then one reference set per key blob.
+/// ARGV: now (ms), record, TTL (ms), expiry (ms), session id, key bytes, quota sessions, quota
+/// bytes. Drops the tenant's expired sessions, then either refuses (`{0, sessions, bytes}`) or
+/// stores and counts the session and references its blobs (`{1}`), in one step.
+pub(super) const CREATE_SESSION: &str = r"
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, id in ipairs(expired) do redis.call('HDEL', KEYS[3], id) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local total = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[3])) do total = total + tonumber(v) end
+local held = redis.call('ZCARD', KEYS[2])
+if held >= tonumber(ARGV[7]) or total + tonumber(ARGV[6]) > tonumber(ARGV[8]) then
+  return {0, held, total}
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+redis.call('HSET', KEYS[3], ARGV[5], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+for i = 4, #KEYS do
+  redis.call('SADD', KEYS[i], ARGV[5])
+  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+end
+return {1}";
+
+/// KEYS: session, tenant index, tenant key bytes, then (reference set, blob) per key.
+/// ARGV: session id, the session key prefix. Deletes the session and every blob that no live
+/// session references any more; returns `{sessions deleted, blobs deleted}`. (It reads session
+/// keys it is not given, which a Redis Cluster would refuse; hyfhe runs one primary.)
+pub(super) const DELETE_SESSION: &str = r"
+local deleted = redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+local dropped = 0
+for i = 4, #KEYS, 2 do
+  redis.call('SREM', KEYS[i], ARGV[1])
+  for _, other in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+    if redis.call('EXISTS', ARGV[2] .. other) == 0 then redis.call('SREM', KEYS[i], other) end
+  end
+  if redis.call('SCARD', KEYS[i]) == 0 then
+    dropped = dropped + redis.call('DEL', KEYS[i + 1])
+    redis.call('DEL', KEYS[i])
+  end
+end
+return {deleted, dropped}";
+
 pub(super) fn session_key(id: &str) -> String {
     format!("{PREFIX}session:{id}")
 }
 
 fn key_key(id: &str) -> String {
     format!("{PREFIX}key:{id}")
+}
+
+/// The sessions that reference a key blob.
+fn key_refs_key(id: &str) -> String {
+    format!("{PREFIX}key-refs:{id}")
 }
 
 fn tenant_sessions_key(tenant: &str) -> String {
@@ -81,7 +132,10 @@ impl RedisQueue {
             pipe.cmd("PEXPIRE")
                 .arg(key_key(key_id))
                 .arg(ttl_ms)
-                .arg("GT");
+                .arg("GT")
+                .cmd("PEXPIRE")
+                .arg(key_refs_key(key_id))
+                .arg(ttl_ms);
         }
         let (index, sizes) = (
             tenant_sessions_key(&record.tenant),
@@ -109,23 +163,64 @@ impl RedisQueue {
         Ok(())
     }
 
-    pub(super) async fn remove_session(&self, record: &SessionRecord) -> Result<bool, QueueError> {
-        let (deleted, _, _): (i64, Value, Value) = self
+    pub(super) async fn reserve_session(
+        &self,
+        record: &SessionRecord,
+        ttl_ms: u64,
+        quota: SessionQuota,
+    ) -> Result<Reserved, QueueError> {
+        let bytes = rmp_serde::to_vec_named(record).expect("msgpack encoding into a Vec");
+        let reply: Vec<u64> = self
             .commands
             .run(|mut c| async move {
-                redis::pipe()
-                    .cmd("DEL")
-                    .arg(session_key(&record.id))
-                    .cmd("ZREM")
-                    .arg(tenant_sessions_key(&record.tenant))
+                let mut call = self.scripts.create_session.prepare_invoke();
+                call.key(session_key(&record.id))
+                    .key(tenant_sessions_key(&record.tenant))
+                    .key(tenant_bytes_key(&record.tenant));
+                for key_id in record.keys.values() {
+                    call.key(key_refs_key(key_id));
+                }
+                call.arg(now_unix_ms())
+                    .arg(bytes)
+                    .arg(ttl_ms)
+                    .arg(record.expires_unix_ms)
                     .arg(&record.id)
-                    .cmd("HDEL")
-                    .arg(tenant_bytes_key(&record.tenant))
-                    .arg(&record.id)
-                    .query_async(&mut c)
-                    .await
+                    .arg(record.key_bytes)
+                    .arg(quota.sessions)
+                    .arg(quota.key_bytes);
+                call.invoke_async(&mut c).await
             })
             .await?;
+        match reply.as_slice() {
+            [1] => Ok(Reserved::Created),
+            [0, sessions, key_bytes] => Ok(Reserved::OverQuota(TenantUsage {
+                sessions: *sessions as usize,
+                key_bytes: *key_bytes,
+            })),
+            other => Err(QueueError::Corrupt(format!(
+                "unexpected reply to a session creation: {other:?}"
+            ))),
+        }
+    }
+
+    pub(super) async fn remove_session(&self, record: &SessionRecord) -> Result<bool, QueueError> {
+        let (deleted, blobs): (i64, i64) = self
+            .commands
+            .run(|mut c| async move {
+                let mut call = self.scripts.delete_session.prepare_invoke();
+                call.key(session_key(&record.id))
+                    .key(tenant_sessions_key(&record.tenant))
+                    .key(tenant_bytes_key(&record.tenant));
+                for key_id in record.keys.values() {
+                    call.key(key_refs_key(key_id)).key(key_key(key_id));
+                }
+                call.arg(&record.id).arg(session_key(""));
+                call.invoke_async(&mut c).await
+            })
+            .await?;
+        if blobs > 0 {
+            tracing::info!(session = %record.id, blobs, "deleted key blobs no session uses");
+        }
         Ok(deleted > 0)
     }
 
