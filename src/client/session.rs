@@ -334,7 +334,9 @@ impl RemoteSession {
         self.keys.upload_bytes()
     }
 
-    /// Close the session on the server (its keys are dropped there).
+    /// Close the session on the server: its record goes at once, and its key blobs with it
+    /// unless another live session of the same tenant uploaded the same keys. A worker's
+    /// transformed copy leaves its cache as the cache needs room (LRU within the tenant's share).
     pub async fn close(&self) -> Result<(), ClientError> {
         let s = self.current.lock().expect("session").clone();
         let response = self

@@ -19,9 +19,18 @@ struct Stack {
 
 impl Stack {
     fn start(extra: &[(&str, &str)]) -> Self {
+        Self::with_config(extra, "")
+    }
+
+    /// With `more` appended to the test configuration file (extra tenants).
+    fn with_config(extra: &[(&str, &str)], more: &str) -> Self {
         let redis = RedisServer::start();
         let config_dir = tempfile::tempdir().unwrap();
-        let config = config_file(config_dir.path()).to_str().unwrap().to_string();
+        let path = config_file(config_dir.path());
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(more);
+        std::fs::write(&path, text).unwrap();
+        let config = path.to_str().unwrap().to_string();
         let mut vars = base_env(&MODELS.dir);
         let redis_url = redis.url();
         vars.extend(env(&[
@@ -169,4 +178,89 @@ fn one_tenants_keys_cannot_push_another_tenants_key_out_of_a_workers_cache() {
             );
         }
     });
+}
+
+#[test]
+fn closed_sessions_leave_no_key_blob_in_redis_and_a_tenant_sees_only_its_models() {
+    let _serial = serial();
+    let narrow = format!(
+        "\n[[tenants]]\nname = \"narrow\"\napi_key_sha256 = \"{}\"\nmodels = [\"digits_mlp\"]\n",
+        hyfhe::config::hash_api_key("narrow-key")
+    );
+    let stack = Stack::with_config(&[], &narrow);
+    hyfhe::client::block_on(async {
+        let url = stack.coordinator.url.clone();
+        let blobs = || {
+            stack
+                .redis_cli(&["--scan", "--pattern", "hyfhe:key:*"])
+                .lines()
+                .count()
+        };
+        // Three sessions opened and closed, as three `hyfhe run --mode remote` would.
+        for _ in 0..3 {
+            let (_dir, _model, session) = connect(&url, "fc_small", SESSION_KEYS.clone()).await;
+            assert_eq!(blobs(), 1, "the open session's blob");
+            session.close().await.unwrap();
+            assert_eq!(
+                blobs(),
+                0,
+                "closed: its blob is gone at once, not after the TTL"
+            );
+        }
+        // Two sessions of one tenant with the same keys share one blob until both are closed.
+        let (_d1, _m1, one) = connect(&url, "fc_small", SESSION_KEYS.clone()).await;
+        let (_d2, _m2, two) = connect(&url, "fc_small", SESSION_KEYS.clone()).await;
+        assert_eq!(blobs(), 1);
+        one.close().await.unwrap();
+        assert_eq!(blobs(), 1, "still used by the second session");
+        two.close().await.unwrap();
+        assert_eq!(blobs(), 0);
+
+        // A tenant limited to digits_mlp lists only it, and every other model answers as an
+        // unknown one does.
+        let client = hyfhe::client::Client::new(&url, "narrow-key").unwrap();
+        let list = client.models().await.unwrap();
+        let names: Vec<&str> = list.models.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["digits_mlp"]);
+        let dir = tempfile::tempdir().unwrap();
+        let refused = client
+            .download_model("fc_small", dir.path())
+            .await
+            .unwrap_err();
+        let unknown = client
+            .download_model("no_such_model", dir.path())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Some(hyfhe::protocol::ErrorCode::NotFound));
+        assert_eq!(
+            refused.to_string().replace("fc_small", "X"),
+            unknown.to_string().replace("no_such_model", "X")
+        );
+        // Opening a session on it directly (with a client tree from elsewhere) is refused too.
+        let (_dir, fc, _session) = connect(&url, "fc_small", SESSION_KEYS.clone()).await;
+        let err = client
+            .open_session_with(&fc, SESSION_KEYS.clone())
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            err.code(),
+            Some(hyfhe::protocol::ErrorCode::NotFound),
+            "{err}"
+        );
+        let (_dir, _model, allowed) = {
+            let dir = tempfile::tempdir().unwrap();
+            client
+                .download_model("digits_mlp", dir.path())
+                .await
+                .unwrap();
+            let model = hyfhe::hybrid::HybridModel::load(dir.path()).unwrap();
+            let session = client
+                .open_session_with(&model, SESSION_KEYS.clone())
+                .await
+                .unwrap();
+            (dir, model, session)
+        };
+        allowed.close().await.unwrap();
+    })
 }
