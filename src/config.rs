@@ -149,6 +149,12 @@ pub struct QuotaConfig {
     pub in_flight: usize,
     /// Bytes of evaluation keys held by a tenant's live sessions.
     pub key_bytes: u64,
+    /// Rows a tenant may send to each remote module per `row_window_s`, over the cluster (0: no
+    /// budget). A linear module gives its weights away to `in + 1` chosen rows: a budget above
+    /// that slows extraction, it cannot stop it.
+    pub rows_per_module: u64,
+    /// The row budget's window.
+    pub row_window_s: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -163,6 +169,8 @@ pub struct TenantConfig {
     pub max_in_flight: Option<usize>,
     #[serde(default)]
     pub max_key_bytes: Option<u64>,
+    #[serde(default)]
+    pub max_rows_per_module: Option<u64>,
     /// The models this tenant may list, download and open sessions on; absent: every model
     /// served (what configurations written before this key meant).
     #[serde(default)]
@@ -175,6 +183,8 @@ pub struct Quota {
     pub sessions: usize,
     pub in_flight: usize,
     pub key_bytes: u64,
+    /// 0: no row budget.
+    pub rows_per_module: u64,
 }
 
 /// Tenants as a `HYFHE_TENANTS_FILE` holds them.
@@ -238,6 +248,7 @@ impl Config {
                 max_sessions: None,
                 max_in_flight: None,
                 max_key_bytes: None,
+                max_rows_per_module: None,
                 models: None,
             });
         }
@@ -327,6 +338,7 @@ impl Config {
         positive("quotas.sessions", self.quotas.sessions as u64)?;
         positive("quotas.in_flight", self.quotas.in_flight as u64)?;
         positive("quotas.key_bytes", self.quotas.key_bytes)?;
+        positive("quotas.row_window_s", self.quotas.row_window_s)?;
         positive(
             "coordinator.max_in_flight",
             self.coordinator.max_in_flight as u64,
@@ -467,6 +479,9 @@ impl Config {
             key_bytes: t
                 .and_then(|t| t.max_key_bytes)
                 .unwrap_or(self.quotas.key_bytes),
+            rows_per_module: t
+                .and_then(|t| t.max_rows_per_module)
+                .unwrap_or(self.quotas.rows_per_module),
         }
     }
 

@@ -415,9 +415,11 @@ impl RemoteSession {
                             last = Some(e);
                             continue;
                         }
+                        // Load refusals are retried; a spent quota or row budget (429 too) is
+                        // final: waiting a moment does not renew it.
                         Err(e @ ClientError::Api { .. })
-                            if status == StatusCode::TOO_MANY_REQUESTS
-                                || status == StatusCode::SERVICE_UNAVAILABLE =>
+                            if status == StatusCode::SERVICE_UNAVAILABLE
+                                || e.code().is_some_and(ErrorCode::is_retryable) =>
                         {
                             if let ClientError::Api { code, .. } = &e {
                                 self.retried(code);

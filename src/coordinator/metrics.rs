@@ -25,6 +25,7 @@ impl CoordinatorMetrics {
         queue_depth: Option<usize>,
         live_workers: Option<usize>,
         usage: &UsageMeters,
+        bills: &[(String, crate::queue::TenantBill)],
     ) -> String {
         let mut e = Exposition::default();
         e.counter(
@@ -101,7 +102,7 @@ impl CoordinatorMetrics {
                 w as u64,
             );
         }
-        usage.render(&mut e);
+        usage.render(&mut e, bills);
         e.finish()
     }
 }

@@ -18,6 +18,9 @@ pub enum ErrorCode {
     /// A tenant quota that waiting a moment will not free (live sessions, key bytes): 429 too,
     /// but clients do not retry it.
     QuotaExceeded,
+    /// The tenant's row budget for this module over the current window is spent: 429, final
+    /// (the budget renews with the next window, not in a moment).
+    RowBudgetExceeded,
     Unavailable,
     DeadlineExceeded,
     /// The job failed `max_deliveries` times and was moved to the dead-letter stream.
@@ -34,7 +37,9 @@ impl ErrorCode {
             ErrorCode::NotFound | ErrorCode::SessionNotFound => 404,
             ErrorCode::IdempotencyConflict => 409,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::TooManyRequests | ErrorCode::QuotaExceeded => 429,
+            ErrorCode::TooManyRequests
+            | ErrorCode::QuotaExceeded
+            | ErrorCode::RowBudgetExceeded => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::DeadlineExceeded => 504,
             ErrorCode::DeadLettered | ErrorCode::Internal => 500,
@@ -52,6 +57,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::TooManyRequests => "too_many_requests",
             ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::RowBudgetExceeded => "row_budget_exceeded",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::DeadLettered => "dead_lettered",

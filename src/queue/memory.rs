@@ -16,9 +16,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
 use super::{
-    fair_share, shard_of, Begin, BoxFuture, Completion, CompletionStream, Delivery, Job,
+    fair_share, shard_of, Begin, BoxFuture, Charge, Completion, CompletionStream, Delivery, Job,
     JobOutcome, JobQueue, Leases, Marker, QueueError, QueueSettings, Reserved, SessionQuota,
-    SessionRecord, SessionStore, StoredOutcome, TenantUsage,
+    SessionRecord, SessionStore, StoredOutcome, TenantBill, TenantUsage,
 };
 use crate::protocol::ErrorCode;
 
@@ -77,6 +77,10 @@ struct State {
     dead_lettered_total: usize,
     last_prune: Option<Instant>,
     read_rotation: usize,
+    /// By tenant (tenants come from the configuration, so this is bounded by it).
+    bills: HashMap<String, TenantBill>,
+    /// (tenant, module) → (window index, rows used in it).
+    row_windows: HashMap<(String, String), (u64, u64)>,
 }
 
 impl State {
@@ -223,6 +227,12 @@ impl MemoryQueue {
         let id = &delivery.job.id;
         let stored = state.outcomes.get(id).is_some_and(|o| o.expires > now);
         if !stored {
+            let bill = state.bills.entry(delivery.job.tenant.clone()).or_default();
+            bill.jobs += 1;
+            if matches!(outcome.outcome, JobOutcome::Done(_)) {
+                bill.rows += delivery.job.rows as u64;
+            }
+            bill.fhe_micros += (outcome.fhe_seconds.max(0.0) * 1e6).round() as u64;
             state.outcomes.insert(
                 id.clone(),
                 Expiring {
@@ -502,6 +512,36 @@ impl JobQueue for MemoryQueue {
         outcome: &'a StoredOutcome,
     ) -> BoxFuture<'a, Result<Completion, QueueError>> {
         Box::pin(async move { self.store_outcome(delivery, outcome) })
+    }
+
+    fn bill<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<TenantBill, QueueError>> {
+        Box::pin(async move { Ok(self.lock().bills.get(tenant).copied().unwrap_or_default()) })
+    }
+
+    fn charge_rows<'a>(
+        &'a self,
+        tenant: &'a str,
+        module: &'a str,
+        rows: i64,
+        limit: u64,
+        window_ms: u64,
+    ) -> BoxFuture<'a, Result<Charge, QueueError>> {
+        Box::pin(async move {
+            let window = super::now_unix_ms() / window_ms.max(1);
+            let mut state = self.lock();
+            let entry = state
+                .row_windows
+                .entry((tenant.to_string(), module.to_string()))
+                .or_insert((window, 0));
+            if entry.0 != window {
+                *entry = (window, 0);
+            }
+            if rows > 0 && entry.1 + rows as u64 > limit {
+                return Ok(Charge::Refused { used: entry.1 });
+            }
+            entry.1 = entry.1.saturating_add_signed(rows);
+            Ok(Charge::Charged { used: entry.1 })
+        })
     }
 
     fn discard<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), QueueError>> {

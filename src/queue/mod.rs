@@ -123,6 +123,26 @@ pub struct StoredOutcome {
     pub outcome: JobOutcome,
 }
 
+/// What a tenant is billed for: jobs whose outcome was stored, counted once per job where it is
+/// stored (whichever request enqueued it, and whether or not anyone was still waiting).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenantBill {
+    pub jobs: u64,
+    /// Rows of the jobs that were evaluated (failed jobs bill none).
+    pub rows: u64,
+    /// Worker FHE time, in microseconds.
+    pub fhe_micros: u64,
+}
+
+/// What [`JobQueue::charge_rows`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Charge {
+    /// Charged; this many rows are used in the window now.
+    Charged { used: u64 },
+    /// Not charged: this many rows were used already.
+    Refused { used: u64 },
+}
+
 /// What [`JobQueue::begin`] found under a job id.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Begin {
@@ -275,14 +295,28 @@ pub trait JobQueue: Send + Sync {
         shard: u32,
         entries: &'a [String],
     ) -> BoxFuture<'a, Result<(), QueueError>>;
-    /// Store the outcome unless one exists (`SET NX`), clear the in-flight marker, announce it,
-    /// then acknowledge the entry. [`Completion::Duplicate`] when an outcome was already stored:
+    /// Store the outcome unless one exists (`SET NX`) and, only then, bill the job's tenant
+    /// ([`TenantBill`]); clear the in-flight marker, announce it, acknowledge the entry: one
+    /// atomic step. [`Completion::Duplicate`] when an outcome was already stored:
     /// the job was evaluated twice (a worker that lost its lease finished it anyway).
     fn complete<'a>(
         &'a self,
         delivery: &'a Delivery,
         outcome: &'a StoredOutcome,
     ) -> BoxFuture<'a, Result<Completion, QueueError>>;
+    /// What `tenant` has been billed, over the whole cluster.
+    fn bill<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<TenantBill, QueueError>>;
+    /// Add `rows` to `tenant`'s use of `module` in the window of `window_ms` that holds now,
+    /// unless that would pass `limit` (then nothing is added). Counted in the store, so the
+    /// budget holds over every coordinator. A negative `rows` gives rows back (no limit).
+    fn charge_rows<'a>(
+        &'a self,
+        tenant: &'a str,
+        module: &'a str,
+        rows: i64,
+        limit: u64,
+        window_ms: u64,
+    ) -> BoxFuture<'a, Result<Charge, QueueError>>;
     /// Count a second evaluation of a job where the count outlives the worker (Redis:
     /// `hyfhe:stats:duplicate-outcomes`); the in-process queue keeps no such count.
     fn count_duplicate(&self) -> BoxFuture<'_, Result<(), QueueError>> {

@@ -264,3 +264,116 @@ fn closed_sessions_leave_no_key_blob_in_redis_and_a_tenant_sees_only_its_models(
         allowed.close().await.unwrap();
     })
 }
+
+#[test]
+fn work_is_billed_once_where_it_completes_and_row_budgets_hold_over_every_coordinator() {
+    let _serial = serial();
+    let stack = Stack::start(&[("QUOTAS__ROWS_PER_MODULE", "3")]);
+    // A second coordinator on the same store: budgets and bills are the cluster's, not one
+    // process's.
+    let second = Service::spawn(
+        "coordinator-2",
+        &["coordinator", "--config", &stack.config],
+        &stack.vars,
+    );
+    hyfhe::client::block_on(async {
+        let url = stack.coordinator.url.clone();
+        let metrics = stack.coordinator.metrics_url.clone();
+        let fc = &MODELS.served[0];
+        let (_dir, model, session) = connect(&url, fc.name, SESSION_KEYS.clone()).await;
+        let body = encrypted_zero_row(&model);
+        let path = format!("/v1/sessions/{}/modules/seq.0/compute", session.id());
+        let send = |base: &str, key: &str, timeout: Duration| {
+            reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .unwrap()
+                .post(format!("{base}{path}"))
+                .bearer_auth(API_KEY)
+                .header("x-hyfhe-session-token", session.token())
+                .header("idempotency-key", key.to_string())
+                .body(body.clone())
+                .send()
+        };
+        // Send, then disconnect before any worker exists: the job stays queued.
+        let gone = send(&url, "billed-once-0001", Duration::from_millis(500)).await;
+        assert!(gone.is_err(), "the client gave up: {gone:?}");
+        let worker = stack.worker();
+        let started = Instant::now();
+        while metric(&worker.url, "hyfhe_worker_jobs_done_total") < 1.0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "never evaluated"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let rows = |m: &str| metric(m, "hyfhe_tenant_rows_total{tenant=\"demo\"}");
+        let jobs = |m: &str| metric(m, "hyfhe_tenant_jobs_total{tenant=\"demo\"}");
+        assert_eq!(
+            (rows(&metrics), jobs(&metrics)),
+            (1.0, 1.0),
+            "billed with nobody waiting"
+        );
+        assert!(metric(&metrics, "hyfhe_tenant_fhe_seconds_total{tenant=\"demo\"}") > 0.0);
+        // The retries are answered from the store, on either coordinator, and not billed again.
+        for base in [&url, &second.url] {
+            let retry = send(base, "billed-once-0001", Duration::from_secs(30))
+                .await
+                .unwrap();
+            assert_eq!(retry.status().as_u16(), 200);
+        }
+        assert_eq!((rows(&metrics), jobs(&metrics)), (1.0, 1.0));
+        assert_eq!(
+            rows(&second.metrics_url),
+            1.0,
+            "the same bill on every coordinator"
+        );
+
+        // Row budget: 3 rows per module. One is spent; two more pass, one on each coordinator.
+        for (i, base) in [&url, &second.url].into_iter().enumerate() {
+            let ok = send(base, &format!("budget-{i:04}"), Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!(ok.status().as_u16(), 200);
+        }
+        let refused = send(&second.url, "budget-0009", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(refused.status().as_u16(), 429);
+        let text = refused.text().await.unwrap();
+        assert!(
+            text.contains("row_budget_exceeded") && text.contains("3 of its 3 rows"),
+            "{text}"
+        );
+        // The client library takes it as final: no retries, at once.
+        let asked = Instant::now();
+        let err = session
+            .compute_bytes("seq.0", body.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(hyfhe::protocol::ErrorCode::RowBudgetExceeded),
+            "{err}"
+        );
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "retried: {:?}",
+            asked.elapsed()
+        );
+        // A retry of a job that ran is still answered (it costs no new rows).
+        let stored = send(&url, "billed-once-0001", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(stored.status().as_u16(), 200);
+        assert_eq!(
+            metric(
+                &second.metrics_url,
+                "hyfhe_tenant_row_budget_refusals_total{tenant=\"demo\"}"
+            ),
+            1.0
+        );
+        assert_eq!(rows(&metrics), 3.0);
+        assert_eq!(metric(&worker.url, "hyfhe_worker_jobs_done_total"), 3.0);
+    })
+}

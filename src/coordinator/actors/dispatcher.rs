@@ -16,7 +16,7 @@ use super::result_router::{ResultRouter, Unwatch, Watch};
 use crate::coordinator::error::ApiError;
 use crate::coordinator::metrics::CoordinatorMetrics;
 use crate::protocol::ErrorCode;
-use crate::queue::{Begin, Broker, Job, QueueError, StoredOutcome};
+use crate::queue::{Begin, Broker, Charge, Job, QueueError, StoredOutcome};
 
 /// Re-check the stored outcome this often even without a completion message (a lost publish
 /// must cost latency, not the request).
@@ -57,15 +57,23 @@ impl Actor for Dispatcher {
 pub struct Dispatch {
     pub job: Job,
     pub timeout: Duration,
+    /// The tenant's row budget for the job's module, charged when the job is enqueued (not for
+    /// a retry answered from the store or joining a run).
+    pub row_budget: Option<RowBudget>,
     /// The request's span: actor handlers run outside it.
     pub parent: tracing::Span,
 }
 
-/// A job's outcome, and whether this request is the one that enqueued it (a retry answered from
-/// a stored or running job is not metered twice).
+/// Rows a tenant may send to one module per window, over the whole cluster.
+#[derive(Clone, Copy, Debug)]
+pub struct RowBudget {
+    pub limit: u64,
+    pub window_ms: u64,
+}
+
+/// A job's outcome.
 pub struct Dispatched {
     pub stored: StoredOutcome,
-    pub enqueued: bool,
 }
 
 /// Called with no outcome stored: `None` while the job is still queued or running; otherwise the
@@ -103,15 +111,53 @@ fn check_same_request(job: &Job, request_sha256: &str) -> Result<(), ApiError> {
     ))
 }
 
-/// Enqueue `job` under the marker `begin` just gave `owner`; on refusal the marker goes back so
-/// that a retry can enqueue it.
+/// Enqueue `job` under the marker `begin` just gave `owner`, charging its rows to the tenant's
+/// budget first; on refusal the marker (and the rows) go back so that a retry can enqueue it.
 async fn enqueue(
     broker: &dyn Broker,
     job: &Job,
     owner: &str,
+    budget: Option<RowBudget>,
     metrics: &CoordinatorMetrics,
     retry_after: u64,
 ) -> Result<(), ApiError> {
+    let give_back_marker = || async {
+        if let Err(e) = broker.abandon(&job.id, owner).await {
+            tracing::warn!(error = %e, "in-flight marker left to expire");
+        }
+    };
+    if let Some(b) = budget {
+        let charged = broker
+            .charge_rows(
+                &job.tenant,
+                &job.module,
+                job.rows as i64,
+                b.limit,
+                b.window_ms,
+            )
+            .await;
+        match charged {
+            Ok(Charge::Charged { .. }) => {}
+            Ok(Charge::Refused { used }) => {
+                give_back_marker().await;
+                return Err(ApiError::new(
+                    ErrorCode::RowBudgetExceeded,
+                    format!(
+                        "tenant `{}` has sent {used} of its {} rows to module `{}` in this {} s window; {} more would pass it (the budget renews with the next window)",
+                        job.tenant,
+                        b.limit,
+                        job.module,
+                        b.window_ms / 1000,
+                        job.rows
+                    ),
+                ));
+            }
+            Err(e) => {
+                give_back_marker().await;
+                return Err(ApiError::from(e).retry_after(retry_after));
+            }
+        }
+    }
     let result = broker
         .enqueue(job)
         .instrument(tracing::info_span!("enqueue"))
@@ -119,9 +165,21 @@ async fn enqueue(
     let Err(e) = result else {
         return Ok(());
     };
-    if let Err(e) = broker.abandon(&job.id, owner).await {
-        tracing::warn!(error = %e, "in-flight marker left to expire");
+    if let Some(b) = budget {
+        if let Err(e) = broker
+            .charge_rows(
+                &job.tenant,
+                &job.module,
+                -(job.rows as i64),
+                b.limit,
+                b.window_ms,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "rows of a job never enqueued stay charged");
+        }
     }
+    give_back_marker().await;
     Err(match e {
         QueueError::Full { .. } => {
             metrics.rejected_queue_full.inc();
@@ -143,6 +201,7 @@ impl Handler<Dispatch> for Dispatcher {
         Box::pin(async move {
             let job = msg.job;
             let parent = msg.parent;
+            let budget = msg.row_budget;
             let deadline = Instant::now() + msg.timeout;
             // Whose in-flight marker this request sets, if it sets one.
             let owner = format!("{:032x}", rand::random::<u128>());
@@ -154,10 +213,7 @@ impl Handler<Dispatch> for Dispatcher {
                     // A retry of a finished job: answer from the stored outcome.
                     Ok(Begin::Done(stored)) => {
                         check_same_request(&job, &stored.request_sha256)?;
-                        return Ok(Dispatched {
-                            stored,
-                            enqueued: false,
-                        });
+                        return Ok(Dispatched { stored });
                     }
                     // A retry of a running job: wait for that run.
                     Ok(Begin::Running { request_sha256 }) => {
@@ -165,7 +221,7 @@ impl Handler<Dispatch> for Dispatcher {
                         metrics.retries_joined.inc();
                     }
                     Ok(Begin::Started) => {
-                        enqueue(&*broker, &job, &owner, &metrics, retry_after).await?;
+                        enqueue(&*broker, &job, &owner, budget, &metrics, retry_after).await?;
                         enqueued = true;
                     }
                     Err(e) => return Err(ApiError::from(e).retry_after(retry_after)),
@@ -193,7 +249,7 @@ impl Handler<Dispatch> for Dispatcher {
                         }
                         metrics.outcome_checks.inc();
                         match broker.outcome(&job.id).await {
-                            Ok(Some(stored)) => return Ok(Dispatched { stored, enqueued }),
+                            Ok(Some(stored)) => return Ok(Dispatched { stored }),
                             // Only the request that set the marker knows its lifetime: it was
                             // set with this request's timeout, so until shortly before our
                             // deadline its absence means the store lost the job, not that the
@@ -205,7 +261,7 @@ impl Handler<Dispatch> for Dispatcher {
                             {
                                 if let Some(lost) = lost_job(&*broker, &job.id).await {
                                     return lost
-                                        .map(|stored| Dispatched { stored, enqueued })
+                                        .map(|stored| Dispatched { stored })
                                         .map_err(|e| e.retry_after(retry_after));
                                 }
                             }
@@ -218,13 +274,20 @@ impl Handler<Dispatch> for Dispatcher {
                                     let ttl_ms = left.as_millis() as u64;
                                     match broker.begin(&job, ttl_ms, &owner).await {
                                         Ok(Begin::Started) => {
-                                            enqueue(&*broker, &job, &owner, &metrics, retry_after)
-                                                .await?;
+                                            enqueue(
+                                                &*broker,
+                                                &job,
+                                                &owner,
+                                                budget,
+                                                &metrics,
+                                                retry_after,
+                                            )
+                                            .await?;
                                             enqueued = true;
                                         }
                                         Ok(Begin::Done(stored)) => {
                                             check_same_request(&job, &stored.request_sha256)?;
-                                            return Ok(Dispatched { stored, enqueued });
+                                            return Ok(Dispatched { stored });
                                         }
                                         Ok(Begin::Running { .. }) => {}
                                         Err(e) => tracing::warn!(error = %e, "re-begin failed; still waiting"),

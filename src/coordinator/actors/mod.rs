@@ -4,6 +4,6 @@ pub mod dispatcher;
 pub mod result_router;
 pub mod session_registry;
 
-pub use dispatcher::{Dispatch, Dispatched, Dispatcher};
+pub use dispatcher::{Dispatch, Dispatched, Dispatcher, RowBudget};
 pub use result_router::ResultRouter;
 pub use session_registry::{over_quota, Authorize, CreateSession, DeleteSession, SessionRegistry};

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{read_body, session_token, tenant};
-use crate::coordinator::actors::{Authorize, Dispatch};
+use crate::coordinator::actors::{Authorize, Dispatch, RowBudget};
 use crate::coordinator::error::ApiError;
 use crate::coordinator::AppState;
 use crate::fhe::{decode, EncryptedRows};
@@ -127,19 +127,24 @@ async fn handle(
         payload: body.to_vec(),
     };
     drop(body);
+    let quota = state.config.quota_of(&job.tenant);
     let dispatch = Dispatch {
         job,
         timeout,
+        row_budget: (quota.rows_per_module > 0).then_some(RowBudget {
+            limit: quota.rows_per_module,
+            window_ms: state.config.quotas.row_window_s * 1000,
+        }),
         parent: tracing::Span::current(),
     };
-    let dispatched = state.dispatcher.send(dispatch).await??;
+    let dispatched = state.dispatcher.send(dispatch).await?.inspect_err(|e| {
+        if e.code == ErrorCode::RowBudgetExceeded {
+            meter.row_budget_refusals.inc();
+        }
+    })?;
+    // Rows and FHE time are billed where the outcome is stored (see `usage`), not here: this
+    // request may not be the one that enqueued the job, or may not be waiting any more.
     meter.requests.inc();
-    if dispatched.enqueued {
-        meter.rows.add(rows.rows as u64);
-        meter
-            .fhe_micros
-            .add((dispatched.stored.fhe_seconds * 1e6).round() as u64);
-    }
     match dispatched.stored.outcome {
         JobOutcome::Done(bytes) => {
             meter.bytes_out.add(bytes.len() as u64);

@@ -7,7 +7,13 @@ use crate::coordinator::AppState;
 pub async fn render(state: web::Data<AppState>) -> HttpResponse {
     let depth = state.broker.depth().await.ok();
     let workers = state.broker.live_workers().await.ok();
-    let mut text = state.metrics.render(depth, workers, &state.usage);
+    let mut bills = Vec::new();
+    for tenant in &state.config.tenants {
+        if let Ok(bill) = state.broker.bill(&tenant.name).await {
+            bills.push((tenant.name.clone(), bill));
+        }
+    }
+    let mut text = state.metrics.render(depth, workers, &state.usage, &bills);
     if let Some(w) = &state.worker_metrics {
         text.push_str(&w.render());
     }

@@ -26,9 +26,9 @@ use self::link::{unavailable, Link, CONNECT_TIMEOUT};
 use crate::protocol::ErrorCode;
 
 use super::{
-    redact_url, BoxFuture, Completion, CompletionStream, Delivery, Job, JobQueue, Leases,
+    redact_url, BoxFuture, Charge, Completion, CompletionStream, Delivery, Job, JobQueue, Leases,
     QueueError, QueueSettings, Reserved, SessionQuota, SessionRecord, SessionStore, StoredOutcome,
-    TenantUsage,
+    TenantBill, TenantUsage,
 };
 
 const PREFIX: &str = "hyfhe:";
@@ -67,6 +67,8 @@ struct Scripts {
     read_new: Script,
     create_session: Script,
     delete_session: Script,
+    complete: Script,
+    charge_rows: Script,
 }
 
 impl RedisQueue {
@@ -112,6 +114,8 @@ impl RedisQueue {
                 read_new: Script::new(streams::READ_NEW),
                 create_session: Script::new(sessions::CREATE_SESSION),
                 delete_session: Script::new(sessions::DELETE_SESSION),
+                complete: Script::new(streams::COMPLETE),
+                charge_rows: Script::new(streams::CHARGE_ROWS),
             },
             read_rotation: Default::default(),
         };
@@ -273,6 +277,21 @@ impl JobQueue for RedisQueue {
 
     fn discard<'a>(&'a self, delivery: &'a Delivery) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(self.discard_entry(delivery))
+    }
+
+    fn bill<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<TenantBill, QueueError>> {
+        Box::pin(self.bill_of(tenant))
+    }
+
+    fn charge_rows<'a>(
+        &'a self,
+        tenant: &'a str,
+        module: &'a str,
+        rows: i64,
+        limit: u64,
+        window_ms: u64,
+    ) -> BoxFuture<'a, Result<Charge, QueueError>> {
+        Box::pin(self.charge(tenant, module, rows, limit, window_ms))
     }
 
     fn dead_letters(&self) -> BoxFuture<'_, Result<usize, QueueError>> {

@@ -10,8 +10,8 @@ use super::link::{is_dead, unavailable};
 use super::{RedisQueue, PREFIX};
 use crate::protocol::ErrorCode;
 use crate::queue::{
-    shard_of, Begin, Completion, CompletionStream, Delivery, Job, JobOutcome, QueueError,
-    StoredOutcome,
+    now_unix_ms, shard_of, Begin, Charge, Completion, CompletionStream, Delivery, Job, JobOutcome,
+    QueueError, StoredOutcome, TenantBill,
 };
 
 pub(super) const GROUP: &str = "workers";
@@ -72,6 +72,37 @@ for _, key in ipairs(KEYS) do
   ids[#ids + 1] = id
 end
 return {out, ids}";
+
+/// KEYS: result, running marker, stream, tenant bill. ARGV: outcome, result TTL (ms), job id,
+/// entry id, group, rows, FHE µs, results channel. Stores the outcome unless one is there and
+/// bills the tenant only then; returns 1 when stored, 0 for a duplicate.
+pub(super) const COMPLETE: &str = r"
+local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[8], ARGV[3])
+redis.call('XACK', KEYS[3], ARGV[5], ARGV[4])
+redis.call('XDEL', KEYS[3], ARGV[4])
+if not stored then return 0 end
+redis.call('HINCRBY', KEYS[4], 'jobs', 1)
+redis.call('HINCRBY', KEYS[4], 'rows', ARGV[6])
+redis.call('HINCRBY', KEYS[4], 'fhe_micros', ARGV[7])
+return 1";
+
+/// KEYS: the (tenant, module, window) row counter. ARGV: rows (negative: a refund), limit,
+/// window (ms). Returns `{1, used}` when charged, `{0, used}` when it would pass the limit.
+pub(super) const CHARGE_ROWS: &str = r"
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local rows = tonumber(ARGV[1])
+if rows > 0 and used + rows > tonumber(ARGV[2]) then return {0, used} end
+used = redis.call('INCRBY', KEYS[1], rows)
+if used < 0 then used = redis.call('SET', KEYS[1], 0) and 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, used}";
+
+/// A tenant's bill: a hash of jobs, rows and FHE microseconds. No TTL: it is the invoice.
+fn bill_key(tenant: &str) -> String {
+    format!("{PREFIX}bill:{tenant}")
+}
 
 pub(super) fn stream_key(shard: u32) -> String {
     format!("{PREFIX}jobs:{shard}")
@@ -464,39 +495,92 @@ impl RedisQueue {
         outcome: &StoredOutcome,
     ) -> Result<Completion, QueueError> {
         let bytes = encode(outcome);
-        let stream = stream_key(delivery.shard);
         let job = &delivery.job;
-        // One transaction, outcome first: if we die before it, the entry stays pending and is
-        // redelivered; after it, a retried job id finds the outcome.
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(result_key(&job.id))
-            .arg(bytes)
-            .arg("NX")
-            .arg("PX")
-            .arg(self.settings.result_ttl_ms)
-            .cmd("DEL")
-            .arg(running_key(&job.id))
-            .cmd("PUBLISH")
-            .arg(RESULTS_CHANNEL)
-            .arg(&job.id)
-            .cmd("XACK")
-            .arg(&stream)
-            .arg(GROUP)
-            .arg(&delivery.entry_id)
-            .cmd("XDEL")
-            .arg(&stream)
-            .arg(&delivery.entry_id);
-        let replies: Vec<Value> = self
+        let rows = match outcome.outcome {
+            JobOutcome::Done(_) => job.rows as u64,
+            JobOutcome::Failed { .. } => 0,
+        };
+        let fhe_micros = (outcome.fhe_seconds.max(0.0) * 1e6).round() as u64;
+        // One script, outcome first: if we die before it, the entry stays pending and is
+        // redelivered; after it, a retried job id finds the outcome, billed once.
+        let stored: i64 = self
             .commands
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .run(|mut c| async move {
+                self.scripts
+                    .complete
+                    .key(result_key(&job.id))
+                    .key(running_key(&job.id))
+                    .key(stream_key(delivery.shard))
+                    .key(bill_key(&job.tenant))
+                    .arg(bytes)
+                    .arg(self.settings.result_ttl_ms)
+                    .arg(&job.id)
+                    .arg(&delivery.entry_id)
+                    .arg(GROUP)
+                    .arg(rows)
+                    .arg(fhe_micros)
+                    .arg(RESULTS_CHANNEL)
+                    .invoke_async(&mut c)
+                    .await
+            })
             .await?;
-        // `SET NX` answers nil when an outcome was already there.
-        if matches!(replies.first(), Some(Value::Nil)) {
-            return Ok(Completion::Duplicate);
+        Ok(if stored == 1 {
+            Completion::Stored
+        } else {
+            Completion::Duplicate
+        })
+    }
+
+    pub(super) async fn bill_of(&self, tenant: &str) -> Result<TenantBill, QueueError> {
+        let key = bill_key(tenant);
+        let fields: std::collections::HashMap<String, u64> = self
+            .commands
+            .run_repeatable(|mut c| {
+                let key = key.clone();
+                async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await }
+            })
+            .await?;
+        let get = |f: &str| fields.get(f).copied().unwrap_or(0);
+        Ok(TenantBill {
+            jobs: get("jobs"),
+            rows: get("rows"),
+            fhe_micros: get("fhe_micros"),
+        })
+    }
+
+    pub(super) async fn charge(
+        &self,
+        tenant: &str,
+        module: &str,
+        rows: i64,
+        limit: u64,
+        window_ms: u64,
+    ) -> Result<Charge, QueueError> {
+        let window = now_unix_ms() / window_ms.max(1);
+        let key = format!(
+            "{PREFIX}rows:{}:{window}",
+            crate::queue::scoped_job_id(tenant, "", module, "")
+        );
+        let reply: Vec<u64> = self
+            .commands
+            .run(|mut c| async move {
+                self.scripts
+                    .charge_rows
+                    .key(&key)
+                    .arg(rows)
+                    .arg(limit)
+                    .arg(window_ms)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        match reply.as_slice() {
+            [1, used] => Ok(Charge::Charged { used: *used }),
+            [0, used] => Ok(Charge::Refused { used: *used }),
+            other => Err(QueueError::Corrupt(format!(
+                "unexpected reply to a row charge: {other:?}"
+            ))),
         }
-        Ok(Completion::Stored)
     }
 
     /// Count a second evaluation in Redis, so that the count outlives the worker (the compose
