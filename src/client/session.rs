@@ -138,11 +138,10 @@ impl Client {
         model: &HybridModel,
         progress: &dyn Progress,
     ) -> Result<RemoteSession, ClientError> {
-        let max_job_values = self.check_specs(model).await?;
+        let limits = self.check_specs(model).await?;
         // Seconds of CPU on the caller's task: a client has nothing else to serve meanwhile.
         let keys = SessionKeys::generate_for(model, progress);
-        self.start_session(model, Arc::new(keys), max_job_values)
-            .await
+        self.start_session(model, Arc::new(keys), limits).await
     }
 
     /// Open a session for `model` with existing keys.
@@ -151,15 +150,15 @@ impl Client {
         model: &HybridModel,
         keys: Arc<SessionKeys>,
     ) -> Result<RemoteSession, ClientError> {
-        let max_job_values = self.check_specs(model).await?;
-        self.start_session(model, keys, max_job_values).await
+        let limits = self.check_specs(model).await?;
+        self.start_session(model, keys, limits).await
     }
 
     async fn start_session(
         &self,
         model: &HybridModel,
         keys: Arc<SessionKeys>,
-        max_job_values: u64,
+        limits: ServedLimits,
     ) -> Result<RemoteSession, ClientError> {
         let missing: Vec<_> = SessionKeys::precisions_of(model)
             .difference(&keys.precisions)
@@ -185,15 +184,23 @@ impl Client {
                 .specs()
                 .iter()
                 .map(|(name, spec)| {
-                    let rows = max_job_values / spec.out_features.max(1) as u64;
+                    let mut rows = limits.max_job_values / spec.out_features.max(1) as u64;
+                    match limits.module_rows.get(name) {
+                        Some(&own) => rows = rows.min(own as u64),
+                        // A server from before modules published their own limit.
+                        None if spec.output_plan.is_some() => {
+                            rows = rows.min(CHAIN_ROWS_PER_REQUEST as u64)
+                        }
+                        None => {}
+                    }
                     (name.clone(), rows.clamp(1, MAX_ROWS as u64) as usize)
                 })
                 .collect(),
         })
     }
 
-    /// Check every module's client spec against the server's; returns its `max_job_values`.
-    async fn check_specs(&self, model: &HybridModel) -> Result<u64, ClientError> {
+    /// Check every module's client spec against the server's; returns the server's row limits.
+    async fn check_specs(&self, model: &HybridModel) -> Result<ServedLimits, ClientError> {
         let list = self.models().await?;
         let served = list
             .models
@@ -225,7 +232,14 @@ impl Client {
                 });
             }
         }
-        Ok(list.max_job_values)
+        Ok(ServedLimits {
+            max_job_values: list.max_job_values,
+            module_rows: served
+                .modules
+                .iter()
+                .filter_map(|m| m.max_rows.map(|r| (m.name.clone(), r)))
+                .collect(),
+        })
     }
 
     async fn create_session(
@@ -282,6 +296,17 @@ impl Client {
         }
         Err(last.unwrap_or_else(|| ClientError::Local("no attempt made".into())))
     }
+}
+
+/// Rows per request of a module with activations inside, against a server that does not publish
+/// its limit (within the default job budget for hidden layers up to 256 wide).
+const CHAIN_ROWS_PER_REQUEST: usize = 31;
+
+/// The row limits a server publishes for a model.
+struct ServedLimits {
+    max_job_values: u64,
+    /// Modules with a limit of their own (non-linear ones).
+    module_rows: BTreeMap<String, u32>,
 }
 
 /// How long opening a session is retried before its refusal is reported (many clients opening

@@ -78,6 +78,7 @@ impl Catalog {
                         name: m.clone(),
                         precision: s.plan.precision,
                         client_spec_sha256: s.sha256(),
+                        max_rows: None,
                     })
                     .collect(),
             };
@@ -91,6 +92,13 @@ impl Catalog {
             );
         }
         Ok(Self { models })
+    }
+
+    /// The rows one request to `spec`'s module may carry when the module has its own limit:
+    /// with the workers' `max_job_bytes` (coordinators and workers share one configuration).
+    pub fn module_max_rows(spec: &ClientSpec, max_job_bytes: u64) -> Option<usize> {
+        spec.chain_width
+            .map(|w| crate::fhe::chain_rows_within(w, max_job_bytes as usize))
     }
 
     pub fn get(&self, name: &str) -> Option<&ServedModel> {

@@ -85,6 +85,13 @@ pub struct ChainProgram {
     pub output: LayerPlan,
 }
 
+/// Rows of a non-linear module whose widest stage is `width` values that fit `max_job_bytes` of
+/// working memory: each row holds two LWE sets of that width (a stage's input and output). The
+/// coordinator publishes this per module, so clients split by it before the worker refuses.
+pub fn chain_rows_within(width: usize, max_job_bytes: usize) -> usize {
+    (max_job_bytes / (2 * width.max(1) * BIG_LWE_LEN * 8)).max(1)
+}
+
 impl ChainProgram {
     /// Shapes and ranges agree (a decoded server module is checked with this).
     pub fn check(&self, first: &LayerPlan) -> Result<(), String> {
@@ -174,10 +181,9 @@ impl ChainProgram {
             .unwrap_or(0)
     }
 
-    /// Rows one request may hold under a working-memory budget (two LWE sets of the widest
-    /// stage per row).
+    /// Rows one request may hold under a working-memory budget.
     pub fn max_rows(&self, first: &LayerPlan, max_job_bytes: usize) -> usize {
-        (max_job_bytes / (2 * self.max_width(first) * BIG_LWE_LEN * 8)).max(1)
+        chain_rows_within(self.max_width(first), max_job_bytes)
     }
 
     /// Standard deviation of the phase each bootstrap reads, worst stage first.
@@ -472,5 +478,14 @@ impl ModuleProgram {
         input: &EncryptedRows,
     ) -> Result<EncryptedOutputs, FheError> {
         self.evaluate_within(key, input, super::linear::DEFAULT_JOB_BYTES)
+    }
+
+    /// Rows one request may carry under `max_job_bytes`: a linear module splits any row count
+    /// into groups itself; a chain holds every hidden value of its request.
+    pub fn max_rows(&self, max_job_bytes: usize) -> usize {
+        match self {
+            Self::Linear(_) => super::MAX_ROWS,
+            Self::Chain(c) => c.program.max_rows(c.first.plan(), max_job_bytes),
+        }
     }
 }

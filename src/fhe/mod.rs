@@ -21,7 +21,9 @@ pub mod pbs;
 mod slot;
 
 pub use blocked::{BlockLayout, CIPHERTEXTS_PER_SEED};
-pub use chain::{table_lookup, ChainProgram, ChainStage, EncryptedChain, ModuleProgram};
+pub use chain::{
+    chain_rows_within, table_lookup, ChainProgram, ChainStage, EncryptedChain, ModuleProgram,
+};
 pub use codec::{decode, encode, CodecError, Wire};
 pub use encrypted_outputs::{decode as decode_phase, EncryptedOutputs};
 pub use encrypted_rows::{EncryptedRows, MAX_ROWS};

@@ -119,6 +119,12 @@ impl Remote for LocalServer {
         self.keys.client()
     }
 
+    fn max_rows(&self, module: &str) -> usize {
+        self.layers
+            .get(module)
+            .map_or(MAX_ROWS, |l| l.max_rows(crate::fhe::DEFAULT_JOB_BYTES))
+    }
+
     fn compute<'a>(
         &'a self,
         module: &'a str,
@@ -138,10 +144,6 @@ impl Remote for LocalServer {
         })
     }
 }
-
-/// Rows per request of a module with activations inside (within the default job budget for
-/// hidden layers up to 256 wide).
-pub const CHAIN_ROWS_PER_REQUEST: usize = 32;
 
 /// Float linear layers; records each module's input range (calibration).
 pub(crate) struct FloatBackend<'a> {
@@ -289,11 +291,9 @@ impl ModuleBackend for EncryptedBackend<'_> {
                 let mut acc = Vec::with_capacity(q.rows * spec.out_features);
                 // Requests of at most the server's row limit: a conv over a batch easily has tens
                 // of thousands of im2col rows.
-                let mut max_rows = self.remote.max_rows(module).clamp(1, MAX_ROWS);
-                if spec.output_plan.is_some() {
-                    // A non-linear module holds every hidden LWE of a request: its own limit.
-                    max_rows = max_rows.min(CHAIN_ROWS_PER_REQUEST);
-                }
+                // (A non-linear module's limit of its own is in `max_rows`: the server publishes
+                // it, and execute mode's local server sizes it from the same budget.)
+                let max_rows = self.remote.max_rows(module).clamp(1, MAX_ROWS);
                 for chunk in q.values.chunks(max_rows * spec.in_features) {
                     let rows = chunk.len() / spec.in_features;
                     let t = Instant::now();

@@ -278,6 +278,7 @@ pub(super) fn compile_chain(
         plan: plan1.clone(),
         dequantizer,
         output_plan: Some(output_plan),
+        chain_width: Some(program.max_width(&plan1)),
     };
     let server = ServerModule {
         protocol_version: PROTOCOL_VERSION,

@@ -352,6 +352,7 @@ impl HybridModel {
                 plan: plan.clone(),
                 dequantizer: OutputDequantizer::new(&weights, m.bias.clone()),
                 output_plan: None,
+                chain_width: None,
             };
             server.insert(
                 name.clone(),

@@ -28,6 +28,12 @@ pub struct ClientSpec {
     /// How a non-linear module's result is decoded (`plan` then only describes its input).
     #[serde(default)]
     pub output_plan: Option<LayerPlan>,
+    /// A non-linear module's widest stage, in values: with the workers' job budget it sets the
+    /// rows one request may carry ([`crate::fhe::chain_rows_within`]), which the server
+    /// publishes. Absent from older artefacts (and encoded only when present, so their digests
+    /// stay what they were).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_width: Option<usize>,
 }
 
 impl Wire for ClientSpec {

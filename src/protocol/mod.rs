@@ -48,6 +48,11 @@ pub struct ModuleInfo {
     pub precision: Precision,
     /// SHA-256 of the encoded client spec: a client refuses a server that compiled differently.
     pub client_spec_sha256: String,
+    /// Rows one compute request may carry, when the module sets its own limit (a non-linear
+    /// module holds every hidden value of a request in its workers' job budget); clients split
+    /// by the smaller of this and `max_job_values / outputs`. Absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<u32>,
 }
 
 /// `GET /v1/models/{model}/client`: the client tree, file by file (manifest included), so the

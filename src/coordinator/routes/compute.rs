@@ -6,6 +6,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{read_body, session_token, tenant};
 use crate::coordinator::actors::{Authorize, Dispatch, RowBudget};
+use crate::coordinator::catalog::Catalog;
 use crate::coordinator::error::ApiError;
 use crate::coordinator::AppState;
 use crate::fhe::{decode, EncryptedRows};
@@ -98,6 +99,17 @@ async fn handle(
                 limit / spec.plan.out_features as u64
             ),
         ));
+    }
+    if let Some(max_rows) = Catalog::module_max_rows(spec, state.config.worker.max_job_bytes) {
+        if rows.rows as usize > max_rows {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "{} rows exceed module `{module}`'s limit of {max_rows} rows per request (its hidden values must fit the workers' max_job_bytes of {}): split the input",
+                    rows.rows, state.config.worker.max_job_bytes
+                ),
+            ));
+        }
     }
     let precision = spec.plan.precision.to_string();
     let key_id = session.keys.get(&precision).cloned().ok_or_else(|| {

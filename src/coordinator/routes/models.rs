@@ -3,6 +3,7 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::tenant;
+use crate::coordinator::catalog::Catalog;
 use crate::coordinator::error::ApiError;
 use crate::coordinator::AppState;
 use crate::protocol::{ModelList, MSGPACK};
@@ -14,7 +15,16 @@ pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRe
         .models
         .iter()
         .filter(|(name, _)| state.config.may_use(&tenant, name))
-        .map(|(_, m)| m.info.clone())
+        .map(|(_, m)| {
+            let mut info = m.info.clone();
+            for module in &mut info.modules {
+                module.max_rows = m.specs.get(&module.name).and_then(|spec| {
+                    Catalog::module_max_rows(spec, state.config.worker.max_job_bytes)
+                        .map(|r| r.min(u32::MAX as usize) as u32)
+                });
+            }
+            info
+        })
         .collect();
     Ok(HttpResponse::Ok().json(ModelList {
         models,
