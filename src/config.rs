@@ -72,6 +72,24 @@ pub struct CoordinatorConfig {
     /// Time a connection has to send a request head (actix's client request timeout; 408).
     pub header_timeout_ms: u64,
     pub retry_after_s: u64,
+    /// PEM certificate chain (leaf first) and private key of the API listener's TLS; both empty:
+    /// plain HTTP (behind a terminating proxy, or on a trusted network).
+    #[serde(default)]
+    pub tls_cert: String,
+    #[serde(default)]
+    pub tls_key: String,
+}
+
+impl CoordinatorConfig {
+    /// The TLS certificate and key files, when TLS is on.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        (!self.tls_cert.is_empty()).then(|| {
+            (
+                Path::new(self.tls_cert.as_str()),
+                Path::new(self.tls_key.as_str()),
+            )
+        })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -333,6 +351,12 @@ impl Config {
             return Err(invalid(
                 "worker.max_job_bytes",
                 format!("must be at least {min_job} (the digits of one packed output group)"),
+            ));
+        }
+        if self.coordinator.tls_cert.is_empty() != self.coordinator.tls_key.is_empty() {
+            return Err(invalid(
+                "coordinator.tls_cert",
+                "and coordinator.tls_key are set together (both PEM files) or both left empty",
             ));
         }
         positive("quotas.sessions", self.quotas.sessions as u64)?;

@@ -14,6 +14,7 @@
 //! - [`worker`]: actors that read jobs, hold keys and modules, and evaluate.
 //! - [`client`]: sessions and remote calls (`hybrid::Remote` over HTTP).
 //! - [`config`], [`service`], [`telemetry`]: configuration, service assembly, logs/traces/metrics.
+//! - [`tls`]: HTTPS for the client and the coordinator's own TLS listener (rustls).
 //! - [`commands`], [`bench`], [`demo`], [`progress`]: what the CLI runs.
 
 pub mod bench;
@@ -31,4 +32,5 @@ pub mod quant;
 pub mod queue;
 pub mod service;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

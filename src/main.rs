@@ -349,7 +349,11 @@ fn serve(args: ServeArgs) -> ExitCode {
             .await
             .map_err(|e| e.to_string())?;
         // Tests and scripts read the port from this line.
-        println!("listening on http://127.0.0.1:{}", embedded.app.port());
+        println!(
+            "listening on {}://127.0.0.1:{}",
+            embedded.app.scheme(),
+            embedded.app.port()
+        );
         println!(
             "metrics on http://127.0.0.1:{}",
             embedded.app.metrics_port()
@@ -372,7 +376,7 @@ fn coordinator(args: ServiceArgs) -> ExitCode {
         let app = service::coordinator(config)
             .await
             .map_err(|e| e.to_string())?;
-        println!("listening on http://127.0.0.1:{}", app.port());
+        println!("listening on {}://127.0.0.1:{}", app.scheme(), app.port());
         println!("metrics on http://127.0.0.1:{}", app.metrics_port());
         tracing::info!(port = app.port(), "coordinator serving");
         app.run_until_stopped().await.map_err(|e| e.to_string())

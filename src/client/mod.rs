@@ -32,7 +32,7 @@ pub use session::{RemoteSession, RetryObserver, RetryPolicy, SessionKeys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid server URL {0:?}: expected http://host:port")]
+    #[error("invalid server URL {0:?}: expected http://host:port or https://host:port")]
     Url(String),
     #[error("cannot reach {url}: {reason}")]
     Transport { url: String, reason: String },
@@ -78,31 +78,59 @@ pub struct Client {
     http: reqwest::Client,
     base: String,
     api_key: String,
+    /// A private CA an `https://` server's certificate chains to (besides the system's roots).
+    ca_cert: Option<std::path::PathBuf>,
 }
+
+/// The environment variable [`Client::new`] reads a private CA's PEM file from.
+pub const CA_CERT_ENV: &str = "HYFHE_CA_CERT";
 
 /// Largest client tree accepted from a server.
 const MAX_BUNDLE_BYTES: usize = 256 << 20;
 
 impl Client {
+    /// A client of `url` (`http://` or `https://`); an `https://` server's certificate must
+    /// chain to the system's roots or to the CA in `$HYFHE_CA_CERT` (a PEM file).
     pub fn new(url: &str, api_key: &str) -> Result<Self, ClientError> {
+        let ca = std::env::var_os(CA_CERT_ENV).map(std::path::PathBuf::from);
+        Self::with_ca_cert(url, api_key, ca.as_deref())
+    }
+
+    /// [`Client::new`] trusting `ca_cert` (a PEM file) besides the system's roots.
+    pub fn with_ca_cert(
+        url: &str,
+        api_key: &str,
+        ca_cert: Option<&Path>,
+    ) -> Result<Self, ClientError> {
         let base = url.trim_end_matches('/').to_string();
-        if !base.starts_with("http://") && !base.starts_with("https://") {
+        let https = base.starts_with("https://");
+        if !base.starts_with("http://") && !https {
             return Err(ClientError::Url(url.to_string()));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(10));
+        if https {
+            let tls = crate::tls::client_config(ca_cert)
+                .map_err(|e| ClientError::Local(e.to_string()))?;
+            builder = builder.tls_backend_preconfigured(tls);
+        } else {
+            // Plain HTTP: the crate's TLS backend is never needed, but reqwest builds one.
+            crate::tls::install_provider();
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::Local(e.to_string()))?;
         Ok(Self {
             http,
             base,
             api_key: api_key.to_string(),
+            ca_cert: ca_cert.map(Path::to_path_buf),
         })
     }
 
     /// The same server and key with a connection pool of its own (for use on another runtime).
     pub fn clone_fresh(&self) -> Self {
-        Self::new(&self.base, &self.api_key).expect("this URL was accepted before")
+        Self::with_ca_cert(&self.base, &self.api_key, self.ca_cert.as_deref())
+            .expect("this URL and CA were accepted before")
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
@@ -116,9 +144,18 @@ impl Client {
     }
 
     pub(crate) fn transport(&self, e: reqwest::Error) -> ClientError {
+        // The cause is in the chain (a refused certificate, a reset connection), not in the
+        // top error's "error sending request".
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            reason.push_str(": ");
+            reason.push_str(&s.to_string());
+            source = s.source();
+        }
         ClientError::Transport {
             url: self.base.clone(),
-            reason: e.to_string(),
+            reason,
         }
     }
 

@@ -65,6 +65,7 @@ impl AppState {
 
 pub struct Application {
     port: u16,
+    tls: bool,
     metrics_port: u16,
     server: Server,
     metrics_server: actix_web::dev::ServerHandle,
@@ -82,6 +83,14 @@ impl Application {
         worker_metrics: Option<Arc<WorkerMetrics>>,
     ) -> std::io::Result<Self> {
         let port = listener.local_addr()?.port();
+        // TLS on the API listener itself when configured (or behind a terminating proxy).
+        let tls = match config.coordinator.tls_files() {
+            Some((cert, key)) => Some(
+                crate::tls::server_config(cert, key)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            ),
+            None => None,
+        };
         let metrics_port = metrics_listener.local_addr()?.port();
         let metrics = Arc::new(CoordinatorMetrics::default());
         let router = ResultRouter::new(broker.clone()).start();
@@ -144,11 +153,16 @@ impl Application {
         // actix's default (5 s) is too short on a saturated machine: the only 408 this server
         // sends came back to a test with 16 clients generating keys on 2 cores, whose request
         // heads the server's threads did not get to read in time.
-        .client_request_timeout(header_timeout)
-        .listen(listener)?
+        .client_request_timeout(header_timeout);
+        let served = tls.is_some();
+        let server = match tls {
+            Some(tls) => server.listen_rustls_0_23(listener, tls)?,
+            None => server.listen(listener)?,
+        }
         .run();
         Ok(Self {
             port,
+            tls: served,
             metrics_port,
             server,
             metrics_server: metrics_handle,
@@ -157,6 +171,15 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `https` when the API listener speaks TLS itself, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     pub fn metrics_port(&self) -> u16 {

@@ -68,7 +68,7 @@ impl Drop for RedisServer {
     }
 }
 
-/// A `hyfhe` child process whose `http://` lines on stdout tell where it listens: a coordinator
+/// A `hyfhe` child process whose `http://` (or `https://`) lines on stdout tell where it listens: a coordinator
 /// (or `serve`) prints its API (`listening on …`) and its metrics (`metrics on …`) addresses, a
 /// worker only its metrics and health address.
 pub struct Service {
@@ -95,7 +95,7 @@ impl Service {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(at) = line.find("http://") {
+                if let Some(at) = line.find("http://").or_else(|| line.find("https://")) {
                     let _ = tx.send((line.starts_with("listening"), line[at..].trim().to_string()));
                 }
             }

@@ -17,4 +17,5 @@ mod pbs;
 mod queue;
 mod serving;
 mod telemetry;
+mod tls;
 mod worker;
