@@ -99,9 +99,10 @@ struct Args {
     threads: Option<u32>,
     /// Open loop: check every result bit for bit against `simulate` run on DIR, the compiled
     /// model as `hyfhe compile` wrote it (simulate needs its server/ tree, which the downloaded
-    /// client tree lacks). Forward i then sends input window i % K (K distinct windows of
-    /// --batch samples, at most 16), so that a result delivered to another forward passes only
-    /// if that forward sent the same input; mismatches are counted as `wrong`.
+    /// client tree lacks). Forward i then sends an input of its own, window i % K (K windows of
+    /// --batch samples, at most 16) with each value scaled by a factor drawn from a hash of i, and
+    /// its result is checked against simulate of that input: a result delivered to another
+    /// forward cannot pass. Mismatches are counted as `wrong`.
     #[arg(long, value_name = "DIR", requires = "rate")]
     verify_with: Option<PathBuf>,
     /// Open loop: write one JSON line per finished forward (its index, due and completion time in

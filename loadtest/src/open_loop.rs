@@ -36,7 +36,7 @@ use crate::Args;
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 /// Sessions set up (keys generated and uploaded, warm-up forward) at once before the load.
 const SETUP_CONCURRENCY: usize = 8;
-/// `--verify-with`: most distinct input windows the forwards cycle through.
+/// `--verify-with`: most base input windows the forwards' distinct inputs are made from.
 const MAX_VERIFY_INPUTS: usize = 16;
 
 /// The open-loop summary (`--json` prints it as one object).
@@ -366,10 +366,11 @@ impl Sink {
 /// What the forwards share.
 struct Load {
     model: Arc<HybridModel>,
-    /// Forward i sends `inputs[i % len]` (one input unless `--verify-with`).
+    /// Forward i sends `inputs[i % len]` (one input unless `--verify-with`, where each forward
+    /// sends an input of its own made from that window: [`distinct_input`]).
     inputs: Vec<Arc<Value>>,
-    /// `--verify-with`: simulate's output for each input, as f32 bits.
-    expected: Option<Vec<Arc<[u32]>>>,
+    /// `--verify-with`: the owner's model, whose simulate gives each forward's expected output.
+    owner: Option<Arc<HybridModel>>,
     sessions: Vec<Arc<RemoteSession>>,
     stats: Arc<Mutex<Stats>>,
     permits: Arc<Semaphore>,
@@ -427,27 +428,19 @@ pub fn run(args: &Args, rate: f64) -> Result<OpenReport, Box<dyn Error>> {
     let inputs = (0..windows)
         .map(|k| Ok(Arc::new(input.slice(0, k * batch, (k + 1) * batch)?)))
         .collect::<Result<Vec<_>, Box<dyn Error>>>()?;
-    let expected = if let Some(owner) = &args.verify_with {
-        let owner = HybridModel::load(owner)?;
-        if owner.specs() != model.specs() {
-            return Err(format!(
-                "--verify-with: the served `{}` was compiled differently from the model there",
-                args.model
-            )
-            .into());
+    let owner = match &args.verify_with {
+        Some(dir) => {
+            let owner = HybridModel::load(dir)?;
+            if owner.specs() != model.specs() {
+                return Err(format!(
+                    "--verify-with: the served `{}` was compiled differently from the model there",
+                    args.model
+                )
+                .into());
+            }
+            Some(Arc::new(owner))
         }
-        let mut out = Vec::with_capacity(inputs.len());
-        for x in &inputs {
-            let (y, _) = owner.forward((**x).clone(), Mode::Simulate)?;
-            let bits: Vec<u32> = f32_values(&y, "the output")?
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
-            out.push(Arc::from(bits));
-        }
-        Some(out)
-    } else {
-        None
+        None => None,
     };
     let file = match &args.events {
         Some(path) => Some(LineWriter::new(
@@ -471,7 +464,7 @@ pub fn run(args: &Args, rate: f64) -> Result<OpenReport, Box<dyn Error>> {
     let load = Load {
         model,
         inputs,
-        expected,
+        owner,
         sessions,
         stats: Arc::new(Mutex::new(Stats::new(t0, journal.clone()))),
         permits: Arc::new(Semaphore::new(args.max_outstanding as usize)),
@@ -651,12 +644,33 @@ async fn drive(
         load.stats.lock().expect("stats").sent();
         let (model, stats) = (load.model.clone(), load.stats.clone());
         let k = i as usize % load.inputs.len();
-        let x = load.inputs[k].clone();
-        let expected = load.expected.as_ref().map(|e| e[k].clone());
+        let base = load.inputs[k].clone();
+        let owner = load.owner.clone();
         let session = load.sessions[i as usize % load.sessions.len()].clone();
         tasks.spawn(async move {
             let started = Instant::now();
-            let outcome = model.forward_remote((*x).clone(), &*session).await;
+            // With --verify-with every forward sends an input no other forward sends, and its
+            // own simulate output is what it must get back: a result delivered to the wrong
+            // forward cannot pass.
+            let (x, expected) = match owner {
+                Some(owner) => {
+                    let x = Arc::new(distinct_input(&base, i));
+                    let sent = x.clone();
+                    let expected =
+                        tokio::task::spawn_blocking(move || expected_bits(&owner, &sent))
+                            .await
+                            .expect("simulate does not panic");
+                    (x, Some(expected))
+                }
+                None => (base, None),
+            };
+            let (outcome, expected) = match expected {
+                Some(Err(e)) => (Err(e), None),
+                expected => (
+                    model.forward_remote((*x).clone(), &*session).await,
+                    expected.and_then(Result::ok),
+                ),
+            };
             drop(permit);
             stats
                 .lock()
@@ -687,6 +701,33 @@ async fn drive(
         peak_outstanding,
         end: Instant::now(),
     })
+}
+
+/// Forward `i`'s own input: `base` with every value scaled by a factor in [0.5, 1.5) drawn from a
+/// hash of (`i`, position), so no two forwards send the same tensor (nor the same quantized one,
+/// but by a negligible chance).
+fn distinct_input(base: &Value, i: u64) -> Value {
+    let values = f32_values(base, "the input").expect("checked when the load was set up");
+    let scaled: Vec<f32> = values
+        .iter()
+        .enumerate()
+        .map(|(j, v)| {
+            let mut h = (i ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            h ^= (j as u64).wrapping_mul(0x94d0_49bb_1331_11eb);
+            h ^= h >> 31;
+            v * (0.5 + (h % 1000) as f32 / 1000.0)
+        })
+        .collect();
+    Value::from_shape(base.shape(), &scaled).expect("same shape as its base")
+}
+
+/// Simulate's output for `x`, as f32 bits.
+fn expected_bits(owner: &HybridModel, x: &Value) -> Result<Vec<u32>, HybridError> {
+    let (y, _) = owner.forward(x.clone(), Mode::Simulate)?;
+    Ok(f32_values(&y, "the output")?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
 }
 
 fn rethrow(joined: Result<(), tokio::task::JoinError>) {

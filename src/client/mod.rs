@@ -88,6 +88,9 @@ pub const CA_CERT_ENV: &str = "HYFHE_CA_CERT";
 /// Largest client tree accepted from a server.
 const MAX_BUNDLE_BYTES: usize = 256 << 20;
 
+/// Tries of an idempotent `GET` whose connection broke before an answer.
+const GET_ATTEMPTS: u32 = 3;
+
 impl Client {
     /// A client of `url` (`http://` or `https://`); an `https://` server's certificate must
     /// chain to the system's roots or to the CA in `$HYFHE_CA_CERT` (a PEM file).
@@ -143,6 +146,23 @@ impl Client {
             .bearer_auth(&self.api_key)
     }
 
+    /// An idempotent `GET`, sent again when the connection failed before an answer: a pooled
+    /// connection the server closed for idling (its keep-alive ran out while this process was
+    /// busy, say generating keys) fails the first request sent on it, and a GET is safe to repeat.
+    pub(crate) async fn get(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.request(reqwest::Method::GET, path).send().await {
+                Ok(response) => return Ok(response),
+                Err(e) if attempt < GET_ATTEMPTS && (e.is_connect() || e.is_request()) => {
+                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                }
+                Err(e) => return Err(self.transport(e)),
+            }
+        }
+    }
+
     pub(crate) fn transport(&self, e: reqwest::Error) -> ClientError {
         // The cause is in the chain (a refused certificate, a reset connection), not in the
         // top error's "error sending request".
@@ -181,11 +201,7 @@ impl Client {
 
     /// `GET /v1/models`.
     pub async fn models(&self) -> Result<ModelList, ClientError> {
-        let response = self
-            .request(reqwest::Method::GET, "/v1/models")
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
+        let response = self.get("/v1/models").await?;
         let body = self.body(response, 16 << 20).await?;
         serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
     }
@@ -193,11 +209,7 @@ impl Client {
     /// Download `model`'s client tree into `dir/client` (then `HybridModel::load(dir)` verifies
     /// every file against the manifest's hashes).
     pub async fn download_model(&self, model: &str, dir: &Path) -> Result<(), ClientError> {
-        let response = self
-            .request(reqwest::Method::GET, &format!("/v1/models/{model}/client"))
-            .send()
-            .await
-            .map_err(|e| self.transport(e))?;
+        let response = self.get(&format!("/v1/models/{model}/client")).await?;
         let body = self.body(response, MAX_BUNDLE_BYTES).await?;
         let bundle: ClientBundle =
             rmp_serde::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))?;

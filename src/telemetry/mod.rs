@@ -79,6 +79,9 @@ pub fn init(config: &TelemetryConfig) -> TelemetryGuard {
 
 fn otlp_provider(config: &TelemetryConfig) -> Result<SdkTracerProvider, String> {
     use opentelemetry_otlp::WithExportConfig;
+    // The exporter's HTTP client is reqwest built without a default crypto provider (ours is
+    // chosen in `tls`); building it with none installed panics, even for a plain endpoint.
+    crate::tls::install_provider();
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_endpoint(&config.otlp_endpoint)

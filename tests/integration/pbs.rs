@@ -175,7 +175,9 @@ fn index_chain(rows: usize, seed: u64) -> (LayerPlan, Vec<i8>, ChainProgram, Vec
 
 #[test]
 fn bootstraps_round_within_one_step_at_the_predicted_rate() {
-    let rows = 16;
+    // 3072 bootstraps: enough for the measurable one-step rate to be checked tightly against the
+    // noise model's prediction (a 5σ binomial band is ±0.025 around ~0.08).
+    let rows = 48;
     let (plan, codes, program, x, acc) = index_chain(rows, 7);
     program.check(&plan).unwrap();
     let module = ModuleProgram::new(plan.clone(), &codes, Some(&program)).unwrap();
@@ -219,18 +221,24 @@ fn bootstraps_round_within_one_step_at_the_predicted_rate() {
          {failures} two or more (stated bound 2^{failure_log2:.1} per row)",
         got.len()
     );
+    // The two-step tail (2^-67 per row) cannot be measured at any test's sample size: it is a
+    // derivation from the same noise model whose measurable part is checked below. A two-step
+    // miss here would mean the model is badly wrong, so it still fails the test.
     assert_eq!(failures, 0, "a bootstrap landed two steps away");
     assert!(
         failure_log2 < -40.0,
         "stated failure probability 2^{failure_log2}"
     );
-    // The spread is the model's: not above it (with room for 1024 samples), not far below
-    // (a model that overstates the noise would hide a worse parameter choice).
+    // The measurable prediction: the one-step rate. Both too many (the model understates the
+    // noise, and the tail bound with it) and too few (it overstates it, hiding a worse parameter
+    // choice) fail, outside a 5σ binomial band plus 15 % of the prediction for the model's own
+    // approximations (Gaussian tails for the uniform mod-switch error).
+    let n = got.len() as f64;
+    let band = 5.0 * (predicted * (1.0 - predicted) / n).sqrt() + 0.15 * predicted;
     assert!(
-        rate <= predicted * 1.5 + 0.01,
-        "{rate} vs predicted {predicted}"
+        (rate - predicted).abs() <= band,
+        "one-step rate {rate:.4} vs predicted {predicted:.4} (band ±{band:.4} at n = {n})"
     );
-    assert!(rate >= predicted * 0.3, "{rate} vs predicted {predicted}");
 }
 
 #[test]
@@ -350,4 +358,91 @@ fn the_digits_mlp_with_its_whole_net_remote_keeps_float_accuracy() {
     );
     // Neighbour roundings move logits by a few tenths: a close call may flip, not more.
     assert!(differ <= 1, "{e:?} vs {s:?}");
+}
+
+#[test]
+fn non_linear_modules_publish_their_row_limit_and_clients_split_by_it_at_widths_256_and_512() {
+    let _serial = serial();
+    let models = tempfile::tempdir().unwrap();
+    let x = read_npy(&fixture("chains/wide_input.npy")).unwrap();
+    // Workers with a 32 MiB job budget: a request holds two LWE sets of the widest stage per
+    // row, 2·W·2049·8 bytes, so 3 rows fit at W = 256 and 1 at W = 512.
+    let job_bytes: usize = 32 << 20;
+    let cases = [(256usize, 4usize, 3u32), (512, 2, 1)];
+    let mut simulated = Vec::new();
+    for (width, rows, _) in cases {
+        let mut m = chain_model(
+            &format!("chains/wide_{width}.onnx"),
+            &["seq"],
+            "chains/wide_calibration.npy",
+        );
+        let x = first_rows(x.clone(), rows);
+        simulated.push(values(&m.forward(x, Mode::Simulate).unwrap().0));
+        m.save_and_clear_private_info(models.path().join(format!("wide_{width}")), true)
+            .unwrap();
+    }
+    let config_dir = tempfile::tempdir().unwrap();
+    let server = crate::cluster::serve(
+        models.path(),
+        &config_file(config_dir.path()),
+        &[("WORKER__MAX_JOB_BYTES", &job_bytes.to_string())],
+    );
+    hyfhe::client::block_on(async {
+        let keys = Arc::new(SessionKeys::generate_with(
+            &[Precision::Exact].into(),
+            true,
+            &Silent,
+        ));
+        let client = hyfhe::client::Client::new(&server.url, crate::serving::API_KEY).unwrap();
+        let list = client.models().await.unwrap();
+        for ((width, rows, limit), simulate) in cases.into_iter().zip(&simulated) {
+            let name = format!("wide_{width}");
+            let published = list
+                .models
+                .iter()
+                .find(|m| m.name == name)
+                .and_then(|m| m.modules.iter().find(|m| m.name == "seq"))
+                .and_then(|m| m.max_rows);
+            assert_eq!(published, Some(limit), "{name}");
+            assert_eq!(
+                hyfhe::fhe::chain_rows_within(width, job_bytes),
+                limit as usize
+            );
+            // More rows than the limit: the client splits them, and every request is served.
+            let (_dir, model, session) = connect(&server.url, &name, keys.clone()).await;
+            let input = first_rows(x.clone(), rows);
+            let (y, stats) = model.forward_remote(input.clone(), &session).await.unwrap();
+            assert_eq!(stats.requests, rows.div_ceil(limit as usize), "{name}");
+            let diff = max_diff(&values(&y), simulate);
+            eprintln!(
+                "{name}: {rows} rows in {} requests, remote vs simulate {diff:.3e}",
+                stats.requests
+            );
+            assert!(diff < 0.4, "{name}: {diff}");
+            // A request past the limit is refused before any worker holds it, naming the limit.
+            let spec = &model.specs()["seq"];
+            let over = keys
+                .client_key()
+                .encrypt_rows(
+                    &spec.plan,
+                    &vec![0; (limit as usize + 1) * spec.in_features],
+                    limit as usize + 1,
+                )
+                .unwrap();
+            let err = session
+                .compute_bytes("seq", encode(&over))
+                .await
+                .unwrap_err();
+            assert_eq!(
+                err.code(),
+                Some(hyfhe::protocol::ErrorCode::PayloadTooLarge),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains(&format!("limit of {limit} rows")),
+                "{err}"
+            );
+            session.close().await.unwrap();
+        }
+    });
 }
