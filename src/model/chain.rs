@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet};
 
 use tract_onnx::pb::{GraphProto, NodeProto};
 
+use super::constants::GraphConstants;
 use super::linear::LinearKind;
 use super::{float_initializer, LinearModule, ModelError, ModuleInfo};
 
@@ -229,6 +230,7 @@ impl ChainModule {
             .flat_map(|&i| graph.node[i].output.iter().map(move |o| (o.as_str(), i)))
             .collect();
         let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let folder = GraphConstants::new(graph);
 
         // 1. One segment per weighted op: the op, the nodes computing its constant operands,
         //    a bias Add right after it and a BatchNormalization after that.
@@ -249,7 +251,7 @@ impl ChainModule {
         for &w in &weighted {
             let mut seg = vec![w];
             for input in graph.node[w].input.iter().skip(1) {
-                constant_producers(input, &producer, graph, &mut seg);
+                constant_producers(input, &folder, &in_module, &mut seg);
             }
             let mut out = graph.node[w].output[0].clone();
             // A bias Add (MatMul exports) and a BatchNormalization reading the op's result.
@@ -271,7 +273,7 @@ impl ChainModule {
                         .unwrap_or_default();
                     let mut bias_nodes = vec![];
                     if inits.contains(other.as_str())
-                        || constant_producers(&other, &producer, graph, &mut bias_nodes)
+                        || constant_producers(&other, &folder, &in_module, &mut bias_nodes)
                     {
                         seg.push(r);
                         seg.extend(bias_nodes);
@@ -302,7 +304,7 @@ impl ChainModule {
                 layer.output = graph.node[r].output[0].clone();
                 seg.push(r);
                 for input in graph.node[r].input.iter().skip(1) {
-                    constant_producers(input, &producer, graph, &mut seg);
+                    constant_producers(input, &folder, &in_module, &mut seg);
                 }
             }
             taken.extend(seg.iter().copied());
@@ -421,35 +423,22 @@ fn is_weighted(n: &NodeProto) -> bool {
     matches!(n.op_type.as_str(), "Gemm" | "MatMul" | "Conv")
 }
 
-/// Add to `out` the module nodes that compute the constant `name` (Constant, Transpose,
-/// Identity chains); `true` if it is constant.
+/// Add to `out` the module nodes that compute the constant `name` (any pure function of
+/// initializers: [`GraphConstants`]; nodes outside the module stay where they are); `true` if
+/// it is a constant.
 fn constant_producers(
     name: &str,
-    producer: &HashMap<&str, usize>,
-    graph: &GraphProto,
+    folder: &GraphConstants,
+    in_module: &HashSet<usize>,
     out: &mut Vec<usize>,
 ) -> bool {
-    let mut t = name.to_string();
-    for _ in 0..8 {
-        match producer.get(t.as_str()) {
-            None => return graph.initializer.iter().any(|i| i.name == t),
-            Some(&p) => {
-                let n = &graph.node[p];
-                match n.op_type.as_str() {
-                    "Constant" => {
-                        out.push(p);
-                        return true;
-                    }
-                    "Transpose" | "Identity" => {
-                        out.push(p);
-                        t = n.input.first().cloned().unwrap_or_default();
-                    }
-                    _ => return false,
-                }
-            }
+    match folder.float(name) {
+        Some(Ok(f)) => {
+            out.extend(f.nodes.into_iter().filter(|p| in_module.contains(p)));
+            true
         }
+        _ => false,
     }
-    false
 }
 
 /// The element-wise nodes from tensor `from` to `to` (or to the end of the module when `to` is

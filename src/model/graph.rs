@@ -53,6 +53,22 @@ pub fn cut_remote_modules(model: &ModelProto, modules: &[LinearModule]) -> Model
             }),
         }
     }
+    // Nodes nothing reads any more (a top-level Identity or Cast of a remote module's bias,
+    // the shape plumbing of its weight) go too: ONNX ops are pure, and a dead node would keep a
+    // private initializer in the client's graph.
+    let mut live: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    let mut keep = vec![false; nodes.len()];
+    for (k, node) in nodes.iter().enumerate().rev() {
+        if node.output.iter().any(|o| live.contains(o)) {
+            keep[k] = true;
+            live.extend(node.input.iter().cloned());
+        }
+    }
+    let mut k = 0;
+    nodes.retain(|_| {
+        k += 1;
+        keep[k - 1]
+    });
     let private: HashSet<&str> = modules
         .iter()
         .flat_map(|m| m.initializers.iter().map(String::as_str))

@@ -19,7 +19,8 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto};
 
-use super::{float_initializer, ModelError, ModuleInfo};
+use super::constants::GraphConstants;
+use super::{ModelError, ModuleInfo};
 
 /// Geometry of a 2-D convolution; `pads` are `[top, left, bottom, right]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,8 +113,6 @@ const SHAPE_OPS: &[&str] = &[
 /// Ops allowed on the path from a weight initializer to the weighted op (dynamo and TorchScript
 /// sometimes transpose `nn.Linear.weight` in the graph instead of folding it).
 const WEIGHT_OPS: &[&str] = &["Transpose", "Identity"];
-/// Most ops between a weight initializer and the op that uses it.
-const MAX_WEIGHT_CHAIN: usize = 8;
 
 impl LinearModule {
     /// Recognise the module as one weighted op (Gemm, MatMul with a constant matrix, or Conv),
@@ -149,9 +148,10 @@ impl LinearModule {
             .flat_map(|&i| graph.node[i].output.iter().map(move |o| (o.as_str(), i)))
             .collect();
         let resolver = Constants {
-            graph,
-            inits: &inits,
-            producer: &producer,
+            folder: GraphConstants::new(graph),
+            in_module: info.nodes.iter().copied().collect(),
+            outside: Default::default(),
+            roots: Default::default(),
         };
 
         // The one weighted op: Gemm/MatMul/Conv whose second input is a constant.
@@ -432,6 +432,15 @@ impl LinearModule {
                 }
             }
         }
+        // And those computed into its constants by nodes outside it (a de-duplicated bias behind
+        // a top-level Identity), when nothing else reads them: the cut drops those nodes with
+        // their last reader.
+        let outside = resolver.outside.borrow();
+        for root in resolver.roots.borrow().iter() {
+            if !initializers.contains(root) && only_feeds(graph, root, &removed, &outside) {
+                initializers.push(root.clone());
+            }
+        }
         Ok(Self {
             path: info.path.clone(),
             kind,
@@ -448,11 +457,16 @@ impl LinearModule {
     }
 }
 
-/// Constant values inside a module: initializers, `Constant` nodes, and transposes of them.
+/// A module's constants: any pure function of initializers the graph computes (wherever its
+/// nodes sit: [`GraphConstants`]), with the module's own nodes among those that computed it
+/// (they go with the module; nodes outside it stay, and the cut drops them once nothing reads
+/// them).
 struct Constants<'a> {
-    graph: &'a GraphProto,
-    inits: &'a HashMap<&'a str, &'a TensorProto>,
-    producer: &'a HashMap<&'a str, usize>,
+    folder: GraphConstants<'a>,
+    in_module: HashSet<usize>,
+    /// What the resolved constants were computed from: nodes outside the module, initializers.
+    outside: std::cell::RefCell<HashSet<usize>>,
+    roots: std::cell::RefCell<Vec<String>>,
 }
 
 type Resolved = Result<(Vec<usize>, Vec<f32>, Vec<usize>), ModelError>;
@@ -461,49 +475,15 @@ impl Constants<'_> {
     /// `name`'s shape and values, with the module nodes that computed it; `None` if it depends
     /// on a run-time value.
     fn resolve(&self, name: &str) -> Option<Resolved> {
-        self.resolve_within(name, MAX_WEIGHT_CHAIN)
-    }
-
-    fn resolve_within(&self, name: &str, depth: usize) -> Option<Resolved> {
-        if let Some(t) = self.inits.get(name) {
-            return Some(float_initializer(t).map(|(s, v)| (s, v, vec![])));
-        }
-        let &p = self.producer.get(name)?;
-        // A malformed graph may loop; a weight is never more than a few ops from its initializer.
-        let depth = depth.checked_sub(1)?;
-        let node = &self.graph.node[p];
-        match node.op_type.as_str() {
-            "Constant" => {
-                let t = attr(node, "value").and_then(|a| a.t.as_ref())?;
-                Some(float_initializer(t).map(|(s, v)| (s, v, vec![p])))
-            }
-            "Identity" => Some(self.resolve_within(node.input.first()?, depth)?.map(
-                |(s, v, mut nodes)| {
-                    nodes.push(p);
-                    (s, v, nodes)
-                },
-            )),
-            "Transpose" => {
-                let inner = self.resolve_within(node.input.first()?, depth)?;
-                Some(inner.and_then(|(s, v, mut nodes)| {
-                    let perm = attr_ints(node, "perm").unwrap_or_else(|| vec![1, 0]);
-                    let [r, c] = s[..] else {
-                        return Err(ModelError::Decode(format!(
-                            "Transpose node `{}` of a {}-D weight",
-                            node.name,
-                            s.len()
-                        )));
-                    };
-                    nodes.push(p);
-                    Ok(if perm == [1, 0] {
-                        (vec![c, r], transpose(&v, r, c), nodes)
-                    } else {
-                        (s, v, nodes)
-                    })
-                }))
-            }
-            _ => None,
-        }
+        Some(self.folder.float(name)?.map(|f| {
+            let (nodes, outside): (Vec<usize>, Vec<usize>) = f
+                .nodes
+                .into_iter()
+                .partition(|p| self.in_module.contains(p));
+            self.outside.borrow_mut().extend(outside);
+            self.roots.borrow_mut().extend(f.roots);
+            (f.shape, f.values, nodes)
+        }))
     }
 
     fn bias(
@@ -519,6 +499,36 @@ impl Constants<'_> {
         })??;
         Ok((bias_vector((shape, values), out, unsupported)?, nodes))
     }
+}
+
+/// Whether every reader of `tensor` is in `sinks`, or in `through` with all its outputs read
+/// only that way (and no graph output on the way).
+fn only_feeds(
+    graph: &GraphProto,
+    tensor: &str,
+    sinks: &HashSet<usize>,
+    through: &HashSet<usize>,
+) -> bool {
+    let mut stack = vec![tensor.to_string()];
+    let mut seen = HashSet::new();
+    while let Some(t) = stack.pop() {
+        if graph.output.iter().any(|o| o.name == t) {
+            return false;
+        }
+        if !seen.insert(t.clone()) {
+            continue;
+        }
+        for (i, n) in graph.node.iter().enumerate() {
+            if !n.input.contains(&t) || sinks.contains(&i) {
+                continue;
+            }
+            if !through.contains(&i) {
+                return false;
+            }
+            stack.extend(n.output.iter().cloned());
+        }
+    }
+    true
 }
 
 fn output_of(n: &NodeProto) -> Result<&str, ModelError> {

@@ -6,6 +6,7 @@
 //! [`runner::LocalSegment`]) and remote steps, which `hybrid` fills with a backend.
 
 pub mod chain;
+pub mod constants;
 pub mod graph;
 pub mod linear;
 pub mod modules;

@@ -19,3 +19,4 @@ mod serving;
 mod telemetry;
 mod tls;
 mod worker;
+mod zoo;
