@@ -32,8 +32,12 @@ pub struct LmSignature {
     pub past: Vec<(usize, Vec<Option<usize>>, usize)>,
     pub logits: usize,
     pub present: Vec<usize>,
-    /// The vocabulary size, when the logits output declares it.
+    /// The vocabulary size: the rows of the embedding table the ids index (else what the
+    /// logits output declares).
     pub vocab: Option<usize>,
+    /// What the logits output declares per position, when it declares it (a classifier's
+    /// labels are not a vocabulary).
+    pub logits_width: Option<usize>,
 }
 
 fn bad(msg: String) -> HybridError {
@@ -133,8 +137,9 @@ impl LmSignature {
             .position(|o| o == "logits")
             .or_else(|| (0..runtime.outputs.len()).find(|i| !present.contains(i)))
             .ok_or_else(|| HybridError::Unsupported("the model has no logits output".into()))?;
-        let vocab = declared(&graph.output, &runtime.outputs[logits])
+        let logits_width = declared(&graph.output, &runtime.outputs[logits])
             .and_then(|(_, d)| d.last().copied().flatten());
+        let vocab = embedding_rows(graph, &runtime.inputs[ids]).or(logits_width);
         Ok(Some(Self {
             ids,
             ids_type,
@@ -144,6 +149,7 @@ impl LmSignature {
             logits,
             present,
             vocab,
+            logits_width,
         }))
     }
 
@@ -287,12 +293,66 @@ pub struct GenerateReport {
     pub decode: ForwardStats,
 }
 
-fn argmax_last(logits: &Value) -> Result<i64, HybridError> {
+/// Rows of the embedding table that `ids` index: the data of a `Gather` (axis 0) whose indices
+/// are the ids, through casts and reshapes; `None` when no such table is a constant.
+fn embedding_rows<'g>(graph: &'g GraphProto, ids: &'g str) -> Option<usize> {
+    const INDEX_VIEWS: &[&str] = &["Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"];
+    let inits: std::collections::HashMap<&'g str, &'g tract_onnx::pb::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let producer: std::collections::HashMap<&'g str, &'g tract_onnx::pb::NodeProto> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
+        .collect();
+    // The table's shape, through Identity/Cast (a de-duplicated or cast initializer).
+    let table_rows = |mut t: &'g str| -> Option<usize> {
+        for _ in 0..8 {
+            if let Some(init) = inits.get(t) {
+                return (init.dims.len() == 2 && init.dims[0] > 0).then(|| init.dims[0] as usize);
+            }
+            let n = producer.get(t)?;
+            if !matches!(n.op_type.as_str(), "Identity" | "Cast") {
+                return None;
+            }
+            t = n.input.first()?;
+        }
+        None
+    };
+    let mut reached: Vec<&'g str> = vec![ids];
+    let mut k = 0;
+    while k < reached.len() && reached.len() < 64 {
+        let t = reached[k];
+        k += 1;
+        for n in &graph.node {
+            if n.input.first().map(String::as_str) == Some(t) && INDEX_VIEWS.contains(&n.op_type.as_str()) {
+                reached.extend(n.output.iter().map(String::as_str));
+            }
+            let axis0 = n.attribute.iter().find(|a| a.name == "axis").is_none_or(|a| a.i == 0);
+            if n.op_type == "Gather" && axis0 && n.input.get(1).map(String::as_str) == Some(t) {
+                if let Some(rows) = n.input.first().and_then(|d| table_rows(d)) {
+                    return Some(rows);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn argmax_last(logits: &Value, expected: Option<usize>) -> Result<i64, HybridError> {
     let shape = logits.shape();
     let values = crate::model::runner::f32_values(logits, "the logits")?;
     let vocab = *shape
         .last()
         .ok_or_else(|| bad("the logits are a scalar".into()))?;
+    if let Some(expected) = expected.filter(|&e| e != vocab) {
+        return Err(HybridError::Unsupported(format!(
+            "not a language model: its output has {vocab} values per position and its \
+             vocabulary (the embedding table its ids index) {expected} tokens"
+        )));
+    }
     if shape.len() != 3 || shape[0] != 1 || vocab == 0 || values.len() < vocab {
         return Err(bad(format!(
             "logits of shape {shape:?}: generate expects [1, seq, vocab]"
@@ -322,6 +382,15 @@ pub(crate) async fn generate(
             "--max-new-tokens must be at least 1 and at most {MAX_NEW_TOKENS}, not {max_new}"
         )));
     }
+    if let (Some(width), Some(vocab)) = (sig.logits_width, sig.vocab) {
+        if width != vocab {
+            return Err(HybridError::Unsupported(format!(
+                "not a language model: its output has {width} values per position and its \
+                 vocabulary (the embedding table its ids index) {vocab} tokens; generate needs \
+                 a distribution over the vocabulary (use run for a classifier)"
+            )));
+        }
+    }
     let prompt = sig.check_ids(&prompt)?;
     if prompt.shape()[0] != 1 {
         return Err(bad(format!(
@@ -349,7 +418,7 @@ pub(crate) async fn generate(
         let mut outputs = runtime.run_all(inputs, backend, &stats).await?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         let stats = stats.into_inner().expect("stats");
-        let token = argmax_last(&outputs[sig.logits])?;
+        let token = argmax_last(&outputs[sig.logits], sig.vocab)?;
         if step == 0 {
             prefill_ms = ms;
             prefill = stats;

@@ -297,6 +297,7 @@ impl ChainModule {
                 },
                 op_types: vec![],
                 params: vec![],
+                note: None,
             };
             let mut layer = LinearModule::extract(graph, &sub)?;
             if let Some(r) = bn {

@@ -28,6 +28,9 @@ pub struct ModuleInfo {
     pub op_types: Vec<String>,
     /// Initializers owned by the module or consumed by its nodes: name and shape.
     pub params: Vec<(String, Vec<usize>)>,
+    /// How its ops were found when the exporter's scopes disagreed with its parameters' names
+    /// (`hyfhe inspect` prints it).
+    pub note: Option<String>,
 }
 
 /// Every module path of a model, in `named_modules()` order (pre-order, first use).
@@ -72,18 +75,27 @@ impl ModuleTree {
                     nodes: vec![],
                     op_types: vec![],
                     params: vec![],
+                    note: None,
                 });
                 modules.len() - 1
             })
         };
         let recorded = scopes.iter().any(Option::is_some);
+        let mut paths: Vec<Option<String>> = graph
+            .node
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                if recorded {
+                    scopes.get(i).cloned().flatten()
+                } else {
+                    node_module_path(&node.name, &known)
+                }
+            })
+            .collect();
+        let notes = resolve_from_parameters(graph, &mut paths, &known);
         for (i, node) in graph.node.iter().enumerate() {
-            let path = if recorded {
-                scopes.get(i).cloned().flatten()
-            } else {
-                node_module_path(&node.name, &known)
-            };
-            let Some(path) = path else {
+            let Some(path) = paths[i].clone() else {
                 continue;
             };
             for prefix in ancestors(&path) {
@@ -115,6 +127,9 @@ impl ModuleTree {
                     }
                 }
             }
+        }
+        for m in &mut modules {
+            m.note = notes.get(&m.path).cloned();
         }
         Self { modules }
     }
@@ -184,9 +199,161 @@ impl ModuleTree {
                 },
                 indent = 2 * depth
             ));
+            if let Some(note) = &m.note {
+                out.push_str(&format!("{:indent$}  ({note})\n", "", indent = 2 * depth));
+            }
         }
         out
     }
+}
+
+/// The module owning a `state_dict`-named parameter (`a.b.weight` → `a.b`).
+fn owner_of(param: &str) -> Option<&str> {
+    if is_anonymous(param) {
+        return None;
+    }
+    param.rsplit_once('.').map(|(owner, _)| owner)
+}
+
+/// Correct node paths where the exporter's scopes disagree with the parameters' names, which
+/// keep the true `named_modules()` paths; returns a note per corrected module.
+///
+/// Two cases, both general:
+/// - scopes that skip a level (`m.decoder.layers.0.fc1` where the parameter is
+///   `m.model.decoder.layers.0.fc1.bias`): the scope path is a subsequence of the owner's path
+///   ending in the same atom, and the owner has no node of its own. Every prefix of the scope is
+///   mapped to the matching prefix of the owner, so the rest of that scope (a softmax beside the
+///   projections) moves with it. Two owners mapping one prefix differently cancel that mapping.
+/// - an op named after another module (torch.export folds a BatchNorm into the Conv before it
+///   and names the fused Conv after the BatchNorm): a node that alone reads a parameter of a
+///   module with no node at all belongs to that module.
+fn resolve_from_parameters(
+    graph: &GraphProto,
+    paths: &mut [Option<String>],
+    known: &HashSet<String>,
+) -> HashMap<String, String> {
+    let inits: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let scoped = |paths: &[Option<String>]| -> HashSet<String> {
+        paths.iter().flatten().flat_map(|p| ancestors(p)).collect()
+    };
+    let mut notes = HashMap::new();
+    let mut moved: HashMap<String, String> = HashMap::new();
+
+    // 1. Skipped levels: prefix rewrites from scope paths to their parameters' owners.
+    let have_nodes = scoped(paths);
+    let mut rewrites: HashMap<String, Option<String>> = HashMap::new();
+    for (node, path) in graph.node.iter().zip(paths.iter()) {
+        let Some(path) = path else { continue };
+        for input in node.input.iter().filter(|t| inits.contains(t.as_str())) {
+            let Some(owner) = owner_of(input) else {
+                continue;
+            };
+            if owner == path || have_nodes.contains(owner) {
+                continue;
+            }
+            for (from, to) in align(path, owner).unwrap_or_default() {
+                if known.contains(&from) {
+                    continue;
+                }
+                rewrites
+                    .entry(from)
+                    .and_modify(|t| {
+                        if t.as_deref() != Some(to.as_str()) {
+                            *t = None;
+                        }
+                    })
+                    .or_insert(Some(to));
+            }
+        }
+    }
+    for path in paths.iter_mut().flatten() {
+        let atoms: Vec<&str> = path.split('.').collect();
+        let rewritten = (1..=atoms.len()).rev().find_map(|end| {
+            let prefix = atoms[..end].join(".");
+            let to = rewrites.get(&prefix)?.as_ref()?;
+            let mut out = to.clone();
+            for atom in &atoms[end..] {
+                out.push('.');
+                out.push_str(atom);
+            }
+            Some(out)
+        });
+        if let Some(new) = rewritten {
+            moved.entry(new.clone()).or_insert_with(|| path.clone());
+            *path = new;
+        }
+    }
+    // One note where a rewrite starts, not one per module under it.
+    for (new, old) in &moved {
+        let under_another = ancestors(new)
+            .iter()
+            .rev()
+            .skip(1)
+            .any(|a| moved.contains_key(a));
+        if !under_another {
+            notes.insert(
+                new.clone(),
+                format!(
+                    "scopes say `{old}`, and so for everything under it; its parameters give \
+                     this named_modules() path"
+                ),
+            );
+        }
+    }
+
+    // 2. Ops named after another module: the only reader of a parameter of a module with no node.
+    let have_nodes = scoped(paths);
+    let mut readers: HashMap<&str, usize> = HashMap::new();
+    for node in &graph.node {
+        for input in node.input.iter().filter(|t| inits.contains(t.as_str())) {
+            *readers.entry(input.as_str()).or_default() += 1;
+        }
+    }
+    for (node, path) in graph.node.iter().zip(paths.iter_mut()) {
+        let Some(current) = path.as_deref() else {
+            continue;
+        };
+        let orphan = node.input.iter().find_map(|t| {
+            let owner = owner_of(t)?;
+            let alone = inits.contains(t.as_str()) && readers.get(t.as_str()) == Some(&1);
+            let elsewhere = owner != current && !current.starts_with(&format!("{owner}."));
+            (alone && elsewhere && !have_nodes.contains(owner)).then(|| (owner, t))
+        });
+        if let Some((owner, param)) = orphan {
+            notes.insert(
+                owner.to_string(),
+                format!(
+                    "{} node `{}` resolved from its parameter `{param}` (scopes say `{current}`: the exporter fused it into that module's op)",
+                    node.op_type, node.name
+                ),
+            );
+            *path = Some(owner.to_string());
+        }
+    }
+    notes
+}
+
+/// For a scope path whose atoms are a subsequence of `owner`'s ending in the same atom, each
+/// of its prefixes that differs from the matching prefix of `owner`, with that prefix.
+fn align(path: &str, owner: &str) -> Option<Vec<(String, String)>> {
+    let s: Vec<&str> = path.split('.').collect();
+    let o: Vec<&str> = owner.split('.').collect();
+    if s.last() != o.last() || s.len() >= o.len() {
+        return None;
+    }
+    // Matched from the end: the nearest atoms are the most specific.
+    let mut index = vec![0; s.len()];
+    let mut j = o.len();
+    for i in (0..s.len()).rev() {
+        j = (0..j).rev().find(|&k| o[k] == s[i])?;
+        index[i] = j;
+    }
+    Some(
+        (0..s.len())
+            .map(|i| (s[..=i].join("."), o[..=index[i]].join(".")))
+            .filter(|(from, to)| from != to)
+            .collect(),
+    )
 }
 
 fn is_own_param(path: &str, name: &str) -> bool {
