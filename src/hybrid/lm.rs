@@ -296,7 +296,14 @@ pub struct GenerateReport {
 /// Rows of the embedding table that `ids` index: the data of a `Gather` (axis 0) whose indices
 /// are the ids, through casts and reshapes; `None` when no such table is a constant.
 fn embedding_rows<'g>(graph: &'g GraphProto, ids: &'g str) -> Option<usize> {
-    const INDEX_VIEWS: &[&str] = &["Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"];
+    const INDEX_VIEWS: &[&str] = &[
+        "Cast",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Flatten",
+        "Identity",
+    ];
     let inits: std::collections::HashMap<&'g str, &'g tract_onnx::pb::TensorProto> = graph
         .initializer
         .iter()
@@ -327,10 +334,16 @@ fn embedding_rows<'g>(graph: &'g GraphProto, ids: &'g str) -> Option<usize> {
         let t = reached[k];
         k += 1;
         for n in &graph.node {
-            if n.input.first().map(String::as_str) == Some(t) && INDEX_VIEWS.contains(&n.op_type.as_str()) {
+            if n.input.first().map(String::as_str) == Some(t)
+                && INDEX_VIEWS.contains(&n.op_type.as_str())
+            {
                 reached.extend(n.output.iter().map(String::as_str));
             }
-            let axis0 = n.attribute.iter().find(|a| a.name == "axis").is_none_or(|a| a.i == 0);
+            let axis0 = n
+                .attribute
+                .iter()
+                .find(|a| a.name == "axis")
+                .is_none_or(|a| a.i == 0);
             if n.op_type == "Gather" && axis0 && n.input.get(1).map(String::as_str) == Some(t) {
                 if let Some(rows) = n.input.first().and_then(|d| table_rows(d)) {
                     return Some(rows);
