@@ -190,7 +190,7 @@ impl<'a> GraphConstants<'a> {
                 }
                 if let Some(k) = infer {
                     let known: usize = out.iter().product();
-                    if known == 0 || total % known != 0 {
+                    if known == 0 || !total.is_multiple_of(known) {
                         return None;
                     }
                     out[k] = total / known;

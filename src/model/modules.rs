@@ -317,7 +317,7 @@ fn resolve_from_parameters(
             let owner = owner_of(t)?;
             let alone = inits.contains(t.as_str()) && readers.get(t.as_str()) == Some(&1);
             let elsewhere = owner != current && !current.starts_with(&format!("{owner}."));
-            (alone && elsewhere && !have_nodes.contains(owner)).then(|| (owner, t))
+            (alone && elsewhere && !have_nodes.contains(owner)).then_some((owner, t))
         });
         if let Some((owner, param)) = orphan {
             notes.insert(
