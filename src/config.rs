@@ -119,7 +119,12 @@ pub enum QueueBackend {
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub backend: QueueBackend,
+    /// `redis://host:port` or, with TLS, `rediss://host:port`.
     pub redis_url: String,
+    /// PEM file of the CA that signed Redis's TLS certificate (`rediss://` only); empty: the
+    /// system's roots.
+    #[serde(default)]
+    pub redis_ca_cert: String,
     pub connect_timeout_ms: u64,
     pub shards: u32,
     pub max_depth: usize,
@@ -153,7 +158,12 @@ pub enum TraceExporter {
 pub struct TelemetryConfig {
     pub log: String,
     pub exporter: TraceExporter,
+    /// OTLP/HTTP traces endpoint, `http://` or `https://`.
     pub otlp_endpoint: String,
+    /// PEM file of a private CA the `https://` collector's certificate chains to (trusted besides
+    /// the system's roots); empty: the system's roots only.
+    #[serde(default)]
+    pub otlp_ca_cert: String,
     pub service_name: String,
 }
 
@@ -428,10 +438,32 @@ impl Config {
                 ),
             ));
         }
-        if self.queue.backend == QueueBackend::Redis && !self.queue.redis_url.starts_with("redis") {
+        let redis_tls = self.queue.redis_url.starts_with("rediss://");
+        if self.queue.backend == QueueBackend::Redis
+            && !(redis_tls || self.queue.redis_url.starts_with("redis://"))
+        {
             return Err(invalid(
                 "queue.redis_url",
                 "must be a redis:// or rediss:// URL",
+            ));
+        }
+        if !self.queue.redis_ca_cert.is_empty() && !redis_tls {
+            return Err(invalid(
+                "queue.redis_ca_cert",
+                "is only used with TLS: make queue.redis_url a rediss:// URL, or leave this empty",
+            ));
+        }
+        let otlp_tls = self.telemetry.otlp_endpoint.starts_with("https://");
+        if !(otlp_tls || self.telemetry.otlp_endpoint.starts_with("http://")) {
+            return Err(invalid(
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if !self.telemetry.otlp_ca_cert.is_empty() && !otlp_tls {
+            return Err(invalid(
+                "telemetry.otlp_ca_cert",
+                "is only used with TLS: make telemetry.otlp_endpoint an https:// URL, or leave this empty",
             ));
         }
         positive("sessions.ttl_s", self.sessions.ttl_s)?;

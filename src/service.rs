@@ -36,8 +36,10 @@ pub async fn connect_broker(config: &Config) -> Result<Arc<dyn Broker>, ServiceE
     Ok(match config.queue.backend {
         QueueBackend::Memory => Arc::new(MemoryQueue::new(config.queue_settings())),
         QueueBackend::Redis => Arc::new(
-            RedisQueue::connect(
+            RedisQueue::connect_with_ca(
                 &config.queue.redis_url,
+                (!config.queue.redis_ca_cert.is_empty())
+                    .then(|| std::path::Path::new(&config.queue.redis_ca_cert)),
                 config.queue_settings(),
                 Duration::from_millis(config.queue.connect_timeout_ms),
             )

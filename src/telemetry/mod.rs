@@ -9,6 +9,7 @@
 pub mod metrics;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
@@ -78,15 +79,17 @@ pub fn init(config: &TelemetryConfig) -> TelemetryGuard {
 }
 
 fn otlp_provider(config: &TelemetryConfig) -> Result<SdkTracerProvider, String> {
-    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
     // The exporter's HTTP client is reqwest built without a default crypto provider (ours is
     // chosen in `tls`); building it with none installed panics, even for a plain endpoint.
     crate::tls::install_provider();
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
-        .with_endpoint(&config.otlp_endpoint)
-        .build()
-        .map_err(|e| e.to_string())?;
+        .with_endpoint(&config.otlp_endpoint);
+    if config.otlp_endpoint.starts_with("https://") {
+        builder = builder.with_http_client(https_client(config)?);
+    }
+    let exporter = builder.build().map_err(|e| e.to_string())?;
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(config.service_name.clone())
         .build();
@@ -94,6 +97,23 @@ fn otlp_provider(config: &TelemetryConfig) -> Result<SdkTracerProvider, String> 
         .with_batch_exporter(exporter)
         .with_resource(resource)
         .build())
+}
+
+/// The exporter's client for an `https://` collector: the API client's trust (the system's roots,
+/// plus `otlp_ca_cert` when set). Built on a thread of its own: a blocking reqwest client must
+/// not be made (or dropped) inside the async runtime that `init` may be called from.
+fn https_client(config: &TelemetryConfig) -> Result<reqwest::blocking::Client, String> {
+    let ca = (!config.otlp_ca_cert.is_empty()).then(|| PathBuf::from(&config.otlp_ca_cert));
+    let tls = crate::tls::client_config(ca.as_deref()).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        reqwest::blocking::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .tls_backend_preconfigured(tls)
+            .build()
+            .map_err(|e| format!("OTLP HTTPS client: {e}"))
+    })
+    .join()
+    .map_err(|_| "OTLP HTTPS client: building it panicked".to_string())?
 }
 
 /// The current span's W3C trace context, when traces are exported.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The docker-compose cluster, run for real: images built here without a registry
 # (deploy/local-images.sh), `docker compose up`, the digits model served to `hyfhe run --mode
-# remote` on the host (bit-identical to simulate), then container faults under open-loop load
+# remote` on the host (bit-identical to simulate), the same through the `tls` profile's nginx
+# (HTTPS with a CA made here; a client without the CA refused), then container faults under open-loop load
 # from hyfhe-loadtest, each checked bit for bit against simulate (tests/compose/analyse.py):
 #
 #   kill-worker     docker kill one worker mid-load (its leases taken over, nothing lost)
@@ -57,7 +58,8 @@ HYFHE_BINARY=$HYFHE deploy/local-images.sh
 work=$(mktemp -d)
 chmod 755 "$work" # the containers run as uid 10001 and read the models from here
 project="hyfhe-ci-$$"
-compose() { "${COMPOSE[@]}" -p "$project" "$@"; }
+# The tls profile's proxy runs throughout (it only adds a way in), so teardown removes it too.
+compose() { "${COMPOSE[@]}" -p "$project" --profile tls "$@"; }
 load=""
 cleanup() {
     status=$?
@@ -95,9 +97,28 @@ KEY_HASH=$($HYFHE keys hash "$API_KEY")
 printf '[[tenants]]\nname = "compose-ci"\napi_key_sha256 = "%s"\n' "$KEY_HASH" >"$work/tenants.toml"
 chmod -R a+rX "$work" # whatever the umask: the containers run as uid 10001
 export HYFHE_MODELS_PATH="$work/models" HYFHE_TENANTS_PATH="$work/tenants.toml"
-HYFHE_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+HYFHE_PORT=$(free_port)
 export HYFHE_PORT
 URL="http://127.0.0.1:$HYFHE_PORT"
+# The tls profile: a CA and a certificate for localhost, made here (nginx reads them).
+HYFHE_TLS_DIR="$work/tls" HYFHE_TLS_PORT=$(free_port)
+export HYFHE_TLS_DIR HYFHE_TLS_PORT
+mkdir -p "$HYFHE_TLS_DIR"
+(
+    cd "$HYFHE_TLS_DIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=hyfhe compose CI CA" \
+        -keyout ca-key.pem -out ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout key.pem -out cert.csr
+    printf 'subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n' >cert.ext
+    openssl x509 -req -in cert.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 2 \
+        -extfile cert.ext -out cert.pem
+) >"$work/openssl.log" 2>&1 || {
+    cat "$work/openssl.log" >&2
+    exit 1
+}
+chmod -R a+rX "$work"
+TLS_URL="https://localhost:$HYFHE_TLS_PORT"
 
 containers() { docker ps -q --filter "label=com.docker.compose.project=$project" --filter "label=com.docker.compose.service=$1"; }
 # Wait until the coordinator is ready and N workers report healthy (they hold shards).
@@ -143,6 +164,37 @@ if not r["reference"]["bit_identical"]:
 print(f"[compose] digits through the cluster: 16 images, accuracy {100 * r['accuracy']:.1f}%, "
       f"bit-identical to simulate, {r['stats']['requests']} requests, {r['total_ms']:.0f} ms", file=sys.stderr)
 PY
+
+log "the same through the tls profile's nginx: $TLS_URL"
+until curl -fsS --cacert "$HYFHE_TLS_DIR/ca.pem" "$TLS_URL/health/live" >/dev/null 2>&1; do
+    [ $SECONDS -lt $((t + 300)) ] || {
+        log "the TLS proxy never answered"
+        exit 1
+    }
+    sleep 1
+done
+HYFHE_CA_CERT="$HYFHE_TLS_DIR/ca.pem" $HYFHE run "$work/models/digits_cnn" --mode remote \
+    --compare simulate --input tests/fixtures/digits_test_images.npy --first 4 \
+    --server "$TLS_URL" --api-key "$API_KEY" --json >"$work/tls.json"
+python3 - "$work/tls.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+if not r["reference"]["bit_identical"]:
+    sys.exit(f"remote over the TLS proxy differs from simulate: max |diff| {r['reference']['max_abs_diff']}")
+print(f"[compose] 4 images over HTTPS through nginx: bit-identical to simulate, {r['stats']['requests']} requests", file=sys.stderr)
+PY
+# Without the CA the client refuses the proxy's certificate, and says so.
+if $HYFHE run "$work/models/digits_cnn" --mode remote --input tests/fixtures/digits_test_images.npy \
+    --first 1 --server "$TLS_URL" --api-key "$API_KEY" >/dev/null 2>"$work/tls-untrusted.err"; then
+    log "a client without the CA was served through the TLS proxy"
+    exit 1
+fi
+grep -q "UnknownIssuer" "$work/tls-untrusted.err" || {
+    log "the untrusted-certificate error does not say why:"
+    cat "$work/tls-untrusted.err" >&2
+    exit 1
+}
+log "a client without the CA: refused ($(grep -o 'invalid peer certificate[^)]*' "$work/tls-untrusted.err" | head -1))"
 
 # --- fault scenarios ------------------------------------------------------------------------
 table="$work/table.md"

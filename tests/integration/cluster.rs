@@ -26,6 +26,7 @@ pub fn free_port() -> u16 {
 pub struct RedisServer {
     child: Child,
     port: u16,
+    tls: bool,
 }
 
 impl RedisServer {
@@ -33,21 +34,31 @@ impl RedisServer {
     /// package when the binary is missing.
     pub fn start() -> Self {
         let port = free_port();
+        Self::spawn(port, false, &["--port", &port.to_string()])
+    }
+
+    /// `redis-server` speaking only TLS on a free port, with the PEM certificate `cert` and key
+    /// `key` (clients are not asked for certificates).
+    pub fn start_tls(cert: &str, key: &str, ca: &str) -> Self {
+        let port = free_port();
+        #[rustfmt::skip]
+        let args = [
+            "--port", "0", "--tls-port", &port.to_string(), "--tls-cert-file", cert,
+            "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no",
+        ];
+        Self::spawn(port, true, &args)
+    }
+
+    fn spawn(port: u16, tls: bool, listen: &[&str]) -> Self {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(listen)
+            .args(["--save", "", "--appendonly", "no"])
             .args(["--bind", "127.0.0.1"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server not found: install Debian's redis-server (`.ci/run` does)");
-        let server = Self { child, port };
+        let server = Self { child, port, tls };
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "redis-server did not start");
@@ -56,8 +67,14 @@ impl RedisServer {
         server
     }
 
+    /// `redis://127.0.0.1:PORT`, or `rediss://localhost:PORT` for TLS (the name its
+    /// certificate is for).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        if self.tls {
+            format!("rediss://localhost:{}", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
     }
 }
 
@@ -190,7 +207,17 @@ pub struct Cluster {
 impl Cluster {
     /// A coordinator and `workers` worker processes over a fresh redis-server.
     pub fn redis(models: &Path, config: &Path, workers: usize, extra: &[(&str, &str)]) -> Self {
-        let redis = RedisServer::start();
+        Self::over(RedisServer::start(), models, config, workers, extra)
+    }
+
+    /// A coordinator and `workers` worker processes over `redis`.
+    pub fn over(
+        redis: RedisServer,
+        models: &Path,
+        config: &Path,
+        workers: usize,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let mut env = base_env(models);
         env.extend(self::env(&[
             ("QUEUE__BACKEND", "redis"),

@@ -77,6 +77,7 @@ fn the_compose_file_matches_the_config_and_the_cli() {
         "otel-collector",
         "jaeger",
         "prometheus",
+        "tls-proxy",
     ] {
         assert!(services.contains_key(name), "service {name} missing");
     }
@@ -161,18 +162,35 @@ fn the_compose_file_matches_the_config_and_the_cli() {
             );
         }
     }
+    // The TLS proxy forwards to the coordinator's listen port on the compose network.
+    let nginx = read("deploy/nginx-tls.conf");
+    let listen_port = Config::from_toml(&docker_toml, " docker.toml", &BTreeMap::new())
+        .unwrap()
+        .coordinator
+        .listen
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        nginx.contains(&format!("server coordinator:{listen_port};")),
+        "nginx-tls.conf forwards to coordinator:{listen_port}"
+    );
     let worker = &doc["services"]["worker"];
     assert_eq!(worker["deploy"]["replicas"].as_u64(), Some(3));
-    for optional in ["otel-collector", "jaeger", "prometheus"] {
+    for optional in ["otel-collector", "jaeger", "prometheus", "tls-proxy"] {
         let profiles = strings(&doc["services"][optional]["profiles"]);
         assert!(!profiles.is_empty(), "{optional} must be behind a profile");
     }
     // Mounted deploy files exist.
-    for service in ["otel-collector", "prometheus"] {
+    for service in ["otel-collector", "prometheus", "tls-proxy"] {
         for v in strings(&doc["services"][service]["volumes"]) {
-            let host = v.split(':').next().unwrap();
+            let host = resolve(v.split(':').next().unwrap());
+            if host == "./tls" {
+                continue; // the operator's certificate, not a file of ours
+            }
             assert!(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join(host).exists(),
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(&host).exists(),
                 "{host}"
             );
         }

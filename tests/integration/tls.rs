@@ -1,6 +1,7 @@
-//! HTTPS between client and coordinator, with a CA made in the test: the coordinator's own TLS
+//! TLS with a CA made in the test. HTTPS between client and coordinator: the coordinator's own TLS
 //! listener serves a real forward bit for bit; an untrusted or wrong-host certificate and plain
-//! HTTP to a TLS port fail with errors that say so.
+//! HTTP to a TLS port fail with errors that say so. `rediss://` between coordinator, workers and a
+//! TLS-only redis-server, and OTLP traces to an `https://` collector, each trusting a private CA.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use hyfhe::client::{Client, ClientError};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
-use crate::cluster::{base_env, config_file, env, serial, Service};
+use crate::cluster::{base_env, config_file, env, serial, Cluster, RedisServer, Service};
 use crate::hybrid::values;
 use crate::serving::{bits, API_KEY, MODELS, SESSION_KEYS};
 
@@ -85,6 +86,29 @@ async fn wait_until_listed(client: &Client) {
     }
 }
 
+/// FCSmall downloaded, a session opened and one forward run through `client`, bit for bit
+/// against simulate.
+async fn forward_matches_simulate(client: &Client, what: &str) {
+    wait_until_listed(client).await;
+    let fc = &MODELS.served[0];
+    let model_dir = tempfile::tempdir().unwrap();
+    client
+        .download_model(fc.name, model_dir.path())
+        .await
+        .unwrap();
+    let model = hyfhe::hybrid::HybridModel::load(model_dir.path()).unwrap();
+    let session = client
+        .open_session_with(&model, SESSION_KEYS.clone())
+        .await
+        .unwrap();
+    let (y, _) = model
+        .forward_remote(fc.input.clone(), &session)
+        .await
+        .unwrap();
+    assert_eq!(bits(&values(&y)), bits(&fc.simulate), "{what} vs simulate");
+    session.close().await.unwrap();
+}
+
 fn transport_reason(e: ClientError) -> String {
     match e {
         ClientError::Transport { reason, .. } => reason,
@@ -105,28 +129,7 @@ fn https_serves_a_forward_and_untrusted_wrong_host_or_plain_connections_fail_cle
     hyfhe::client::block_on(async {
         // Trusting the test CA: the whole remote path over HTTPS, bit for bit.
         let client = Client::with_ca_cert(&url, API_KEY, Some(&ca_pem)).unwrap();
-        wait_until_listed(&client).await;
-        let fc = &MODELS.served[0];
-        let model_dir = tempfile::tempdir().unwrap();
-        client
-            .download_model(fc.name, model_dir.path())
-            .await
-            .unwrap();
-        let model = hyfhe::hybrid::HybridModel::load(model_dir.path()).unwrap();
-        let session = client
-            .open_session_with(&model, SESSION_KEYS.clone())
-            .await
-            .unwrap();
-        let (y, _) = model
-            .forward_remote(fc.input.clone(), &session)
-            .await
-            .unwrap();
-        assert_eq!(
-            bits(&values(&y)),
-            bits(&fc.simulate),
-            "https remote vs simulate"
-        );
-        session.close().await.unwrap();
+        forward_matches_simulate(&client, "https remote").await;
 
         // Without the CA (system roots only) or with another CA: refused, saying why.
         for trusted in [None, Some(dir.path().join("stranger.pem"))] {
@@ -165,4 +168,133 @@ fn https_serves_a_forward_and_untrusted_wrong_host_or_plain_connections_fail_cle
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/cert.pem"), "{stderr}");
+}
+
+#[test]
+fn coordinator_and_workers_reach_a_tls_only_redis_through_a_private_ca_and_refuse_a_stranger() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path());
+    let ca = TestCa::new(dir.path(), "ca");
+    let _stranger = TestCa::new(dir.path(), "stranger");
+    let (cert, key) = ca.leaf(dir.path(), "redis", &["localhost"]);
+    let ca_pem = dir.path().join("ca.pem").display().to_string();
+    let stranger_pem = dir.path().join("stranger.pem").display().to_string();
+    let redis = RedisServer::start_tls(&cert, &key, &ca_pem);
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"), "{url}");
+
+    // A coordinator trusting another CA gives up at start-up, saying why.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyfhe"))
+        .args(["coordinator", "--config", config.to_str().unwrap()])
+        .envs(base_env(&MODELS.dir))
+        .envs(env(&[
+            ("QUEUE__BACKEND", "redis"),
+            ("QUEUE__REDIS_URL", &url),
+            ("QUEUE__REDIS_CA_CERT", &stranger_pem),
+            ("QUEUE__CONNECT_TIMEOUT_MS", "1000"),
+        ]))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("certificate") && stderr.contains("UnknownIssuer"),
+        "{stderr}"
+    );
+    // Plain redis:// to the TLS port: refused, not a hang.
+    let plain = url.replace("rediss://", "redis://");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyfhe"))
+        .args(["coordinator", "--config", config.to_str().unwrap()])
+        .envs(base_env(&MODELS.dir))
+        .envs(env(&[
+            ("QUEUE__BACKEND", "redis"),
+            ("QUEUE__REDIS_URL", &plain),
+            ("QUEUE__CONNECT_TIMEOUT_MS", "1000"),
+        ]))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    // Trusting the CA: the queue, sessions, key blobs and outcomes all cross TLS.
+    let cluster = Cluster::over(
+        redis,
+        &MODELS.dir,
+        &config,
+        1,
+        &[("QUEUE__REDIS_CA_CERT", &ca_pem)],
+    );
+    hyfhe::client::block_on(async {
+        let client = Client::new(cluster.url(), API_KEY).unwrap();
+        forward_matches_simulate(&client, "remote over rediss").await;
+    });
+}
+
+/// A one-route HTTPS server standing in for an OpenTelemetry collector: counts the OTLP/HTTP
+/// trace exports it receives.
+fn https_collector(cert: &str, key: &str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let exports = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = exports.clone();
+    let tls = hyfhe::tls::server_config(Path::new(cert), Path::new(key)).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            actix_web::HttpServer::new(move || {
+                let counted = counted.clone();
+                actix_web::App::new().route(
+                    "/v1/traces",
+                    actix_web::web::post().to(move |body: actix_web::web::Bytes| {
+                        let counted = counted.clone();
+                        async move {
+                            if !body.is_empty() {
+                                counted.fetch_add(1, Ordering::SeqCst);
+                            }
+                            actix_web::HttpResponse::Ok().finish()
+                        }
+                    }),
+                )
+            })
+            .workers(1)
+            .listen_rustls_0_23(listener, tls)
+            .unwrap()
+            .run()
+            .await
+            .unwrap()
+        })
+    });
+    (port, exports)
+}
+
+#[test]
+fn traces_reach_an_https_collector_through_a_private_ca() {
+    use std::sync::atomic::Ordering;
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path());
+    let ca = TestCa::new(dir.path(), "ca");
+    let (cert, key) = ca.leaf(dir.path(), "collector", &["localhost"]);
+    let (port, exports) = https_collector(&cert, &key);
+    let ca_pem = dir.path().join("ca.pem").display().to_string();
+    let endpoint = format!("https://localhost:{port}/v1/traces");
+    let mut serve = crate::cluster::serve(
+        &MODELS.dir,
+        &config,
+        &[
+            ("TELEMETRY__EXPORTER", "otlp"),
+            ("TELEMETRY__OTLP_ENDPOINT", &endpoint),
+            ("TELEMETRY__OTLP_CA_CERT", &ca_pem),
+        ],
+    );
+    hyfhe::client::block_on(async {
+        let client = Client::new(&serve.url, API_KEY).unwrap();
+        forward_matches_simulate(&client, "remote with traces").await;
+    });
+    // The batch exporter flushes on a timer and at shutdown: SIGTERM makes it send.
+    serve.terminate();
+    assert!(
+        exports.load(Ordering::SeqCst) > 0,
+        "no trace export reached the https collector"
+    );
 }

@@ -71,6 +71,25 @@ struct Scripts {
     charge_rows: Script,
 }
 
+/// A client for `url`; `rediss://` speaks TLS with the process's crypto provider (*ring*), trusting
+/// `ca_cert` alone when given (a private CA), else the system's roots.
+fn open_client(url: &str, ca_cert: Option<&std::path::Path>) -> Result<Client, String> {
+    if !url.starts_with("rediss://") {
+        return Client::open(url).map_err(|e| e.to_string());
+    }
+    crate::tls::install_provider();
+    let Some(path) = ca_cert else {
+        return Client::open(url).map_err(|e| e.to_string());
+    };
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("cannot read CA certificate {}: {e}", path.display()))?;
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    };
+    Client::build_with_tls(url, certs).map_err(|e| e.to_string())
+}
+
 impl RedisQueue {
     /// Connect and create the consumer groups. Retries for `connect_timeout` so a service can
     /// start before Redis (docker-compose starts them together).
@@ -79,8 +98,19 @@ impl RedisQueue {
         settings: QueueSettings,
         connect_timeout: Duration,
     ) -> Result<Self, QueueError> {
+        Self::connect_with_ca(url, None, settings, connect_timeout).await
+    }
+
+    /// [`RedisQueue::connect`]; a `rediss://` URL's certificate must chain to `ca_cert` (a PEM
+    /// file) when one is given, to the system's roots otherwise.
+    pub async fn connect_with_ca(
+        url: &str,
+        ca_cert: Option<&std::path::Path>,
+        settings: QueueSettings,
+        connect_timeout: Duration,
+    ) -> Result<Self, QueueError> {
         let shown = redact_url(url);
-        let client = Client::open(url)
+        let client = open_client(url, ca_cert)
             .map_err(|e| QueueError::Unavailable(format!("redis URL {shown}: {e}")))?;
         let started = std::time::Instant::now();
         let (commands, blobs) = loop {
