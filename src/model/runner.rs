@@ -42,6 +42,53 @@ fn baked_values(t: &Tensor) -> Option<Vec<i64>> {
     }
 }
 
+/// Every `CumSum` computed in f64: `CastLike(CumSum(Cast(x, f64), axis), x)`.
+///
+/// Current `transformers` exports number positions with a `CumSum` over the attention mask (an
+/// int64 tensor that depends on the ids). tract types integer tensors that come out of shape
+/// and mask arithmetic as symbolic dimensions (`TDim`), and its `CumSum` has no `TDim` kernel:
+/// the plan fails with "TDim is not a number" whatever the input. In f64 the op runs on ordinary
+/// numbers, and the sum is exact for integers below 2^53 (positions and mask counts are far
+/// below); a float `CumSum` only gains precision.
+fn cumsum_in_f64(graph: &mut GraphProto) {
+    use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, NodeProto};
+    const DOUBLE: i64 = 11; // TensorProto.DataType.DOUBLE
+    let mut nodes = Vec::with_capacity(graph.node.len());
+    for mut node in std::mem::take(&mut graph.node) {
+        if node.op_type != "CumSum" || !node.domain.is_empty() || node.input.is_empty() {
+            nodes.push(node);
+            continue;
+        }
+        let (x, y) = (node.input[0].clone(), node.output[0].clone());
+        let (x_f64, y_f64) = (format!("{x}/hyfhe_f64"), format!("{y}/hyfhe_f64"));
+        nodes.push(NodeProto {
+            name: format!("{}/hyfhe_to_f64", node.name),
+            op_type: "Cast".into(),
+            input: vec![x.clone()],
+            output: vec![x_f64.clone()],
+            attribute: vec![AttributeProto {
+                name: "to".into(),
+                r#type: AttributeType::Int as i32,
+                i: DOUBLE,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        node.input[0] = x_f64;
+        node.output[0] = y_f64.clone();
+        let back = NodeProto {
+            name: format!("{}/hyfhe_back", node.name),
+            op_type: "CastLike".into(),
+            input: vec![y_f64, x],
+            output: vec![y],
+            ..Default::default()
+        };
+        nodes.push(node);
+        nodes.push(back);
+    }
+    graph.node = nodes;
+}
+
 /// Optimised plans kept per segment; a service seeing many batch sizes evicts the lot rather
 /// than growing without bound.
 const MAX_CACHED_SHAPES: usize = 32;
@@ -77,7 +124,10 @@ impl std::fmt::Debug for LocalSegment {
 }
 
 impl LocalSegment {
-    pub fn new(model: ModelProto, inputs: Vec<String>, outputs: Vec<String>) -> Self {
+    pub fn new(mut model: ModelProto, inputs: Vec<String>, outputs: Vec<String>) -> Self {
+        if let Some(graph) = model.graph.as_mut() {
+            cumsum_in_f64(graph);
+        }
         Self {
             model,
             inputs,

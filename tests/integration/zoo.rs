@@ -20,6 +20,15 @@ use crate::serving::bits;
 /// BENCHMARKS.md); the bound leaves room for the deepest zoo member.
 const REL_L2_BOUND: f32 = 0.15;
 
+/// Exports that do not run yet, each with what stops it. The test fails if one of them starts
+/// working (so this list stays true) as well as when any other export fails.
+const KNOWN_FAILURES: &[(&str, &str, &str)] = &[(
+    "bart",
+    "dynamo",
+    "tract 0.23.9 cannot type the Reshape that merges the attention heads (node_Reshape_446): \
+     it finds no grouping for the symbolic dimension expression of its input",
+)];
+
 #[derive(Deserialize)]
 struct Manifest {
     torch: String,
@@ -109,8 +118,25 @@ fn every_zoo_export_runs_all_its_linear_layers_remote_exact_and_close_to_torch()
                 .as_deref()
                 .map(|n| format!(" ({n})"))
                 .unwrap_or_default();
-            match result {
-                Ok((requests, rel)) => {
+            let known = KNOWN_FAILURES
+                .iter()
+                .find(|(m, e, _)| *m == entry.name && *e == exporter.as_str());
+            match (result, known) {
+                (Err(e), Some((_, _, why))) => {
+                    let _ = writeln!(
+                        table,
+                        "| {} | {} | {exporter}{note} | {} | known failure ({why}): {} | |",
+                        entry.name,
+                        entry.family,
+                        entry.modules.len(),
+                        e.replace('|', "/")
+                    );
+                }
+                (Ok(_), Some(_)) => failures.push(format!(
+                    "{} {exporter} now runs: take it off KNOWN_FAILURES",
+                    entry.name
+                )),
+                (Ok((requests, rel)), None) => {
                     let _ = writeln!(
                         table,
                         "| {} | {} | {exporter}{note} | {} | exact, {requests} requests | {:.2} % |",
@@ -133,7 +159,7 @@ fn every_zoo_export_runs_all_its_linear_layers_remote_exact_and_close_to_torch()
                         ));
                     }
                 }
-                Err(e) => {
+                (Err(e), None) => {
                     let _ = writeln!(
                         table,
                         "| {} | {} | {exporter}{note} | {} | FAILED: {} | |",
