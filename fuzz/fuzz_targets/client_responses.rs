@@ -3,9 +3,12 @@
 //! paths are written to disk) and the artefact specs in it.
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
 use std::sync::LazyLock;
 
-use hyfhe::fhe::{decode, ClientKey, EncryptedOutputs, LayerPlan};
+use hyfhe::fhe::{ClientKey, EncryptedOutputs, LayerPlan};
 use hyfhe::hybrid::{ClientSpec, ServerModule};
 use hyfhe::protocol::{ClientBundle, ModelList, SessionCreated};
 use libfuzzer_sys::fuzz_target;
@@ -13,9 +16,11 @@ use libfuzzer_sys::fuzz_target;
 static KEY: LazyLock<ClientKey> = LazyLock::new(ClientKey::generate);
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(outputs) = decode::<EncryptedOutputs>(data, data.len()) {
-        // Decryption allocates by the outputs' (validated) shape: keep the fuzzer's inputs small
-        // enough that one run stays fast.
+    for outputs in common::decode_both::<EncryptedOutputs>(data)
+        .into_iter()
+        .flatten()
+    {
+        // Decryption allocates by the outputs' (validated) shape: keep one run fast.
         if outputs.values() <= 1 << 16 {
             let (i, o) = (16, outputs.out_features as usize);
             if let Ok(plan) = LayerPlan::new("fuzz", outputs.precision, i, o, 8, 8) {
@@ -30,6 +35,6 @@ fuzz_target!(|data: &[u8]| {
             let _ = ClientBundle::is_safe_path(path);
         }
     }
-    let _ = decode::<ClientSpec>(data, data.len());
-    let _ = decode::<ServerModule>(data, data.len());
+    let _ = common::decode_both::<ClientSpec>(data);
+    let _ = common::decode_both::<ServerModule>(data);
 });

@@ -2,9 +2,12 @@
 //! decodes them, then the shape check against a module's plan (what it refuses with 400).
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
 use std::sync::LazyLock;
 
-use hyfhe::fhe::{decode, EncryptedRows, LayerPlan, Precision};
+use hyfhe::fhe::{EncryptedRows, LayerPlan, Precision};
 use hyfhe::protocol::check_rows;
 use libfuzzer_sys::fuzz_target;
 
@@ -16,7 +19,10 @@ static PLANS: LazyLock<Vec<LayerPlan>> = LazyLock::new(|| {
 });
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(rows) = decode::<EncryptedRows>(data, data.len()) {
+    for rows in common::decode_both::<EncryptedRows>(data)
+        .into_iter()
+        .flatten()
+    {
         for plan in PLANS.iter() {
             let _ = check_rows("fuzz", plan, &rows);
         }

@@ -3,6 +3,9 @@
 //! worker.
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
 use hyfhe::fhe::{decode, EncryptedOutputs, EncryptedRows};
 use hyfhe::queue::{Job, JobOutcome, StoredOutcome};
 use libfuzzer_sys::fuzz_target;
@@ -17,4 +20,5 @@ fuzz_target!(|data: &[u8]| {
             let _ = decode::<EncryptedOutputs>(&bytes, bytes.len());
         }
     }
+    let _ = common::decode_both::<EncryptedRows>(data);
 });
