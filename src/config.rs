@@ -439,12 +439,15 @@ impl Config {
             ));
         }
         let redis_tls = self.queue.redis_url.starts_with("rediss://");
+        let redis_schemes = ["redis://", "rediss://", "redis+unix://", "unix://"];
         if self.queue.backend == QueueBackend::Redis
-            && !(redis_tls || self.queue.redis_url.starts_with("redis://"))
+            && !redis_schemes
+                .iter()
+                .any(|s| self.queue.redis_url.starts_with(s))
         {
             return Err(invalid(
                 "queue.redis_url",
-                "must be a redis:// or rediss:// URL",
+                "must be a redis://, rediss:// (TLS) or redis+unix:// URL",
             ));
         }
         if !self.queue.redis_ca_cert.is_empty() && !redis_tls {

@@ -66,6 +66,17 @@ fn environment(service: &Value) -> BTreeMap<String, String> {
     out
 }
 
+/// The port of the coordinator's API listener.
+fn listen_port(config: &Config) -> String {
+    config
+        .coordinator
+        .listen
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn the_compose_file_matches_the_config_and_the_cli() {
     let doc = compose();
@@ -148,13 +159,7 @@ fn the_compose_file_matches_the_config_and_the_cli() {
             "{volumes:?} vs {dir}"
         );
         if role == "coordinator" {
-            let port = config
-                .coordinator
-                .listen
-                .rsplit(':')
-                .next()
-                .unwrap()
-                .to_string();
+            let port = listen_port(&config);
             let ports = strings(&service["ports"]);
             assert!(
                 ports.iter().any(|p| p.ends_with(&format!(":{port}"))),
@@ -164,14 +169,8 @@ fn the_compose_file_matches_the_config_and_the_cli() {
     }
     // The TLS proxy forwards to the coordinator's listen port on the compose network.
     let nginx = read("deploy/nginx-tls.conf");
-    let listen_port = Config::from_toml(&docker_toml, " docker.toml", &BTreeMap::new())
-        .unwrap()
-        .coordinator
-        .listen
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
+    let listen_port =
+        listen_port(&Config::from_toml(&docker_toml, " docker.toml", &BTreeMap::new()).unwrap());
     assert!(
         nginx.contains(&format!("server coordinator:{listen_port};")),
         "nginx-tls.conf forwards to coordinator:{listen_port}"

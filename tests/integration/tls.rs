@@ -184,37 +184,34 @@ fn coordinator_and_workers_reach_a_tls_only_redis_through_a_private_ca_and_refus
     let url = redis.url();
     assert!(url.starts_with("rediss://"), "{url}");
 
-    // A coordinator trusting another CA gives up at start-up, saying why.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyfhe"))
-        .args(["coordinator", "--config", config.to_str().unwrap()])
-        .envs(base_env(&MODELS.dir))
-        .envs(env(&[
-            ("QUEUE__BACKEND", "redis"),
-            ("QUEUE__REDIS_URL", &url),
-            ("QUEUE__REDIS_CA_CERT", &stranger_pem),
-            ("QUEUE__CONNECT_TIMEOUT_MS", "1000"),
-        ]))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // A coordinator that cannot reach Redis gives up after a second: its exit and stderr.
+    let coordinator = |redis_url: &str, ca: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyfhe"))
+            .args(["coordinator", "--config", config.to_str().unwrap()])
+            .envs(base_env(&MODELS.dir))
+            .envs(env(&[
+                ("QUEUE__BACKEND", "redis"),
+                ("QUEUE__REDIS_URL", redis_url),
+                ("QUEUE__REDIS_CA_CERT", ca),
+                ("QUEUE__CONNECT_TIMEOUT_MS", "1000"),
+            ]))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Trusting another CA: refused at start-up, saying why.
+    let (ok, stderr) = coordinator(&url, &stranger_pem);
+    assert!(!ok);
     assert!(
         stderr.contains("certificate") && stderr.contains("UnknownIssuer"),
         "{stderr}"
     );
     // Plain redis:// to the TLS port: refused, not a hang.
-    let plain = url.replace("rediss://", "redis://");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyfhe"))
-        .args(["coordinator", "--config", config.to_str().unwrap()])
-        .envs(base_env(&MODELS.dir))
-        .envs(env(&[
-            ("QUEUE__BACKEND", "redis"),
-            ("QUEUE__REDIS_URL", &plain),
-            ("QUEUE__CONNECT_TIMEOUT_MS", "1000"),
-        ]))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let (ok, _) = coordinator(&url.replace("rediss://", "redis://"), "");
+    assert!(!ok);
 
     // Trusting the CA: the queue, sessions, key blobs and outcomes all cross TLS.
     let cluster = Cluster::over(
