@@ -284,7 +284,7 @@ pub fn run(
                 tokio::runtime::Runtime::new().map_err(|e| HybridError::Remote(e.to_string()))?;
             let t = Instant::now();
             let client = Client::new(url, key)?;
-            let session = runtime.block_on(client.open_session(&model, progress))?;
+            let session = runtime.block_on(client.open_session(model.compiled(), progress))?;
             setup_ms += t.elapsed().as_secs_f64() * 1e3;
             Some((runtime, session))
         }
@@ -535,7 +535,7 @@ pub fn generate(
                 tokio::runtime::Runtime::new().map_err(|e| HybridError::Remote(e.to_string()))?;
             let t = Instant::now();
             let client = Client::new(url, key)?;
-            let session = runtime.block_on(client.open_session(&model, progress))?;
+            let session = runtime.block_on(client.open_session(model.compiled(), progress))?;
             setup_ms = t.elapsed().as_secs_f64() * 1e3;
             let report =
                 runtime.block_on(model.generate_remote(prompt, req.max_new_tokens, &session));

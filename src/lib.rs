@@ -17,11 +17,17 @@
 //! - [`tls`]: HTTPS for the client and the coordinator's own TLS listener (rustls).
 //! - [`commands`], [`bench`], [`demo`], [`progress`]: what the CLI runs.
 
+#[cfg(feature = "server")]
 pub mod bench;
+#[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "server")]
 pub mod commands;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 pub mod coordinator;
+#[cfg(feature = "server")]
 pub mod demo;
 pub mod fhe;
 pub mod hybrid;
@@ -29,8 +35,13 @@ pub mod model;
 pub mod progress;
 pub mod protocol;
 pub mod quant;
+#[cfg(feature = "server")]
 pub mod queue;
+#[cfg(feature = "server")]
 pub mod service;
+#[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "client")]
 pub mod tls;
+#[cfg(feature = "server")]
 pub mod worker;

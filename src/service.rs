@@ -116,7 +116,7 @@ pub async fn embedded(
     let (catalog, modules) = tokio::task::spawn_blocking(move || {
         // Each model is read and verified once, for both roles.
         let models =
-            crate::hybrid::HybridModel::load_all(&dir, crate::hybrid::Trees::ClientAndServer)?;
+            crate::hybrid::CompiledModules::load_all(&dir, crate::hybrid::Trees::ClientAndServer)?;
         Ok::<_, HybridError>((
             Catalog::from_models(&models)?,
             ModuleSet::from_models(&models)?,

@@ -161,7 +161,7 @@ async fn client_loop(
     };
     // A client per thread: its connection pool lives on this thread's runtime.
     let client = client.clone_fresh();
-    let session = match client.open_session_with(model, keys).await {
+    let session = match client.open_session_with(model.compiled(), keys).await {
         Ok(s) => Some(s),
         Err(e) => {
             eprintln!("opening a session failed: {e}");
@@ -247,7 +247,7 @@ fn run(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
     bar.set_style(ProgressStyle::with_template(
         "{msg:>10} [{bar:30}] {pos}/{len} {elapsed}",
     )?);
-    let precisions = SessionKeys::precisions_of(&model);
+    let precisions = SessionKeys::precisions_of(model.compiled());
     let shared = Arc::new(SessionKeys::generate(&precisions, &Silent));
     let duration = Duration::from_secs(args.duration_s);
     // Everyone starts the timed phase together, after every session's warm-up forward.

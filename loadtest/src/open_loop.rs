@@ -560,7 +560,7 @@ async fn open_sessions(
     bar.set_style(ProgressStyle::with_template(
         "{msg:>10} [{bar:30}] {pos}/{len} {elapsed}",
     )?);
-    let precisions = SessionKeys::precisions_of(model);
+    let precisions = SessionKeys::precisions_of(model.compiled());
     let shared = if args.distinct_keys {
         None
     } else {
@@ -594,12 +594,15 @@ async fn open_sessions(
                 .await
                 .expect("keygen does not panic"),
             };
-            let session = client.open_session_with(&model, keys).await.map_err(|e| {
-                format!(
-                    "opening session {k} failed ({}): {e}",
-                    client_error_code(&e)
-                )
-            })?;
+            let session = client
+                .open_session_with(model.compiled(), keys)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "opening session {k} failed ({}): {e}",
+                        client_error_code(&e)
+                    )
+                })?;
             let session = session.on_retry(Arc::new(move |cause: &str| journal.retried(cause)));
             if let Err(e) = model.forward_remote((*x).clone(), &session).await {
                 bar.suspend(|| eprintln!("warm-up forward of session {k} failed: {e}"));

@@ -105,10 +105,10 @@ pub fn run_remote(
         let client = Client::new(&format!("http://127.0.0.1:{}", server.port), DEMO_API_KEY)?;
         progress.stage("session keys", 1);
         let keys = std::sync::Arc::new(SessionKeys::generate(
-            &SessionKeys::precisions_of(&owner),
+            &SessionKeys::precisions_of(owner.compiled()),
             &Silent,
         ));
-        let session = block_on(client.open_session_with(&owner, keys))?;
+        let session = block_on(client.open_session_with(owner.compiled(), keys))?;
         progress.advance(1);
 
         // Warm-up: the worker loads the session key; the local server is already built.

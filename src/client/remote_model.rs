@@ -26,7 +26,7 @@ impl RemoteModel {
         let client = Client::new(url, api_key)?;
         client.download_model(model, dir).await?;
         let model = HybridModel::load(dir).map_err(|e| ClientError::Local(e.to_string()))?;
-        let session = client.open_session(&model, progress).await?;
+        let session = client.open_session(model.compiled(), progress).await?;
         Ok(Self { model, session })
     }
 

@@ -8,7 +8,7 @@ use reqwest::{Method, StatusCode};
 
 use super::{Client, ClientError};
 use crate::fhe::{decode, encode, ClientKey, EncryptedOutputs, EncryptedRows, Precision, MAX_ROWS};
-use crate::hybrid::{BoxFuture, HybridError, HybridModel, Remote};
+use crate::hybrid::{BoxFuture, CompiledModules, HybridError, Remote};
 use crate::progress::Progress;
 use crate::protocol::{
     CreateSession, ErrorCode, SessionCreated, JOB_ID_HEADER, MAX_PAYLOAD_BYTES, MSGPACK,
@@ -97,7 +97,7 @@ impl SessionKeys {
     }
 
     /// Fresh keys for everything `model`'s modules need.
-    pub fn generate_for(model: &HybridModel, progress: &dyn Progress) -> Self {
+    pub fn generate_for(model: &CompiledModules, progress: &dyn Progress) -> Self {
         Self::generate_with(
             &Self::precisions_of(model),
             Self::needs_bootstrap(model),
@@ -106,12 +106,12 @@ impl SessionKeys {
     }
 
     /// Whether a module of `model` has activations inside.
-    pub fn needs_bootstrap(model: &HybridModel) -> bool {
+    pub fn needs_bootstrap(model: &CompiledModules) -> bool {
         model.specs().values().any(|s| s.output_plan.is_some())
     }
 
     /// The precisions `model`'s modules use.
-    pub fn precisions_of(model: &HybridModel) -> BTreeSet<Precision> {
+    pub fn precisions_of(model: &CompiledModules) -> BTreeSet<Precision> {
         model.specs().values().map(|s| s.plan.precision).collect()
     }
 
@@ -135,7 +135,7 @@ impl Client {
     /// open a session uploading only the evaluation keys.
     pub async fn open_session(
         &self,
-        model: &HybridModel,
+        model: &CompiledModules,
         progress: &dyn Progress,
     ) -> Result<RemoteSession, ClientError> {
         let limits = self.check_specs(model).await?;
@@ -147,7 +147,7 @@ impl Client {
     /// Open a session for `model` with existing keys.
     pub async fn open_session_with(
         &self,
-        model: &HybridModel,
+        model: &CompiledModules,
         keys: Arc<SessionKeys>,
     ) -> Result<RemoteSession, ClientError> {
         let limits = self.check_specs(model).await?;
@@ -156,7 +156,7 @@ impl Client {
 
     async fn start_session(
         &self,
-        model: &HybridModel,
+        model: &CompiledModules,
         keys: Arc<SessionKeys>,
         limits: ServedLimits,
     ) -> Result<RemoteSession, ClientError> {
@@ -200,7 +200,7 @@ impl Client {
     }
 
     /// Check every module's client spec against the server's; returns the server's row limits.
-    async fn check_specs(&self, model: &HybridModel) -> Result<ServedLimits, ClientError> {
+    async fn check_specs(&self, model: &CompiledModules) -> Result<ServedLimits, ClientError> {
         let list = self.models().await?;
         let served = list
             .models
@@ -313,6 +313,15 @@ struct ServedLimits {
 /// sessions at once queue behind `max_session_creations`, each upload ~100 MiB).
 const SESSION_RETRY_FOR: Duration = Duration::from_secs(180);
 
+/// The W3C `traceparent` of the current span, where this build exports traces (the wheel's
+/// client-only build has no OpenTelemetry).
+fn traceparent() -> Option<String> {
+    #[cfg(feature = "server")]
+    return crate::telemetry::current_traceparent();
+    #[cfg(not(feature = "server"))]
+    None
+}
+
 /// The `Retry-After` of a refusal, in seconds.
 fn retry_after(response: &reqwest::Response) -> Option<Duration> {
     response
@@ -413,7 +422,7 @@ impl RemoteSession {
                 .header("content-type", MSGPACK)
                 .timeout(self.retry.request_timeout)
                 .body(body.clone());
-            if let Some(tp) = crate::telemetry::current_traceparent() {
+            if let Some(tp) = traceparent() {
                 request = request.header(TRACEPARENT_HEADER, tp);
             }
             let wait = match request.send().await {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_bytes::ByteBuf;
 
 use crate::fhe::{EvaluationKey, Precision};
-use crate::hybrid::{read_tree, ClientSpec, HybridError, HybridModel, Trees};
+use crate::hybrid::{ClientSpec, CompiledModules, HybridError, Loaded, Trees};
 use crate::protocol::{ClientBundle, ModelInfo, ModuleInfo};
 
 pub struct ServedModel {
@@ -47,18 +47,26 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn load(dir: &Path) -> Result<Self, HybridError> {
-        Self::from_models(&HybridModel::load_all(dir, Trees::Client)?)
+        Self::from_models(&CompiledModules::load_all(dir, Trees::Client)?)
     }
 
-    /// The catalog of models already loaded from their directories.
-    pub fn from_models(loaded: &[(PathBuf, HybridModel)]) -> Result<Self, HybridError> {
+    /// The catalog of models already loaded from their directories (either front: a client
+    /// gets the client tree as it is, with the client graph or the torch state).
+    pub fn from_models(loaded: &[(PathBuf, Loaded)]) -> Result<Self, HybridError> {
         let mut models = BTreeMap::new();
-        for (model_dir, model) in loaded {
-            let tree = read_tree(model_dir, "client")?.expect("a loaded model has client/");
+        for (
+            _,
+            Loaded {
+                modules: model,
+                client: tree,
+                ..
+            },
+        ) in loaded
+        {
             let mut files: BTreeMap<String, ByteBuf> = tree
                 .files
-                .into_iter()
-                .map(|(k, v)| (k, ByteBuf::from(v)))
+                .iter()
+                .map(|(k, v)| (k.clone(), ByteBuf::from(v.clone())))
                 .collect();
             let manifest = serde_json::to_vec_pretty(&tree.manifest)
                 .map_err(|e| HybridError::Unsupported(e.to_string()))?;

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::compiled::Front;
 use super::spec::sha256_hex;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -64,8 +65,19 @@ pub struct Manifest {
     pub hyfhe_version: String,
     pub model: String,
     pub modules: Vec<String>,
+    /// Which front compiled the model (client tree only; absent: ONNX, as before the field).
+    #[serde(default, skip_serializing_if = "Front::is_onnx")]
+    pub front: Front,
     /// Relative path → SHA-256 (hex).
     pub files: BTreeMap<String, String>,
+}
+
+/// Which tree [`write_tree`] writes, of which model.
+pub struct TreeInfo<'a> {
+    pub tree: &'static str,
+    pub model: &'a str,
+    pub modules: &'a [String],
+    pub front: Front,
 }
 
 /// A loaded tree: its manifest and file contents, all verified.
@@ -111,11 +123,15 @@ pub fn prepare_dir(dir: &Path, force: bool) -> Result<(), ArtefactError> {
 /// Write `files` under `dir/tree` with their manifest.
 pub fn write_tree(
     dir: &Path,
-    tree: &str,
-    model: &str,
-    modules: &[String],
+    info: TreeInfo<'_>,
     files: &[(String, Vec<u8>)],
 ) -> Result<(), ArtefactError> {
+    let TreeInfo {
+        tree,
+        model,
+        modules,
+        front,
+    } = info;
     let root = dir.join(tree);
     let mut hashes = BTreeMap::new();
     for (name, bytes) in files {
@@ -132,6 +148,9 @@ pub fn write_tree(
         hyfhe_version: env!("CARGO_PKG_VERSION").into(),
         model: model.into(),
         modules: modules.to_vec(),
+        // The server and private trees do not depend on the front: the same module compiled by
+        // either front gives byte-identical server trees.
+        front: if tree == "client" { front } else { Front::Onnx },
         files: hashes,
     };
     let path = root.join(MANIFEST);

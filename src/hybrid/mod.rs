@@ -19,6 +19,8 @@
 mod artefacts;
 mod backend;
 mod compile_chain;
+mod compile_module;
+mod compiled;
 mod lm;
 mod rows;
 mod runtime;
@@ -37,21 +39,20 @@ pub use artefacts::{
 };
 pub use backend::{ExecuteKeys, LocalServer, Remote};
 pub use compile_chain::ChainReport;
+pub use compile_module::{
+    compile_module, linear_from_weights, Calibration, CompiledModule, ModuleReport,
+};
+pub use compiled::{CompiledModules, Front, Loaded};
 pub use lm::{GenerateReport, LmSignature};
 pub use rows::{from_rows, to_rows, RowLayout};
 pub use runtime::{BoxFuture, ForwardStats, ModuleBackend, Runtime};
 pub use spec::{sha256_hex, ClientSpec, ServerModule, PROTOCOL_VERSION};
 
-use crate::fhe::{
-    decode, encode, ClientKey, CodecError, FheError, LayerPlan, PlanError, Precision,
-};
+use crate::fhe::{CodecError, FheError, PlanError, Precision};
 use crate::model::{cut_remote_modules, runner, LinearModule, ModelError, OnnxModel, Value};
 use crate::progress::Progress;
-use crate::quant::{
-    AffineQuantizer, Granularity, InputQuantization, OutputDequantizer, QuantError,
-    QuantizedWeights, WeightScheme,
-};
-use backend::{ClearBackend, EncryptedBackend, FloatBackend};
+use crate::quant::QuantError;
+use backend::{EncryptedBackend, FloatBackend};
 use runtime::run_ready;
 
 /// Largest spec or server-module blob we decode from disk.
@@ -90,7 +91,8 @@ pub enum HybridError {
 }
 
 /// How `forward` computes the remote modules.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "server", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// The float model, untouched (owner only: needs the private tree).
@@ -145,16 +147,6 @@ impl Default for CompileOptions {
     }
 }
 
-/// What compiling decided for each module (for the CLI and logs).
-#[derive(Clone, Debug)]
-pub struct ModuleReport {
-    pub module: String,
-    pub plan: LayerPlan,
-    pub input: InputQuantization,
-    /// For a module with activations inside.
-    pub chain: Option<ChainReport>,
-}
-
 /// Which artefact trees [`HybridModel::load_trees`] reads (the client tree always).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trees {
@@ -168,18 +160,15 @@ pub enum Trees {
 
 /// A model with some modules remote; see the module docs.
 pub struct HybridModel {
-    name: String,
     /// The full float model (owner only; `Torch` mode).
     private: Option<ModelProto>,
     /// Float parameters of the remote modules (owner only, until saved).
     linear: HashMap<String, LinearModule>,
     client_model: ModelProto,
     runtime: Runtime,
-    specs: BTreeMap<String, ClientSpec>,
-    server: Option<BTreeMap<String, ServerModule>>,
+    /// The specs (and, owner and workers, the server modules) of the remote modules.
+    compiled: CompiledModules,
     torch: OnceLock<Runtime>,
-    keys: Mutex<Option<Arc<ExecuteKeys>>>,
-    local_server: Mutex<Option<Arc<LocalServer>>>,
 }
 
 impl HybridModel {
@@ -211,21 +200,22 @@ impl HybridModel {
         let client_model = cut_remote_modules(onnx.proto(), &modules);
         let runtime = Runtime::new(&client_model)?;
         Ok(Self {
-            name: name.to_string(),
             private: Some(onnx.proto().clone()),
             linear,
             client_model,
             runtime,
-            specs: BTreeMap::new(),
-            server: None,
+            compiled: CompiledModules::new(name, Front::Onnx),
             torch: OnceLock::new(),
-            keys: Mutex::new(None),
-            local_server: Mutex::new(None),
         })
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        self.compiled.name()
+    }
+
+    /// The compiled modules alone (what a client session and the servers need).
+    pub fn compiled(&self) -> &CompiledModules {
+        &self.compiled
     }
 
     /// Remote modules in execution order.
@@ -238,21 +228,20 @@ impl HybridModel {
     }
 
     pub fn specs(&self) -> &BTreeMap<String, ClientSpec> {
-        &self.specs
+        self.compiled.specs()
     }
 
     pub fn server_modules(&self) -> Option<&BTreeMap<String, ServerModule>> {
-        self.server.as_ref()
+        self.compiled.server_modules()
     }
 
     pub fn is_compiled(&self) -> bool {
-        !self.specs.is_empty()
+        self.compiled.is_compiled()
     }
 
     /// Use these keys for `execute` (models can share one set; key generation takes seconds).
     pub fn use_keys(&self, keys: Arc<ExecuteKeys>) {
-        *self.keys.lock().expect("keys") = Some(keys);
-        *self.local_server.lock().expect("server") = None;
+        self.compiled.use_keys(keys);
     }
 
     /// Calibrate on `calibration` (samples along axis 0), then quantize and plan every remote
@@ -280,103 +269,26 @@ impl HybridModel {
         }
         let order = self.remote_modules();
         progress.stage("compiling", order.len());
-        let mut specs = BTreeMap::new();
-        let mut server = BTreeMap::new();
-        let mut reports = Vec::new();
+        let mut compiled = Vec::new();
         for name in &order {
             let m = self.linear.get(name).ok_or_else(|| {
                 HybridError::Unsupported(format!(
                     "`{name}` has no float weights here (private info was cleared)"
                 ))
             })?;
-            if let Some(chain) = &m.chain {
-                if options.dynamic_inputs {
-                    return Err(HybridError::Unsupported(format!(
-                        "`{name}` has activations inside: its input quantizer must be static \
-                         (the tables fold its scale), drop --dynamic"
-                    )));
-                }
-                let (lo, hi) = ranges.get(name).copied().ok_or_else(|| {
-                    HybridError::Unsupported(format!("calibration never reached `{name}`"))
-                })?;
-                let input = AffineQuantizer::from_range(lo, hi, options.n_bits)?;
-                let rows: &Vec<f32> = samples.get(name).ok_or_else(|| {
-                    HybridError::Unsupported(format!("calibration never reached `{name}`"))
-                })?;
-                let (spec, module, report) =
-                    compile_chain::compile_chain(name, m, chain, input, rows, options)?;
-                reports.push(ModuleReport {
-                    module: name.clone(),
-                    plan: spec.output_plan.clone().unwrap_or(spec.plan.clone()),
-                    input: spec.input,
-                    chain: Some(report),
-                });
-                server.insert(name.clone(), module);
-                specs.insert(name.clone(), spec);
-                progress.advance(1);
-                continue;
-            }
-            let weights = QuantizedWeights::quantize(
-                &m.weight,
-                m.out_features,
-                m.in_features,
-                options.n_bits,
-                Granularity::PerChannel,
-                WeightScheme::Symmetric,
-            )?;
-            let input = if options.dynamic_inputs {
-                InputQuantization::DynamicPerRow {
-                    bits: options.n_bits,
-                }
-            } else {
-                let (lo, hi) = ranges.get(name).copied().ok_or_else(|| {
-                    HybridError::Unsupported(format!("calibration never reached `{name}`"))
-                })?;
-                InputQuantization::Static(AffineQuantizer::from_range(lo, hi, options.n_bits)?)
+            let calibration = match (ranges.get(name), samples.get(name)) {
+                (Some(&(lo, hi)), Some(rows)) => Calibration::Rows { lo, hi, rows },
+                (Some(&(lo, hi)), None) => Calibration::Range(lo, hi),
+                _ => Calibration::None,
             };
-            let plan = LayerPlan::new(
-                name,
-                options.precision,
-                m.in_features,
-                m.out_features,
-                options.n_bits,
-                options.n_bits,
-            )?;
-            let spec = ClientSpec {
-                protocol_version: PROTOCOL_VERSION,
-                module: name.clone(),
-                kind: m.kind,
-                in_features: m.in_features,
-                out_features: m.out_features,
-                input,
-                plan: plan.clone(),
-                dequantizer: OutputDequantizer::new(&weights, m.bias.clone()),
-                output_plan: None,
-                chain_width: None,
-            };
-            server.insert(
-                name.clone(),
-                ServerModule {
-                    protocol_version: PROTOCOL_VERSION,
-                    module: name.clone(),
-                    plan: plan.clone(),
-                    weights,
-                    client_spec_sha256: spec.sha256(),
-                    chain: None,
-                },
-            );
-            reports.push(ModuleReport {
-                module: name.clone(),
-                plan,
-                input,
-                chain: None,
-            });
-            specs.insert(name.clone(), spec);
+            compiled.push(compile_module(name, m, &calibration, options)?);
             progress.advance(1);
         }
-        self.specs = specs;
-        self.server = Some(server);
-        *self.local_server.lock().expect("server") = None;
+        let reports = compiled.iter().map(|c| c.report.clone()).collect();
+        self.compiled.clear_modules();
+        for module in compiled {
+            self.compiled.insert(module);
+        }
         Ok(reports)
     }
 
@@ -500,23 +412,9 @@ impl HybridModel {
                 };
                 f(runtime, &backend)
             }
-            Mode::Disable | Mode::Simulate => {
-                let server = self.clear_server(mode)?;
-                let backend = ClearBackend {
-                    specs: &self.specs,
-                    server,
-                    integer: mode == Mode::Simulate,
-                };
-                f(&self.runtime, &backend)
-            }
-            Mode::Execute => {
-                let server = self.local_server()?;
-                let backend = EncryptedBackend {
-                    specs: &self.specs,
-                    remote: server.as_ref(),
-                };
-                f(&self.runtime, &backend)
-            }
+            Mode::Disable | Mode::Simulate | Mode::Execute => self
+                .compiled
+                .with_backend(mode, |backend| f(&self.runtime, backend)),
             Mode::Remote => Err(HybridError::Unsupported(
                 "mode remote needs a server session: HybridModel::forward_remote with a \
                  client::RemoteSession (`hyfhe run DIR --mode remote --server URL \
@@ -638,13 +536,13 @@ impl HybridModel {
         self.check_inputs(&inputs)?;
         let stats = Mutex::new(ForwardStats::default());
         let backend = EncryptedBackend {
-            specs: &self.specs,
+            specs: self.compiled.specs(),
             remote,
         };
         let y = self
             .runtime
             .run_all(inputs, &backend, &stats)
-            .instrument(tracing::info_span!("forward", model = %self.name))
+            .instrument(tracing::info_span!("forward", model = %self.name()))
             .await?;
         Ok((y, stats.into_inner().expect("stats")))
     }
@@ -686,11 +584,11 @@ impl HybridModel {
         let sig = self.lm()?;
         let prompt = as_sequence(prompt)?;
         let backend = EncryptedBackend {
-            specs: &self.specs,
+            specs: self.compiled.specs(),
             remote,
         };
         lm::generate(&sig, &self.runtime, &backend, prompt, max_new)
-            .instrument(tracing::info_span!("generate", model = %self.name))
+            .instrument(tracing::info_span!("generate", model = %self.name()))
             .await
     }
 
@@ -707,33 +605,9 @@ impl HybridModel {
         Ok(self.torch.get_or_init(|| runtime))
     }
 
-    fn clear_server(&self, mode: Mode) -> Result<&BTreeMap<String, ServerModule>, HybridError> {
-        if !self.is_compiled() {
-            return Err(HybridError::NotCompiled(mode));
-        }
-        self.server.as_ref().ok_or(HybridError::Missing {
-            mode,
-            what: "the quantized weights",
-            hint: " (the server/ tree: only the model owner and workers have it)",
-        })
-    }
-
     /// The in-process server of `execute`, built on first use (keygen, Fourier keys).
     pub fn local_server(&self) -> Result<Arc<LocalServer>, HybridError> {
-        let server = self.clear_server(Mode::Execute)?;
-        let mut slot = self.local_server.lock().expect("server");
-        if let Some(s) = slot.as_ref() {
-            return Ok(s.clone());
-        }
-        let key = self
-            .keys
-            .lock()
-            .expect("keys")
-            .get_or_insert_with(|| Arc::new(ExecuteKeys::new(ClientKey::generate())))
-            .clone();
-        let s = Arc::new(LocalServer::new(key, server)?);
-        *slot = Some(s.clone());
-        Ok(s)
+        self.compiled.local_server()
     }
 
     /// Write `dir/client`, `dir/server` and `dir/private`, then drop everything private from
@@ -743,40 +617,21 @@ impl HybridModel {
         dir: impl AsRef<Path>,
         force: bool,
     ) -> Result<(), HybridError> {
-        let dir = dir.as_ref();
-        let server = self.clear_server(Mode::Execute)?;
         let private = self.private.as_ref().ok_or(HybridError::Missing {
             mode: Mode::Torch,
             what: "the full float model",
             hint: "",
         })?;
-        artefacts::prepare_dir(dir, force)?;
-        let modules = self.remote_modules();
-
-        let mut client_files = vec![("model.onnx".to_string(), self.client_model.encode_to_vec())];
-        for (name, spec) in &self.specs {
-            client_files.push((format!("modules/{name}.spec"), encode(spec)));
-        }
-        artefacts::write_tree(dir, "client", &self.name, &modules, &client_files)?;
-        let server_files: Vec<(String, Vec<u8>)> = server
-            .iter()
-            .map(|(name, m)| (format!("{name}/module.bin"), encode(m)))
-            .collect();
-        artefacts::write_tree(dir, "server", &self.name, &modules, &server_files)?;
-        artefacts::write_tree(
-            dir,
-            "private",
-            &self.name,
-            &modules,
-            &[("model.onnx".to_string(), private.encode_to_vec())],
+        self.compiled.save_and_clear(
+            dir.as_ref(),
+            vec![("model.onnx".to_string(), self.client_model.encode_to_vec())],
+            vec![("model.onnx".to_string(), private.encode_to_vec())],
+            force,
         )?;
-
         self.private = None;
         // The float runtime holds the whole private model (compile's cut check builds it).
         self.torch = OnceLock::new();
         self.linear.clear();
-        self.server = None;
-        *self.local_server.lock().expect("server") = None;
         Ok(())
     }
 
@@ -790,89 +645,51 @@ impl HybridModel {
     /// must never hold weights; a worker needs the server tree, never the private one.
     pub fn load_trees(dir: impl AsRef<Path>, trees: Trees) -> Result<Self, HybridError> {
         let dir = dir.as_ref();
-        let client = artefacts::read_tree(dir, "client")?.ok_or_else(|| {
-            ArtefactError::Missing(format!(
-                "{} (a directory written by `hyfhe compile`)",
-                dir.join("client").display()
-            ))
-        })?;
-        let name = client.manifest.model.clone();
+        let Loaded {
+            modules,
+            client,
+            private,
+        } = CompiledModules::load(dir, trees)?;
+        if modules.front() != Front::Onnx {
+            return Err(HybridError::Unsupported(format!(
+                "{} was compiled from a live PyTorch model (front `{}`): its client runs in \
+                 PyTorch (hyfhe.torch.HybridFHEModel), so there is no client graph for \
+                 `hyfhe run`; servers serve it as it is",
+                dir.display(),
+                modules.front()
+            )));
+        }
         let client_model = ModelProto::decode(client.file("model.onnx")?)
             .map_err(|e| ModelError::Decode(e.to_string()))?;
         let runtime = Runtime::new(&client_model)?;
-        let mut specs = BTreeMap::new();
-        for module in &client.manifest.modules {
-            let spec: ClientSpec = decode(
-                client.file(&format!("modules/{module}.spec"))?,
-                MAX_MODULE_BYTES,
-            )?;
-            if spec.module != *module {
-                return Err(ArtefactError::Inconsistent(format!(
-                    "spec file of `{module}` describes `{}`",
-                    spec.module
-                ))
-                .into());
-            }
-            specs.insert(module.clone(), spec);
-        }
         let mut in_graph = runtime.remote_modules();
         in_graph.sort_unstable();
-        if in_graph != specs.keys().map(String::as_str).collect::<Vec<_>>() {
+        if in_graph
+            != modules
+                .specs()
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        {
             return Err(ArtefactError::Inconsistent(format!(
                 "the client model cuts {in_graph:?}, the manifest lists {:?}",
                 client.manifest.modules
             ))
             .into());
         }
-
-        let server = match (trees != Trees::Client)
-            .then(|| artefacts::read_tree(dir, "server"))
-            .transpose()?
-            .flatten()
-        {
-            None => None,
-            Some(tree) => {
-                check_same_model(&client.manifest, &tree.manifest)?;
-                let mut modules = BTreeMap::new();
-                for (name, spec) in &specs {
-                    let m: ServerModule =
-                        decode(tree.file(&format!("{name}/module.bin"))?, MAX_MODULE_BYTES)?;
-                    if m.client_spec_sha256 != spec.sha256() || m.plan != spec.plan {
-                        return Err(ArtefactError::Inconsistent(format!(
-                            "server module `{name}` was compiled with another client spec"
-                        ))
-                        .into());
-                    }
-                    modules.insert(name.clone(), m);
-                }
-                Some(modules)
-            }
-        };
-        let private = match (trees == Trees::All)
-            .then(|| artefacts::read_tree(dir, "private"))
-            .transpose()?
-            .flatten()
-        {
-            None => None,
-            Some(tree) => {
-                check_same_model(&client.manifest, &tree.manifest)?;
-                Some(
-                    ModelProto::decode(tree.file("model.onnx")?)
-                        .map_err(|e| ModelError::Decode(e.to_string()))?,
-                )
-            }
-        };
+        let private = private
+            .map(|tree| {
+                ModelProto::decode(tree.file("model.onnx")?)
+                    .map_err(|e| HybridError::from(ModelError::Decode(e.to_string())))
+            })
+            .transpose()?;
         Ok(Self {
-            name,
             private,
             linear: HashMap::new(),
             client_model,
             runtime,
-            specs,
-            server,
+            compiled: modules,
             torch: OnceLock::new(),
-            keys: Mutex::new(None),
-            local_server: Mutex::new(None),
         })
     }
 
@@ -891,16 +708,6 @@ impl HybridModel {
     pub fn client_model(&self) -> &ModelProto {
         &self.client_model
     }
-}
-
-fn check_same_model(client: &Manifest, other: &Manifest) -> Result<(), ArtefactError> {
-    if client.model != other.model || client.modules != other.modules {
-        return Err(ArtefactError::Inconsistent(format!(
-            "{} tree is for model `{}` with modules {:?}, the client tree for `{}` with {:?}",
-            other.format, other.model, other.modules, client.model, client.modules
-        )));
-    }
-    Ok(())
 }
 
 /// A prompt of shape `[n]` as `[1, n]`.

@@ -8,7 +8,7 @@ use actix::{Actor, Context, Handler, Message};
 
 use super::JobError;
 use crate::fhe::ModuleProgram;
-use crate::hybrid::{HybridError, HybridModel, Trees};
+use crate::hybrid::{CompiledModules, HybridError, Loaded, Trees};
 
 /// Every (model, module) this worker can evaluate.
 pub struct ModuleSet {
@@ -18,13 +18,13 @@ pub struct ModuleSet {
 impl ModuleSet {
     /// The server trees of the compiled models under `dir` (one model, or a directory of them).
     pub fn load(dir: &Path) -> Result<Self, HybridError> {
-        Self::from_models(&HybridModel::load_all(dir, Trees::ClientAndServer)?)
+        Self::from_models(&CompiledModules::load_all(dir, Trees::ClientAndServer)?)
     }
 
-    /// The server modules of models already loaded from their directories.
-    pub fn from_models(loaded: &[(PathBuf, HybridModel)]) -> Result<Self, HybridError> {
+    /// The server modules of models already loaded from their directories (either front).
+    pub fn from_models(loaded: &[(PathBuf, Loaded)]) -> Result<Self, HybridError> {
         let mut layers = HashMap::new();
-        for (model_dir, model) in loaded {
+        for (model_dir, Loaded { modules: model, .. }) in loaded {
             let server = model.server_modules().ok_or_else(|| {
                 HybridError::Unsupported(format!(
                     "{} has no server/ tree: a worker needs the output of `hyfhe compile`",

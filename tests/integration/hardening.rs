@@ -59,7 +59,7 @@ fn one_idempotency_key_reused_across_modules_sessions_and_tenants_gives_each_its
         let (_d2, _, second) = connect(cluster.url(), m.name, SESSION_KEYS.clone()).await;
         let other_tenant = Client::new(cluster.url(), "other-key").unwrap();
         let third = other_tenant
-            .open_session_with(&model, SESSION_KEYS.clone())
+            .open_session_with(model.compiled(), SESSION_KEYS.clone())
             .await
             .unwrap();
         for session in [&first, &second, &third] {
@@ -360,7 +360,7 @@ fn tenant_quotas_refuse_with_429_and_usage_is_metered_per_tenant_on_its_own_list
         let (_dir, model, session) = connect(&server.url, fc.name, SESSION_KEYS.clone()).await;
         let client = Client::new(&server.url, API_KEY).unwrap();
         let refused = client
-            .open_session_with(&model, SESSION_KEYS.clone())
+            .open_session_with(model.compiled(), SESSION_KEYS.clone())
             .await
             .err()
             .expect("a second session is over the quota");
@@ -372,7 +372,7 @@ fn tenant_quotas_refuse_with_429_and_usage_is_metered_per_tenant_on_its_own_list
         // Another tenant has its own quota.
         let other = Client::new(&server.url, "other-key").unwrap();
         let theirs = other
-            .open_session_with(&model, SESSION_KEYS.clone())
+            .open_session_with(model.compiled(), SESSION_KEYS.clone())
             .await
             .unwrap();
         // Usage is metered per tenant.
@@ -408,7 +408,7 @@ fn tenant_quotas_refuse_with_429_and_usage_is_metered_per_tenant_on_its_own_list
         // A closed session frees its place.
         session.close().await.unwrap();
         let again = client
-            .open_session_with(&model, SESSION_KEYS.clone())
+            .open_session_with(model.compiled(), SESSION_KEYS.clone())
             .await
             .unwrap();
         again.close().await.unwrap();

@@ -239,7 +239,7 @@ fn closed_sessions_leave_no_key_blob_in_redis_and_a_tenant_sees_only_its_models(
         // Opening a session on it directly (with a client tree from elsewhere) is refused too.
         let (_dir, fc, _session) = connect(&url, "fc_small", SESSION_KEYS.clone()).await;
         let err = client
-            .open_session_with(&fc, SESSION_KEYS.clone())
+            .open_session_with(fc.compiled(), SESSION_KEYS.clone())
             .await
             .err()
             .expect("refused");
@@ -256,7 +256,7 @@ fn closed_sessions_leave_no_key_blob_in_redis_and_a_tenant_sees_only_its_models(
                 .unwrap();
             let model = hyfhe::hybrid::HybridModel::load(dir.path()).unwrap();
             let session = client
-                .open_session_with(&model, SESSION_KEYS.clone())
+                .open_session_with(model.compiled(), SESSION_KEYS.clone())
                 .await
                 .unwrap();
             (dir, model, session)

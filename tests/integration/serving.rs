@@ -100,7 +100,10 @@ pub async fn connect(
     let dir = tempfile::tempdir().unwrap();
     client.download_model(name, dir.path()).await.unwrap();
     let model = HybridModel::load(dir.path()).unwrap();
-    let session = client.open_session_with(&model, keys).await.unwrap();
+    let session = client
+        .open_session_with(model.compiled(), keys)
+        .await
+        .unwrap();
     (dir, model, session)
 }
 

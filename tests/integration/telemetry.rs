@@ -137,7 +137,7 @@ fn one_forward_is_one_trace_across_client_coordinator_and_worker() {
         client.download_model("fc_small", dir.path()).await.unwrap();
         let model = hyfhe::hybrid::HybridModel::load(dir.path()).unwrap();
         let session = client
-            .open_session_with(&model, SESSION_KEYS.clone())
+            .open_session_with(model.compiled(), SESSION_KEYS.clone())
             .await
             .unwrap();
         let spec = &model.specs()["seq.0"];

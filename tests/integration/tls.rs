@@ -98,7 +98,7 @@ async fn forward_matches_simulate(client: &Client, what: &str) {
         .unwrap();
     let model = hyfhe::hybrid::HybridModel::load(model_dir.path()).unwrap();
     let session = client
-        .open_session_with(&model, SESSION_KEYS.clone())
+        .open_session_with(model.compiled(), SESSION_KEYS.clone())
         .await
         .unwrap();
     let (y, _) = model

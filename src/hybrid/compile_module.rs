@@ -1,0 +1,204 @@
+//! The per-module compile step both fronts share: from one module's float parameters (and, for a
+//! static input quantizer, its calibrated input) to its [`ClientSpec`] and [`ServerModule`].
+//!
+//! The ONNX front ([`super::HybridModel::compile`]) reads the parameters out of the graph and
+//! calibrates by running the cut graph; the torch front (the Python package) hands over an
+//! `nn.Linear`'s or `Conv2d`'s tensors and the inputs its forward hooks recorded. Whatever the
+//! front, the same parameters and calibration give the same bytes.
+
+use super::compile_chain::{compile_chain, ChainReport};
+use super::spec::{ClientSpec, ServerModule, PROTOCOL_VERSION};
+use super::{CompileOptions, HybridError};
+use crate::fhe::LayerPlan;
+use crate::model::{LinearKind, LinearModule};
+use crate::quant::{
+    AffineQuantizer, Granularity, InputQuantization, OutputDequantizer, QuantizedWeights,
+    WeightScheme,
+};
+
+/// What compiling decided for each module (for the CLI and logs).
+#[derive(Clone, Debug)]
+pub struct ModuleReport {
+    pub module: String,
+    pub plan: LayerPlan,
+    pub input: InputQuantization,
+    /// For a module with activations inside.
+    pub chain: Option<ChainReport>,
+}
+
+/// One compiled module: what the client tree, the server tree and the report hold.
+pub struct CompiledModule {
+    pub spec: ClientSpec,
+    pub server: ServerModule,
+    pub report: ModuleReport,
+}
+
+/// How a module's input was seen during calibration.
+pub enum Calibration<'a> {
+    /// Nothing recorded: only a dynamic (per-row) input quantizer can be built.
+    None,
+    /// The input's range; enough for a linear module.
+    Range(f32, f32),
+    /// The input's range and rows (row-major, `in_features` each) for a module with activations
+    /// inside, whose hidden quantizers are calibrated on the integer simulation of these rows.
+    Rows { lo: f32, hi: f32, rows: &'a [f32] },
+}
+
+impl Calibration<'_> {
+    fn range(&self) -> Option<(f32, f32)> {
+        match *self {
+            Calibration::None => None,
+            Calibration::Range(lo, hi) | Calibration::Rows { lo, hi, .. } => Some((lo, hi)),
+        }
+    }
+}
+
+/// Compile the module `m` (named `name`, its `named_modules()` path) under `options`.
+pub fn compile_module(
+    name: &str,
+    m: &LinearModule,
+    calibration: &Calibration<'_>,
+    options: &CompileOptions,
+) -> Result<CompiledModule, HybridError> {
+    let never_reached = || HybridError::Unsupported(format!("calibration never reached `{name}`"));
+    if let Some(chain) = &m.chain {
+        if options.dynamic_inputs {
+            return Err(HybridError::Unsupported(format!(
+                "`{name}` has activations inside: its input quantizer must be static \
+                 (the tables fold its scale), drop --dynamic"
+            )));
+        }
+        let Calibration::Rows { lo, hi, rows } = *calibration else {
+            return Err(never_reached());
+        };
+        let input = AffineQuantizer::from_range(lo, hi, options.n_bits)?;
+        let (spec, server, report) = compile_chain(name, m, chain, input, rows, options)?;
+        let report = ModuleReport {
+            module: name.to_string(),
+            plan: spec.output_plan.clone().unwrap_or(spec.plan.clone()),
+            input: spec.input,
+            chain: Some(report),
+        };
+        return Ok(CompiledModule {
+            spec,
+            server,
+            report,
+        });
+    }
+    let weights = QuantizedWeights::quantize(
+        &m.weight,
+        m.out_features,
+        m.in_features,
+        options.n_bits,
+        Granularity::PerChannel,
+        WeightScheme::Symmetric,
+    )?;
+    let input = if options.dynamic_inputs {
+        InputQuantization::DynamicPerRow {
+            bits: options.n_bits,
+        }
+    } else {
+        let (lo, hi) = calibration.range().ok_or_else(never_reached)?;
+        InputQuantization::Static(AffineQuantizer::from_range(lo, hi, options.n_bits)?)
+    };
+    let plan = LayerPlan::new(
+        name,
+        options.precision,
+        m.in_features,
+        m.out_features,
+        options.n_bits,
+        options.n_bits,
+    )?;
+    let spec = ClientSpec {
+        protocol_version: PROTOCOL_VERSION,
+        module: name.to_string(),
+        kind: m.kind,
+        in_features: m.in_features,
+        out_features: m.out_features,
+        input,
+        plan: plan.clone(),
+        dequantizer: OutputDequantizer::new(&weights, m.bias.clone()),
+        output_plan: None,
+        chain_width: None,
+    };
+    let server = ServerModule {
+        protocol_version: PROTOCOL_VERSION,
+        module: name.to_string(),
+        plan: plan.clone(),
+        weights,
+        client_spec_sha256: spec.sha256(),
+        chain: None,
+    };
+    Ok(CompiledModule {
+        report: ModuleReport {
+            module: name.to_string(),
+            plan,
+            input,
+            chain: None,
+        },
+        spec,
+        server,
+    })
+}
+
+/// A linear layer given by its tensors rather than found in a graph (the torch front):
+/// `weight` is row-major `out × in` (`nn.Linear`; a `Conv2d`'s `out × C·kh·kw`, its flattened
+/// weight), `bias` has `out` values.
+pub fn linear_from_weights(
+    name: &str,
+    kind: LinearKind,
+    in_features: usize,
+    out_features: usize,
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+) -> Result<LinearModule, HybridError> {
+    if in_features == 0 || out_features == 0 {
+        return Err(HybridError::Unsupported(format!(
+            "`{name}` has {out_features}×{in_features} weights: nothing to compile"
+        )));
+    }
+    if weight.len() != in_features * out_features {
+        return Err(HybridError::Unsupported(format!(
+            "`{name}`: {} weight values for {out_features}×{in_features}",
+            weight.len()
+        )));
+    }
+    if let Some(b) = &bias {
+        if b.len() != out_features {
+            return Err(HybridError::Unsupported(format!(
+                "`{name}`: {} bias values for {out_features} outputs",
+                b.len()
+            )));
+        }
+    }
+    if let LinearKind::Conv(g) = kind {
+        if g.features() != in_features || g.stride.contains(&0) || g.dilation.contains(&0) {
+            return Err(HybridError::Unsupported(format!(
+                "`{name}`: conv geometry {g:?} does not give {in_features} features per row"
+            )));
+        }
+    }
+    if let Some((i, v)) = weight
+        .iter()
+        .chain(bias.iter().flatten())
+        .enumerate()
+        .find(|(_, v)| !v.is_finite())
+    {
+        return Err(HybridError::Unsupported(format!(
+            "`{name}`: parameter value {i} is {v}: weights must be finite"
+        )));
+    }
+    Ok(LinearModule {
+        path: name.to_string(),
+        kind,
+        in_features,
+        out_features,
+        weight,
+        bias,
+        input: String::new(),
+        output: String::new(),
+        nodes: Vec::new(),
+        initializers: Vec::new(),
+        chain: None,
+    })
+}
