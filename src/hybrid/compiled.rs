@@ -121,15 +121,15 @@ impl CompiledModules {
     /// An unknown module, named with the closest ones this model has.
     pub fn unknown(&self, module: &str) -> HybridError {
         let close = crate::model::closest_names(module, self.order.iter().map(String::as_str), 3);
-        HybridError::Unsupported(format!(
-            "no remote module `{module}` in model `{}`{}",
-            self.name,
-            if close.is_empty() {
+        HybridError::NoSuchModule {
+            module: module.to_string(),
+            model: self.name.clone(),
+            hint: if close.is_empty() {
                 String::new()
             } else {
                 format!(" (closest: {})", close.join(", "))
-            }
-        ))
+            },
+        }
     }
 
     pub fn server_modules(&self) -> Option<&BTreeMap<String, ServerModule>> {

@@ -84,6 +84,13 @@ pub enum HybridError {
     },
     #[error("no remote module `{0}` in this model")]
     UnknownRemote(String),
+    /// An unknown module, with the closest names the model has.
+    #[error("no remote module `{module}` in model `{model}`{hint}")]
+    NoSuchModule {
+        module: String,
+        model: String,
+        hint: String,
+    },
     #[error("{0}")]
     Unsupported(String),
     #[error("remote server: {0}")]

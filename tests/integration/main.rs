@@ -7,6 +7,7 @@ mod compose;
 mod config;
 mod encodings;
 mod exactness;
+mod fronts;
 mod hardening;
 mod helpers;
 mod hybrid;

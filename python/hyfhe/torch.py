@@ -1,0 +1,496 @@
+"""Concrete ML's ``HybridFHEModel`` flow over a live PyTorch model, with hyfhe's Rust core.
+
+.. code-block:: python
+
+    from hyfhe.torch import HybridFHEModel, HybridFHEMode
+
+    hybrid = HybridFHEModel(model, ["fc1"], model_name="mlp")
+    hybrid.compile_model(x_calibration, n_bits=8)
+    y = hybrid(x, fhe="execute")                  # real FHE, client and server in this process
+    hybrid.save_and_clear_private_info("compiled/mlp")   # `hyfhe serve --models compiled`
+
+    # elsewhere, in a fresh process with the same architecture:
+    hybrid = HybridFHEModel(MyModel(), ["fc1"], server_remote_address="http://host:8080",
+                            model_name="mlp", api_key="...")
+    hybrid.init_client(path_to_clients="compiled/mlp")   # or None: download from the server
+    hybrid.set_fhe_mode(HybridFHEMode.REMOTE)
+    y = hybrid.model(x)                            # the model's own forward (or HF generate)
+
+The chosen submodules are replaced in the module tree by :class:`RemoteModule`, whose forward
+hands its input to Rust: every leading dimension becomes a row (a conv's im2col rows are built
+in Rust), and the result comes back as a tensor of the input's dtype and device. The model stays
+an ordinary ``nn.Module``: ``model.generate(...)`` with its KV cache calls each remote module
+with one row per new token.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import _native
+
+__all__ = ["HybridFHEMode", "HybridFHEModel", "RemoteModule"]
+
+#: Calibration rows kept per module with activations inside (its hidden quantizers are
+#: calibrated on the integer simulation of these rows).
+MAX_CALIBRATION_ROWS = 4096
+
+#: Client-tree file holding the torch state without the remote modules' weights.
+CLIENT_STATE = "torch/state_dict.pt"
+#: Private-tree file holding the remote modules' float weights (owner only, never served).
+PRIVATE_STATE = "torch/remote_modules.pt"
+
+
+class HybridFHEMode(str, enum.Enum):
+    """How the remote modules compute (Concrete ML's names)."""
+
+    #: The float module, untouched (owner only).
+    TORCH = "torch"
+    #: Quantized values multiplied in floating point, in the clear.
+    DISABLE = "disable"
+    #: The integer computation in the clear: bit-exact with ``execute``.
+    SIMULATE = "simulate"
+    #: Real FHE with client and server in this process.
+    EXECUTE = "execute"
+    #: Real FHE against a server (``server_remote_address``).
+    REMOTE = "remote"
+
+    @classmethod
+    def parse(cls, mode: Union[str, "HybridFHEMode"]) -> "HybridFHEMode":
+        if isinstance(mode, cls):
+            return mode
+        try:
+            return cls(str(mode).lower())
+        except ValueError:
+            names = ", ".join(m.value for m in cls)
+            raise ValueError(f"fhe mode {mode!r}: expected one of {names}") from None
+
+
+class _Binding:
+    """What every RemoteModule of one hybrid model shares (not an nn.Module: no parameters)."""
+
+    def __init__(self, native: "_native.Modules") -> None:
+        self.native = native
+        self.session: Optional["_native.RemoteSession"] = None
+        self.calibrating = False
+        self.ranges: Dict[str, List[float]] = {}
+        self.rows: Dict[str, List[np.ndarray]] = {}
+        self.samples: Dict[str, torch.Tensor] = {}
+
+
+class RemoteModule(nn.Module):
+    """Stands where the chosen module was; computes it in the current mode."""
+
+    def __init__(self, module_name: str, private_module: Optional[nn.Module], binding: _Binding):
+        super().__init__()
+        self.module_name = module_name
+        self.private_module = private_module
+        self.fhe_local_mode = HybridFHEMode.TORCH
+        self._binding = binding
+
+    def extra_repr(self) -> str:
+        return f"module_name={self.module_name!r}, fhe_local_mode={self.fhe_local_mode.value}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self._binding
+        mode = self.fhe_local_mode
+        if b.calibrating:
+            self._record(x)
+        if b.calibrating or mode is HybridFHEMode.TORCH:
+            if self.private_module is None:
+                raise RuntimeError(
+                    f"`{self.module_name}` has no float weights in this process (cleared by "
+                    "save_and_clear_private_info or never loaded): use simulate/execute on the "
+                    "owner's side, or remote"
+                )
+            return self.private_module(x)
+        if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
+            raise TypeError(
+                f"`{self.module_name}` takes a floating-point tensor, got "
+                f"{getattr(x, 'dtype', type(x).__name__)}"
+            )
+        # Zero-copy for a contiguous CPU float32 tensor; anything else is converted once.
+        xn = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        if mode is HybridFHEMode.REMOTE:
+            if b.session is None:
+                raise RuntimeError(
+                    "remote mode needs a session: call init_client() (or set_fhe_mode('remote') "
+                    "with server_remote_address set)"
+                )
+            y = b.session.forward(self.module_name, xn)
+        else:
+            y = b.native.forward(self.module_name, xn, mode.value)
+        return torch.from_numpy(y).to(device=x.device, dtype=x.dtype)
+
+    def _record(self, x: torch.Tensor) -> None:
+        b = self._binding
+        xd = x.detach().to(torch.float32)
+        lo, hi = float(xd.min()), float(xd.max())
+        r = b.ranges.setdefault(self.module_name, [lo, hi])
+        r[0], r[1] = min(r[0], lo), max(r[1], hi)
+        if self.module_name not in b.samples:
+            b.samples[self.module_name] = xd[:1].clone()
+        rows = b.rows.setdefault(self.module_name, [])
+        kept = sum(len(a) for a in rows)
+        if kept < MAX_CALIBRATION_ROWS and xd.dim() >= 1:
+            flat = xd.reshape(-1, xd.shape[-1]).cpu().numpy()
+            rows.append(flat[: MAX_CALIBRATION_ROWS - kept].copy())
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    # `_modules` directly: Sequential and ModuleList children are named by index.
+    parent._modules[attr] = module
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D without importing transformers: weight is [in, out].
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
+def _numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    if t is None:
+        return None
+    return np.ascontiguousarray(t.detach().to("cpu", torch.float32).numpy())
+
+
+def _conv_padding(m: nn.Conv2d) -> tuple:
+    kh, kw = m.kernel_size
+    dh, dw = m.dilation
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0, 0, 0, 0)
+        # "same" (stride 1): torch puts the odd pixel at the end.
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return (th // 2, tw // 2, th - th // 2, tw - tw // 2)
+    ph, pw = m.padding
+    return (ph, pw, ph, pw)
+
+
+class _Holder(nn.Module):
+    """Names a block `m` in its own ONNX export, so the chain compiler finds it by path."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(x)
+
+
+class HybridFHEModel:
+    """A PyTorch model whose ``module_names`` run on encrypted activations.
+
+    Arguments follow Concrete ML's ``HybridFHEModel``. ``verbose`` > 0 prints what compiling
+    decided for each module. ``api_key`` defaults to ``$HYFHE_API_KEY``; ``ca_cert`` (a PEM file,
+    default ``$HYFHE_CA_CERT``) is trusted besides the system's roots for an ``https://`` server.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        module_names: Union[str, Sequence[str]],
+        server_remote_address: Optional[str] = None,
+        model_name: str = "model",
+        verbose: int = 0,
+        api_key: Optional[str] = None,
+        ca_cert: Optional[str] = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        names = [module_names] if isinstance(module_names, str) else list(module_names)
+        if not names:
+            raise ValueError("no module selected: pass names from model.named_modules()")
+        known = dict(model.named_modules())
+        for name in names:
+            if name not in known or name == "":
+                close = difflib.get_close_matches(name, [k for k in known if k], n=3)
+                hint = f" (closest: {', '.join(close)})" if close else ""
+                raise KeyError(f"no module `{name}` in the model's named_modules(){hint}")
+            if isinstance(known[name], RemoteModule):
+                raise ValueError(f"`{name}` is already a remote module")
+        for name in names:
+            inside = [o for o in names if name.startswith(o + ".")]
+            if inside:
+                raise ValueError(f"`{name}` is inside `{inside[0]}`: select each module once")
+        if len(set(names)) != len(names):
+            raise ValueError("a module is selected twice")
+        self.model = model
+        self.module_names = names
+        self.model_name = model_name
+        self.server_remote_address = server_remote_address
+        self.verbose = verbose
+        self.api_key = api_key if api_key is not None else os.environ.get("HYFHE_API_KEY")
+        self.ca_cert = ca_cert if ca_cert is not None else os.environ.get("HYFHE_CA_CERT")
+        self._binding = _Binding(_native.Modules(model_name))
+        self.remote_modules: Dict[str, RemoteModule] = {}
+        for name in names:
+            remote = RemoteModule(name, known[name], self._binding)
+            _set_submodule(model, name, remote)
+            self.remote_modules[name] = remote
+        self.fhe_mode = HybridFHEMode.TORCH
+        self.reports: Dict[str, dict] = {}
+
+    # -- compile ---------------------------------------------------------------------------------
+
+    def compile_model(
+        self,
+        x: Any,
+        n_bits: Union[int, Dict[str, int]] = 8,
+        rounding_threshold_bits: Optional[Union[int, Dict[str, Any]]] = None,
+        p_error: Optional[float] = None,
+        device: str = "cpu",
+        configuration: Any = None,
+        use_dynamic_quantization: bool = False,
+        precision: str = "exact",
+    ) -> None:
+        """Calibrate on ``x`` (run through the float model), then quantize and plan every remote
+        module. ``n_bits`` is the width of inputs and weights (weights at most 8);
+        ``use_dynamic_quantization`` quantizes each row by its own range at run time (linear
+        modules). ``p_error``, ``device`` and ``configuration`` are Concrete ML's: they do not
+        apply here (warned and ignored); ``precision`` is hyfhe's ("exact", "compact")."""
+        bits = _one_width(n_bits)
+        rounding = _rounding_bits(rounding_threshold_bits)
+        if p_error is not None:
+            warnings.warn(
+                "p_error does not apply: linear modules are exact, and a module with activations "
+                "inside reports its one-step rate (see the compile report)",
+                stacklevel=2,
+            )
+        if device != "cpu":
+            warnings.warn(f"device={device!r}: hyfhe evaluates FHE on the CPU", stacklevel=2)
+        if configuration is not None:
+            warnings.warn("configuration is Concrete's compiler setting: ignored", stacklevel=2)
+        b = self._binding
+        b.ranges.clear()
+        b.rows.clear()
+        b.samples.clear()
+        b.calibrating = True
+        try:
+            with torch.no_grad():
+                self._call(x)
+        finally:
+            b.calibrating = False
+        for name, remote in self.remote_modules.items():
+            if remote.private_module is None:
+                raise RuntimeError(f"`{name}` has no float weights here: compile on the owner's side")
+            if name not in b.ranges and not use_dynamic_quantization:
+                raise RuntimeError(f"calibration never reached `{name}`: is it used by forward?")
+            report = self._compile_one(name, remote.private_module, bits, rounding,
+                                       use_dynamic_quantization, precision)
+            self.reports[name] = report
+            if self.verbose:
+                print(f"[hyfhe] {name}: {report}")
+        self.set_fhe_mode(HybridFHEMode.DISABLE if self.fhe_mode is HybridFHEMode.TORCH
+                          else self.fhe_mode)
+
+    def _compile_one(self, name: str, m: nn.Module, bits: int, rounding: Optional[int],
+                     dynamic: bool, precision: str) -> dict:
+        native = self._binding.native
+        rng = self._binding.ranges.get(name)
+        rng = None if rng is None else (rng[0], rng[1])
+        if isinstance(m, nn.Linear):
+            return native.compile_linear(name, _numpy(m.weight), _numpy(m.bias), rng, bits,
+                                         dynamic, precision)
+        if _is_hf_conv1d(m):
+            return native.compile_linear(name, _numpy(m.weight.t()), _numpy(m.bias), rng, bits,
+                                         dynamic, precision)
+        if isinstance(m, nn.Conv2d):
+            if m.groups != 1 or m.padding_mode != "zeros":
+                raise ValueError(
+                    f"`{name}`: Conv2d with groups={m.groups}, padding_mode={m.padding_mode!r}; "
+                    "remote convolutions take groups=1 and zero padding"
+                )
+            if isinstance(m.padding, str) and m.padding == "same" and m.stride != (1, 1):
+                raise ValueError(f"`{name}`: padding='same' needs stride 1")
+            return native.compile_conv2d(name, _numpy(m.weight), _numpy(m.bias), tuple(m.stride),
+                                         _conv_padding(m), tuple(m.dilation), rng, bits, dynamic,
+                                         precision)
+        if dynamic:
+            raise ValueError(
+                f"`{name}` ({type(m).__name__}) has activations inside: its input quantizer must "
+                "be static, drop use_dynamic_quantization"
+            )
+        return self._compile_block(name, m, bits, rounding)
+
+    def _compile_block(self, name: str, m: nn.Module, bits: int, rounding: Optional[int]) -> dict:
+        """A module with activations inside: exported alone, in memory, into the chain compiler."""
+        b = self._binding
+        sample = b.samples[name]
+        rows = np.concatenate(b.rows[name], axis=0)
+        buf = io.BytesIO()
+        holder = _Holder(m).eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(holder, (sample,), buf, input_names=["x"], output_names=["y"],
+                              dynamo=False, opset_version=17)
+        return b.native.compile_onnx(name, buf.getvalue(), "m", rows, bits, rounding)
+
+    # -- run -------------------------------------------------------------------------------------
+
+    def set_fhe_mode(self, hybrid_fhe_mode: Union[str, HybridFHEMode]) -> None:
+        """Switch every remote module to ``hybrid_fhe_mode``. Remote opens a session on first use."""
+        mode = HybridFHEMode.parse(hybrid_fhe_mode)
+        native = self._binding.native
+        if mode in (HybridFHEMode.DISABLE, HybridFHEMode.SIMULATE, HybridFHEMode.EXECUTE):
+            if not native.module_names:
+                raise RuntimeError(f"mode {mode.value} needs compile_model() first")
+            if not native.has_server():
+                raise RuntimeError(
+                    f"mode {mode.value} needs the quantized weights, which this process does not "
+                    "hold (cleared by save_and_clear_private_info, or a client): use remote"
+                )
+        if mode is HybridFHEMode.REMOTE and self._binding.session is None:
+            self.init_client()
+        if mode is HybridFHEMode.TORCH:
+            missing = [n for n, r in self.remote_modules.items() if r.private_module is None]
+            if missing:
+                raise RuntimeError(f"torch mode needs the float weights of {missing}, cleared here")
+        for remote in self.remote_modules.values():
+            remote.fhe_local_mode = mode
+        self.fhe_mode = mode
+
+    def forward(self, x: Any, fhe: Union[str, HybridFHEMode] = "disable") -> Any:
+        """The model's forward with its remote modules in mode ``fhe``."""
+        mode = HybridFHEMode.parse(fhe)
+        if mode is not self.fhe_mode:
+            self.set_fhe_mode(mode)
+        return self._call(x)
+
+    __call__ = forward
+
+    def _call(self, x: Any) -> Any:
+        if isinstance(x, tuple):
+            return self.model(*x)
+        if isinstance(x, dict):
+            return self.model(**x)
+        return self.model(x)
+
+    # -- artefacts and clients -------------------------------------------------------------------
+
+    def save_and_clear_private_info(self, path: Union[str, Path], via_mlir: bool = True,
+                                    force: bool = True) -> None:
+        """Write ``path/client`` (specs and the torch state without the remote weights),
+        ``path/server`` (what ``hyfhe serve`` and workers load) and ``path/private`` (the remote
+        modules' float weights, never served), then drop the remote weights from this process.
+        ``force`` replaces those three trees if present. ``via_mlir`` is Concrete ML's: ignored."""
+        del via_mlir
+        native = self._binding.native
+        if not native.has_server():
+            raise RuntimeError("nothing to save: compile_model() first (or already cleared)")
+        prefixes = tuple(f"{n}." for n in self.module_names)
+        state = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefixes)}
+        private = {n: r.private_module.state_dict() for n, r in self.remote_modules.items()
+                   if r.private_module is not None}
+        native.save(str(path), {CLIENT_STATE: _torch_bytes(state)},
+                    {PRIVATE_STATE: _torch_bytes(private)}, force)
+        for remote in self.remote_modules.values():
+            remote.private_module = None
+        if self.fhe_mode is not HybridFHEMode.REMOTE:
+            for remote in self.remote_modules.values():
+                remote.fhe_local_mode = HybridFHEMode.REMOTE
+            self.fhe_mode = HybridFHEMode.REMOTE
+
+    def init_client(self, path_to_clients: Optional[Union[str, Path]] = None,
+                    path_to_keys: Optional[Union[str, Path]] = None) -> None:
+        """Open a session on ``server_remote_address``: load the client tree from
+        ``path_to_clients`` (or download it from the server) unless this process compiled the
+        model, load its torch state into the model, generate keys and upload the evaluation keys.
+        ``path_to_keys`` does not apply (keys live for the session; warned and ignored)."""
+        if path_to_keys is not None:
+            warnings.warn("path_to_keys: hyfhe generates keys per session; ignored", stacklevel=2)
+        if not self.server_remote_address:
+            raise RuntimeError("remote mode needs server_remote_address (http:// or https://)")
+        if not self.api_key:
+            raise RuntimeError("remote mode needs an api_key (or $HYFHE_API_KEY)")
+        native = self._binding.native
+        if not native.module_names or path_to_clients is not None:
+            native = self._load_client(path_to_clients)
+        if sorted(native.module_names) != sorted(self.module_names):
+            raise ValueError(
+                f"the compiled model has remote modules {native.module_names}, this hybrid model "
+                f"selects {self.module_names}"
+            )
+        self.close()
+        self._binding.session = _native.RemoteSession(
+            native, self.server_remote_address, self.api_key, self.ca_cert)
+
+    def _load_client(self, path: Optional[Union[str, Path]]) -> "_native.Modules":
+        if path is None:
+            path = tempfile.mkdtemp(prefix=f"hyfhe-{self.model_name}-")
+            _native.download_client(self.server_remote_address, self.api_key, self.model_name,
+                                    str(path), self.ca_cert)
+        native = _native.Modules.load(str(path), "client")
+        if native.name != self.model_name:
+            raise ValueError(f"{path} holds model `{native.name}`, not `{self.model_name}`")
+        state = native.client_file(CLIENT_STATE)
+        if state is not None:
+            loaded = torch.load(io.BytesIO(state), map_location="cpu", weights_only=True)
+            result = self.model.load_state_dict(loaded, strict=False)
+            prefixes = tuple(f"{n}." for n in self.module_names)
+            missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+            if missing or result.unexpected_keys:
+                raise ValueError(
+                    f"the client state does not fit this model: missing {missing[:5]}, "
+                    f"unexpected {result.unexpected_keys[:5]}"
+                )
+        self._binding.native = native
+        # A client never holds the remote weights: whatever this instance's modules were
+        # initialised with is not the owner's, so torch mode must refuse rather than use it.
+        for remote in self.remote_modules.values():
+            remote.private_module = None
+        return native
+
+    def close(self) -> None:
+        """Close the remote session, if any (its keys leave the server at once)."""
+        session, self._binding.session = self._binding.session, None
+        if session is not None:
+            try:
+                session.close()
+            except _native.HyfheError as e:
+                warnings.warn(f"closing the session: {e}", stacklevel=2)
+
+    def __del__(self) -> None:  # best effort: a session's keys otherwise live until their TTL
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _one_width(n_bits: Union[int, Dict[str, int]]) -> int:
+    if isinstance(n_bits, dict):
+        widths = set(n_bits.values())
+        if len(widths) != 1:
+            raise ValueError(
+                f"n_bits={n_bits}: hyfhe quantizes a module's inputs and weights with one width"
+            )
+        n_bits = widths.pop()
+    if not isinstance(n_bits, int) or not 2 <= n_bits <= 8:
+        raise ValueError(f"n_bits={n_bits!r}: an integer in 2..=8")
+    return n_bits
+
+
+def _rounding_bits(r: Optional[Union[int, Dict[str, Any]]]) -> Optional[int]:
+    if isinstance(r, dict):
+        if "n_bits" not in r:
+            raise ValueError(f"rounding_threshold_bits={r}: a dict needs `n_bits`")
+        r = r["n_bits"]
+    return r

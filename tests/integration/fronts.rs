@@ -1,0 +1,135 @@
+//! The torch front's trees (no client graph) beside the ONNX front's: one module compiler gives
+//! both the same server bytes, and the servers serve either. The Python package drives the torch
+//! front from a live model (python/tests); here its Rust half is driven from the same weights.
+
+use std::path::Path;
+
+use hyfhe::client::Client;
+use hyfhe::commands::read_npy;
+use hyfhe::hybrid::{
+    compile_module, linear_from_weights, Calibration, CompileOptions, CompiledModules, Front,
+    HybridModel, Loaded, Mode, Trees,
+};
+use hyfhe::model::{LinearKind, OnnxModel};
+use hyfhe::progress::Silent;
+
+use crate::cluster::{config_file, Cluster};
+use crate::hybrid::{fixture, values};
+use crate::serving::{API_KEY, SESSION_KEYS};
+
+/// FCSmall's `seq.0` compiled from its tensors, as the torch front does (dynamic inputs, so no
+/// calibration run is needed to match the ONNX front byte for byte).
+fn torch_front(dir: &Path, options: &CompileOptions) {
+    let onnx = OnnxModel::load(fixture("fc_small.onnx")).unwrap();
+    let m = onnx.linear_module("seq.0").unwrap();
+    let module = linear_from_weights(
+        "seq.0",
+        LinearKind::Dense,
+        m.in_features,
+        m.out_features,
+        m.weight.clone(),
+        m.bias.clone(),
+    )
+    .unwrap();
+    let mut compiled = CompiledModules::new("fc_small", Front::Torch);
+    compiled.insert(compile_module("seq.0", &module, &Calibration::None, options).unwrap());
+    let state = b"the client's torch state would be here".to_vec();
+    compiled
+        .save_and_clear(
+            dir,
+            vec![("torch/state_dict.pt".into(), state)],
+            vec![("torch/remote_modules.pt".into(), b"private".to_vec())],
+            false,
+        )
+        .unwrap();
+}
+
+fn tree_files(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn both_fronts_write_the_same_server_tree_and_a_torch_tree_is_served_but_not_run_by_the_cli() {
+    let options = CompileOptions {
+        dynamic_inputs: true,
+        ..CompileOptions::default()
+    };
+    let models = tempfile::tempdir().unwrap();
+    let torch_dir = models.path().join("fc_small");
+    torch_front(&torch_dir, &options);
+
+    let onnx_dir = tempfile::tempdir().unwrap();
+    let calibration = read_npy(&fixture("fc_small_calibration.npy")).unwrap();
+    let mut owner = HybridModel::new(
+        "fc_small",
+        OnnxModel::load(fixture("fc_small.onnx")).unwrap(),
+        &["seq.0"],
+    )
+    .unwrap();
+    owner.compile(&calibration, &options, &Silent).unwrap();
+    let x = read_npy(&fixture("fc_small_input.npy")).unwrap();
+    owner
+        .save_and_clear_private_info(onnx_dir.path(), false)
+        .unwrap();
+    assert_eq!(
+        tree_files(&onnx_dir.path().join("server")),
+        tree_files(&torch_dir.join("server")),
+        "the fronts compiled different server trees from the same weights"
+    );
+
+    // The CLI's client runs a graph, which a torch tree does not have: refused by name.
+    let refused = HybridModel::load(&torch_dir).err().unwrap().to_string();
+    assert!(refused.contains("front `torch`"), "{refused}");
+
+    // Served as it is: remote on the torch tree's module equals the ONNX owner's simulate.
+    let config_dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::embedded(models.path(), &config_file(config_dir.path()));
+    hyfhe::client::block_on(async {
+        let client = Client::new(cluster.url(), API_KEY).unwrap();
+        let download = tempfile::tempdir().unwrap();
+        client
+            .download_model("fc_small", download.path())
+            .await
+            .unwrap();
+        let Loaded {
+            modules,
+            client: tree,
+            ..
+        } = CompiledModules::load(download.path(), Trees::Client).unwrap();
+        assert_eq!(modules.front(), Front::Torch);
+        assert!(modules.server_modules().is_none());
+        assert!(tree.file("torch/state_dict.pt").is_ok());
+        assert!(tree.file("model.onnx").is_err());
+        let session = client
+            .open_session_with(&modules, SESSION_KEYS.clone())
+            .await
+            .unwrap();
+        // FCSmall's input is seq.0's input.
+        let (y, _) = modules
+            .forward_module_remote("seq.0", x.clone(), &session)
+            .await
+            .unwrap();
+        session.close().await.unwrap();
+        // The ONNX owner's module in simulate, from its own trees.
+        let onnx = CompiledModules::load(onnx_dir.path(), Trees::ClientAndServer).unwrap();
+        let (layer, _) = onnx
+            .modules
+            .forward_module("seq.0", x.clone(), Mode::Simulate)
+            .unwrap();
+        assert_eq!(values(&y), values(&layer), "remote differs from simulate");
+    });
+}
