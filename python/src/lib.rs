@@ -577,7 +577,7 @@ impl Modules {
         let report = run(py, move |_| {
             let model = OnnxModel::from_bytes(&onnx).map_err(HybridError::from)?;
             let module = model.linear_module(&path).map_err(HybridError::from)?;
-            if rows.len() % module.in_features != 0 {
+            if !rows.len().is_multiple_of(module.in_features) {
                 return Err(Failure::Input(format!(
                     "`{name}`: {} calibration values are not rows of {}",
                     rows.len(),
