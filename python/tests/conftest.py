@@ -44,6 +44,11 @@ class Block(nn.Module):
         return self.out(torch.relu(self.block(self.inp(x))))
 
 
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 distance of `a` from `b`."""
+    return float((a - b).norm() / b.norm())
+
+
 def seeded(cls, *args, seed: int = 0):
     torch.manual_seed(seed)
     return cls(*args).eval()

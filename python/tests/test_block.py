@@ -6,11 +6,7 @@ import torch
 
 from hyfhe.torch import HybridFHEModel
 
-from conftest import Block, seeded
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+from conftest import Block, rel_l2, seeded
 
 
 def test_linear_gelu_linear_block_runs_remote_close_to_simulate_and_to_torch():

@@ -11,11 +11,7 @@ import torch
 
 from hyfhe.torch import HybridFHEMode, HybridFHEModel
 
-from conftest import FCSmall, hyfhe_bin, seeded
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+from conftest import FCSmall, hyfhe_bin, rel_l2, seeded
 
 
 def test_fcsmall_seq0_execute_equals_simulate_bit_for_bit_and_is_close_to_torch():
