@@ -292,8 +292,8 @@ fn options(
     Ok(o)
 }
 
-fn owned(x: Option<&PyReadonlyArrayDyn<'_, f32>>) -> Option<Vec<f32>> {
-    x.map(|a| a.as_array().iter().copied().collect())
+fn owned(x: &PyReadonlyArrayDyn<'_, f32>) -> Vec<f32> {
+    x.as_array().iter().copied().collect()
 }
 
 fn report_dict<'py>(py: Python<'py>, r: &ModuleReport) -> PyResult<Bound<'py, PyDict>> {
@@ -337,6 +337,33 @@ impl Modules {
             Ok(report)
         })?;
         Ok(report_dict(py, &report)?.unbind())
+    }
+}
+
+impl Modules {
+    /// A linear layer (dense or conv) from its tensors; `shape` is (in, out) features.
+    #[allow(clippy::too_many_arguments)]
+    fn add_weights(
+        &self,
+        py: Python<'_>,
+        name: String,
+        kind: LinearKind,
+        shape: (usize, usize),
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        input_range: Option<(f32, f32)>,
+        options: CompileOptions,
+    ) -> PyResult<Py<PyDict>> {
+        check_range(input_range)?;
+        let module = linear_from_weights(&name, kind, shape.0, shape.1, weight, bias)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let args = LinearModuleArgs {
+            module,
+            range: input_range,
+            rows: None,
+            options,
+        };
+        self.add(py, name, args)
     }
 }
 
@@ -478,23 +505,18 @@ impl Modules {
                 weight.shape()
             )));
         };
-        check_range(input_range)?;
-        let module = linear_from_weights(
-            &name,
-            LinearKind::Dense,
-            inp,
-            out,
-            owned(Some(&weight)).unwrap_or_default(),
-            owned(bias.as_ref()),
+        let options = options(n_bits, dynamic, precision, None)?;
+        let (kind, weight, bias) = (LinearKind::Dense, owned(&weight), bias.as_ref().map(owned));
+        self.add_weights(
+            py,
+            name,
+            kind,
+            (inp, out),
+            weight,
+            bias,
+            input_range,
+            options,
         )
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let args = LinearModuleArgs {
-            module,
-            range: input_range,
-            rows: None,
-            options: options(n_bits, dynamic, precision, None)?,
-        };
-        self.add(py, name, args)
     }
 
     /// Compile a `Conv2d` (groups 1, zero padding) from its weight (`out × C × kh × kw`), bias,
@@ -521,7 +543,6 @@ impl Modules {
                 weight.shape()
             )));
         };
-        check_range(input_range)?;
         let geometry = ConvGeometry {
             in_channels: channels,
             kernel: [kh, kw],
@@ -529,22 +550,14 @@ impl Modules {
             pads: [padding.0, padding.1, padding.2, padding.3],
             dilation: [dilation.0, dilation.1],
         };
-        let module = linear_from_weights(
-            &name,
+        let options = options(n_bits, dynamic, precision, None)?;
+        let (kind, weight, bias) = (
             LinearKind::Conv(geometry),
-            channels * kh * kw,
-            out,
-            owned(Some(&weight)).unwrap_or_default(),
-            owned(bias.as_ref()),
-        )
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let args = LinearModuleArgs {
-            module,
-            range: input_range,
-            rows: None,
-            options: options(n_bits, dynamic, precision, None)?,
-        };
-        self.add(py, name, args)
+            owned(&weight),
+            bias.as_ref().map(owned),
+        );
+        let shape = (channels * kh * kw, out);
+        self.add_weights(py, name, kind, shape, weight, bias, input_range, options)
     }
 
     /// Compile a module with activations inside from an ONNX export of it: `path` names the
