@@ -1,6 +1,6 @@
 """Type stubs of the Rust extension (see python/src/lib.rs)."""
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +34,22 @@ class Modules:
         input_range: Optional[Tuple[float, float]] = None,
         n_bits: int = 8,
         dynamic: bool = False,
+        precision: str = "exact",
+    ) -> Dict[str, object]: ...
+    def compile_learned(
+        self,
+        name: str,
+        codes: npt.NDArray[np.int8],
+        weight_bits: int,
+        weight_scale: Sequence[float],
+        weight_zero_point: Sequence[int],
+        bias: Optional[npt.NDArray[np.float32]],
+        input: Optional[Tuple[int, float, int]] = None,
+        input_range: Optional[Tuple[float, float]] = None,
+        n_bits: int = 8,
+        conv: Optional[
+            Tuple[Tuple[int, int], Tuple[int, int, int, int], Tuple[int, int]]
+        ] = None,
         precision: str = "exact",
     ) -> Dict[str, object]: ...
     def compile_conv2d(

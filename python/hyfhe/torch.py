@@ -30,6 +30,7 @@ import enum
 import io
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -87,6 +88,11 @@ class _Binding:
         self.ranges: Dict[str, List[float]] = {}
         self.rows: Dict[str, List[np.ndarray]] = {}
         self.samples: Dict[str, torch.Tensor] = {}
+        #: A QAT layer's input quantizer as seen during calibration: (bits, scale, zero point
+        #: over unsigned codes), one per module.
+        self.learned_inputs: Dict[str, tuple] = {}
+        #: When a list, every remote call appends its timings (see ``HybridFHEModel.stats``).
+        self.stats: Optional[List[dict]] = None
 
 
 class RemoteModule(nn.Module):
@@ -115,27 +121,46 @@ class RemoteModule(nn.Module):
                     "owner's side, or remote"
                 )
             return self.private_module(x)
+        x = _plain(x)
         if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
             raise TypeError(
                 f"`{self.module_name}` takes a floating-point tensor, got "
                 f"{getattr(x, 'dtype', type(x).__name__)}"
             )
+        t0 = time.perf_counter()
         # Zero-copy for a contiguous CPU float32 tensor; anything else is converted once.
         xn = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        want = b.stats is not None
         if mode is HybridFHEMode.REMOTE:
             if b.session is None:
                 raise RuntimeError(
                     "remote mode needs a session: call init_client() (or set_fhe_mode('remote') "
                     "with server_remote_address set)"
                 )
-            y = b.session.forward(self.module_name, xn)
+            y = b.session.forward(self.module_name, xn, want)
         else:
-            y = b.native.forward(self.module_name, xn, mode.value)
-        return torch.from_numpy(y).to(device=x.device, dtype=x.dtype)
+            y = b.native.forward(self.module_name, xn, mode.value, want)
+        if want:
+            y, stats = y
+        out = torch.from_numpy(y).to(device=x.device, dtype=x.dtype)
+        if want:
+            stats.update(module=self.module_name, mode=mode.value,
+                         rows=int(np.prod(xn.shape[:-1])) if xn.ndim > 1 else 1,
+                         wall_ms=(time.perf_counter() - t0) * 1e3)
+            b.stats.append(stats)
+        return out
 
-    def _record(self, x: torch.Tensor) -> None:
+    def _record(self, x: Any) -> None:
         b = self._binding
-        xd = x.detach().to(torch.float32)
+        learned = _learned_input(self.private_module, x)
+        if learned is not None:
+            seen = b.learned_inputs.setdefault(self.module_name, learned)
+            if seen != learned:
+                raise RuntimeError(
+                    f"`{self.module_name}`'s input quantizer changed between calibration batches "
+                    f"({seen} then {learned}): call model.eval() before compile_model"
+                )
+        xd = _plain(x).detach().to(torch.float32)
         lo, hi = float(xd.min()), float(xd.max())
         r = b.ranges.setdefault(self.module_name, [lo, hi])
         r[0], r[1] = min(r[0], lo), max(r[1], hi)
@@ -146,6 +171,46 @@ class RemoteModule(nn.Module):
         if kept < MAX_CALIBRATION_ROWS and xd.dim() >= 1:
             flat = xd.reshape(-1, xd.shape[-1]).cpu().numpy()
             rows.append(flat[: MAX_CALIBRATION_ROWS - kept].copy())
+
+
+def _plain(x: Any) -> Any:
+    """A Brevitas ``QuantTensor`` as the float tensor it stands for; anything else unchanged."""
+    if type(x).__name__.endswith("QuantTensor") and hasattr(x, "value"):
+        return x.value
+    return x
+
+
+def _brevitas_kind(m: Optional[nn.Module]) -> Optional[str]:
+    """``"linear"`` or ``"conv2d"`` for Brevitas's QAT layers (without importing Brevitas)."""
+    if m is None or not type(m).__module__.startswith("brevitas."):
+        return None
+    return {"QuantLinear": "linear", "QuantConv2d": "conv2d"}.get(type(m).__name__)
+
+
+def _learned_input(m: Optional[nn.Module], x: Any) -> Optional[tuple]:
+    """The input quantizer a Brevitas layer applies to ``x``: its own ``input_quant`` when
+    enabled, else the quantizer of a ``QuantTensor`` it receives (a ``QuantIdentity`` before it
+    with ``return_quant_tensor=True``). ``(bits, scale, zero point)`` over unsigned codes."""
+    if _brevitas_kind(m) is None:
+        return None
+    if m.input_quant.is_quant_enabled:
+        with torch.no_grad():
+            q = m.input_quant(x)
+    elif type(x).__name__.endswith("QuantTensor"):
+        q = x
+    else:
+        return None
+    if q.scale.numel() != 1 or q.zero_point.numel() != 1:
+        raise ValueError(
+            f"{type(m).__name__}: per-channel input quantizers are not supported (the client "
+            "quantizes a row with one scale)"
+        )
+    bits = int(q.bit_width)
+    zero_point = int(round(float(q.zero_point)))
+    if bool(q.signed):
+        # Signed codes [-2^(b-1), 2^(b-1)) are unsigned codes shifted by 2^(b-1).
+        zero_point += 1 << (bits - 1)
+    return (bits, float(q.scale), zero_point)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -177,6 +242,16 @@ def _conv_padding(m: nn.Conv2d) -> tuple:
         return (th // 2, tw // 2, th - th // 2, tw - tw // 2)
     ph, pw = m.padding
     return (ph, pw, ph, pw)
+
+
+def _check_conv(name: str, m: nn.Conv2d) -> None:
+    if m.groups != 1 or m.padding_mode != "zeros":
+        raise ValueError(
+            f"`{name}`: Conv2d with groups={m.groups}, padding_mode={m.padding_mode!r}; "
+            "remote convolutions take groups=1 and zero padding"
+        )
+    if isinstance(m.padding, str) and m.padding == "same" and tuple(m.stride) != (1, 1):
+        raise ValueError(f"`{name}`: padding='same' needs stride 1")
 
 
 class _Holder(nn.Module):
@@ -277,6 +352,7 @@ class HybridFHEModel:
         b.ranges.clear()
         b.rows.clear()
         b.samples.clear()
+        b.learned_inputs.clear()
         b.calibrating = True
         try:
             with torch.no_grad():
@@ -301,6 +377,8 @@ class HybridFHEModel:
         native = self._binding.native
         rng = self._binding.ranges.get(name)
         rng = None if rng is None else (rng[0], rng[1])
+        if _brevitas_kind(m) is not None and m.weight_quant.is_quant_enabled:
+            return self._compile_brevitas(name, m, bits, rng, dynamic, precision)
         if isinstance(m, nn.Linear):
             return native.compile_linear(name, _numpy(m.weight), _numpy(m.bias), rng, bits,
                                          dynamic, precision)
@@ -308,13 +386,7 @@ class HybridFHEModel:
             return native.compile_linear(name, _numpy(m.weight.t()), _numpy(m.bias), rng, bits,
                                          dynamic, precision)
         if isinstance(m, nn.Conv2d):
-            if m.groups != 1 or m.padding_mode != "zeros":
-                raise ValueError(
-                    f"`{name}`: Conv2d with groups={m.groups}, padding_mode={m.padding_mode!r}; "
-                    "remote convolutions take groups=1 and zero padding"
-                )
-            if isinstance(m.padding, str) and m.padding == "same" and m.stride != (1, 1):
-                raise ValueError(f"`{name}`: padding='same' needs stride 1")
+            _check_conv(name, m)
             return native.compile_conv2d(name, _numpy(m.weight), _numpy(m.bias), tuple(m.stride),
                                          _conv_padding(m), tuple(m.dilation), rng, bits, dynamic,
                                          precision)
@@ -324,6 +396,53 @@ class HybridFHEModel:
                 "be static, drop use_dynamic_quantization"
             )
         return self._compile_block(name, m, bits, rounding)
+
+    def _compile_brevitas(self, name: str, m: nn.Module, bits: int, rng: Optional[tuple],
+                          dynamic: bool, precision: str) -> dict:
+        """A Brevitas QuantLinear/QuantConv2d with the integers and scales it learned."""
+        if dynamic:
+            raise ValueError(f"`{name}` is a QAT layer: it brings its own input quantizer, "
+                             "drop use_dynamic_quantization")
+        if m.output_quant.is_quant_enabled:
+            raise ValueError(
+                f"`{name}` quantizes its output (output_quant): the remote module returns the "
+                "dequantized accumulator; put a QuantIdentity after it instead"
+            )
+        with torch.no_grad():
+            qw = m.quant_weight()
+        wbits = int(qw.bit_width)
+        if not bool(qw.signed) or not 2 <= wbits <= 8:
+            raise ValueError(
+                f"`{name}`: {'signed' if bool(qw.signed) else 'unsigned'} {wbits}-bit weights; "
+                "remote modules take signed weights of 2 to 8 bits"
+            )
+        out = m.weight.shape[0]
+        scale = qw.scale.detach().to(torch.float32).flatten()
+        zero_point = qw.zero_point.detach().to(torch.float32).flatten()
+        if scale.numel() not in (1, out):
+            raise ValueError(f"`{name}`: {scale.numel()} weight scales; per tensor or per output "
+                             f"channel ({out}) only")
+        if zero_point.numel() != scale.numel():
+            zero_point = zero_point.expand(scale.numel()) if zero_point.numel() == 1 else zero_point
+        codes = np.ascontiguousarray(qw.int().detach().cpu().to(torch.int8).numpy())
+        if m.bias is not None and m.bias_quant.is_quant_enabled:
+            warnings.warn(f"`{name}`: its bias is added in floating point (bias_quant's rounding "
+                          "of it is not reproduced)", stacklevel=3)
+        learned = self._binding.learned_inputs.get(name)
+        if learned is None:
+            warnings.warn(
+                f"`{name}` has no input quantizer and got float inputs: its input is quantized "
+                f"to n_bits={bits} from calibration (add input_quant or a QuantIdentity before "
+                "it to use a learned one)",
+                stacklevel=3,
+            )
+        conv = None
+        if _brevitas_kind(m) == "conv2d":
+            _check_conv(name, m)
+            conv = (tuple(m.stride), _conv_padding(m), tuple(m.dilation))
+        return self._binding.native.compile_learned(
+            name, codes, wbits, scale.tolist(), [int(round(z)) for z in zero_point.tolist()],
+            _numpy(m.bias), learned, rng, bits, conv, precision)
 
     def _compile_block(self, name: str, m: nn.Module, bits: int, rounding: Optional[int]) -> dict:
         """A module with activations inside: exported alone, in memory, into the chain compiler."""
@@ -339,6 +458,15 @@ class HybridFHEModel:
         return b.native.compile_onnx(name, buf.getvalue(), "m", rows, bits, rounding)
 
     # -- run -------------------------------------------------------------------------------------
+
+    def collect_stats(self, on: bool = True) -> List[dict]:
+        """Record every remote module call from now on (``on=False`` stops): the list returned
+        fills with one dict per call: ``module``, ``mode``, ``rows``, ``wall_ms`` (the call as
+        Python sees it, tensor in to tensor out), ``rust_ms`` (the same call inside Rust, what
+        a Rust client pays), the Rust stage times (``quantize_ms``, ``encrypt_ms``, ``fhe_ms``,
+        ``decrypt_ms``, ``dequantize_ms``, ``clear_ms``), ``requests`` and wire bytes."""
+        self._binding.stats = [] if on else None
+        return self._binding.stats if on else []
 
     def set_fhe_mode(self, hybrid_fhe_mode: Union[str, HybridFHEMode]) -> None:
         """Switch every remote module to ``hybrid_fhe_mode``. Remote opens a session on first use."""

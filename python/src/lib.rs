@@ -19,16 +19,18 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyfhe::client::{Client, ClientError};
 use hyfhe::fhe::Precision;
 use hyfhe::hybrid::{
-    compile_module, linear_from_weights, Calibration, CompileOptions, CompiledModules,
-    ForwardStats, Front, HybridError, Loaded, Mode, ModuleReport, Trees,
+    compile_learned, compile_module, linear_from_weights, Calibration, CompileOptions,
+    CompiledModules, ForwardStats, Front, HybridError, LearnedQuantizers, Loaded, Mode,
+    ModuleReport, Trees,
 };
 use hyfhe::model::{runner, ConvGeometry, LinearKind, ModelError, OnnxModel, Value};
 use hyfhe::progress::Silent;
+use hyfhe::quant::{AffineQuantizer, InputQuantization, QuantizedWeights};
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyKeyError, PyRuntimeError, PyValueError};
@@ -231,11 +233,16 @@ fn to_numpy<'py>(py: Python<'py>, y: &Value) -> PyResult<Bound<'py, PyArrayDyn<f
 fn answer<'py>(
     py: Python<'py>,
     y: &Value,
-    stats: Option<&ForwardStats>,
+    stats: Option<(&ForwardStats, f64)>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let y = to_numpy(py, y)?.into_any();
-    let Some(s) = stats else { return Ok(y) };
+    let Some((s, rust_ms)) = stats else {
+        return Ok(y);
+    };
     let d = PyDict::new(py);
+    // The whole module call inside Rust (what a Rust client pays for the same rows): the
+    // binding's own cost is a caller's wall time minus this.
+    d.set_item("rust_ms", rust_ms)?;
     for (k, v) in [
         ("quantize_ms", s.quantize_ms),
         ("encrypt_ms", s.encrypt_ms),
@@ -385,6 +392,25 @@ impl LinearModuleArgs {
     }
 }
 
+/// A conv's (stride, padding as (top, left, bottom, right), dilation).
+type ConvArgs = ((usize, usize), (usize, usize, usize, usize), (usize, usize));
+
+fn conv_geometry(
+    channels: usize,
+    (kh, kw): (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize, usize, usize),
+    dilation: (usize, usize),
+) -> ConvGeometry {
+    ConvGeometry {
+        in_channels: channels,
+        kernel: [kh, kw],
+        stride: [stride.0, stride.1],
+        pads: [padding.0, padding.1, padding.2, padding.3],
+        dilation: [dilation.0, dilation.1],
+    }
+}
+
 fn check_range(range: Option<(f32, f32)>) -> PyResult<()> {
     if let Some((lo, hi)) = range {
         if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
@@ -479,6 +505,15 @@ impl Modules {
         d.set_item("out_features", s.out_features)?;
         d.set_item("precision", s.plan.precision.to_string())?;
         d.set_item("non_linear", s.output_plan.is_some())?;
+        d.set_item("input_bits", s.plan.input_bits)?;
+        d.set_item("weight_bits", s.plan.weight_bits)?;
+        match s.input {
+            InputQuantization::Static(q) => {
+                d.set_item("input_scale", q.scale)?;
+                d.set_item("input_zero_point", q.zero_point)?;
+            }
+            InputQuantization::DynamicPerRow { .. } => d.set_item("input_scale", "per row")?,
+        }
         d.set_item("sha256", s.sha256())?;
         Ok(d)
     }
@@ -543,13 +578,7 @@ impl Modules {
                 weight.shape()
             )));
         };
-        let geometry = ConvGeometry {
-            in_channels: channels,
-            kernel: [kh, kw],
-            stride: [stride.0, stride.1],
-            pads: [padding.0, padding.1, padding.2, padding.3],
-            dilation: [dilation.0, dilation.1],
-        };
+        let geometry = conv_geometry(channels, (kh, kw), stride, padding, dilation);
         let options = options(n_bits, dynamic, precision, None)?;
         let (kind, weight, bias) = (
             LinearKind::Conv(geometry),
@@ -558,6 +587,94 @@ impl Modules {
         );
         let shape = (channels * kh * kw, out);
         self.add_weights(py, name, kind, shape, weight, bias, input_range, options)
+    }
+
+    /// Compile a quantization-aware-trained layer (Brevitas `QuantLinear`/`QuantConv2d`) with the
+    /// quantizers it learned: `codes` are its integer weights (`out × in`, or `out × C × kh × kw`
+    /// with `conv` = (stride, padding, dilation)), `weight_scale`/`weight_zero_point` one value
+    /// per tensor or per output channel, `bias` its float bias, and `input` its input quantizer
+    /// as `(bits, scale, zero_point)` over unsigned codes (a signed b-bit quantizer has zero
+    /// point 2^(b-1)); a layer without one takes an `n_bits` quantizer over `input_range`.
+    #[pyo3(signature = (name, codes, weight_bits, weight_scale, weight_zero_point, bias, input = None, input_range = None, n_bits = 8, conv = None, precision = "exact"))]
+    #[allow(clippy::too_many_arguments)]
+    fn compile_learned(
+        &self,
+        py: Python<'_>,
+        name: String,
+        codes: PyReadonlyArrayDyn<'_, i8>,
+        weight_bits: u32,
+        weight_scale: Vec<f32>,
+        weight_zero_point: Vec<i32>,
+        bias: Option<PyReadonlyArrayDyn<'_, f32>>,
+        input: Option<(u32, f32, i32)>,
+        input_range: Option<(f32, f32)>,
+        n_bits: u32,
+        conv: Option<ConvArgs>,
+        precision: &str,
+    ) -> PyResult<Py<PyDict>> {
+        let shape = codes.shape().to_vec();
+        let (kind, inp, out) = match (&shape[..], conv) {
+            (&[out, inp], None) => (LinearKind::Dense, inp, out),
+            (&[out, channels, kh, kw], Some((stride, padding, dilation))) => {
+                let geometry = conv_geometry(channels, (kh, kw), stride, padding, dilation);
+                (LinearKind::Conv(geometry), channels * kh * kw, out)
+            }
+            (s, conv) => {
+                return Err(PyValueError::new_err(format!(
+                    "`{name}`: weight codes of shape {s:?} with conv={}: a linear layer's are \
+                     2-D (out × in), a conv's 4-D (out × C × kh × kw) with its geometry",
+                    conv.is_some()
+                )))
+            }
+        };
+        let invalid = |e: hyfhe::quant::QuantError| PyValueError::new_err(format!("`{name}`: {e}"));
+        let codes: Vec<i8> = codes.as_array().iter().copied().collect();
+        let weights = QuantizedWeights::from_codes(
+            codes,
+            out,
+            inp,
+            weight_bits,
+            weight_scale,
+            weight_zero_point,
+        )
+        .map_err(invalid)?;
+        check_range(input_range)?;
+        let input = match (input, input_range) {
+            (Some((bits, scale, zero_point)), _) => AffineQuantizer::new(bits, scale, zero_point),
+            (None, Some((lo, hi))) => AffineQuantizer::from_range(lo, hi, n_bits),
+            (None, None) => {
+                return Err(PyValueError::new_err(format!(
+                    "`{name}`: neither a learned input quantizer nor a calibrated input range"
+                )))
+            }
+        }
+        .map_err(invalid)?;
+        // The float weights the learned integers stand for (what `disable` mode multiplies).
+        let dequantized = (0..out)
+            .flat_map(|j| {
+                let (s, zp) = (weights.scale(j), weights.zero_point(j));
+                weights
+                    .row(j)
+                    .iter()
+                    .map(move |&q| s * (q as i32 - zp) as f32)
+            })
+            .collect();
+        let module =
+            linear_from_weights(&name, kind, inp, out, dequantized, bias.as_ref().map(owned))
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let options = options(weight_bits, false, precision, None)?;
+        let inner = self.inner.clone();
+        let report = run(py, move |_| {
+            let learned = LearnedQuantizers { weights, input };
+            let compiled = compile_learned(&name, &module, learned, &options)?;
+            let report = compiled.report.clone();
+            inner
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(compiled);
+            Ok(report)
+        })?;
+        Ok(report_dict(py, &report)?.unbind())
     }
 
     /// Compile a module with activations inside from an ONNX export of it: `path` names the
@@ -628,11 +745,13 @@ impl Modules {
         let mode = parse_mode(mode)?;
         let x = tensor(&x)?;
         let inner = self.inner.clone();
-        let (y, s) = run(py, move |_| {
+        let (y, s, rust_ms) = run(py, move |_| {
             let m = inner.read().unwrap_or_else(|e| e.into_inner());
-            Ok(m.forward_module(&name, x, mode)?)
+            let t0 = Instant::now();
+            let (y, s) = m.forward_module(&name, x, mode)?;
+            Ok((y, s, t0.elapsed().as_secs_f64() * 1e3))
         })?;
-        answer(py, &y, stats.then_some(&s))
+        answer(py, &y, stats.then_some((&s, rust_ms)))
     }
 
     /// Write `path/client` (specs and `client_files`), `path/server` and `path/private`
@@ -710,14 +829,15 @@ impl RemoteSession {
     ) -> PyResult<Bound<'py, PyAny>> {
         let x = tensor(&x)?;
         let (inner, session) = (self.modules.clone(), self.session.clone());
-        let (y, s) = run(py, move |p| {
+        let (y, s, rust_ms) = run(py, move |p| {
             let m = inner.read().unwrap_or_else(|e| e.into_inner());
-            let y = p
+            let t0 = Instant::now();
+            let (y, s) = p
                 .runtime
-                .block_on(m.forward_module_remote(&name, x, session.as_ref()));
-            Ok(y?)
+                .block_on(m.forward_module_remote(&name, x, session.as_ref()))?;
+            Ok((y, s, t0.elapsed().as_secs_f64() * 1e3))
         })?;
-        answer(py, &y, stats.then_some(&s))
+        answer(py, &y, stats.then_some((&s, rust_ms)))
     }
 
     /// Close the session on the server (its keys go with it).

@@ -101,13 +101,62 @@ pub fn compile_module(
         let (lo, hi) = calibration.range().ok_or_else(never_reached)?;
         InputQuantization::Static(AffineQuantizer::from_range(lo, hi, options.n_bits)?)
     };
+    assemble(name, m, weights, input, options)
+}
+
+/// Quantizers a quantization-aware-trained layer learned (Brevitas `QuantLinear`/`QuantConv2d`,
+/// or a QCDQ export): its integer weights with their scales, and its input quantizer.
+pub struct LearnedQuantizers {
+    pub weights: QuantizedWeights,
+    pub input: AffineQuantizer,
+}
+
+/// Compile the linear module `m` with the quantizers it learned rather than ones fitted here:
+/// the server holds exactly the trained integers, and the client quantizes inputs on the trained
+/// grid, so the module computes what the QAT model computed. Only `m`'s kind, shape and bias are
+/// used (its float weights are the learned ones dequantized, for `disable` mode's reader).
+pub fn compile_learned(
+    name: &str,
+    m: &LinearModule,
+    learned: LearnedQuantizers,
+    options: &CompileOptions,
+) -> Result<CompiledModule, HybridError> {
+    if m.chain.is_some() {
+        return Err(HybridError::Unsupported(format!(
+            "`{name}` has activations inside: learned quantizers apply to a linear module"
+        )));
+    }
+    let w = &learned.weights;
+    if (w.out_features, w.in_features) != (m.out_features, m.in_features) {
+        return Err(HybridError::Unsupported(format!(
+            "`{name}`: learned weights are {}×{}, the module is {}×{}",
+            w.out_features, w.in_features, m.out_features, m.in_features
+        )));
+    }
+    assemble(
+        name,
+        m,
+        learned.weights,
+        InputQuantization::Static(learned.input),
+        options,
+    )
+}
+
+/// The spec, server module and report of a linear module once its quantizers are fixed.
+fn assemble(
+    name: &str,
+    m: &LinearModule,
+    weights: QuantizedWeights,
+    input: InputQuantization,
+    options: &CompileOptions,
+) -> Result<CompiledModule, HybridError> {
     let plan = LayerPlan::new(
         name,
         options.precision,
         m.in_features,
         m.out_features,
-        options.n_bits,
-        options.n_bits,
+        input.bits(),
+        weights.bits,
     )?;
     let spec = ClientSpec {
         protocol_version: PROTOCOL_VERSION,

@@ -22,15 +22,15 @@ mod compile_chain;
 mod compile_module;
 mod compiled;
 mod lm;
+mod model_io;
+mod onnx_compile;
 mod rows;
 mod runtime;
 mod spec;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use prost::Message;
 use tracing::Instrument;
 use tract_onnx::pb::ModelProto;
 
@@ -40,7 +40,8 @@ pub use artefacts::{
 pub use backend::{ExecuteKeys, LocalServer, Remote};
 pub use compile_chain::ChainReport;
 pub use compile_module::{
-    compile_module, linear_from_weights, Calibration, CompiledModule, ModuleReport,
+    compile_learned, compile_module, linear_from_weights, Calibration, CompiledModule,
+    LearnedQuantizers, ModuleReport,
 };
 pub use compiled::{CompiledModules, Front, Loaded};
 pub use lm::{GenerateReport, LmSignature};
@@ -50,15 +51,12 @@ pub use spec::{sha256_hex, ClientSpec, ServerModule, PROTOCOL_VERSION};
 
 use crate::fhe::{CodecError, FheError, PlanError, Precision};
 use crate::model::{cut_remote_modules, runner, LinearModule, ModelError, OnnxModel, Value};
-use crate::progress::Progress;
 use crate::quant::QuantError;
 use backend::{EncryptedBackend, FloatBackend};
 use runtime::run_ready;
 
 /// Largest spec or server-module blob we decode from disk.
 const MAX_MODULE_BYTES: usize = 1 << 30;
-/// Calibration samples per tract run when the batch axis is free.
-const CALIBRATION_BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HybridError {
@@ -126,9 +124,6 @@ impl std::fmt::Display for Mode {
         f.write_str(s)
     }
 }
-
-/// Each remote module's calibrated input range, and the input rows of the non-linear ones.
-type CalibrationRecord = (HashMap<String, (f32, f32)>, HashMap<String, Vec<f32>>);
 
 /// Per-model compile settings (applied to every remote module).
 #[derive(Clone, Debug, PartialEq)]
@@ -249,105 +244,6 @@ impl HybridModel {
     /// Use these keys for `execute` (models can share one set; key generation takes seconds).
     pub fn use_keys(&self, keys: Arc<ExecuteKeys>) {
         self.compiled.use_keys(keys);
-    }
-
-    /// Calibrate on `calibration` (samples along axis 0), then quantize and plan every remote
-    /// module. A module whose accumulator cannot fit is refused, naming it and why.
-    pub fn compile(
-        &mut self,
-        calibration: &Value,
-        options: &CompileOptions,
-        progress: &dyn Progress,
-    ) -> Result<Vec<ModuleReport>, HybridError> {
-        let samples = calibration.shape().first().copied().unwrap_or(0);
-        if samples == 0 {
-            return Err(QuantError::EmptyCalibration.into());
-        }
-        if self.private.is_some() {
-            let batch = self.calibration_batch().min(samples);
-            let first = calibration.slice(0, 0, batch).map_err(ModelError::tract)?;
-            self.verify_cut(&first)?;
-        }
-        let mut ranges = HashMap::new();
-        let mut samples = HashMap::new();
-        let chains = self.linear.values().any(|m| m.chain.is_some());
-        if !options.dynamic_inputs || chains {
-            (ranges, samples) = self.calibrate(calibration, progress)?;
-        }
-        let order = self.remote_modules();
-        progress.stage("compiling", order.len());
-        let mut compiled = Vec::new();
-        for name in &order {
-            let m = self.linear.get(name).ok_or_else(|| {
-                HybridError::Unsupported(format!(
-                    "`{name}` has no float weights here (private info was cleared)"
-                ))
-            })?;
-            let calibration = match (ranges.get(name), samples.get(name)) {
-                (Some(&(lo, hi)), Some(rows)) => Calibration::Rows { lo, hi, rows },
-                (Some(&(lo, hi)), None) => Calibration::Range(lo, hi),
-                _ => Calibration::None,
-            };
-            compiled.push(compile_module(name, m, &calibration, options)?);
-            progress.advance(1);
-        }
-        let reports = compiled.iter().map(|c| c.report.clone()).collect();
-        self.compiled.clear_modules();
-        for module in compiled {
-            self.compiled.insert(module);
-        }
-        Ok(reports)
-    }
-
-    /// Run the float model on the calibration samples, recording each remote module's input
-    /// range.
-    fn calibrate(
-        &self,
-        calibration: &Value,
-        progress: &dyn Progress,
-    ) -> Result<CalibrationRecord, HybridError> {
-        let shape = calibration.shape();
-        let samples = *shape.first().ok_or_else(|| {
-            HybridError::Model(ModelError::Input("calibration data is a scalar".into()))
-        })?;
-        if samples == 0 {
-            return Err(QuantError::EmptyCalibration.into());
-        }
-        let declared = runner::declared_shape(self.client_graph(), &self.runtime.inputs[0]);
-        let batch = self.calibration_batch();
-        let backend = FloatBackend {
-            modules: &self.linear,
-            ranges: Mutex::new(HashMap::new()),
-            samples: Some(Mutex::new(HashMap::new())),
-        };
-        let stats = Mutex::new(ForwardStats::default());
-        progress.stage("calibrating", samples);
-        let mut start = 0;
-        while start < samples {
-            let end = (start + batch).min(samples);
-            if end - start != batch && declared.as_ref().is_some_and(|d| d[0].is_some()) {
-                break; // a fixed batch axis: the remainder cannot be fed
-            }
-            let chunk = calibration
-                .slice(0, start, end)
-                .map_err(ModelError::tract)?;
-            let inputs = self.complete_inputs(chunk)?;
-            run_ready(self.runtime.run_all(inputs, &backend, &stats))?;
-            progress.advance(end - start);
-            start = end;
-        }
-        let samples = backend
-            .samples
-            .map(|s| s.into_inner().expect("samples"))
-            .unwrap_or_default();
-        Ok((backend.ranges.into_inner().expect("ranges"), samples))
-    }
-
-    /// Samples per calibration run: the declared batch size, or [`CALIBRATION_BATCH`].
-    fn calibration_batch(&self) -> usize {
-        runner::declared_shape(self.client_graph(), &self.runtime.inputs[0])
-            .and_then(|d| d.first().copied().flatten())
-            .unwrap_or(CALIBRATION_BATCH)
     }
 
     fn client_graph(&self) -> &tract_onnx::pb::GraphProto {
@@ -615,100 +511,6 @@ impl HybridModel {
     /// The in-process server of `execute`, built on first use (keygen, Fourier keys).
     pub fn local_server(&self) -> Result<Arc<LocalServer>, HybridError> {
         self.compiled.local_server()
-    }
-
-    /// Write `dir/client`, `dir/server` and `dir/private`, then drop everything private from
-    /// this instance: afterwards it can only run `Remote` (load the directory for the rest).
-    pub fn save_and_clear_private_info(
-        &mut self,
-        dir: impl AsRef<Path>,
-        force: bool,
-    ) -> Result<(), HybridError> {
-        let private = self.private.as_ref().ok_or(HybridError::Missing {
-            mode: Mode::Torch,
-            what: "the full float model",
-            hint: "",
-        })?;
-        self.compiled.save_and_clear(
-            dir.as_ref(),
-            vec![("model.onnx".to_string(), self.client_model.encode_to_vec())],
-            vec![("model.onnx".to_string(), private.encode_to_vec())],
-            force,
-        )?;
-        self.private = None;
-        // The float runtime holds the whole private model (compile's cut check builds it).
-        self.torch = OnceLock::new();
-        self.linear.clear();
-        Ok(())
-    }
-
-    /// Load whichever of `dir/client` (required), `dir/server` and `dir/private` exist, checking
-    /// versions, hashes and that the trees come from one compilation.
-    pub fn load(dir: impl AsRef<Path>) -> Result<Self, HybridError> {
-        Self::load_trees(dir, Trees::All)
-    }
-
-    /// Load `trees` of a `hyfhe compile` output: a coordinator needs only the client tree and
-    /// must never hold weights; a worker needs the server tree, never the private one.
-    pub fn load_trees(dir: impl AsRef<Path>, trees: Trees) -> Result<Self, HybridError> {
-        let dir = dir.as_ref();
-        let Loaded {
-            modules,
-            client,
-            private,
-        } = CompiledModules::load(dir, trees)?;
-        if modules.front() != Front::Onnx {
-            return Err(HybridError::Unsupported(format!(
-                "{} was compiled from a live PyTorch model (front `{}`): its client runs in \
-                 PyTorch (hyfhe.torch.HybridFHEModel), so there is no client graph for \
-                 `hyfhe run`; servers serve it as it is",
-                dir.display(),
-                modules.front()
-            )));
-        }
-        let client_model = ModelProto::decode(client.file("model.onnx")?)
-            .map_err(|e| ModelError::Decode(e.to_string()))?;
-        let runtime = Runtime::new(&client_model)?;
-        let mut in_graph = runtime.remote_modules();
-        in_graph.sort_unstable();
-        if in_graph
-            != modules
-                .specs()
-                .keys()
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-        {
-            return Err(ArtefactError::Inconsistent(format!(
-                "the client model cuts {in_graph:?}, the manifest lists {:?}",
-                client.manifest.modules
-            ))
-            .into());
-        }
-        let private = private
-            .map(|tree| {
-                ModelProto::decode(tree.file("model.onnx")?)
-                    .map_err(|e| HybridError::from(ModelError::Decode(e.to_string())))
-            })
-            .transpose()?;
-        Ok(Self {
-            private,
-            linear: HashMap::new(),
-            client_model,
-            runtime,
-            compiled: modules,
-            torch: OnceLock::new(),
-        })
-    }
-
-    /// Every compiled model under `dir` (one model, or a directory of them), with its directory.
-    pub fn load_all(
-        dir: &Path,
-        trees: Trees,
-    ) -> Result<Vec<(std::path::PathBuf, Self)>, HybridError> {
-        model_dirs(dir)?
-            .into_iter()
-            .map(|d| Ok((d.clone(), Self::load_trees(&d, trees)?)))
-            .collect()
     }
 
     /// The client tree's model: remote modules replaced by placeholders, no private weights.

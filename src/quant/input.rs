@@ -30,6 +30,29 @@ impl AffineQuantizer {
         })
     }
 
+    /// A quantizer learned elsewhere (a quantization-aware-trained layer's input quantizer),
+    /// checked: `zero_point` must be a code, `scale` positive and finite.
+    pub fn new(bits: u32, scale: f32, zero_point: i32) -> Result<Self, QuantError> {
+        check_bits("input", bits, 2, 16)?;
+        check_finite("input scale", &[scale])?;
+        if scale <= 0.0 {
+            return Err(QuantError::Shape(format!(
+                "input scale {scale} is not positive"
+            )));
+        }
+        let max = (1i64 << bits) - 1;
+        if !(0..=max).contains(&(zero_point as i64)) {
+            return Err(QuantError::Shape(format!(
+                "input zero point {zero_point} is outside the {bits}-bit codes 0..={max}"
+            )));
+        }
+        Ok(Self {
+            bits,
+            scale,
+            zero_point,
+        })
+    }
+
     /// Calibrate from sample values (static per-tensor quantization).
     pub fn calibrate(samples: &[f32], bits: u32) -> Result<Self, QuantError> {
         if samples.is_empty() {

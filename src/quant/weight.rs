@@ -80,6 +80,65 @@ impl QuantizedWeights {
         })
     }
 
+    /// Weights quantized elsewhere (a quantization-aware-trained layer's learned integers): the
+    /// codes are taken as they are, after checking they fit `bits` and the scales are usable.
+    pub fn from_codes(
+        codes: Vec<i8>,
+        out_features: usize,
+        in_features: usize,
+        bits: u32,
+        scales: Vec<f32>,
+        zero_points: Vec<i32>,
+    ) -> Result<Self, QuantError> {
+        check_bits("weight", bits, 2, 8)?;
+        if out_features == 0 || in_features == 0 || codes.len() != out_features * in_features {
+            return Err(QuantError::Shape(format!(
+                "{} weight codes for a {out_features}×{in_features} layer",
+                codes.len()
+            )));
+        }
+        if !(scales.len() == 1 || scales.len() == out_features) || zero_points.len() != scales.len()
+        {
+            return Err(QuantError::Shape(format!(
+                "{} scales and {} zero points: expected 1 (per tensor) or {out_features} (per \
+                 output channel) of each",
+                scales.len(),
+                zero_points.len()
+            )));
+        }
+        check_finite("weight scales", &scales)?;
+        if let Some(s) = scales.iter().find(|s| **s <= 0.0) {
+            return Err(QuantError::Shape(format!(
+                "weight scale {s} is not positive"
+            )));
+        }
+        let (lo, hi) = code_range(bits, WeightScheme::Asymmetric);
+        if let Some((i, c)) = codes
+            .iter()
+            .map(|&c| c as i32)
+            .chain(zero_points.iter().copied())
+            .enumerate()
+            .find(|(_, c)| !(lo..=hi).contains(c))
+        {
+            let what = if i < codes.len() {
+                "code"
+            } else {
+                "zero point"
+            };
+            return Err(QuantError::Shape(format!(
+                "weight {what} {c} is outside the {bits}-bit range {lo}..={hi}"
+            )));
+        }
+        Ok(Self {
+            out_features,
+            in_features,
+            bits,
+            codes,
+            scales,
+            zero_points,
+        })
+    }
+
     pub fn row(&self, j: usize) -> &[i8] {
         &self.codes[j * self.in_features..(j + 1) * self.in_features]
     }
