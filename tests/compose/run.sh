@@ -92,6 +92,15 @@ $HYFHE compile --model tests/fixtures/digits_cnn.onnx \
     --remote features.2 --remote classifier.0 --remote classifier.2 \
     --calibration tests/fixtures/digits_calibration_images.npy \
     --out "$work/models/digits_cnn" --force >/dev/null
+# A model compiled from a live torch model (the Python front), where its venv exists (.ci/run
+# makes it in python/test.sh before this script): served by the same cluster.
+PY=${HYFHE_PY_VENV:-$PWD/target/pyenv}/bin/python
+if [ -x "$PY" ] && "$PY" -c "import hyfhe.torch" 2>/dev/null; then
+    "$PY" tests/compose/torch_front.py compile "$work/models"
+else
+    PY=""
+    log "no venv with the hyfhe wheel ($HYFHE_PY_VENV or target/pyenv): the torch-front check is skipped (bash python/test.sh makes it)"
+fi
 API_KEY="ci-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 KEY_HASH=$($HYFHE keys hash "$API_KEY")
 printf '[[tenants]]\nname = "compose-ci"\napi_key_sha256 = "%s"\n' "$KEY_HASH" >"$work/tenants.toml"
@@ -195,6 +204,11 @@ grep -q "UnknownIssuer" "$work/tls-untrusted.err" || {
     exit 1
 }
 log "a client without the CA: refused ($(grep -o 'invalid peer certificate[^)]*' "$work/tls-untrusted.err" | head -1))"
+
+if [ -n "$PY" ]; then
+    log "the torch-front model from a fresh Python process, remote through the cluster"
+    HYFHE_API_KEY="$API_KEY" "$PY" tests/compose/torch_front.py remote "$work/models" "$URL"
+fi
 
 # --- fault scenarios ------------------------------------------------------------------------
 table="$work/table.md"

@@ -7,11 +7,12 @@ use std::path::Path;
 use hyfhe::client::Client;
 use hyfhe::commands::read_npy;
 use hyfhe::hybrid::{
-    compile_module, linear_from_weights, Calibration, CompileOptions, CompiledModules, Front,
-    HybridModel, Loaded, Mode, Trees,
+    compile_learned, compile_module, linear_from_weights, Calibration, CompileOptions,
+    CompiledModules, Front, HybridModel, LearnedQuantizers, Loaded, Mode, Trees,
 };
 use hyfhe::model::{LinearKind, OnnxModel};
 use hyfhe::progress::Silent;
+use hyfhe::quant::{AffineQuantizer, InputQuantization, QuantizedWeights};
 
 use crate::cluster::{config_file, Cluster};
 use crate::hybrid::{fixture, values};
@@ -132,4 +133,76 @@ fn both_fronts_write_the_same_server_tree_and_a_torch_tree_is_served_but_not_run
             .unwrap();
         assert_eq!(values(&y), values(&layer), "remote differs from simulate");
     });
+}
+
+/// A QAT layer's quantizers (Brevitas, through the Python package) go through
+/// `compile_learned`: given the very quantizers `compile_module` would fit, it writes the same
+/// bytes, so a learned layer is served like any other; quantizers that cannot be served are
+/// refused naming the value.
+#[test]
+fn learned_quantizers_compile_to_the_same_bytes_and_bad_ones_are_refused_by_value() {
+    let onnx = OnnxModel::load(fixture("fc_small.onnx")).unwrap();
+    let m = onnx.linear_module("seq.0").unwrap();
+    let options = CompileOptions::default();
+    let fitted = compile_module("seq.0", &m, &Calibration::Range(-2.5, 3.0), &options).unwrap();
+    let InputQuantization::Static(input) = fitted.spec.input else {
+        panic!("a calibrated range gives a static quantizer")
+    };
+    let w = &fitted.server.weights;
+    let weights = QuantizedWeights::from_codes(
+        w.codes.clone(),
+        w.out_features,
+        w.in_features,
+        w.bits,
+        w.scales.clone(),
+        w.zero_points.clone(),
+    )
+    .unwrap();
+    let learned = LearnedQuantizers {
+        weights,
+        input: AffineQuantizer::new(input.bits, input.scale, input.zero_point).unwrap(),
+    };
+    let same = compile_learned("seq.0", &m, learned, &options).unwrap();
+    assert_eq!(same.spec.sha256(), fitted.spec.sha256());
+    assert_eq!(
+        rmp_serde::to_vec(&same.server).unwrap(),
+        rmp_serde::to_vec(&fitted.server).unwrap()
+    );
+
+    // 4-bit codes run from -8 to 7; one past either end is refused with its value.
+    let codes = |bad: i8| {
+        let mut c = vec![1i8; 6];
+        c[4] = bad;
+        QuantizedWeights::from_codes(c, 2, 3, 4, vec![0.1], vec![0])
+    };
+    assert!(codes(-8).is_ok() && codes(7).is_ok());
+    let err = codes(8).unwrap_err().to_string();
+    assert!(
+        err.contains("weight code 8 is outside the 4-bit range -8..=7"),
+        "{err}"
+    );
+    let err = QuantizedWeights::from_codes(vec![0; 6], 2, 3, 4, vec![0.1; 3], vec![0; 3])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("3 scales and 3 zero points"), "{err}");
+    let err = QuantizedWeights::from_codes(vec![0; 6], 2, 3, 4, vec![0.1, -0.2], vec![0, 0])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("weight scale -0.2 is not positive"), "{err}");
+    let err = AffineQuantizer::new(4, 0.5, 16).unwrap_err().to_string();
+    assert!(
+        err.contains("zero point 16 is outside the 4-bit codes 0..=15"),
+        "{err}"
+    );
+    assert!(AffineQuantizer::new(4, f32::NAN, 8).is_err());
+    // Learned weights of another shape than the module's.
+    let other = LearnedQuantizers {
+        weights: QuantizedWeights::from_codes(vec![0; 6], 2, 3, 4, vec![0.1], vec![0]).unwrap(),
+        input: AffineQuantizer::new(4, 0.5, 8).unwrap(),
+    };
+    let err = compile_learned("seq.0", &m, other, &options)
+        .err()
+        .expect("a shape mismatch is refused")
+        .to_string();
+    assert!(err.contains("learned weights are 2×3"), "{err}");
 }
