@@ -25,8 +25,8 @@ use hyfhe::client::{Client, ClientError};
 use hyfhe::fhe::Precision;
 use hyfhe::hybrid::{
     compile_learned, compile_module, linear_from_weights, Calibration, CompileOptions,
-    CompiledModules, ForwardStats, Front, HybridError, LearnedQuantizers, Loaded, Mode,
-    ModuleReport, Trees,
+    CompiledModule, CompiledModules, ForwardStats, Front, HybridError, LearnedQuantizers, Loaded,
+    Mode, ModuleReport, Trees,
 };
 use hyfhe::model::{runner, ConvGeometry, LinearKind, ModelError, OnnxModel, Value};
 use hyfhe::progress::Silent;
@@ -333,9 +333,24 @@ impl Modules {
     }
 
     fn add(&self, py: Python<'_>, name: String, m: LinearModuleArgs) -> PyResult<Py<PyDict>> {
+        self.install(py, move || {
+            Ok(compile_module(
+                &name,
+                &m.module,
+                &m.calibration(),
+                &m.options,
+            )?)
+        })
+    }
+
+    /// Compile on the pool (GIL released) and keep the module; its report as a dict.
+    fn install<F>(&self, py: Python<'_>, compile: F) -> PyResult<Py<PyDict>>
+    where
+        F: FnOnce() -> Outcome<CompiledModule> + Send + 'static,
+    {
         let inner = self.inner.clone();
         let report = run(py, move |_| {
-            let compiled = compile_module(&name, &m.module, &m.calibration(), &m.options)?;
+            let compiled = compile()?;
             let report = compiled.report.clone();
             inner
                 .write()
@@ -663,18 +678,10 @@ impl Modules {
             linear_from_weights(&name, kind, inp, out, dequantized, bias.as_ref().map(owned))
                 .map_err(|e| PyValueError::new_err(e.to_string()))?;
         let options = options(weight_bits, false, precision, None)?;
-        let inner = self.inner.clone();
-        let report = run(py, move |_| {
+        self.install(py, move || {
             let learned = LearnedQuantizers { weights, input };
-            let compiled = compile_learned(&name, &module, learned, &options)?;
-            let report = compiled.report.clone();
-            inner
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(compiled);
-            Ok(report)
-        })?;
-        Ok(report_dict(py, &report)?.unbind())
+            Ok(compile_learned(&name, &module, learned, &options)?)
+        })
     }
 
     /// Compile a module with activations inside from an ONNX export of it: `path` names the
@@ -703,8 +710,7 @@ impl Modules {
                 (l.min(v), h.max(v))
             });
         let options = options(n_bits, false, "exact", rounding_bits)?;
-        let inner = self.inner.clone();
-        let report = run(py, move |_| {
+        self.install(py, move || {
             let model = OnnxModel::from_bytes(&onnx).map_err(HybridError::from)?;
             let module = model.linear_module(&path).map_err(HybridError::from)?;
             if !rows.len().is_multiple_of(module.in_features) {
@@ -719,15 +725,8 @@ impl Modules {
                 hi,
                 rows: &rows,
             };
-            let compiled = compile_module(&name, &module, &calibration, &options)?;
-            let report = compiled.report.clone();
-            inner
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(compiled);
-            Ok(report)
-        })?;
-        Ok(report_dict(py, &report)?.unbind())
+            Ok(compile_module(&name, &module, &calibration, &options)?)
+        })
     }
 
     /// Module `name` on `x` (its input tensor: `[..., in]`, or NCHW for a conv) in `mode`:
