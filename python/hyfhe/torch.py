@@ -104,6 +104,7 @@ class RemoteModule(nn.Module):
         self.private_module = private_module
         self.fhe_local_mode = HybridFHEMode.TORCH
         self._binding = binding
+        self._conv = isinstance(private_module, nn.Conv2d)
 
     def extra_repr(self) -> str:
         return f"module_name={self.module_name!r}, fhe_local_mode={self.fhe_local_mode.value}"
@@ -145,7 +146,9 @@ class RemoteModule(nn.Module):
         out = torch.from_numpy(y).to(device=x.device, dtype=x.dtype)
         if want:
             stats.update(module=self.module_name, mode=mode.value,
-                         rows=int(np.prod(xn.shape[:-1])) if xn.ndim > 1 else 1,
+                         # Images for a conv (NCHW), else every leading dimension.
+                         rows=int(xn.shape[0]) if self._conv else
+                         (int(np.prod(xn.shape[:-1])) if xn.ndim > 1 else 1),
                          wall_ms=(time.perf_counter() - t0) * 1e3)
             b.stats.append(stats)
         return out
@@ -182,9 +185,15 @@ def _plain(x: Any) -> Any:
 
 def _brevitas_kind(m: Optional[nn.Module]) -> Optional[str]:
     """``"linear"`` or ``"conv2d"`` for Brevitas's QAT layers (without importing Brevitas)."""
-    if m is None or not type(m).__module__.startswith("brevitas."):
+    if m is None:
         return None
-    return {"QuantLinear": "linear", "QuantConv2d": "conv2d"}.get(type(m).__name__)
+    # Through the MRO, so a user's subclass of QuantLinear is still a QAT layer.
+    for cls in type(m).__mro__:
+        if cls.__module__.startswith("brevitas."):
+            kind = {"QuantLinear": "linear", "QuantConv2d": "conv2d"}.get(cls.__name__)
+            if kind is not None:
+                return kind
+    return None
 
 
 def _learned_input(m: Optional[nn.Module], x: Any) -> Optional[tuple]:
@@ -193,7 +202,17 @@ def _learned_input(m: Optional[nn.Module], x: Any) -> Optional[tuple]:
     with ``return_quant_tensor=True``). ``(bits, scale, zero point)`` over unsigned codes."""
     if _brevitas_kind(m) is None:
         return None
+    if m.training:
+        raise RuntimeError(
+            f"{type(m).__name__} is in training mode: its quantizers still move; call "
+            "model.eval() before compile_model"
+        )
     if m.input_quant.is_quant_enabled:
+        if getattr(m.input_quant, "is_narrow_range", False):
+            raise ValueError(
+                f"{type(m).__name__}: a narrow-range input quantizer (its lowest code unused) "
+                "is not supported; use narrow_range=False for activations"
+            )
         with torch.no_grad():
             q = m.input_quant(x)
     elif type(x).__name__.endswith("QuantTensor"):
@@ -206,11 +225,18 @@ def _learned_input(m: Optional[nn.Module], x: Any) -> Optional[tuple]:
             "quantizes a row with one scale)"
         )
     bits = int(q.bit_width)
-    zero_point = int(round(float(q.zero_point)))
+    zero_point = _integer_zero_point(float(q.zero_point), type(m).__name__)
     if bool(q.signed):
         # Signed codes [-2^(b-1), 2^(b-1)) are unsigned codes shifted by 2^(b-1).
         zero_point += 1 << (bits - 1)
     return (bits, float(q.scale), zero_point)
+
+
+def _integer_zero_point(z: float, what: str) -> int:
+    if z != round(z):
+        raise ValueError(f"{what}: zero point {z} is not an integer (quantize_zero_point=False); "
+                         "remote modules take integer zero points")
+    return int(round(z))
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -441,7 +467,8 @@ class HybridFHEModel:
             _check_conv(name, m)
             conv = (tuple(m.stride), _conv_padding(m), tuple(m.dilation))
         return self._binding.native.compile_learned(
-            name, codes, wbits, scale.tolist(), [int(round(z)) for z in zero_point.tolist()],
+            name, codes, wbits, scale.tolist(),
+            [_integer_zero_point(z, f"`{name}` weights") for z in zero_point.tolist()],
             _numpy(m.bias), learned, rng, bits, conv, precision)
 
     def _compile_block(self, name: str, m: nn.Module, bits: int, rounding: Optional[int]) -> dict:
@@ -461,7 +488,8 @@ class HybridFHEModel:
 
     def collect_stats(self, on: bool = True) -> List[dict]:
         """Record every remote module call from now on (``on=False`` stops): the list returned
-        fills with one dict per call: ``module``, ``mode``, ``rows``, ``wall_ms`` (the call as
+        fills with one dict per call: ``module``, ``mode``, ``rows`` (images for a conv),
+        ``wall_ms`` (the call as
         Python sees it, tensor in to tensor out), ``rust_ms`` (the same call inside Rust, what
         a Rust client pays), the Rust stage times (``quantize_ms``, ``encrypt_ms``, ``fhe_ms``,
         ``decrypt_ms``, ``dequantize_ms``, ``clear_ms``), ``requests`` and wire bytes."""

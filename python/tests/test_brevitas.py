@@ -123,3 +123,25 @@ def test_brevitas_layers_that_cannot_be_served_are_refused_by_name():
     with pytest.warns(UserWarning, match="no input quantizer"):
         hybrid.compile_model(torch.randn(8, 4), n_bits=6)
     assert hybrid._binding.native.spec("0")["input_bits"] == 6
+    # Quantizers that still move (training mode) and narrow-range input grids are refused.
+    moving = nn.Sequential(qnn.QuantLinear(4, 2, bias=True, weight_bit_width=4,
+                                           input_quant=Int8ActPerTensorFloat)).train()
+    with pytest.raises(RuntimeError, match="training mode"):
+        HybridFHEModel(moving, ["0"], model_name="moving").compile_model(torch.randn(8, 4))
+    narrow = nn.Sequential(qnn.QuantLinear(4, 2, bias=True, weight_bit_width=4,
+                                           input_quant=Int8ActPerTensorFloat,
+                                           input_narrow_range=True)).eval()
+    with pytest.raises(ValueError, match="narrow-range input quantizer"):
+        HybridFHEModel(narrow, ["0"], model_name="narrow").compile_model(torch.randn(8, 4))
+
+
+def test_a_subclass_of_quant_linear_is_still_compiled_with_its_learned_quantizers():
+    class Mine(qnn.QuantLinear):
+        pass
+
+    torch.manual_seed(4)
+    model = nn.Sequential(qnn.QuantIdentity(bit_width=4, return_quant_tensor=True),
+                          Mine(6, 3, bias=True, weight_bit_width=3)).eval()
+    hybrid = HybridFHEModel(model, ["1"], model_name="mine")
+    hybrid.compile_model(torch.randn(32, 6), n_bits=8)
+    assert hybrid._binding.native.spec("1")["weight_bits"] == 3
