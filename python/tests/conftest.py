@@ -54,6 +54,16 @@ def seeded(cls, *args, seed: int = 0):
     return cls(*args).eval()
 
 
+def fc_small_hybrid() -> tuple:
+    """FCSmall (seeded) with `seq.0` remote, compiled at 8 bits: (model, hybrid)."""
+    from hyfhe.torch import HybridFHEModel
+
+    model = seeded(FCSmall)
+    hybrid = HybridFHEModel(model, ["seq.0"], model_name="fc_small")
+    hybrid.compile_model(torch.randn(64, 10))
+    return model, hybrid
+
+
 def hyfhe_bin() -> Path:
     """The CLI the Rust build made (`cargo build --release`, or `cargo test --release`)."""
     path = Path(os.environ.get("HYFHE_BIN", REPO / "target" / "release" / "hyfhe"))

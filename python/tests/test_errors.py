@@ -10,14 +10,7 @@ import hyfhe
 from hyfhe import _native
 from hyfhe.torch import HybridFHEModel
 
-from conftest import API_KEY, FCSmall, free_port, seeded
-
-
-def compiled() -> tuple:
-    model = seeded(FCSmall)
-    hybrid = HybridFHEModel(model, ["seq.0"], model_name="fc_small")
-    hybrid.compile_model(torch.randn(64, 10))
-    return model, hybrid
+from conftest import API_KEY, FCSmall, fc_small_hybrid, free_port, seeded
 
 
 def test_unknown_and_nested_module_names_are_refused_with_the_closest_names():
@@ -30,7 +23,7 @@ def test_unknown_and_nested_module_names_are_refused_with_the_closest_names():
 
 
 def test_wrong_shapes_dtypes_and_modes_are_clear_errors():
-    model, hybrid = compiled()
+    model, hybrid = fc_small_hybrid()
     hybrid.set_fhe_mode("simulate")
     with pytest.raises(ValueError, match=r"expected \[\.\.\., 10\]"):
         model.seq[0](torch.randn(3, 7))
@@ -51,7 +44,7 @@ def test_wrong_shapes_dtypes_and_modes_are_clear_errors():
 
 
 def test_a_server_that_is_down_or_refuses_the_key_is_a_clear_exception(tmp_path):
-    _, hybrid = compiled()
+    _, hybrid = fc_small_hybrid()
     hybrid.server_remote_address = f"http://127.0.0.1:{free_port()}"
     hybrid.api_key = API_KEY
     with pytest.raises(hyfhe.ServerUnreachable, match="cannot reach"):
@@ -63,7 +56,7 @@ def test_a_server_that_is_down_or_refuses_the_key_is_a_clear_exception(tmp_path)
 
 
 def test_after_saving_only_remote_runs_and_torch_mode_says_why(tmp_path):
-    model, hybrid = compiled()
+    model, hybrid = fc_small_hybrid()
     hybrid.save_and_clear_private_info(tmp_path / "m")
     with pytest.raises(RuntimeError, match="quantized weights"):
         hybrid.set_fhe_mode("simulate")

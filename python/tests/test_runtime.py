@@ -12,18 +12,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from hyfhe.torch import HybridFHEModel
 
-from conftest import FCSmall, seeded
-
-
-def fresh() -> tuple:
-    model = seeded(FCSmall)
-    hybrid = HybridFHEModel(model, ["seq.0"], model_name="fc_small")
-    hybrid.compile_model(torch.randn(64, 10))
-    return model, hybrid
+from conftest import fc_small_hybrid
 
 
 def test_another_python_thread_keeps_running_during_a_long_forward():
-    _, hybrid = fresh()
+    _, hybrid = fc_small_hybrid()
     ticks, stop = [0], threading.Event()
 
     def count() -> None:
@@ -47,7 +40,7 @@ def test_another_python_thread_keeps_running_during_a_long_forward():
 
 
 def test_ctrl_c_interrupts_a_long_forward():
-    _, hybrid = fresh()
+    _, hybrid = fc_small_hybrid()
     # What a terminal's Ctrl-C meets: Python's default handler. A runner started in the
     # background of a non-interactive shell inherits SIGINT ignored, so set it here.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -81,7 +74,7 @@ class Rows(Dataset):
 
 
 def test_a_dataloader_with_forked_workers_after_the_client_was_used():
-    _, hybrid = fresh()
+    _, hybrid = fc_small_hybrid()
     with torch.no_grad():
         hybrid(torch.randn(2, 10), fhe="execute")  # this process's pool and keys exist now
     expected = torch.stack([Rows(hybrid)[i] for i in range(8)])
