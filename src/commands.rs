@@ -95,8 +95,72 @@ pub fn inspect(model: &Path) -> Result<String, HybridError> {
         onnx.input_names(),
         graph.output.iter().map(|o| &o.name).collect::<Vec<_>>()
     );
-    out.push_str(&onnx.modules().render());
+    out.push_str(
+        &onnx
+            .modules()
+            .render_annotated(|info| remote_verdict(&onnx, info)),
+    );
     Ok(out)
+}
+
+/// Modules holding more weighted ops than this are not tried as one remote module by
+/// `inspect` (a whole model or stack is never one): it points at their children instead.
+const INSPECT_MAX_WEIGHTED: usize = 8;
+
+/// Whether `info` can run remote, as `compile --remote` would decide it, or why not; `None` for
+/// a module with nothing to evaluate (no Gemm, MatMul or Conv).
+fn remote_verdict(onnx: &OnnxModel, info: &crate::model::ModuleInfo) -> Option<String> {
+    let weighted = info
+        .op_types
+        .iter()
+        .filter(|op| matches!(op.as_str(), "Gemm" | "MatMul" | "Conv"))
+        .count();
+    if weighted == 0 {
+        return None;
+    }
+    if weighted > INSPECT_MAX_WEIGHTED {
+        return Some(format!(
+            "not one remote module ({weighted} weighted ops): pick its children"
+        ));
+    }
+    Some(match onnx.linear_module(&info.path) {
+        Ok(m) => {
+            let what = match &m.chain {
+                Some(c) => format!(
+                    "remote: {} layers with activations ({}), {}→{}",
+                    c.layers.len(),
+                    c.activations
+                        .iter()
+                        .flatten()
+                        .map(|a| a.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    m.in_features,
+                    m.out_features
+                ),
+                None => format!("remote: linear {}→{}", m.in_features, m.out_features),
+            };
+            match &m.learned {
+                Some(l) => format!(
+                    "{what}, learned quantizers: {}-bit weights ({}), input {}",
+                    l.weight.bits(),
+                    if l.weight.per_tensor() {
+                        "per tensor"
+                    } else {
+                        "per channel"
+                    },
+                    l.input
+                        .as_ref()
+                        .map_or("calibrated".to_string(), |g| format!(
+                            "{}-bit grid",
+                            g.bits()
+                        ))
+                ),
+                None => what,
+            }
+        }
+        Err(e) => format!("local only: {e}"),
+    })
 }
 
 pub struct CompileRequest<'a> {
@@ -143,7 +207,10 @@ fn render_reports(reports: &[ModuleReport]) -> String {
     for r in reports {
         let input = match r.input {
             crate::quant::InputQuantization::Static(q) => {
-                format!("static scale {:.3e} zp {}", q.scale, q.zero_point)
+                format!(
+                    "static {}-bit scale {:.3e} zp {}",
+                    q.bits, q.scale, q.zero_point
+                )
             }
             crate::quant::InputQuantization::DynamicPerRow { .. } => "dynamic per row".into(),
         };
@@ -152,8 +219,8 @@ fn render_reports(reports: &[ModuleReport]) -> String {
             Precision::Compact => format!("compact, {} top bits", r.plan.predicted_exact_top_bits),
         };
         out.push_str(&format!(
-            "  {:<24} {}→{}  {}-bit acc  {precision}  input {input}\n",
-            r.module, r.plan.in_features, r.plan.out_features, r.plan.acc_bits
+            "  {:<24} {}→{}  {}-bit weights  {}-bit acc  {precision}  input {input}\n",
+            r.module, r.plan.in_features, r.plan.out_features, r.plan.weight_bits, r.plan.acc_bits
         ));
         out.push_str(&exposure(r));
         if let Some(c) = &r.chain {

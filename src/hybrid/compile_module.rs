@@ -10,6 +10,7 @@ use super::compile_chain::{compile_chain, ChainReport};
 use super::spec::{ClientSpec, ServerModule, PROTOCOL_VERSION};
 use super::{CompileOptions, HybridError};
 use crate::fhe::LayerPlan;
+use crate::model::linear::LearnedGrid;
 use crate::model::{LinearKind, LinearModule};
 use crate::quant::{
     AffineQuantizer, Granularity, InputQuantization, OutputDequantizer, QuantizedWeights,
@@ -85,6 +86,10 @@ pub fn compile_module(
             report,
         });
     }
+    if let Some(grid) = &m.learned {
+        let learned = learned_from_grid(name, m, grid, calibration, options)?;
+        return compile_learned(name, m, learned, options);
+    }
     let weights = QuantizedWeights::quantize(
         &m.weight,
         m.out_features,
@@ -140,6 +145,87 @@ pub fn compile_learned(
         InputQuantization::Static(learned.input),
         options,
     )
+}
+
+/// The quantizers a QCDQ export wrote around `m` (see `model::qdq`): its weight codes read back
+/// from the dequantized weight (exactly: `w / scale` is an integer up to rounding of one
+/// product), signed or unsigned codes shifted onto the engine's signed weights and unsigned
+/// inputs; an input without a grid gets an `n_bits` quantizer over its calibrated range.
+fn learned_from_grid(
+    name: &str,
+    m: &LinearModule,
+    grid: &LearnedGrid,
+    calibration: &Calibration<'_>,
+    options: &CompileOptions,
+) -> Result<LearnedQuantizers, HybridError> {
+    let refuse = |reason: String| HybridError::Unsupported(format!("`{name}`: {reason}"));
+    let w = &grid.weight;
+    let bits = w.bits();
+    if !(2..=8).contains(&bits) {
+        return Err(refuse(format!(
+            "its learned weights take {bits} bits (codes {}..={}); the engine multiplies by \
+             2- to 8-bit weights",
+            w.lo, w.hi
+        )));
+    }
+    let (out, inp) = (m.out_features, m.in_features);
+    if !(w.scale.len() == 1 || w.scale.len() == out) {
+        return Err(refuse(format!(
+            "{} weight scales for {out} output channels: only per-tensor or per-output-channel \
+             weight quantization can be served",
+            w.scale.len()
+        )));
+    }
+    // Codes outside the engine's signed range (unsigned ones) move onto it, the zero point
+    // with them: `q − zero_point`, and so every product, is unchanged.
+    let half = 1i64 << (bits - 1);
+    let shift = if w.lo >= -half && w.hi < half {
+        0
+    } else {
+        w.lo + half
+    };
+    let mut codes = Vec::with_capacity(out * inp);
+    for j in 0..out {
+        let k = if w.scale.len() == 1 { 0 } else { j };
+        let (s, zp) = (w.scale[k], w.zero_point[k]);
+        for &v in &m.weight[j * inp..(j + 1) * inp] {
+            let x = v / s;
+            let q = x.round() as i64 + zp;
+            if (x - x.round()).abs() > 1e-3 || !(w.lo..=w.hi).contains(&q) {
+                return Err(refuse(format!(
+                    "weight value {v} of output channel {j} is not on its learned grid (scale \
+                     {s}, zero point {zp}, codes {}..={}): per-channel scales along an axis \
+                     other than the output channels cannot be served",
+                    w.lo, w.hi
+                )));
+            }
+            codes.push((q - shift) as i8);
+        }
+    }
+    let zero_points = w.zero_point.iter().map(|&z| (z - shift) as i32).collect();
+    let weights = QuantizedWeights::from_codes(codes, out, inp, bits, w.scale.clone(), zero_points)
+        .map_err(|e| refuse(e.to_string()))?;
+    let input = match &grid.input {
+        Some(g) => {
+            let bits = g.bits();
+            if bits > 16 {
+                return Err(refuse(format!(
+                    "its learned input grid has {bits}-bit codes ({}..={}); inputs take at most \
+                     16 bits",
+                    g.lo, g.hi
+                )));
+            }
+            AffineQuantizer::new(bits, g.scale[0], (g.zero_point[0] - g.lo) as i32)
+                .map_err(|e| refuse(e.to_string()))?
+        }
+        None => {
+            let (lo, hi) = calibration.range().ok_or_else(|| {
+                HybridError::Unsupported(format!("calibration never reached `{name}`"))
+            })?;
+            AffineQuantizer::from_range(lo, hi, options.n_bits)?
+        }
+    };
+    Ok(LearnedQuantizers { weights, input })
 }
 
 /// The spec, server module and report of a linear module once its quantizers are fixed.
@@ -249,5 +335,6 @@ pub fn linear_from_weights(
         nodes: Vec::new(),
         initializers: Vec::new(),
         chain: None,
+        learned: None,
     })
 }

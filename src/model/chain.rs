@@ -208,12 +208,17 @@ impl ChainModule {
             .iter()
             .filter(|&&i| is_weighted(&graph.node[i]))
             .count();
+        // A quantizer's Clip (QCDQ) is not an activation.
+        let quantizer_clip = |i: usize| {
+            graph.node[i].op_type == "Clip" && GraphConstants::new(graph).is_quantizer_clip(i)
+        };
         weighted > 1
             || weighted == 1
                 && info.nodes.iter().any(|&i| {
                     let op = graph.node[i].op_type.as_str();
                     ELEMENTWISE.contains(&op)
                         && !matches!(op, "Add" | "Identity" | "Constant" | "Cast")
+                        && !quantizer_clip(i)
                         || op == "BatchNormalization"
                 })
     }

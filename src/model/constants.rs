@@ -15,7 +15,7 @@ use super::{float_initializer, ModelError};
 
 /// Most ops between an initializer and the tensor computed from it (a weight is never more than
 /// a few ops from its initializer; a malformed graph may loop).
-const MAX_CHAIN: usize = 16;
+pub(super) const MAX_CHAIN: usize = 16;
 
 /// A constant float tensor and the nodes that computed it (indices into `graph.node`, from the
 /// last one back towards the initializer).
@@ -30,9 +30,9 @@ pub struct Folded {
 
 /// The producers and initializers of one graph, for folding constants.
 pub struct GraphConstants<'a> {
-    graph: &'a GraphProto,
-    inits: HashMap<&'a str, &'a TensorProto>,
-    producer: HashMap<&'a str, usize>,
+    pub(super) graph: &'a GraphProto,
+    pub(super) inits: HashMap<&'a str, &'a TensorProto>,
+    pub(super) producer: HashMap<&'a str, usize>,
 }
 
 impl<'a> GraphConstants<'a> {
@@ -64,7 +64,11 @@ impl<'a> GraphConstants<'a> {
         matches!(self.float(name), Some(Ok(_)))
     }
 
-    fn float_within(&self, name: &str, depth: usize) -> Option<Result<Folded, ModelError>> {
+    pub(super) fn float_within(
+        &self,
+        name: &str,
+        depth: usize,
+    ) -> Option<Result<Folded, ModelError>> {
         if let Some(t) = self.inits.get(name) {
             return Some(float_initializer(t).map(|(shape, values)| Folded {
                 shape,
@@ -150,6 +154,8 @@ impl<'a> GraphConstants<'a> {
                 let values = f.values.clone();
                 Some(Ok(with_node(f, shape, values)))
             }
+            // A quantization-aware-trained weight: its learned integers, dequantized (`qdq.rs`).
+            "DequantizeLinear" => self.dequantize_constant(p, depth),
             _ => None,
         }
     }
@@ -288,7 +294,7 @@ fn int_values(t: &TensorProto) -> Option<Vec<i64>> {
     }
 }
 
-fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+pub(super) fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     n.attribute.iter().find(|a| a.name == name)
 }
 

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto};
 
 use super::constants::GraphConstants;
+use super::qdq::QuantGrid;
 use super::{ModelError, ModuleInfo};
 
 /// Geometry of a 2-D convolution; `pads` are `[top, left, bottom, right]`.
@@ -90,6 +91,17 @@ pub struct LinearModule {
     /// For a module with activations inside: all its layers (the first is the one described by
     /// the fields above, whose `out_features` is then the module's output width).
     pub chain: Option<Box<super::chain::ChainModule>>,
+    /// The quantizers a quantization-aware-trained export wrote around the weighted op (QCDQ):
+    /// used instead of fitted ones when compiling.
+    pub learned: Option<LearnedGrid>,
+}
+
+/// A QAT layer's learned grids: its weight's, and its input's when the input is a dequantized
+/// tensor (directly or through grid-preserving ops).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LearnedGrid {
+    pub weight: QuantGrid,
+    pub input: Option<QuantGrid>,
 }
 
 /// Ops that change an activation's shape but not the row-major order of its values: a linear
@@ -113,6 +125,9 @@ const SHAPE_OPS: &[&str] = &[
 /// Ops allowed on the path from a weight initializer to the weighted op (dynamo and TorchScript
 /// sometimes transpose `nn.Linear.weight` in the graph instead of folding it).
 const WEIGHT_OPS: &[&str] = &["Transpose", "Identity"];
+/// A quantizer written into the graph (QCDQ): on the weight's path it is folded into the weight
+/// (and its grid kept), on the activation's path it stays with the client, like a view.
+const QDQ_OPS: &[&str] = &["QuantizeLinear", "Clip", "DequantizeLinear"];
 
 impl LinearModule {
     /// Recognise the module as one weighted op (Gemm, MatMul with a constant matrix, or Conv),
@@ -132,7 +147,8 @@ impl LinearModule {
             let op = graph.node[i].op_type.as_str();
             !(matches!(op, "Gemm" | "MatMul" | "Conv" | "Add")
                 || SHAPE_OPS.contains(&op)
-                || WEIGHT_OPS.contains(&op))
+                || WEIGHT_OPS.contains(&op)
+                || QDQ_OPS.contains(&op))
         }) {
             return Err(non_linear(&graph.node[i]));
         }
@@ -185,6 +201,14 @@ impl LinearModule {
                 n.op_type, n.name
             ))
         })??;
+        let weight_grid = match weight_nodes
+            .iter()
+            .chain(resolver.outside.borrow().iter())
+            .find(|&&p| graph.node[p].op_type == "DequantizeLinear")
+        {
+            Some(&dq) => resolver.folder.grid(dq).transpose()?,
+            None => None,
+        };
 
         // Backwards from the weighted op's data input: views only. They stay in the client's
         // graph (a reshape reveals nothing), so the remote step sees exactly the op's operand.
@@ -198,6 +222,30 @@ impl LinearModule {
                     "node `{}` is part of a cycle",
                     pn.name
                 )));
+            }
+            if pn.op_type == "DequantizeLinear" {
+                // A learned input quantizer (QuantizeLinear → Clip → DequantizeLinear): the
+                // client runs it, and the grid it produces is the module's input quantizer.
+                let grid = resolver.folder.grid(p).transpose()?;
+                match grid {
+                    Some(g)
+                        if g.nodes
+                            .iter()
+                            .any(|q| graph.node[*q].op_type == "QuantizeLinear") =>
+                    {
+                        views.extend(g.nodes.iter().copied());
+                        let q = *g.nodes.last().expect("a DequantizeLinear");
+                        t = input_at(&graph.node[q], 0)?.to_string();
+                        continue;
+                    }
+                    _ => {
+                        return Err(unsupported(format!(
+                            "DequantizeLinear node `{}` before the {} is not a quantizer the \
+                             client can run (QuantizeLinear → Clip → DequantizeLinear)",
+                            pn.name, n.op_type
+                        )))
+                    }
+                }
             }
             if !VIEW_OPS.contains(&pn.op_type.as_str()) {
                 return Err(unsupported(format!(
@@ -441,6 +489,13 @@ impl LinearModule {
                 initializers.push(root.clone());
             }
         }
+        let learned = match weight_grid {
+            Some(weight) => Some(LearnedGrid {
+                weight,
+                input: resolver.folder.activation_grid(&input).transpose()?,
+            }),
+            None => None,
+        };
         Ok(Self {
             path: info.path.clone(),
             kind,
@@ -453,6 +508,7 @@ impl LinearModule {
             nodes,
             initializers,
             chain: None,
+            learned,
         })
     }
 }

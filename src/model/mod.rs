@@ -11,6 +11,7 @@ pub mod graph;
 pub mod linear;
 pub mod modules;
 pub mod proto;
+pub mod qdq;
 pub mod runner;
 pub mod synthetic;
 mod tensor;

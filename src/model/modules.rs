@@ -152,6 +152,12 @@ impl ModuleTree {
 
     /// One line per module, as `hyfhe inspect` prints them.
     pub fn render(&self) -> String {
+        self.render_annotated(|_| None)
+    }
+
+    /// [`Self::render`] with a line of `annotate`'s under each module it has something to say
+    /// about (`hyfhe inspect`: whether the module can run remote, and why not).
+    pub fn render_annotated(&self, annotate: impl Fn(&ModuleInfo) -> Option<String>) -> String {
         let mut out = String::new();
         for m in &self.modules {
             let depth = self
@@ -201,6 +207,9 @@ impl ModuleTree {
             ));
             if let Some(note) = &m.note {
                 out.push_str(&format!("{:indent$}  ({note})\n", "", indent = 2 * depth));
+            }
+            if let Some(line) = annotate(m) {
+                out.push_str(&format!("{:indent$}  → {line}\n", "", indent = 2 * depth));
             }
         }
         out
