@@ -15,6 +15,7 @@ mod isolation;
 mod llm;
 mod noise;
 mod pbs;
+mod qat;
 mod queue;
 mod serving;
 mod telemetry;
