@@ -20,6 +20,9 @@ use crate::serving::bits;
 /// BENCHMARKS.md); the bound leaves room for the deepest zoo member.
 const REL_L2_BOUND: f32 = 0.15;
 
+/// New tokens each decoder generates in simulate and in execute.
+const GENERATE_TOKENS: usize = 3;
+
 /// Exports that do not run yet, each with what stops it. The test fails if one of them starts
 /// working (so this list stays true) as well as when any other export fails.
 const KNOWN_FAILURES: &[(&str, &str, &str)] = &[(
@@ -57,7 +60,8 @@ fn zoo(name: &str) -> std::path::PathBuf {
 
 /// One export, all its linear layers remote: compiled, execute == simulate bit for bit, and the
 /// relative L2 error of the output against torch's.
-fn run(entry: &Entry, file: &str) -> Result<(usize, f32), String> {
+/// Also, for a decoder, how many tokens `generate` gave, equal in simulate and execute.
+fn run(entry: &Entry, file: &str) -> Result<(usize, f32, Option<usize>), String> {
     let onnx = OnnxModel::load(zoo(file)).map_err(|e| e.to_string())?;
     let remote: Vec<&str> = entry.modules.iter().map(String::as_str).collect();
     let mut m = HybridModel::new(&entry.name, onnx, &remote).map_err(|e| e.to_string())?;
@@ -76,6 +80,25 @@ fn run(entry: &Entry, file: &str) -> Result<(usize, f32), String> {
     if bits(&values(&simulate[0])) != bits(&values(&execute[0])) {
         return Err("execute differs from simulate".into());
     }
+    // Decoders: greedy generation on the plain export (no KV cache, so every step re-runs
+    // the sequence), the same tokens in simulate and execute.
+    let mut generated = None;
+    if entry.family.starts_with("decoder") {
+        let prompt = read_npy(&zoo(&format!("{}_input.npy", entry.name))).unwrap();
+        let simulate = m
+            .generate(prompt.clone(), GENERATE_TOKENS, Mode::Simulate)
+            .map_err(|e| format!("generate (simulate): {e}"))?;
+        let execute = m
+            .generate(prompt, GENERATE_TOKENS, Mode::Execute)
+            .map_err(|e| format!("generate (execute): {e}"))?;
+        if simulate.tokens != execute.tokens {
+            return Err(format!(
+                "generate: execute gave {:?}, simulate {:?}",
+                execute.tokens, simulate.tokens
+            ));
+        }
+        generated = Some(simulate.tokens.len());
+    }
     let torch = values(&read_npy(&zoo(&format!("{}_torch.npy", entry.name))).unwrap());
     let ours = values(&simulate[0]);
     if ours.len() != torch.len() {
@@ -84,7 +107,7 @@ fn run(entry: &Entry, file: &str) -> Result<(usize, f32), String> {
     let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
     let rel =
         norm(&mut ours.iter().zip(&torch).map(|(a, b)| a - b)) / norm(&mut torch.iter().copied());
-    Ok((stats.requests, rel))
+    Ok((stats.requests, rel, generated))
 }
 
 #[test]
@@ -93,7 +116,7 @@ fn every_zoo_export_runs_all_its_linear_layers_remote_exact_and_close_to_torch()
         serde_json::from_slice(&std::fs::read(zoo("manifest.json")).unwrap()).unwrap();
     let mut table = format!(
         "zoo (torch {}, transformers {}): all linear layers remote\n\
-         | model | family | exporter | modules | result | rel. L2 vs torch |\n|---|---|---|---|---|---|\n",
+         | model | family | exporter | modules | result | rel. L2 vs torch | generate |\n|---|---|---|---|---|---|---|\n",
         manifest.torch, manifest.transformers
     );
     let mut failures = Vec::new();
@@ -104,7 +127,7 @@ fn every_zoo_export_runs_all_its_linear_layers_remote_exact_and_close_to_torch()
                 (None, Some(e)) => {
                     let _ = writeln!(
                         table,
-                        "| {} | {} | {exporter} | {} | torch refused: {e} | |",
+                        "| {} | {} | {exporter} | {} | torch refused: {e} | | |",
                         entry.name,
                         entry.family,
                         entry.modules.len()
@@ -125,7 +148,7 @@ fn every_zoo_export_runs_all_its_linear_layers_remote_exact_and_close_to_torch()
                 (Err(e), Some((_, _, why))) => {
                     let _ = writeln!(
                         table,
-                        "| {} | {} | {exporter}{note} | {} | known failure ({why}): {} | |",
+                        "| {} | {} | {exporter}{note} | {} | known failure ({why}): {} | | |",
                         entry.name,
                         entry.family,
                         entry.modules.len(),
@@ -136,10 +159,13 @@ fn every_zoo_export_runs_all_its_linear_layers_remote_exact_and_close_to_torch()
                     "{} {exporter} now runs: take it off KNOWN_FAILURES",
                     entry.name
                 )),
-                (Ok((requests, rel)), None) => {
+                (Ok((requests, rel, generated)), None) => {
+                    let generate = generated
+                        .map(|n| format!("{n} tokens, same in simulate and execute"))
+                        .unwrap_or_default();
                     let _ = writeln!(
                         table,
-                        "| {} | {} | {exporter}{note} | {} | exact, {requests} requests | {:.2} % |",
+                        "| {} | {} | {exporter}{note} | {} | exact, {requests} requests | {:.2} % | {generate} |",
                         entry.name,
                         entry.family,
                         entry.modules.len(),
@@ -162,7 +188,7 @@ fn every_zoo_export_runs_all_its_linear_layers_remote_exact_and_close_to_torch()
                 (Err(e), None) => {
                     let _ = writeln!(
                         table,
-                        "| {} | {} | {exporter}{note} | {} | FAILED: {} | |",
+                        "| {} | {} | {exporter}{note} | {} | FAILED: {} | | |",
                         entry.name,
                         entry.family,
                         entry.modules.len(),
