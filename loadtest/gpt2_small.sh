@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# GPT-2 small (124M, random weights) with all 48 block linear layers remote: export with a KV
+# GPT-2 small (124M, default initialisation, random weights) with all 48 block linear layers remote: export with a KV
 # cache (torch.export exporter), compile, then `hyfhe generate` in execute mode (8- and 32-token
 # prompts) and in remote mode against `hyfhe serve` on loopback. Prints each run's JSON report
 # and a summary: prefill, decode ms/token, MB up/down per token, share of time in local ops.
 #
 #   loadtest/gpt2_small.sh                  # NEW_TOKENS=4 THREADS=2
 #
-# Needs torch + transformers (installed into ~/.cache/hyfhe-fixtures/venv when missing, ~3 GB,
-# about 3 minutes); uses target/release/hyfhe (cargo build --release first). Never in CI.
+# Needs torch + transformers (target/pyenv when it has them, else ~/.cache/hyfhe-fixtures/venv,
+# installed when missing: ~3 GB, about 3 minutes); uses target/release/hyfhe (cargo build --release first). Never in CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NEW_TOKENS=${NEW_TOKENS:-4}
@@ -19,10 +19,13 @@ export RAYON_NUM_THREADS=$THREADS
 server=""
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null || true' EXIT
 
-venv=~/.cache/hyfhe-fixtures/venv
+venv=target/pyenv  # python/test.sh's venv, when it is there
 if ! "$venv/bin/python" -c "import torch, transformers, onnxscript" 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install -q torch onnxscript transformers onnx numpy
+    venv=~/.cache/hyfhe-fixtures/venv
+    if ! "$venv/bin/python" -c "import torch, transformers, onnxscript" 2>/dev/null; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q torch onnxscript transformers onnx numpy
+    fi
 fi
 [ -f "$WORK/gpt2_small.onnx" ] || "$venv/bin/python" loadtest/export_gpt2_small.py "$WORK" >&2
 

@@ -23,6 +23,7 @@ impl CoordinatorMetrics {
     pub fn render(
         &self,
         queue_depth: Option<usize>,
+        lag: Option<&[crate::queue::ShardLag]>,
         live_workers: Option<usize>,
         usage: &UsageMeters,
         bills: &[(String, crate::queue::TenantBill)],
@@ -95,6 +96,9 @@ impl CoordinatorMetrics {
                 d as u64,
             );
         }
+        if let Some(lag) = lag {
+            render_lag(&mut e, lag);
+        }
         if let Some(w) = live_workers {
             e.gauge(
                 "hyfhe_live_workers",
@@ -105,4 +109,44 @@ impl CoordinatorMetrics {
         usage.render(&mut e, bills);
         e.finish()
     }
+}
+
+/// The autoscaling signals (ARCHITECTURE.md, "Scaling workers"): per shard and in total.
+fn render_lag(e: &mut Exposition, lag: &[crate::queue::ShardLag]) {
+    let shards: Vec<String> = lag.iter().map(|l| l.shard.to_string()).collect();
+    let per = |f: &dyn Fn(&crate::queue::ShardLag) -> f64| -> Vec<(&str, f64)> {
+        shards
+            .iter()
+            .map(String::as_str)
+            .zip(lag.iter().map(f))
+            .collect()
+    };
+    e.labelled_gauge(
+        "hyfhe_queue_shard_unread",
+        "Jobs enqueued on the shard and not yet read by a worker.",
+        "shard",
+        &per(&|l| l.unread as f64),
+    );
+    e.labelled_gauge(
+        "hyfhe_queue_shard_pending",
+        "Jobs read by a worker and not finished (running, or awaiting a claim).",
+        "shard",
+        &per(&|l| l.pending as f64),
+    );
+    e.labelled_gauge(
+        "hyfhe_queue_shard_oldest_age_seconds",
+        "Age of the shard's oldest unfinished job (0 when it has none).",
+        "shard",
+        &per(&|l| l.oldest_ms as f64 / 1000.0),
+    );
+    e.gauge(
+        "hyfhe_queue_lag",
+        "Unread plus pending jobs over all shards: the backlog an autoscaler divides by capacity.",
+        lag.iter().map(|l| l.unread + l.pending).sum(),
+    );
+    e.gauge_f64(
+        "hyfhe_queue_oldest_age_seconds",
+        "Age of the oldest unfinished job over all shards.",
+        lag.iter().map(|l| l.oldest_ms).max().unwrap_or(0) as f64 / 1000.0,
+    );
 }

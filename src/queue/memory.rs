@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, Notify};
 use super::{
     fair_share, shard_of, Begin, BoxFuture, Charge, Completion, CompletionStream, Delivery, Job,
     JobOutcome, JobQueue, Leases, Marker, QueueError, QueueSettings, Reserved, SessionQuota,
-    SessionRecord, SessionStore, StoredOutcome, TenantBill, TenantUsage,
+    SessionRecord, SessionStore, ShardLag, StoredOutcome, TenantBill, TenantUsage,
 };
 use crate::protocol::ErrorCode;
 
@@ -43,6 +43,8 @@ struct Shard {
     jobs: BTreeMap<u64, Job>,
     unread: VecDeque<u64>,
     pending: HashMap<u64, Pending>,
+    /// When each job in `jobs` was enqueued (the backlog's age for autoscaling).
+    enqueued_at: HashMap<u64, Instant>,
 }
 
 struct Pending {
@@ -245,6 +247,7 @@ impl MemoryQueue {
         let shard = &mut state.shards[delivery.shard as usize];
         shard.pending.remove(&seq);
         shard.jobs.remove(&seq);
+        shard.enqueued_at.remove(&seq);
         drop(state);
         // No subscriber is not an error: nobody is waiting.
         let _ = self.completed.send(id.clone());
@@ -331,6 +334,7 @@ impl JobQueue for MemoryQueue {
                 let seq = shard.next_seq;
                 shard.next_seq += 1;
                 shard.jobs.insert(seq, job.clone());
+                shard.enqueued_at.insert(seq, Instant::now());
                 shard.unread.push_back(seq);
             }
             self.new_jobs.notify_waiters();
@@ -372,6 +376,29 @@ impl JobQueue for MemoryQueue {
 
     fn depth(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
         Box::pin(async move { Ok(self.lock().shards.iter().map(|s| s.jobs.len()).sum()) })
+    }
+
+    fn shard_lag(&self) -> BoxFuture<'_, Result<Vec<ShardLag>, QueueError>> {
+        Box::pin(async move {
+            let now = Instant::now();
+            let state = self.lock();
+            Ok(state
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| ShardLag {
+                    shard: i as u32,
+                    unread: s.unread.len() as u64,
+                    pending: s.pending.len() as u64,
+                    oldest_ms: s
+                        .jobs
+                        .keys()
+                        .next()
+                        .and_then(|seq| s.enqueued_at.get(seq))
+                        .map_or(0, |t| now.duration_since(*t).as_millis() as u64),
+                })
+                .collect())
+        })
     }
 
     fn heartbeat<'a>(
@@ -551,6 +578,7 @@ impl JobQueue for MemoryQueue {
             let shard = &mut state.shards[delivery.shard as usize];
             shard.pending.remove(&seq);
             shard.jobs.remove(&seq);
+            shard.enqueued_at.remove(&seq);
             Ok(())
         })
     }

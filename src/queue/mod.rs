@@ -134,6 +134,19 @@ pub struct TenantBill {
     pub fhe_micros: u64,
 }
 
+/// One shard's backlog: what an autoscaler reads (ARCHITECTURE.md, "Scaling workers").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardLag {
+    pub shard: u32,
+    /// Enqueued and not yet delivered to any worker.
+    pub unread: u64,
+    /// Delivered to a worker and not finished (running, or held by a worker that died until it
+    /// is claimed).
+    pub pending: u64,
+    /// Milliseconds since the oldest unfinished job of the shard was enqueued (0 when none).
+    pub oldest_ms: u64,
+}
+
 /// What [`JobQueue::charge_rows`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Charge {
@@ -258,6 +271,9 @@ pub trait JobQueue: Send + Sync {
     fn live_workers(&self) -> BoxFuture<'_, Result<usize, QueueError>>;
     /// Jobs waiting or in progress over all shards.
     fn depth(&self) -> BoxFuture<'_, Result<usize, QueueError>>;
+    /// Per shard: jobs not yet read, jobs read and not finished, and the age of the oldest of
+    /// either (the autoscaling signals `/metrics` exports).
+    fn shard_lag(&self) -> BoxFuture<'_, Result<Vec<ShardLag>, QueueError>>;
 
     /// Register `worker` as alive, renew its leases and take free shards up to a fair share,
     /// giving back any beyond it (so a new worker gets some) except the `busy` ones, which are

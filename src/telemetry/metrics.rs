@@ -112,6 +112,20 @@ impl Exposition {
         }
     }
 
+    pub fn gauge_f64(&mut self, name: &str, help: &str, value: f64) {
+        self.header(name, help, "gauge");
+        let _ = writeln!(self.0, "{name} {value}");
+    }
+
+    /// One gauge per label value: `name{label="value"} v`.
+    pub fn labelled_gauge(&mut self, name: &str, help: &str, label: &str, values: &[(&str, f64)]) {
+        self.header(name, help, "gauge");
+        for (value, v) in values {
+            let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(self.0, "{name}{{{label}=\"{escaped}\"}} {v}");
+        }
+    }
+
     pub fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
         self.header(name, help, "histogram");
         let mut cumulative = 0;

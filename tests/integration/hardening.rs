@@ -154,6 +154,11 @@ fn a_retry_of_a_running_job_waits_for_that_run_and_the_job_is_evaluated_once() {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // The autoscaling signals see the job waiting unread, and aging, with no worker.
+        assert_eq!(metric(&coordinator.metrics_url, "hyfhe_queue_lag"), 1.0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let age = metric(&coordinator.metrics_url, "hyfhe_queue_oldest_age_seconds");
+        assert!((0.04..60.0).contains(&age), "oldest age {age} s");
         let worker = Service::spawn("worker", &["worker", "--config", config], &vars);
         let a = first.await.unwrap().unwrap();
         let b = retry.await.unwrap().unwrap();
@@ -162,6 +167,11 @@ fn a_retry_of_a_running_job_waits_for_that_run_and_the_job_is_evaluated_once() {
         assert_eq!(metric(&worker.url, "hyfhe_worker_jobs_received_total"), 1.0);
         assert_eq!(metric(&worker.url, "hyfhe_worker_jobs_done_total"), 1.0);
         assert_eq!(metric(&coordinator.metrics_url, "hyfhe_queue_depth"), 0.0);
+        assert_eq!(metric(&coordinator.metrics_url, "hyfhe_queue_lag"), 0.0);
+        assert_eq!(
+            metric(&coordinator.metrics_url, "hyfhe_queue_oldest_age_seconds"),
+            0.0
+        );
     })
 }
 

@@ -108,6 +108,18 @@ async fn contract(q: Arc<dyn Broker>) {
     assert!(q.is_running("job-1").await.unwrap());
     assert!(!q.is_running("job-never-begun").await.unwrap());
     q.enqueue(&job("job-1", &session)).await.unwrap();
+    // The autoscaling signals: one unread job on its shard, aging; nothing elsewhere.
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    let lag = q.shard_lag().await.unwrap();
+    assert_eq!(lag.len(), 4);
+    for l in &lag {
+        if l.shard == shard {
+            assert_eq!((l.unread, l.pending), (1, 0), "{l:?}");
+            assert!((30..60_000).contains(&l.oldest_ms), "{l:?}");
+        } else {
+            assert_eq!((l.unread, l.pending, l.oldest_ms), (0, 0, 0), "{l:?}");
+        }
+    }
     assert!(q
         .read("worker-b", &b.owned, 10, 50)
         .await
@@ -115,6 +127,9 @@ async fn contract(q: Arc<dyn Broker>) {
         .is_empty());
     let got = q.read("worker-a", &a.owned, 10, 1000).await.unwrap();
     assert_eq!(got.len(), 1);
+    let l = q.shard_lag().await.unwrap()[shard as usize];
+    assert_eq!((l.unread, l.pending), (0, 1), "read, not finished: {l:?}");
+    assert!(l.oldest_ms >= 30, "{l:?}");
     assert_eq!((got[0].shard, got[0].deliveries), (shard, 1));
     assert_eq!(got[0].job, job("job-1", &session));
     let done = stored(JobOutcome::Done(vec![9, 9]));
@@ -126,6 +141,12 @@ async fn contract(q: Arc<dyn Broker>) {
         .await
         .unwrap();
     assert_eq!(announced.as_deref(), Some("job-1"));
+    let l = q.shard_lag().await.unwrap()[shard as usize];
+    assert_eq!(
+        (l.unread, l.pending, l.oldest_ms),
+        (0, 0, 0),
+        "finished: {l:?}"
+    );
     assert!(!q.is_running("job-1").await.unwrap(), "done, not running");
     assert_eq!(q.outcome("job-1").await.unwrap(), Some(done.clone()));
     assert_eq!(

@@ -6,6 +6,7 @@ use crate::coordinator::AppState;
 
 pub async fn render(state: web::Data<AppState>) -> HttpResponse {
     let depth = state.broker.depth().await.ok();
+    let lag = state.broker.shard_lag().await.ok();
     let workers = state.broker.live_workers().await.ok();
     let mut bills = Vec::new();
     for tenant in &state.config.tenants {
@@ -13,7 +14,9 @@ pub async fn render(state: web::Data<AppState>) -> HttpResponse {
             bills.push((tenant.name.clone(), bill));
         }
     }
-    let mut text = state.metrics.render(depth, workers, &state.usage, &bills);
+    let mut text = state
+        .metrics
+        .render(depth, lag.as_deref(), workers, &state.usage, &bills);
     if let Some(w) = &state.worker_metrics {
         text.push_str(&w.render());
     }

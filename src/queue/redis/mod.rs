@@ -27,8 +27,8 @@ use crate::protocol::ErrorCode;
 
 use super::{
     redact_url, BoxFuture, Charge, Completion, CompletionStream, Delivery, Job, JobQueue, Leases,
-    QueueError, QueueSettings, Reserved, SessionQuota, SessionRecord, SessionStore, StoredOutcome,
-    TenantBill, TenantUsage,
+    QueueError, QueueSettings, Reserved, SessionQuota, SessionRecord, SessionStore, ShardLag,
+    StoredOutcome, TenantBill, TenantUsage,
 };
 
 const PREFIX: &str = "hyfhe:";
@@ -245,6 +245,10 @@ impl JobQueue for RedisQueue {
 
     fn depth(&self) -> BoxFuture<'_, Result<usize, QueueError>> {
         Box::pin(self.total_depth())
+    }
+
+    fn shard_lag(&self) -> BoxFuture<'_, Result<Vec<ShardLag>, QueueError>> {
+        Box::pin(self.lag_per_shard())
     }
 
     fn heartbeat<'a>(

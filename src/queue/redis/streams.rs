@@ -11,7 +11,7 @@ use super::{RedisQueue, PREFIX};
 use crate::protocol::ErrorCode;
 use crate::queue::{
     now_unix_ms, shard_of, Begin, Charge, Completion, CompletionStream, Delivery, Job, JobOutcome,
-    QueueError, StoredOutcome, TenantBill,
+    QueueError, ShardLag, StoredOutcome, TenantBill,
 };
 
 pub(super) const GROUP: &str = "workers";
@@ -270,6 +270,70 @@ impl RedisQueue {
             .run(|mut c| async move { pipe.query_async(&mut c).await })
             .await?;
         Ok(lens.iter().sum())
+    }
+
+    /// Per shard, in one round trip: `XLEN` (entries are deleted when acknowledged, so the
+    /// stream holds exactly the unfinished jobs), `XPENDING`'s count (delivered, not
+    /// acknowledged), and the first entry's id, whose millisecond part is when Redis appended it
+    /// — compared with Redis's own `TIME`, so the age does not depend on this host's clock.
+    pub(super) async fn lag_per_shard(&self) -> Result<Vec<ShardLag>, QueueError> {
+        let shards = self.settings.shards;
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME");
+        for shard in 0..shards {
+            let key = stream_key(shard);
+            pipe.cmd("XLEN").arg(&key);
+            pipe.cmd("XPENDING").arg(&key).arg(GROUP);
+            pipe.cmd("XRANGE")
+                .arg(&key)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1);
+        }
+        let replies: Vec<Value> = self
+            .commands
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        let bad = |what: &str| QueueError::Corrupt(format!("unexpected {what} reply from Redis"));
+        let now_ms = match replies.first() {
+            Some(Value::Array(t)) if t.len() == 2 => {
+                let secs: u64 = redis::from_redis_value(t[0].clone()).map_err(|_| bad("TIME"))?;
+                let micros: u64 = redis::from_redis_value(t[1].clone()).map_err(|_| bad("TIME"))?;
+                secs * 1000 + micros / 1000
+            }
+            _ => return Err(bad("TIME")),
+        };
+        replies[1..]
+            .chunks_exact(3)
+            .zip(0..shards)
+            .map(|(r, shard)| {
+                let len: u64 = redis::from_redis_value(r[0].clone()).map_err(|_| bad("XLEN"))?;
+                let pending: u64 = match &r[1] {
+                    Value::Array(summary) if !summary.is_empty() => {
+                        redis::from_redis_value(summary[0].clone()).map_err(|_| bad("XPENDING"))?
+                    }
+                    _ => 0,
+                };
+                let first_ms = match &r[2] {
+                    Value::Array(entries) => match entries.first() {
+                        Some(Value::Array(entry)) if !entry.is_empty() => {
+                            let id: String = redis::from_redis_value(entry[0].clone())
+                                .map_err(|_| bad("XRANGE"))?;
+                            id.split('-').next().and_then(|ms| ms.parse::<u64>().ok())
+                        }
+                        _ => None,
+                    },
+                    _ => return Err(bad("XRANGE")),
+                };
+                Ok(ShardLag {
+                    shard,
+                    unread: len.saturating_sub(pending),
+                    pending,
+                    oldest_ms: first_ms.map_or(0, |t| now_ms.saturating_sub(t)),
+                })
+            })
+            .collect()
     }
 
     /// At most `count` new entries over all of `shards`, waiting up to `block_ms` for the first.
