@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::protocol::ErrorCode;
 
-pub use self::redis::RedisQueue;
+pub use self::redis::{job_stream, RedisQueue, CONSUMER_GROUP};
 pub use memory::{MemoryQueue, MemoryQueueSizes, DEAD_LETTER_CAP as MEMORY_DEAD_LETTER_CAP};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

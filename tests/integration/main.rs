@@ -12,6 +12,7 @@ mod hardening;
 mod helpers;
 mod hybrid;
 mod isolation;
+mod k8s;
 mod llm;
 mod noise;
 mod pbs;

@@ -32,6 +32,15 @@ use super::{
 };
 
 const PREFIX: &str = "hyfhe:";
+
+/// The Redis stream holding shard `shard`'s jobs: what an external autoscaler watches (KEDA's
+/// `redis-streams` scaler in deploy/k8s/worker.yaml, one trigger per shard).
+pub fn job_stream(shard: u32) -> String {
+    streams::stream_key(shard)
+}
+
+/// The consumer group every worker reads the job streams with.
+pub const CONSUMER_GROUP: &str = streams::GROUP;
 /// Short commands answer in milliseconds; past this the connection is taken for dead. Heartbeats
 /// run on this link, so it must stay well under the lease TTL.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
