@@ -439,7 +439,13 @@ impl Config {
             ));
         }
         let redis_tls = self.queue.redis_url.starts_with("rediss://");
-        let redis_schemes = ["redis://", "rediss://", "redis+unix://", "unix://"];
+        let redis_schemes = [
+            "redis://",
+            "rediss://",
+            "redis+unix://",
+            "unix://",
+            "redis+sentinel://",
+        ];
         if self.queue.backend == QueueBackend::Redis
             && !redis_schemes
                 .iter()
@@ -447,7 +453,8 @@ impl Config {
         {
             return Err(invalid(
                 "queue.redis_url",
-                "must be a redis://, rediss:// (TLS) or redis+unix:// URL",
+                "must be a redis://, rediss:// (TLS), redis+unix:// or \
+                 redis+sentinel://host:port,host:port/<master name> URL",
             ));
         }
         if !self.queue.redis_ca_cert.is_empty() && !redis_tls {

@@ -49,6 +49,26 @@ impl RedisServer {
         Self::spawn(port, true, &args)
     }
 
+    /// A replica of `primary` on a free port, once it has synchronised.
+    pub fn start_replica_of(primary: &RedisServer) -> Self {
+        let port = free_port();
+        #[rustfmt::skip]
+        let args = [
+            "--port", &port.to_string(), "--replicaof", "127.0.0.1", &primary.port.to_string(),
+        ];
+        let replica = Self::spawn(port, false, &args);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !redis_cli(port, &["INFO", "replication"]).contains("master_link_status:up") {
+            assert!(Instant::now() < deadline, "the replica did not synchronise");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        replica
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     fn spawn(port: u16, tls: bool, listen: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args(listen)
@@ -75,6 +95,70 @@ impl RedisServer {
         } else {
             format!("redis://127.0.0.1:{}", self.port)
         }
+    }
+}
+
+/// `redis-cli -p PORT args...`'s output (empty when it fails).
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// Redis Sentinel (`redis-server --sentinel`, Debian's redis-server package) on a free port,
+/// watching `primary` as `master` with quorum `quorum` and a fast failure detection.
+pub struct Sentinel {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    pub fn start(master: &str, primary: &RedisServer, quorum: u32) -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        // Sentinel rewrites its config file, so each gets its own.
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {master} 127.0.0.1 {} {quorum}\n\
+                 sentinel down-after-milliseconds {master} 500\n\
+                 sentinel failover-timeout {master} 3000\n\
+                 sentinel parallel-syncs {master} 1\n",
+                dir.path().display(),
+                primary.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sentinel did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

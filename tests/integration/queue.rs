@@ -11,7 +11,7 @@ use hyfhe::queue::{
     QueueSettings, RedisQueue, Reserved, SessionQuota, SessionRecord, StoredOutcome, TenantUsage,
 };
 
-use crate::cluster::RedisServer;
+use crate::cluster::{redis_cli, RedisServer, Sentinel};
 
 fn settings() -> QueueSettings {
     QueueSettings {
@@ -595,4 +595,72 @@ async fn a_key_blob_goes_with_the_last_session_that_uses_it_and_quotas_hold_unde
             }
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicated() {
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let sentinels: Vec<Sentinel> = (0..3)
+        .map(|_| Sentinel::start("hyfhe", &primary, 2))
+        .collect();
+    let url = format!(
+        "redis+sentinel://{}/hyfhe",
+        sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let q = RedisQueue::connect(&url, settings(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let shards: Vec<u32> = (0..settings().shards).collect();
+    let session = session_on(1);
+    q.enqueue(&job("before-failover", &session)).await.unwrap();
+    // Acknowledged by the replica before the primary dies: it must survive the failover.
+    assert_eq!(
+        redis_cli(primary.port(), &["WAIT", "1", "5000"]).trim(),
+        "1",
+        "replicated"
+    );
+    drop(primary); // SIGKILL
+
+    // Calls fail (503 to clients, who retry) until the sentinels promote the replica; then the
+    // same queue object works against the new primary without being rebuilt.
+    let started = std::time::Instant::now();
+    loop {
+        match q.enqueue(&job("after-failover", &session)).await {
+            Ok(()) => break,
+            Err(QueueError::Unavailable(e)) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "no failover in 30 s: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    eprintln!(
+        "failover followed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(redis_cli(replica.port(), &["ROLE"]).starts_with("master"));
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        for d in q
+            .read("worker-a", &shards, 10, 200)
+            .await
+            .unwrap_or_default()
+        {
+            ids.push(d.job.id.clone());
+        }
+        if ids.len() >= 2 {
+            break;
+        }
+    }
+    ids.sort();
+    assert_eq!(ids, ["after-failover", "before-failover"]);
+    assert_eq!(q.depth().await.unwrap(), 2);
 }

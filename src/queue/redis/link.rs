@@ -6,10 +6,13 @@
 //! connection and opens a new one, once, whichever call noticed first.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError};
+use redis::RedisError;
+
+use super::endpoint::Endpoint;
 
 use crate::queue::QueueError;
 
@@ -18,15 +21,23 @@ pub(super) fn unavailable(e: RedisError) -> QueueError {
 }
 
 /// Whether `e` means the connection is unusable (rather than the command being refused).
+/// A primary demoted by a failover answers writes with `READONLY` (and `MASTERDOWN` while it
+/// has lost its own primary): the connection is to the wrong server, so it is replaced, and a
+/// sentinel endpoint then finds the new primary.
 pub(super) fn is_dead(e: &RedisError) -> bool {
-    e.is_timeout() || e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+    e.is_timeout()
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(e.code(), Some("READONLY" | "MASTERDOWN"))
+        || e.to_string().contains("READONLY")
 }
 
 /// How long opening a connection (TCP and handshake) may take before the attempt is abandoned.
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(super) struct Link {
-    client: Client,
+    endpoint: Arc<Endpoint>,
     /// Which link this is, for logs (`commands`, `key blobs`).
     name: &'static str,
     response_timeout: Duration,
@@ -37,9 +48,10 @@ pub(super) struct Link {
 }
 
 async fn open(
-    client: &Client,
+    endpoint: &Endpoint,
     response_timeout: Duration,
 ) -> Result<ConnectionManager, RedisError> {
+    let client = endpoint.client().await?;
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(response_timeout))
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -60,13 +72,13 @@ async fn open(
 
 impl Link {
     pub(super) async fn open(
-        client: &Client,
+        endpoint: &Arc<Endpoint>,
         name: &'static str,
         response_timeout: Duration,
     ) -> Result<Self, RedisError> {
-        let conn = open(client, response_timeout).await?;
+        let conn = open(endpoint, response_timeout).await?;
         Ok(Self {
-            client: client.clone(),
+            endpoint: endpoint.clone(),
             name,
             response_timeout,
             current: std::sync::Mutex::new((0, conn)),
@@ -121,7 +133,7 @@ impl Link {
         if self.current().0 != failed {
             return;
         }
-        match open(&self.client, self.response_timeout).await {
+        match open(&self.endpoint, self.response_timeout).await {
             Ok(conn) => {
                 tracing::warn!(
                     link = self.name,

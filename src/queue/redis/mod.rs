@@ -11,17 +11,20 @@
 //! - [`sessions`]: sessions, key blobs and per-tenant usage.
 //! - [`link`]: connections replaced when they stop answering.
 
+mod endpoint;
 mod leases;
 mod link;
 mod sessions;
 mod streams;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError, Script};
 use tokio::sync::Mutex;
 
+use self::endpoint::Endpoint;
 use self::link::{unavailable, Link, CONNECT_TIMEOUT};
 use crate::protocol::ErrorCode;
 
@@ -52,7 +55,8 @@ const READ_SLACK: Duration = Duration::from_secs(2);
 
 pub struct RedisQueue {
     settings: QueueSettings,
-    client: Client,
+    /// The primary: one address, or the one Redis Sentinel names now (`endpoint.rs`).
+    endpoint: Arc<Endpoint>,
     /// Every short command.
     commands: Link,
     /// Evaluation-key blobs.
@@ -119,14 +123,29 @@ impl RedisQueue {
         connect_timeout: Duration,
     ) -> Result<Self, QueueError> {
         let shown = redact_url(url);
-        let client = open_client(url, ca_cert)
-            .map_err(|e| QueueError::Unavailable(format!("redis URL {shown}: {e}")))?;
+        let endpoint = if url.starts_with(endpoint::SENTINEL_SCHEME) {
+            if ca_cert.is_some() {
+                return Err(QueueError::Unavailable(format!(
+                    "redis URL {shown}: TLS is not supported through Sentinel yet"
+                )));
+            }
+            Endpoint::Sentinel(
+                endpoint::parse_sentinels(url)
+                    .map_err(|e| QueueError::Unavailable(format!("redis URL {shown}: {e}")))?,
+            )
+        } else {
+            Endpoint::Direct(
+                open_client(url, ca_cert)
+                    .map_err(|e| QueueError::Unavailable(format!("redis URL {shown}: {e}")))?,
+            )
+        };
+        let endpoint = Arc::new(endpoint);
         let started = std::time::Instant::now();
         let (commands, blobs) = loop {
             let links = async {
                 Ok::<_, RedisError>((
-                    Link::open(&client, "commands", COMMAND_TIMEOUT).await?,
-                    Link::open(&client, "key blobs", BLOB_TIMEOUT).await?,
+                    Link::open(&endpoint, "commands", COMMAND_TIMEOUT).await?,
+                    Link::open(&endpoint, "key blobs", BLOB_TIMEOUT).await?,
                 ))
             };
             match links.await {
@@ -140,7 +159,7 @@ impl RedisQueue {
         };
         let queue = Self {
             settings,
-            client,
+            endpoint,
             commands,
             blobs,
             readers: Mutex::new(Vec::new()),
@@ -172,7 +191,10 @@ impl RedisQueue {
                 Duration::from_millis(self.settings.read_block_ms) + READ_SLACK,
             ))
             .set_connection_timeout(Some(CONNECT_TIMEOUT));
-        self.client
+        self.endpoint
+            .client()
+            .await
+            .map_err(unavailable)?
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(unavailable)

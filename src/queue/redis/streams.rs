@@ -249,7 +249,14 @@ impl RedisQueue {
     }
 
     pub(super) async fn subscribe_completions(&self) -> Result<CompletionStream, QueueError> {
-        let mut pubsub = self.client.get_async_pubsub().await.map_err(unavailable)?;
+        let mut pubsub = self
+            .endpoint
+            .client()
+            .await
+            .map_err(unavailable)?
+            .get_async_pubsub()
+            .await
+            .map_err(unavailable)?;
         pubsub
             .subscribe(RESULTS_CHANNEL)
             .await
