@@ -286,6 +286,9 @@ pub struct Cluster {
     pub workers: Vec<Service>,
     /// Held so the server lives as long as the cluster.
     _redis: Option<RedisServer>,
+    /// What the services were started with (to start more of them alike).
+    env: Vec<(String, String)>,
+    config: PathBuf,
 }
 
 impl Cluster {
@@ -324,6 +327,8 @@ impl Cluster {
             coordinator,
             workers,
             _redis: Some(redis),
+            env,
+            config: config.into(),
         };
         cluster.wait_for_stable_leases(8);
         cluster
@@ -335,7 +340,19 @@ impl Cluster {
             coordinator: serve(models, config, &[]),
             workers: Vec::new(),
             _redis: None,
+            env: Vec::new(),
+            config: config.into(),
         }
+    }
+
+    /// One more coordinator over the same Redis, configured as the first.
+    pub fn another_coordinator(&self) -> Service {
+        let config = self.config.to_str().unwrap();
+        Service::spawn(
+            "coordinator-2",
+            &["coordinator", "--config", config],
+            &self.env,
+        )
     }
 
     pub fn url(&self) -> &str {

@@ -8,6 +8,7 @@ mod config;
 mod encodings;
 mod exactness;
 mod fronts;
+mod ha;
 mod hardening;
 mod helpers;
 mod hybrid;
