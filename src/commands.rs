@@ -123,7 +123,9 @@ fn remote_verdict(onnx: &OnnxModel, info: &crate::model::ModuleInfo) -> Option<S
             "not one remote module ({weighted} weighted ops): pick its children"
         ));
     }
-    Some(match onnx.linear_module(&info.path) {
+    let module = onnx.linear_module(&info.path).map_err(HybridError::from);
+    let module = module.and_then(|m| crate::hybrid::check_learned(&info.path, &m).map(|()| m));
+    Some(match module {
         Ok(m) => {
             let what = match &m.chain {
                 Some(c) => format!(

@@ -228,6 +228,22 @@ fn learned_from_grid(
     Ok(LearnedQuantizers { weights, input })
 }
 
+/// Whether `m`'s learned quantizers (if any) can be served, as compiling would decide it (an
+/// input without a grid is not judged here: it is calibrated).
+pub fn check_learned(name: &str, m: &LinearModule) -> Result<(), HybridError> {
+    match &m.learned {
+        Some(grid) => learned_from_grid(
+            name,
+            m,
+            grid,
+            &Calibration::Range(0.0, 1.0),
+            &CompileOptions::default(),
+        )
+        .map(|_| ()),
+        None => Ok(()),
+    }
+}
+
 /// The spec, server module and report of a linear module once its quantizers are fixed.
 fn assemble(
     name: &str,

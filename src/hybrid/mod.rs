@@ -40,8 +40,8 @@ pub use artefacts::{
 pub use backend::{ExecuteKeys, LocalServer, Remote};
 pub use compile_chain::ChainReport;
 pub use compile_module::{
-    compile_learned, compile_module, linear_from_weights, Calibration, CompiledModule,
-    LearnedQuantizers, ModuleReport,
+    check_learned, compile_learned, compile_module, linear_from_weights, Calibration,
+    CompiledModule, LearnedQuantizers, ModuleReport,
 };
 pub use compiled::{CompiledModules, Front, Loaded};
 pub use lm::{GenerateReport, LmSignature};

@@ -38,8 +38,13 @@ impl HybridModel {
         }
         let mut ranges = HashMap::new();
         let mut samples = HashMap::new();
-        let chains = self.linear.values().any(|m| m.chain.is_some());
-        if !options.dynamic_inputs || chains {
+        // Modules with activations inside, and QAT layers whose input has no learned grid,
+        // take a static input quantizer even under --dynamic: they need a calibrated range.
+        let needs_range = self
+            .linear
+            .values()
+            .any(|m| m.chain.is_some() || m.learned.as_ref().is_some_and(|l| l.input.is_none()));
+        if !options.dynamic_inputs || needs_range {
             (ranges, samples) = self.calibrate(calibration, progress)?;
         }
         let order = self.remote_modules();

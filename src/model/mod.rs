@@ -154,6 +154,9 @@ impl OnnxModel {
         first.nodes = c.nodes.clone();
         first.initializers = c.initializers.clone();
         first.chain = Some(Box::new(c));
+        // A chain's layers are quantized by the chain compiler (learned grids are not used
+        // there yet): do not present the first layer's as the module's.
+        first.learned = None;
         Ok(first)
     }
 

@@ -90,16 +90,21 @@ impl GraphConstants<'_> {
     /// An integer tensor given by an initializer or a `Constant` node (through `Identity`):
     /// shape, values and ONNX data type.
     fn int_tensor(&self, name: &str) -> Option<(Vec<usize>, Vec<i64>, i32)> {
-        if let Some(t) = self.inits.get(name) {
-            return int_proto(t);
+        let mut name = name;
+        // A bounded walk: a malformed graph may loop through Identity nodes.
+        for _ in 0..MAX_CHAIN {
+            if let Some(t) = self.inits.get(name) {
+                return int_proto(t);
+            }
+            let &p = self.producer.get(name)?;
+            let node = &self.graph.node[p];
+            match node.op_type.as_str() {
+                "Constant" => return int_proto(attr(node, "value")?.t.as_ref()?),
+                "Identity" => name = node.input.first()?,
+                _ => return None,
+            }
         }
-        let &p = self.producer.get(name)?;
-        let node = &self.graph.node[p];
-        match node.op_type.as_str() {
-            "Constant" => int_proto(attr(node, "value")?.t.as_ref()?),
-            "Identity" => self.int_tensor(node.input.first()?),
-            _ => None,
-        }
+        None
     }
 
     /// The per-tensor or per-axis layout of a (de)quantizer's scale for a tensor of `shape`.
@@ -132,8 +137,21 @@ impl GraphConstants<'_> {
         node: &tract_onnx::pb::NodeProto,
         depth: usize,
     ) -> Option<Result<(Vec<f32>, Vec<i64>, Option<(i64, i64)>), ModelError>> {
+        // Blocked quantization (opset 21) is not read here: refuse it rather than misread it.
+        if attr(node, "block_size").is_some_and(|a| a.i != 0) {
+            return Some(Err(ModelError::Decode(format!(
+                "{} node `{}` uses block_size (blocked quantization), which hyfhe does not read",
+                node.op_type, node.name
+            ))));
+        }
         let scale = match self.float_within(node.input.get(1)?, depth)? {
-            Ok(f) => f.values,
+            Ok(f) if f.shape.len() <= 1 => f.values,
+            Ok(f) => {
+                return Some(Err(ModelError::Decode(format!(
+                    "{} node `{}` has scales of shape {:?}: per tensor or along one axis only",
+                    node.op_type, node.name, f.shape
+                ))))
+            }
             Err(e) => return Some(Err(e)),
         };
         let (zero_point, range) = match node.input.get(2).filter(|s| !s.is_empty()) {
@@ -141,7 +159,14 @@ impl GraphConstants<'_> {
                 let (_, values, data_type) = self.int_tensor(z)?;
                 (values, type_range(data_type))
             }
-            None => (vec![0; scale.len()], Some((0, u8::MAX as i64))),
+            // Without a zero point the type is `output_dtype` (opset 21), else uint8.
+            None => {
+                let range = match attr(node, "output_dtype").map(|a| a.i as i32) {
+                    None | Some(0) => Some((0, u8::MAX as i64)),
+                    Some(t) => type_range(t),
+                };
+                (vec![0; scale.len()], range)
+            }
         };
         if scale.is_empty() || zero_point.len() != scale.len() {
             return Some(Err(ModelError::Decode(format!(
@@ -164,7 +189,12 @@ impl GraphConstants<'_> {
     /// The integer codes a constant quantizes to (an integer initializer, `QuantizeLinear` of a
     /// float constant, either through `Clip` and `Identity`).
     fn codes_within(&self, name: &str, depth: usize) -> Option<Result<Codes, ModelError>> {
-        if let Some((shape, values, _)) = self.inits.get(name).and_then(|t| int_proto(t)) {
+        if let Some((shape, values, _)) = self
+            .inits
+            .get(name)
+            .and_then(|t| int_proto(t))
+            .filter(|(_, _, data_type)| type_range(*data_type).is_some())
+        {
             return Some(Ok(Codes {
                 shape,
                 values,
@@ -196,6 +226,12 @@ impl GraphConstants<'_> {
                     Err(e) => return Some(Err(e)),
                 };
                 let (lo, hi) = self.clip_bounds(node)?;
+                if lo > hi {
+                    return Some(Err(ModelError::Decode(format!(
+                        "Clip node `{}` has min {lo} above max {hi}",
+                        node.name
+                    ))));
+                }
                 for v in &mut c.values {
                     *v = (*v).clamp(lo, hi);
                 }
@@ -221,9 +257,15 @@ impl GraphConstants<'_> {
                     .enumerate()
                     .map(|(e, &v)| {
                         let k = axis_index(&x.shape, axis, e);
-                        // ONNX: saturate(round_half_even(x / scale) + zero_point).
-                        let q = (v / scale[k]).round_ties_even() as i64 + zero_point[k];
-                        q.clamp(lo, hi)
+                        // ONNX: saturate(round_half_even(x / scale) + zero_point), in f64 so
+                        // that a huge or infinite quotient saturates instead of wrapping.
+                        let q =
+                            (v as f64 / scale[k] as f64).round_ties_even() + zero_point[k] as f64;
+                        if q.is_nan() {
+                            lo
+                        } else {
+                            q.clamp(lo as f64, hi as f64) as i64
+                        }
                     })
                     .collect();
                 let mut nodes = x.nodes;
@@ -466,6 +508,69 @@ mod tests {
         assert_eq!(grid(-128, 127).bits(), 8);
         assert_eq!(grid(0, 255).bits(), 8);
         assert_eq!(grid(-1, 1).bits(), 2);
+    }
+
+    use tract_onnx::pb::{GraphProto, NodeProto, TensorProto};
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            op_type: op.into(),
+            name: format!("{op}_{output}"),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    fn tensor(name: &str, dims: &[i64], data_type: i32, raw: Vec<u8>) -> TensorProto {
+        TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type,
+            raw_data: raw,
+            ..Default::default()
+        }
+    }
+
+    /// `W` (2×2 floats) quantized by scale 0.5 / int8 zero point 0, clipped by `lo..=hi`, and
+    /// dequantized; the zero point may come through `zp_from`.
+    fn qcdq(lo: i8, hi: i8, zp_from: &str, extra: Vec<NodeProto>) -> GraphProto {
+        let floats = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut nodes = extra;
+        nodes.extend([
+            node("QuantizeLinear", &["w", "s", zp_from], "q"),
+            node("Clip", &["q", "lo", "hi"], "c"),
+            node("DequantizeLinear", &["c", "s", "zp"], "y"),
+        ]);
+        GraphProto {
+            node: nodes,
+            initializer: vec![
+                tensor("w", &[2, 2], 1, floats(&[0.4, -1.0, 3.0, 1e30])),
+                tensor("s", &[], 1, floats(&[0.5])),
+                tensor("zp", &[], 3, vec![0]),
+                tensor("lo", &[], 3, vec![lo as u8]),
+                tensor("hi", &[], 3, vec![hi as u8]),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn qcdq_constants_fold_as_onnx_defines_them_and_malformed_ones_are_errors() {
+        // round_half_even(0.8) = 1, −2, 6 → clipped to 3, 1e30/0.5 saturates then clips to 3.
+        let g = qcdq(-4, 3, "zp", vec![]);
+        let f = GraphConstants::new(&g).float("y").unwrap().unwrap();
+        assert_eq!(f.values, [0.5, -1.0, 1.5, 1.5]);
+        let grid = GraphConstants::new(&g).grid(2).unwrap().unwrap();
+        assert_eq!((grid.lo, grid.hi, grid.bits()), (-4, 3, 3));
+        // min above max: an error naming the node, not a panic.
+        let g = qcdq(3, -4, "zp", vec![]);
+        let e = GraphConstants::new(&g).float("y").unwrap().unwrap_err();
+        assert!(e.to_string().contains("min 3 above max -4"), "{e}");
+        // A zero point behind an Identity loop: not a constant (and no endless walk).
+        let looped = vec![node("Identity", &["b"], "a"), node("Identity", &["a"], "b")];
+        let g = qcdq(-4, 3, "a", looped);
+        assert!(GraphConstants::new(&g).float("y").is_none());
     }
 
     #[test]

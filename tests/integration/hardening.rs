@@ -155,6 +155,15 @@ fn a_retry_of_a_running_job_waits_for_that_run_and_the_job_is_evaluated_once() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // The autoscaling signals see the job waiting unread, and aging, with no worker.
+        // (The retry joins once `begin` has returned, which may be just before the enqueue.)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metric(&coordinator.metrics_url, "hyfhe_queue_lag") < 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "the waiting job never showed as lag"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(metric(&coordinator.metrics_url, "hyfhe_queue_lag"), 1.0);
         tokio::time::sleep(Duration::from_millis(50)).await;
         let age = metric(&coordinator.metrics_url, "hyfhe_queue_oldest_age_seconds");

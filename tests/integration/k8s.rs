@@ -17,7 +17,12 @@ fn read(name: &str) -> String {
 /// Every document of every manifest, by `kind/name`.
 fn manifests() -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
-    for file in ["redis.yaml", "coordinator.yaml", "worker.yaml"] {
+    for file in [
+        "redis.yaml",
+        "redis-sentinel.yaml",
+        "coordinator.yaml",
+        "worker.yaml",
+    ] {
         let text = read(&format!("deploy/k8s/{file}"));
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{file}: {e}"));
@@ -251,4 +256,72 @@ fn the_kubernetes_manifests_agree_with_the_config_and_the_cli() {
             );
         }
     }
+}
+
+/// The size `client-output-buffer-limit replica` must hold at least: one burst of session
+/// creations on every coordinator, each with the largest keys a session uploads (~170 MiB,
+/// BENCHMARKS.md).
+const LARGEST_SESSION_KEYS: u64 = 170 << 20;
+
+#[test]
+fn the_sentinel_manifests_monitor_what_the_documented_url_names_with_a_quorum() {
+    let m = manifests();
+    let conf = &m["ConfigMap/redis-ha"]["data"];
+    let sentinel = conf["sentinel.conf"].as_str().unwrap();
+    let monitor: Vec<&str> = sentinel
+        .lines()
+        .find(|l| l.starts_with("sentinel monitor "))
+        .expect("a monitored master")
+        .split_whitespace()
+        .collect();
+    let (master, quorum) = (monitor[2], monitor[5].parse::<u64>().unwrap());
+    let sentinels = m["Deployment/redis-sentinel"]["spec"]["replicas"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        2 * quorum > sentinels && quorum <= sentinels,
+        "quorum {quorum} of {sentinels}"
+    );
+    let pdb = m["PodDisruptionBudget/redis-sentinel"]["spec"]["minAvailable"]
+        .as_u64()
+        .unwrap();
+    assert!(pdb >= quorum, "a disruption leaves a quorum");
+    // The monitored primary is pod 0 of the StatefulSet, through its headless Service.
+    assert_eq!(monitor[3], "redis-ha-0.redis-ha");
+    assert_eq!(
+        m["Service/redis-ha"]["spec"]["clusterIP"].as_str(),
+        Some("None")
+    );
+    // The URL the file tells operators to use names this Service, port and master, and the
+    // config accepts it.
+    let port = m["Service/redis-sentinel"]["spec"]["ports"][0]["port"]
+        .as_u64()
+        .unwrap();
+    let url = format!("redis+sentinel://redis-sentinel:{port}/{master}");
+    let text = read("deploy/k8s/redis-sentinel.yaml");
+    assert!(
+        text.contains(&format!("HYFHE__QUEUE__REDIS_URL={url}")),
+        "{url}"
+    );
+    let overrides = BTreeMap::from([("HYFHE__QUEUE__REDIS_URL".to_string(), url.clone())]);
+    let config = Config::from_toml(&read("config/docker.toml"), " docker.toml", &overrides)
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    // Replica output buffers hold a burst of session creations on every coordinator.
+    let limit = conf["redis.conf"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("client-output-buffer-limit replica "))
+        .expect("a replica output-buffer limit")
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_string();
+    let hard = limit.trim_end_matches("gb").parse::<u64>().unwrap() << 30;
+    let coordinators = m["Deployment/hyfhe-coordinator"]["spec"]["replicas"]
+        .as_u64()
+        .unwrap();
+    let burst =
+        coordinators * config.coordinator.max_session_creations as u64 * LARGEST_SESSION_KEYS;
+    assert!(hard >= burst, "replica buffer {limit} below {burst} bytes");
 }

@@ -604,6 +604,30 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
     let sentinels: Vec<Sentinel> = (0..3)
         .map(|_| Sentinel::start("hyfhe", &primary, 2))
         .collect();
+    // Before the kill, every sentinel must know the replica and the other two (found through
+    // INFO and hello messages every ~2 s), or the failover could stall on a loaded machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for s in &sentinels {
+        loop {
+            let info = redis_cli(s.port, &["SENTINEL", "MASTER", "hyfhe"]);
+            let field = |name: &str| {
+                let mut lines = info.lines();
+                lines.find(|l| l.trim() == name);
+                lines.next().map(|v| v.trim().to_string())
+            };
+            if field("num-slaves").as_deref() == Some("1")
+                && field("num-other-sentinels").as_deref() == Some("2")
+            {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sentinel {} never saw the replica and its peers: {info}",
+                s.port
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let url = format!(
         "redis+sentinel://{}/hyfhe",
         sentinels

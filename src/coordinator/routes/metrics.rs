@@ -6,7 +6,14 @@ use crate::coordinator::AppState;
 
 pub async fn render(state: web::Data<AppState>) -> HttpResponse {
     let depth = state.broker.depth().await.ok();
-    let lag = state.broker.shard_lag().await.ok();
+    let lag = match state.broker.shard_lag().await {
+        Ok(lag) => Some(lag),
+        Err(e) => {
+            // The autoscaler's signal is missing from this scrape: say why.
+            tracing::warn!(error = %e, "queue lag unavailable for /metrics");
+            None
+        }
+    };
     let workers = state.broker.live_workers().await.ok();
     let mut bills = Vec::new();
     for tenant in &state.config.tenants {

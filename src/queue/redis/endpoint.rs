@@ -25,6 +25,9 @@ pub(super) enum Endpoint {
 
 pub(super) struct Sentinels {
     addresses: Vec<String>,
+    /// The sentinel that answered last: asked first next time, so a dead one costs its
+    /// timeout once, not on every reconnect.
+    last_good: std::sync::atomic::AtomicUsize,
     master: String,
     /// `user:password@` (or `:password@`) for the primary, empty without credentials.
     auth: String,
@@ -44,13 +47,15 @@ pub(super) fn parse_sentinels(url: &str) -> Result<Sentinels, RedisError> {
     let rest = url
         .strip_prefix(SENTINEL_SCHEME)
         .ok_or_else(|| invalid(format!("{SENTINEL_SCHEME} expected")))?;
+    // Credentials first (up to the last `@`), so that a `/` in a password is never taken for
+    // the path and no part of it reaches an error message.
+    let (auth, rest) = match rest.rsplit_once('@') {
+        Some((auth, rest)) => (format!("{auth}@"), rest),
+        None => (String::new(), rest),
+    };
     let (hosts, path) = rest.split_once('/').ok_or_else(|| {
         invalid("no master name: redis+sentinel://host:port,.../<master name>".into())
     })?;
-    let (auth, hosts) = match hosts.rsplit_once('@') {
-        Some((auth, hosts)) => (format!("{auth}@"), hosts),
-        None => (String::new(), hosts),
-    };
     let addresses: Vec<String> = hosts
         .split(',')
         .map(str::trim)
@@ -81,6 +86,7 @@ pub(super) fn parse_sentinels(url: &str) -> Result<Sentinels, RedisError> {
     };
     Ok(Sentinels {
         addresses,
+        last_good: Default::default(),
         master,
         auth,
         db,
@@ -116,10 +122,17 @@ async fn ask(client: &Client, cmd: &redis::Cmd) -> Result<Value, RedisError> {
 
 impl Sentinels {
     async fn primary(&self) -> Result<Client, RedisError> {
+        use std::sync::atomic::Ordering;
         let mut last = None;
-        for sentinel in &self.addresses {
+        let start = self.last_good.load(Ordering::Relaxed);
+        let n = self.addresses.len();
+        for i in (0..n).map(|k| (start + k) % n) {
+            let sentinel = &self.addresses[i];
             match self.ask_sentinel(sentinel).await {
-                Ok(client) => return Ok(client),
+                Ok(client) => {
+                    self.last_good.store(i, Ordering::Relaxed);
+                    return Ok(client);
+                }
                 Err(e) => {
                     tracing::debug!(sentinel = %sentinel, error = %e, "sentinel gave no primary");
                     last = Some(e);
@@ -176,6 +189,14 @@ mod tests {
         );
         let s = parse_sentinels("redis+sentinel://:secret@a:26379/m").unwrap();
         assert_eq!((s.auth.as_str(), s.db), (":secret@", 0));
+        // A `/` in the password stays in the password, out of every error message.
+        let s = parse_sentinels("redis+sentinel://u:se/cr3t@a:26379/m").unwrap();
+        assert_eq!((s.auth.as_str(), s.master.as_str()), ("u:se/cr3t@", "m"));
+        let e = parse_sentinels("redis+sentinel://u:se/cr3t@a/m")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(!e.contains("cr3t"), "{e}");
         for (url, why) in [
             ("redis+sentinel://a:26379", "no master name"),
             ("redis+sentinel://a:26379/", "empty master name"),
