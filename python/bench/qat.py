@@ -11,10 +11,10 @@ largest logit difference, and whether execute equals simulate bit for bit.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
-import brevitas.nn as qnn
 import numpy as np
 import torch
 from torch import nn
@@ -22,31 +22,9 @@ from torch import nn
 from hyfhe.torch import HybridFHEModel
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
-
-
-class Mlp(nn.Module):
-    def __init__(self, bits: int) -> None:
-        super().__init__()
-        self.quant_in = qnn.QuantIdentity(bit_width=bits, return_quant_tensor=True)
-        self.fc1 = qnn.QuantLinear(64, 64, bias=True, weight_bit_width=bits)
-        self.relu = qnn.QuantReLU(bit_width=bits, return_quant_tensor=True)
-        self.fc2 = qnn.QuantLinear(64, 10, bias=True, weight_bit_width=bits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.relu(self.fc1(self.quant_in(x.flatten(1)))))
-
-
-class Cnn(nn.Module):
-    def __init__(self, bits: int) -> None:
-        super().__init__()
-        self.quant_in = qnn.QuantIdentity(bit_width=bits, return_quant_tensor=True)
-        self.conv = qnn.QuantConv2d(1, 8, 3, padding=1, bias=True, weight_bit_width=bits)
-        self.relu = qnn.QuantReLU(bit_width=bits, return_quant_tensor=True)
-        self.fc = qnn.QuantLinear(8 * 8 * 8, 10, bias=True, weight_bit_width=bits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.relu(self.conv(self.quant_in(x)))
-        return self.fc(h.flatten(1))
+# The same Brevitas models the ONNX front's QAT fixtures are trained from.
+sys.path.insert(0, str(FIXTURES))
+from make_qat import BrevitasCnn as Cnn, BrevitasMlp as Mlp  # noqa: E402
 
 
 def main() -> None:
