@@ -400,7 +400,12 @@ struct LinearModuleArgs {
 impl LinearModuleArgs {
     fn calibration(&self) -> Calibration<'_> {
         match (self.range, &self.rows) {
-            (Some((lo, hi)), Some(rows)) => Calibration::Rows { lo, hi, rows },
+            (Some((lo, hi)), Some(rows)) => Calibration::Rows {
+                lo,
+                hi,
+                rows,
+                map: None,
+            },
             (Some((lo, hi)), None) => Calibration::Range(lo, hi),
             _ => Calibration::None,
         }
@@ -724,6 +729,7 @@ impl Modules {
                 lo,
                 hi,
                 rows: &rows,
+                map: None,
             };
             Ok(compile_module(&name, &module, &calibration, &options)?)
         })

@@ -105,8 +105,12 @@ impl Catalog {
     /// The rows one request to `spec`'s module may carry when the module has its own limit:
     /// with the workers' `max_job_bytes` (coordinators and workers share one configuration).
     pub fn module_max_rows(spec: &ClientSpec, max_job_bytes: u64) -> Option<usize> {
-        spec.chain_width
-            .map(|w| crate::fhe::chain_rows_within(w, max_job_bytes as usize))
+        spec.chain_width.map(|w| {
+            crate::fhe::whole_maps(
+                crate::fhe::chain_rows_within(w, max_job_bytes as usize),
+                spec.map_pixels(),
+            )
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&ServedModel> {

@@ -46,6 +46,12 @@ pub enum ChainStage {
         /// `channels × 2^rounding_bits` signed output codes, entry `i` for rounded input
         /// `i − 2^(rounding_bits − 1)`.
         codes: Vec<i32>,
+        /// Per channel, an integer the accumulator is multiplied by before rounding (empty: all
+        /// 1). A channel whose range is a small part of the shared window (a residual shortcut
+        /// computed beside a convolution's sums) would otherwise keep only a bit or two of its
+        /// value; scaling the LWE by `g` costs `g×` its noise, which the noise model counts.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gains: Vec<u32>,
     },
     /// `y_j = Σ_i w_ji · x_i` on the previous stage's codes.
     Linear {
@@ -55,13 +61,53 @@ pub enum ChainStage {
         #[serde(with = "serde_bytes")]
         codes: Vec<u8>,
     },
+    /// A stride-1 convolution that keeps its map's size, on rows that are the pixels of
+    /// `height × width` maps, image after image:
+    /// `y[p][j] = Σ_{c,ky,kx} w_j,(c,ky,kx) · x[p + (ky − pads[0], kx − pads[1])][c]`, reading the
+    /// previous stage's first `in_channels` values of each pixel (zero past the map's edge), plus
+    /// `x[p][in_channels + j]` when `residual` (a shortcut the first layer computed as extra
+    /// channels, already scaled by its tables to add with weight 1).
+    Conv {
+        height: usize,
+        width: usize,
+        in_channels: usize,
+        kernel: [usize; 2],
+        /// Top and left padding (bottom and right are `kernel − 1 −` these: the map keeps its size).
+        pads: [usize; 2],
+        out_channels: usize,
+        residual: bool,
+        weight_bits: u32,
+        /// `out_channels × in_channels·kh·kw`, in the order of a flattened Conv weight.
+        #[serde(with = "serde_bytes")]
+        codes: Vec<u8>,
+    },
 }
 
+/// Largest gain a table may apply: its noise grows with it, and the window must still hold the
+/// scaled range (checked at compile time against the channel's guaranteed bound).
+pub const MAX_TABLE_GAIN: u32 = 1 << 12;
+
 impl ChainStage {
+    /// Table stage: the factor channel `j`'s accumulator is scaled by before rounding.
+    fn gain(&self, j: usize) -> i64 {
+        match self {
+            ChainStage::Table { gains, .. } => gains.get(j).map_or(1, |&g| g as i64),
+            _ => 1,
+        }
+    }
+
+    fn max_gain(&self) -> f64 {
+        match self {
+            ChainStage::Table { gains, .. } => gains.iter().copied().max().unwrap_or(1) as f64,
+            _ => 1.0,
+        }
+    }
+
     fn width(&self) -> usize {
         match self {
             ChainStage::Table { channels, .. } => *channels,
             ChainStage::Linear { out_features, .. } => *out_features,
+            ChainStage::Conv { out_channels, .. } => *out_channels,
         }
     }
 
@@ -70,8 +116,113 @@ impl ChainStage {
             ChainStage::Linear {
                 in_features, codes, ..
             } => codes[j * in_features + i] as i8 as i64,
+            ChainStage::Conv {
+                in_channels,
+                kernel,
+                codes,
+                ..
+            } => codes[j * in_channels * kernel[0] * kernel[1] + i] as i8 as i64,
             ChainStage::Table { .. } => 0,
         }
+    }
+
+    /// Largest `Σ_i w_ji²` over the outputs (a shortcut adds with weight 1).
+    fn max_square_norm(&self) -> f64 {
+        let (out, inputs, residual) = match self {
+            ChainStage::Linear {
+                in_features,
+                out_features,
+                ..
+            } => (*out_features, *in_features, false),
+            ChainStage::Conv {
+                in_channels,
+                kernel,
+                out_channels,
+                residual,
+                ..
+            } => (
+                *out_channels,
+                in_channels * kernel[0] * kernel[1],
+                *residual,
+            ),
+            ChainStage::Table { .. } => return 0.0,
+        };
+        (0..out)
+            .map(|j| {
+                (0..inputs)
+                    .map(|i| (self.weight(j, i) as f64).powi(2))
+                    .sum::<f64>()
+                    + if residual { 1.0 } else { 0.0 }
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// Pixels per image of a convolution stage (its rows come in whole maps of this many).
+    pub fn map_pixels(&self) -> Option<usize> {
+        match self {
+            ChainStage::Conv { height, width, .. } => Some(height * width),
+            _ => None,
+        }
+    }
+
+    /// For every output value `(row, j)` of a weighted stage over `rows × width` inputs, the
+    /// `(input index, weight)` terms it sums: what both the clear simulation and the encrypted
+    /// combination run, so they cannot disagree on the gather.
+    fn for_each_term(&self, row: usize, j: usize, width: usize, mut f: impl FnMut(usize, i64)) {
+        match self {
+            ChainStage::Linear { .. } => {
+                for i in 0..width {
+                    f(row * width + i, self.weight(j, i));
+                }
+            }
+            ChainStage::Conv {
+                height,
+                width: map_w,
+                in_channels,
+                kernel: [kh, kw],
+                pads: [pt, pl],
+                residual,
+                ..
+            } => {
+                let pixels = height * map_w;
+                let (image, p) = (row / pixels, row % pixels);
+                let (y, x) = ((p / map_w) as isize, (p % map_w) as isize);
+                for c in 0..*in_channels {
+                    for ky in 0..*kh {
+                        let yy = y + ky as isize - *pt as isize;
+                        if yy < 0 || yy >= *height as isize {
+                            continue;
+                        }
+                        for kx in 0..*kw {
+                            let xx = x + kx as isize - *pl as isize;
+                            if xx < 0 || xx >= *map_w as isize {
+                                continue;
+                            }
+                            let src = image * pixels + yy as usize * map_w + xx as usize;
+                            f(src * width + c, self.weight(j, (c * kh + ky) * kw + kx));
+                        }
+                    }
+                }
+                if *residual {
+                    f(row * width + in_channels + j, 1);
+                }
+            }
+            ChainStage::Table { .. } => {}
+        }
+    }
+
+    /// This weighted stage on clear codes (`rows × width`, row-major).
+    pub fn forward(&self, values: &[i64], rows: usize, width: usize) -> Vec<i64> {
+        let out = self.width();
+        (0..rows * out)
+            .map(|g| {
+                let mut sum = 0i64;
+                self.for_each_term(g / out, g % out, width, |i, w| {
+                    sum = sum.wrapping_add(w.wrapping_mul(values.get(i).copied().unwrap_or(0)))
+                });
+                sum
+            })
+            .collect()
     }
 }
 
@@ -92,6 +243,14 @@ pub fn chain_rows_within(width: usize, max_job_bytes: usize) -> usize {
     (max_job_bytes / (2 * width.max(1) * BIG_LWE_LEN * 8)).max(1)
 }
 
+/// `rows` rounded down to whole maps of `pixels` (one map at least: a map is the smallest request).
+pub fn whole_maps(rows: usize, pixels: Option<usize>) -> usize {
+    match pixels {
+        Some(p) if p > 0 => (rows / p).max(1) * p,
+        _ => rows,
+    }
+}
+
 impl ChainProgram {
     /// Shapes and ranges agree (a decoded server module is checked with this).
     pub fn check(&self, first: &LayerPlan) -> Result<(), String> {
@@ -108,8 +267,17 @@ impl ChainProgram {
                     window_bits,
                     output_delta_log,
                     codes,
+                    gains,
                 } => {
                     let bits = *rounding_bits;
+                    if !(gains.is_empty() || gains.len() == *channels)
+                        || gains.iter().any(|g| !(1..=MAX_TABLE_GAIN).contains(g))
+                    {
+                        return Err(format!(
+                            "stage {k}: {} gains for {channels} channels (each in 1..={MAX_TABLE_GAIN})",
+                            gains.len()
+                        ));
+                    }
                     if *channels != width
                         || !(1..=MAX_ROUNDING_BITS).contains(&bits)
                         || *window_bits != window
@@ -148,6 +316,42 @@ impl ChainProgram {
                     }
                     width = *out_features;
                 }
+                ChainStage::Conv {
+                    height,
+                    width: map_w,
+                    in_channels,
+                    kernel,
+                    pads,
+                    out_channels,
+                    residual,
+                    weight_bits,
+                    codes,
+                } => {
+                    let expected = in_channels + if *residual { *out_channels } else { 0 };
+                    let taps = kernel[0] * kernel[1];
+                    if expected != width
+                        || *height == 0
+                        || *map_w == 0
+                        || taps == 0
+                        || pads[0] >= kernel[0]
+                        || pads[1] >= kernel[1]
+                        || *out_channels == 0
+                        || !(2..=8).contains(weight_bits)
+                        || codes.len() != out_channels * in_channels * taps
+                    {
+                        return Err(format!(
+                            "stage {k}: {out_channels}×{in_channels}×{kernel:?} convolution (pads {pads:?}, \
+                             residual {residual}) with {} codes after {width} values",
+                            codes.len()
+                        ));
+                    }
+                    if self.map_pixels().is_some_and(|p| p != height * map_w) {
+                        return Err(format!(
+                            "stage {k}: a {height}×{map_w} map where an earlier stage had another"
+                        ));
+                    }
+                    width = *out_channels;
+                }
             }
         }
         if self.output.out_features != width || self.output.acc_bits != window {
@@ -160,6 +364,12 @@ impl ChainProgram {
             return Err("a non-linear module's output uses exact precision".into());
         }
         Ok(())
+    }
+
+    /// Pixels per image when the module holds a convolution after its first layer: requests then
+    /// carry whole images (`rows` a multiple of it), `None` for a dense chain.
+    pub fn map_pixels(&self) -> Option<usize> {
+        self.stages.iter().find_map(ChainStage::map_pixels)
     }
 
     /// Number of bootstraps per row.
@@ -183,35 +393,28 @@ impl ChainProgram {
 
     /// Rows one request may hold under a working-memory budget.
     pub fn max_rows(&self, first: &LayerPlan, max_job_bytes: usize) -> usize {
-        chain_rows_within(self.max_width(first), max_job_bytes)
+        whole_maps(
+            chain_rows_within(self.max_width(first), max_job_bytes),
+            self.map_pixels(),
+        )
     }
 
     /// Standard deviation of the phase each bootstrap reads, worst stage first.
     pub fn bootstrap_std(&self, first: &LayerPlan) -> f64 {
         // The first layer's products carry the row model's noise; later layers the previous
         // bootstrap's output weighted by their codes.
-        let mut worst = bootstrap_input_std(&PBS_PARAMS, 2f64.powf(2.0 * first.noise_std_log2));
-        let mut norm2 = 0f64;
+        // A table's gain multiplies the noise of what it reads.
+        let mut input = 2f64.powf(2.0 * first.noise_std_log2);
+        let mut worst = 0f64;
         for stage in &self.stages {
             match stage {
-                ChainStage::Linear {
-                    in_features,
-                    out_features,
-                    ..
-                } => {
-                    norm2 = (0..*out_features)
-                        .map(|j| {
-                            (0..*in_features)
-                                .map(|i| (stage.weight(j, i) as f64).powi(2))
-                                .sum::<f64>()
-                        })
-                        .fold(0.0, f64::max);
+                ChainStage::Linear { .. } | ChainStage::Conv { .. } => {
+                    input = stage.max_square_norm() * bootstrap_output_variance(&PBS_PARAMS);
                 }
-                ChainStage::Table { .. } if norm2 > 0.0 => {
-                    let v = norm2 * bootstrap_output_variance(&PBS_PARAMS);
+                ChainStage::Table { .. } => {
+                    let v = input * stage.max_gain().powi(2);
                     worst = worst.max(bootstrap_input_std(&PBS_PARAMS, v));
                 }
-                ChainStage::Table { .. } => {}
             }
         }
         worst
@@ -262,20 +465,14 @@ impl ChainProgram {
                     ..
                 } => {
                     for (g, v) in values.iter_mut().enumerate() {
-                        *v = table_lookup(*v, g % channels, *rounding_bits, *window_bits, codes);
+                        let j = g % channels;
+                        let scaled = v.wrapping_mul(stage.gain(j));
+                        *v = table_lookup(scaled, j, *rounding_bits, *window_bits, codes);
                     }
                 }
-                ChainStage::Linear { out_features, .. } => {
-                    let next: Vec<i64> = (0..rows * out_features)
-                        .map(|g| {
-                            let (r, j) = (g / out_features, g % out_features);
-                            (0..width)
-                                .map(|i| stage.weight(j, i) * values[r * width + i])
-                                .sum()
-                        })
-                        .collect();
-                    values = next;
-                    width = *out_features;
+                ChainStage::Linear { .. } | ChainStage::Conv { .. } => {
+                    values = stage.forward(&values, rows, width);
+                    width = stage.width();
                 }
             }
         }
@@ -339,7 +536,7 @@ impl EncryptedChain {
                         })
                         .collect(),
                 ),
-                ChainStage::Linear { .. } => None,
+                ChainStage::Linear { .. } | ChainStage::Conv { .. } => None,
             })
             .collect();
         Ok(Self {
@@ -386,19 +583,37 @@ impl EncryptedChain {
                 self.program.max_width(plan)
             )));
         }
+        if let Some(pixels) = self.program.map_pixels() {
+            if rows % pixels != 0 {
+                return Err(FheError::Shape(format!(
+                    "{rows} rows are not whole images: this module convolves maps of {pixels} pixels, \
+                     so a request carries a multiple of {pixels} rows"
+                )));
+            }
+        }
         let mut lwes = self.first.extract_lwes(input);
         let mut width = plan.out_features;
         let mut tables = self.luts.iter();
         for stage in &self.program.stages {
             match stage {
-                ChainStage::Table { channels, .. } => {
+                ChainStage::Table {
+                    channels, gains, ..
+                } => {
                     let luts = tables.next().expect("one table set per table stage");
                     let channels = *channels;
+                    if !gains.is_empty() {
+                        lwes.par_chunks_mut(BIG_LWE_LEN)
+                            .enumerate()
+                            .for_each(|(g, lwe)| {
+                                let gain = gains[g % channels] as u64;
+                                lwe.iter_mut().for_each(|c| *c = c.wrapping_mul(gain));
+                            });
+                    }
                     pbs.bootstrap_all(&mut lwes, WINDOW_OFFSET, luts, |g| g % channels);
                 }
-                ChainStage::Linear { out_features, .. } => {
-                    lwes = combine(stage, &lwes, rows, width, *out_features);
-                    width = *out_features;
+                ChainStage::Linear { .. } | ChainStage::Conv { .. } => {
+                    lwes = combine(stage, &lwes, rows, width);
+                    width = stage.width();
                 }
             }
         }
@@ -406,23 +621,24 @@ impl EncryptedChain {
     }
 }
 
-/// `out[r][j] = Σ_i w_ji · in[r][i]` on whole LWE ciphertexts (wrapping integer arithmetic).
-fn combine(stage: &ChainStage, lwes: &[u64], rows: usize, width: usize, out: usize) -> Vec<u64> {
+/// A weighted stage on whole LWE ciphertexts (wrapping integer arithmetic): each output is the
+/// integer combination [`ChainStage::for_each_term`] lists, as in the clear simulation.
+fn combine(stage: &ChainStage, lwes: &[u64], rows: usize, width: usize) -> Vec<u64> {
+    let out = stage.width();
     let mut next = vec![0u64; rows * out * BIG_LWE_LEN];
     next.par_chunks_mut(BIG_LWE_LEN)
         .enumerate()
         .for_each(|(g, dst)| {
-            let (r, j) = (g / out, g % out);
-            for i in 0..width {
-                let w = stage.weight(j, i) as u64;
+            stage.for_each_term(g / out, g % out, width, |i, w| {
                 if w == 0 {
-                    continue;
+                    return;
                 }
-                let src = &lwes[(r * width + i) * BIG_LWE_LEN..(r * width + i + 1) * BIG_LWE_LEN];
+                let w = w as u64;
+                let src = &lwes[i * BIG_LWE_LEN..(i + 1) * BIG_LWE_LEN];
                 for (d, &s) in dst.iter_mut().zip(src) {
                     *d = d.wrapping_add(s.wrapping_mul(w));
                 }
-            }
+            });
         });
     next
 }

@@ -22,7 +22,8 @@ mod slot;
 
 pub use blocked::{BlockLayout, CIPHERTEXTS_PER_SEED};
 pub use chain::{
-    chain_rows_within, table_lookup, ChainProgram, ChainStage, EncryptedChain, ModuleProgram,
+    chain_rows_within, table_lookup, whole_maps, ChainProgram, ChainStage, EncryptedChain,
+    ModuleProgram, MAX_TABLE_GAIN,
 };
 pub use codec::{decode, encode, CodecError, Wire};
 pub use encrypted_outputs::{decode as decode_phase, EncryptedOutputs};

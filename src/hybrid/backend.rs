@@ -13,7 +13,7 @@ use std::time::Instant;
 use ndarray::{Array2, ArrayView2};
 use tracing::Instrument;
 
-use super::rows::{from_rows, to_rows};
+use super::rows::{check_map, from_rows, to_rows, RowLayout};
 use super::runtime::{ms_since, BoxFuture, ForwardStats, ModuleBackend};
 use super::spec::{ClientSpec, ServerModule};
 use super::HybridError;
@@ -151,7 +151,14 @@ pub(crate) struct FloatBackend<'a> {
     pub ranges: Mutex<HashMap<String, (f32, f32)>>,
     /// Input rows of modules with activations inside (compile calibrates their hidden layers on
     /// them), at most [`MAX_CHAIN_SAMPLES`] rows each.
-    pub samples: Option<Mutex<HashMap<String, Vec<f32>>>>,
+    pub samples: Option<Mutex<HashMap<String, ChainSamples>>>,
+}
+
+/// A non-linear module's calibration rows, and the map they tile when it convolves.
+#[derive(Default)]
+pub(crate) struct ChainSamples {
+    pub rows: Vec<f32>,
+    pub map: Option<[usize; 2]>,
 }
 
 /// Calibration rows kept per non-linear module.
@@ -176,14 +183,31 @@ impl ModuleBackend for FloatBackend<'_> {
             *r = (r.0.min(lo), r.1.max(hi));
             drop(ranges);
             if let Some(chain) = &m.chain {
+                let map = match &layout {
+                    RowLayout::Conv { height, width, .. } => Some([*height, *width]),
+                    RowLayout::Dense { .. } => None,
+                };
                 if let Some(samples) = &self.samples {
                     let mut samples = samples.lock().expect("samples");
                     let kept = samples.entry(module.to_string()).or_default();
-                    let room = MAX_CHAIN_SAMPLES * m.in_features
-                        - kept.len().min(MAX_CHAIN_SAMPLES * m.in_features);
-                    kept.extend_from_slice(&x[..x.len().min(room)]);
+                    if kept.rows.is_empty() {
+                        kept.map = map;
+                    } else if kept.map != map {
+                        return Err(HybridError::Unsupported(format!(
+                            "`{module}` saw calibration maps of {:?} and {map:?}: a module that \
+                             convolves its hidden map is compiled for one image size",
+                            kept.map
+                        )));
+                    }
+                    // Whole maps only (a convolution gathers each pixel's neighbours).
+                    let unit = map.map_or(1, |[h, w]| h * w) * m.in_features;
+                    let room = (MAX_CHAIN_SAMPLES * m.in_features)
+                        .saturating_sub(kept.rows.len())
+                        .max(if kept.rows.is_empty() { unit } else { 0 });
+                    let take = x.len().min(room / unit * unit);
+                    kept.rows.extend_from_slice(&x[..take]);
                 }
-                let y = super::compile_chain::chain_float(chain, &x, m.in_features);
+                let y = super::compile_chain::chain_float(chain, &x, m.in_features, map)?;
                 return Ok(from_rows(&layout, m.out_features, &y)?);
             }
             let y = float_matmul(
@@ -220,6 +244,7 @@ impl ModuleBackend for ClearBackend<'_> {
                 _ => return Err(HybridError::UnknownRemote(module.to_string())),
             };
             let (x, layout) = to_rows(module, &spec.kind, spec.in_features, &input)?;
+            check_map(module, spec.map, &layout)?;
             let q = spec.input.quantize(&x, spec.in_features)?;
             let y = if let Some(chain) = &server.chain {
                 // Both clear modes run the integer program of a non-linear module.
@@ -281,6 +306,7 @@ impl ModuleBackend for EncryptedBackend<'_> {
                 let t = Instant::now();
                 let (layout, q) = tracing::info_span!("quantize").in_scope(|| {
                     let (x, layout) = to_rows(module, &spec.kind, spec.in_features, &input)?;
+                    check_map(module, spec.map, &layout)?;
                     let q = spec.input.quantize(&x, spec.in_features)?;
                     Ok::<_, HybridError>((layout, q))
                 })?;
@@ -293,7 +319,11 @@ impl ModuleBackend for EncryptedBackend<'_> {
                 // of thousands of im2col rows.
                 // (A non-linear module's limit of its own is in `max_rows`: the server publishes
                 // it, and execute mode's local server sizes it from the same budget.)
-                let max_rows = self.remote.max_rows(module).clamp(1, MAX_ROWS);
+                // A convolving module's requests carry whole maps.
+                let max_rows = crate::fhe::whole_maps(
+                    self.remote.max_rows(module).clamp(1, MAX_ROWS),
+                    spec.map_pixels(),
+                );
                 for chunk in q.values.chunks(max_rows * spec.in_features) {
                     let rows = chunk.len() / spec.in_features;
                     let t = Instant::now();

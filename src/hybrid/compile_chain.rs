@@ -9,12 +9,14 @@ use super::spec::{ClientSpec, ServerModule, PROTOCOL_VERSION};
 use super::{CompileOptions, HybridError};
 use crate::fhe::params::{accumulator_bits, top_bits_for_error, Z_EXACT};
 use crate::fhe::pbs::{bootstrap_output_variance, MAX_ROUNDING_BITS, PBS_PARAMS};
-use crate::fhe::{table_lookup, ChainProgram, ChainStage, Encoding, LayerPlan, Precision};
-use crate::model::chain::ChainModule;
-use crate::model::LinearModule;
+use crate::fhe::{
+    table_lookup, ChainProgram, ChainStage, Encoding, LayerPlan, Precision, MAX_TABLE_GAIN,
+};
+use crate::model::chain::{ChainModule, Shortcut};
+use crate::model::{ConvGeometry, LinearKind, LinearModule};
 use crate::quant::{
     integer_matmul, AffineQuantizer, Granularity, InputQuantization, OutputDequantizer, QuantError,
-    QuantizedRows, QuantizedWeights, WeightScheme,
+    QuantizedWeights, WeightScheme,
 };
 
 /// What compile decided for a non-linear module (printed by `hyfhe compile`).
@@ -43,12 +45,17 @@ fn window_shift(bound: f64, bits: u32) -> u32 {
     s
 }
 
-/// Largest `Σ_i |w_ji| · max|code|` over the rows: no input the quantizer admits exceeds it.
-fn guaranteed_bound(w: &QuantizedWeights, max_code: i64) -> f64 {
+/// Largest `Σ_i |w_ji| · max|code| + added_j` over the rows (`added_j` the largest code a
+/// shortcut adds to output `j`): no input the quantizer admits exceeds it.
+fn guaranteed_bound(w: &QuantizedWeights, max_code: i64, added: &[i64]) -> f64 {
     (0..w.out_features)
-        .map(|j| w.row(j).iter().map(|&c| (c as i64).abs()).sum::<i64>() * max_code)
-        .max()
-        .unwrap_or(0) as f64
+        .map(|j| guaranteed_bound_row(w, j, max_code) + added.get(j).copied().unwrap_or(0) as f64)
+        .fold(0.0, f64::max)
+}
+
+/// The same bound for output `j` alone (no shortcut).
+fn guaranteed_bound_row(w: &QuantizedWeights, j: usize, max_code: i64) -> f64 {
+    (w.row(j).iter().map(|&c| (c as i64).abs()).sum::<i64>() * max_code) as f64
 }
 
 fn max_centred(q: &AffineQuantizer) -> i64 {
@@ -70,12 +77,57 @@ fn quantize(w: &[f32], out: usize, inp: usize, bits: u32) -> Result<QuantizedWei
 /// How far past the largest calibration accumulator a window reaches (past it, a value wraps).
 const WINDOW_HEADROOM: f64 = 1.25;
 
+/// The first layer's weights and bias, with a residual block's shortcut appended as extra
+/// output channels: its value at each output pixel is read at the first convolution's centre
+/// tap (the identity as a one-hot row, a 1×1 projection as its weights there), so the server
+/// computes it from the same request and carries it through its own tables to the add.
+fn first_with_shortcut(
+    name: &str,
+    chain: &ChainModule,
+) -> Result<(Vec<f32>, Option<Vec<f32>>, usize), HybridError> {
+    let first = &chain.layers[0];
+    let Some(shortcut) = &chain.shortcut else {
+        return Ok((first.weight.clone(), first.bias.clone(), first.out_features));
+    };
+    let (LinearKind::Conv(g), Some(last)) = (&first.kind, chain.layers.last()) else {
+        return Err(HybridError::Unsupported(format!(
+            "`{name}`: a residual shortcut needs a convolution first"
+        )));
+    };
+    let [kh, kw] = g.kernel;
+    let tap = |c: usize| (c * kh + g.pads[0]) * kw + g.pads[1];
+    let features = g.features();
+    let extra = last.out_features;
+    let mut weight = first.weight.clone();
+    let mut shortcut_bias = vec![0f32; extra];
+    for j in 0..extra {
+        let mut row = vec![0f32; features];
+        match shortcut {
+            Shortcut::Identity => row[tap(j)] = 1.0,
+            Shortcut::Projection(p) => {
+                for c in 0..g.in_channels {
+                    row[tap(c)] = p.weight[j * g.in_channels + c];
+                }
+                shortcut_bias[j] = p.bias.as_ref().map_or(0.0, |b| b[j]);
+            }
+        }
+        weight.extend(row);
+    }
+    let mut bias = first
+        .bias
+        .clone()
+        .unwrap_or_else(|| vec![0.0; first.out_features]);
+    bias.extend(shortcut_bias);
+    Ok((weight, Some(bias), first.out_features + extra))
+}
+
 pub(super) fn compile_chain(
     name: &str,
     m: &LinearModule,
     chain: &ChainModule,
     input: AffineQuantizer,
     samples: &[f32],
+    map: Option<[usize; 2]>,
     options: &CompileOptions,
 ) -> Result<(ClientSpec, ServerModule, ChainReport), HybridError> {
     let bits = options.n_bits;
@@ -90,25 +142,51 @@ pub(super) fn compile_chain(
             "`{name}` has activations inside: n_bits at most 8 (weights), got {bits}"
         )));
     }
+    let convolves = chain.layers.len() > 1
+        && chain
+            .layers
+            .iter()
+            .all(|l| matches!(l.kind, LinearKind::Conv(_)));
+    let map = if convolves {
+        let [h, w] = map.ok_or_else(|| {
+            HybridError::Unsupported(format!(
+                "`{name}` convolves its hidden map: calibrate it on images (no map size was seen)"
+            ))
+        })?;
+        Some([h, w])
+    } else {
+        None
+    };
     let first = &chain.layers[0];
-    let w1 = quantize(&first.weight, first.out_features, first.in_features, bits)?;
+    let (first_weight, first_bias, first_out) = first_with_shortcut(name, chain)?;
+    let shortcut_channels = first_out - first.out_features;
+    let w1 = quantize(&first_weight, first_out, first.in_features, bits)?;
     let mut plan1 = LayerPlan::new(
         name,
         Precision::Exact,
         first.in_features,
-        first.out_features,
+        first_out,
         bits,
         bits,
     )?;
     plan1.encodings = vec![Encoding::Row];
     let q = InputQuantization::Static(input).quantize(samples, first.in_features)?;
     let rows = q.rows;
+    if let Some([h, w]) = map {
+        if rows % (h * w) != 0 {
+            return Err(HybridError::Unsupported(format!(
+                "`{name}`: {rows} calibration rows are not whole {h}×{w} maps"
+            )));
+        }
+    }
     let mut acc = integer_matmul(&q, &w1);
-    let mut width = first.out_features;
+    let mut width = first_out;
     let mut weights = w1.clone();
     let mut scale = input.scale;
     let mut max_code = max_centred(&input);
-    let mut bias = first.bias.clone();
+    // Per output channel, the largest code a shortcut adds to the accumulator being built.
+    let mut added: Vec<i64> = Vec::new();
+    let mut bias = first_bias;
     let mut stages: Vec<ChainStage> = Vec::new();
     let mut windows = Vec::new();
     let mut names = Vec::new();
@@ -124,7 +202,7 @@ pub(super) fn compile_chain(
         let window_bits = match act {
             Some(_) => {
                 let m_cal = acc.iter().map(|a| a.abs()).max().unwrap_or(1).max(1) as f64;
-                let g = guaranteed_bound(&weights, max_code);
+                let g = guaranteed_bound(&weights, max_code, &added);
                 let s = window_shift(m_cal * WINDOW_HEADROOM, p).min(window_shift(g, p));
                 s + p + 1
             }
@@ -171,28 +249,84 @@ pub(super) fn compile_chain(
         names.push(act.name.clone());
         let s = window_bits - p - 1;
         windows.push((window_bits, 1u64 << s));
-        // Hidden values as the table will see them (rounded), through the activation.
-        let value = |j: usize, rounded: i64| -> f64 {
-            let x = scale as f64 * weights.scale(j) as f64 * (rounded as f64 * 2f64.powi(s as i32))
-                + bias.as_ref().map_or(0.0, |b| b[j] as f64);
-            act.apply(x)
+        // Channels past `main` carry a residual shortcut (first table only): no activation, and
+        // their codes are in the next layer's accumulator units.
+        let main = if k == 0 {
+            width - shortcut_channels
+        } else {
+            width
         };
+        // A shortcut channel's sum spans a small part of a window sized for the convolution's
+        // (one input against dozens): scale it up to fill the window, by its guaranteed bound,
+        // so its rounding keeps as many bits as the main channels' do.
+        let gains: Vec<u32> = if main < width {
+            let limit = ((1i64 << (p - 1)) as f64 - 0.5) * 2f64.powi(s as i32);
+            (0..width)
+                .map(|j| {
+                    let bound = guaranteed_bound_row(&weights, j, max_code).max(1.0);
+                    if j < main {
+                        1
+                    } else {
+                        ((limit / bound).floor() as u32).clamp(1, MAX_TABLE_GAIN)
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let gain = |j: usize| gains.get(j).map_or(1.0, |&g| g as f64);
+        // Hidden values as the table will see them (rounded), before and through the activation.
+        let pre = |j: usize, rounded: i64| -> f64 {
+            scale as f64 * weights.scale(j) as f64 * (rounded as f64 * 2f64.powi(s as i32))
+                / gain(j)
+                + bias.as_ref().map_or(0.0, |b| b[j] as f64)
+        };
+        let value = |j: usize, rounded: i64| act.apply(pre(j, rounded));
         let ideal: Vec<f32> = acc
             .iter()
             .enumerate()
+            .filter(|(g, _)| g % width < main)
             .map(|(g, &a)| {
+                // Main channels have gain 1.
                 let r = if s == 0 { a } else { (a + (1 << (s - 1))) >> s };
                 value(g % width, r) as f32
             })
             .collect();
         let hidden = AffineQuantizer::calibrate(&ideal, bits)?;
+        let next = chain.layers.get(k + 1);
+        let next_weights = next
+            .map(|n| quantize(&n.weight, n.out_features, n.in_features, bits))
+            .transpose()?;
         let size = 1usize << p;
+        let shortcut_code = |o: usize, v: f64| -> i32 {
+            let unit =
+                hidden.scale as f64 * next_weights.as_ref().map_or(1.0, |w| w.scale(o) as f64);
+            (v / unit)
+                .round()
+                .clamp(-((1u64 << 30) as f64), (1u64 << 30) as f64) as i32
+        };
         let codes: Vec<i32> = (0..width)
             .flat_map(|j| (0..size).map(move |i| (j, i as i64 - (size as i64 / 2))))
-            .map(|(j, r)| hidden.centred_code(value(j, r) as f32))
+            .map(|(j, r)| {
+                if j < main {
+                    hidden.centred_code(value(j, r) as f32)
+                } else {
+                    shortcut_code(j - main, pre(j, r))
+                }
+            })
+            .collect();
+        added = (main..width)
+            .map(|j| {
+                codes[j * size..(j + 1) * size]
+                    .iter()
+                    .map(|&c| (c as i64).abs())
+                    .max()
+                    .unwrap_or(0)
+            })
             .collect();
         for (g, a) in acc.iter_mut().enumerate() {
-            *a = table_lookup(*a, g % width, p, window_bits, &codes);
+            let j = g % width;
+            *a = table_lookup(*a * gain(j) as i64, j, p, window_bits, &codes);
         }
         stages.push(ChainStage::Table {
             channels: width,
@@ -200,12 +334,13 @@ pub(super) fn compile_chain(
             window_bits,
             output_delta_log: 0,
             codes,
+            gains,
         });
         pending_table = Some(stages.len() - 1);
         scale = hidden.scale;
         max_code = max_centred(&hidden);
         k += 1;
-        if k == chain.layers.len() {
+        let (Some(next), Some(next_weights)) = (next, next_weights) else {
             // The module ends with this activation: the client decodes its codes.
             let mut plan = LayerPlan::new(name, Precision::Exact, 1, width, bits, 2)?;
             plan.encodings = vec![Encoding::Row];
@@ -224,22 +359,30 @@ pub(super) fn compile_chain(
                 input_scale: Some(hidden.scale),
             };
             break;
-        }
-        let next = &chain.layers[k];
-        weights = quantize(&next.weight, next.out_features, next.in_features, bits)?;
-        let codes_rows = QuantizedRows {
-            rows,
-            cols: width,
-            values: acc.iter().map(|&c| c as i32).collect(),
-            quantizers: vec![hidden; rows],
         };
-        acc = integer_matmul(&codes_rows, &weights);
-        stages.push(ChainStage::Linear {
-            in_features: next.in_features,
-            out_features: next.out_features,
-            weight_bits: bits,
-            codes: weights.codes.iter().map(|&c| c as u8).collect(),
-        });
+        weights = next_weights;
+        let wcodes: Vec<u8> = weights.codes.iter().map(|&c| c as u8).collect();
+        let stage = match (&next.kind, map) {
+            (LinearKind::Conv(g), Some([height, map_w])) => ChainStage::Conv {
+                height,
+                width: map_w,
+                in_channels: g.in_channels,
+                kernel: g.kernel,
+                pads: [g.pads[0], g.pads[1]],
+                out_channels: next.out_features,
+                residual: main < width,
+                weight_bits: bits,
+                codes: wcodes,
+            },
+            _ => ChainStage::Linear {
+                in_features: next.in_features,
+                out_features: next.out_features,
+                weight_bits: bits,
+                codes: wcodes,
+            },
+        };
+        acc = stage.forward(&acc, rows, width);
+        stages.push(stage);
         width = next.out_features;
         bias = next.bias.clone();
     }
@@ -253,7 +396,7 @@ pub(super) fn compile_chain(
         .map_err(|e| HybridError::Unsupported(format!("`{name}`: {e}")))?;
     // The float error of the simulation on the calibration rows (reported, not a gate).
     let simulated = dequantizer.apply(&program.simulate(&integer_matmul(&q, &w1), rows), &q)?;
-    let reference = chain_float(chain, samples, first.in_features);
+    let reference = chain_float(chain, samples, first.in_features, map)?;
     let calibration_max_error = simulated
         .iter()
         .zip(&reference)
@@ -279,6 +422,7 @@ pub(super) fn compile_chain(
         dequantizer,
         output_plan: Some(output_plan),
         chain_width: Some(program.max_width(&plan1)),
+        map: program.map_pixels().and(map),
     };
     let server = ServerModule {
         protocol_version: PROTOCOL_VERSION,
@@ -302,19 +446,42 @@ fn add_bootstrap_noise(plan: &mut LayerPlan, weights: &QuantizedWeights) {
     plan.predicted_exact_top_bits = top_bits_for_error(plan.acc_bits, Z_EXACT * std / delta);
 }
 
-/// The float module on row-major `rows × in` inputs (calibration and the `torch` mode).
-pub(crate) fn chain_float(chain: &ChainModule, x: &[f32], cols: usize) -> Vec<f32> {
+/// The float module on row-major `rows × in` inputs (calibration and the `torch` mode); `map` is
+/// the `[height, width]` of the first layer's output when later layers convolve it.
+pub(crate) fn chain_float(
+    chain: &ChainModule,
+    x: &[f32],
+    cols: usize,
+    map: Option<[usize; 2]>,
+) -> Result<Vec<f32>, HybridError> {
+    let rows = x.len() / cols.max(1);
     let mut values: Vec<f32> = x.to_vec();
     let mut width = cols;
-    for (layer, act) in chain.layers.iter().zip(&chain.activations) {
-        let rows = values.len() / width;
+    let last = chain.layers.len() - 1;
+    for (k, (layer, act)) in chain.layers.iter().zip(&chain.activations).enumerate() {
+        let inputs = match (&layer.kind, k) {
+            (LinearKind::Conv(g), 1..) => {
+                let [h, w] = map.ok_or_else(|| {
+                    HybridError::Unsupported(format!(
+                        "`{}` convolves its hidden map: it takes images",
+                        layer.path
+                    ))
+                })?;
+                gather_map(&values, rows, width, [h, w], g)?
+            }
+            _ => std::mem::take(&mut values),
+        };
+        let features = inputs.len() / rows.max(1);
         let mut next = vec![0f32; rows * layer.out_features];
         for r in 0..rows {
-            let xr = &values[r * width..(r + 1) * width];
+            let xr = &inputs[r * features..(r + 1) * features];
             for j in 0..layer.out_features {
-                let w = &layer.weight[j * width..(j + 1) * width];
+                let w = &layer.weight[j * features..(j + 1) * features];
                 let mut y: f32 = xr.iter().zip(w).map(|(a, b)| a * b).sum();
                 y += layer.bias.as_ref().map_or(0.0, |b| b[j]);
+                if k == last {
+                    y += shortcut_float(chain, &x[r * cols..(r + 1) * cols], j);
+                }
                 next[r * layer.out_features + j] = match act {
                     Some(a) => a.apply(y as f64) as f32,
                     None => y,
@@ -324,5 +491,67 @@ pub(crate) fn chain_float(chain: &ChainModule, x: &[f32], cols: usize) -> Vec<f3
         values = next;
         width = layer.out_features;
     }
-    values
+    Ok(values)
+}
+
+/// A residual block's shortcut for output channel `j` of the pixel whose first-layer input row
+/// (im2col) is `row`: read at the first convolution's centre tap.
+fn shortcut_float(chain: &ChainModule, row: &[f32], j: usize) -> f32 {
+    let (Some(shortcut), LinearKind::Conv(g)) = (&chain.shortcut, &chain.layers[0].kind) else {
+        return 0.0;
+    };
+    let [kh, kw] = g.kernel;
+    let tap = |c: usize| row[(c * kh + g.pads[0]) * kw + g.pads[1]];
+    match shortcut {
+        Shortcut::Identity => tap(j),
+        Shortcut::Projection(p) => {
+            (0..g.in_channels)
+                .map(|c| p.weight[j * g.in_channels + c] * tap(c))
+                .sum::<f32>()
+                + p.bias.as_ref().map_or(0.0, |b| b[j])
+        }
+    }
+}
+
+/// im2col of a stride-1, size-keeping convolution over `rows` pixels (whole `map`s, `width`
+/// channels each, row-major): one row of `C·kh·kw` values per pixel, zero past the map's edge.
+fn gather_map(
+    values: &[f32],
+    rows: usize,
+    width: usize,
+    [h, w]: [usize; 2],
+    g: &ConvGeometry,
+) -> Result<Vec<f32>, HybridError> {
+    let pixels = h * w;
+    if pixels == 0 || rows % pixels != 0 || g.in_channels > width {
+        return Err(HybridError::Unsupported(format!(
+            "{rows} rows of {width} channels are not whole {h}×{w} maps of {} channels",
+            g.in_channels
+        )));
+    }
+    let [kh, kw] = g.kernel;
+    let features = g.features();
+    let mut out = vec![0f32; rows * features];
+    for r in 0..rows {
+        let (image, p) = (r / pixels, r % pixels);
+        let (y, x) = ((p / w) as isize, (p % w) as isize);
+        let dst = &mut out[r * features..(r + 1) * features];
+        for c in 0..g.in_channels {
+            for ky in 0..kh {
+                let yy = y + ky as isize - g.pads[0] as isize;
+                if yy < 0 || yy >= h as isize {
+                    continue;
+                }
+                for kx in 0..kw {
+                    let xx = x + kx as isize - g.pads[1] as isize;
+                    if xx < 0 || xx >= w as isize {
+                        continue;
+                    }
+                    let src = image * pixels + yy as usize * w + xx as usize;
+                    dst[(c * kh + ky) * kw + kx] = values[src * width + c];
+                }
+            }
+        }
+    }
+    Ok(out)
 }

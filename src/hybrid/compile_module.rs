@@ -41,8 +41,14 @@ pub enum Calibration<'a> {
     /// The input's range; enough for a linear module.
     Range(f32, f32),
     /// The input's range and rows (row-major, `in_features` each) for a module with activations
-    /// inside, whose hidden quantizers are calibrated on the integer simulation of these rows.
-    Rows { lo: f32, hi: f32, rows: &'a [f32] },
+    /// inside, whose hidden quantizers are calibrated on the integer simulation of these rows;
+    /// for a convolution, `map` is its output's `[height, width]` (rows are then whole maps).
+    Rows {
+        lo: f32,
+        hi: f32,
+        rows: &'a [f32],
+        map: Option<[usize; 2]>,
+    },
 }
 
 impl Calibration<'_> {
@@ -69,11 +75,11 @@ pub fn compile_module(
                  (the tables fold its scale), drop --dynamic"
             )));
         }
-        let Calibration::Rows { lo, hi, rows } = *calibration else {
+        let Calibration::Rows { lo, hi, rows, map } = *calibration else {
             return Err(never_reached());
         };
         let input = AffineQuantizer::from_range(lo, hi, options.n_bits)?;
-        let (spec, server, report) = compile_chain(name, m, chain, input, rows, options)?;
+        let (spec, server, report) = compile_chain(name, m, chain, input, rows, map, options)?;
         let report = ModuleReport {
             module: name.to_string(),
             plan: spec.output_plan.clone().unwrap_or(spec.plan.clone()),
@@ -271,6 +277,7 @@ fn assemble(
         dequantizer: OutputDequantizer::new(&weights, m.bias.clone()),
         output_plan: None,
         chain_width: None,
+        map: None,
     };
     let server = ServerModule {
         protocol_version: PROTOCOL_VERSION,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::backend::FloatBackend;
+use super::backend::{ChainSamples, FloatBackend};
 use super::runtime::{run_ready, ForwardStats};
 use super::{compile_module, Calibration, CompileOptions, HybridError, HybridModel, ModuleReport};
 use crate::model::{runner, ModelError, Value};
@@ -16,7 +16,7 @@ use crate::quant::QuantError;
 const CALIBRATION_BATCH: usize = 64;
 
 /// Each remote module's calibrated input range, and the input rows of the non-linear ones.
-type CalibrationRecord = (HashMap<String, (f32, f32)>, HashMap<String, Vec<f32>>);
+type CalibrationRecord = (HashMap<String, (f32, f32)>, HashMap<String, ChainSamples>);
 
 impl HybridModel {
     /// Calibrate on `calibration` (samples along axis 0), then quantize and plan every remote
@@ -57,7 +57,12 @@ impl HybridModel {
                 ))
             })?;
             let calibration = match (ranges.get(name), samples.get(name)) {
-                (Some(&(lo, hi)), Some(rows)) => Calibration::Rows { lo, hi, rows },
+                (Some(&(lo, hi)), Some(s)) => Calibration::Rows {
+                    lo,
+                    hi,
+                    rows: &s.rows,
+                    map: s.map,
+                },
                 (Some(&(lo, hi)), None) => Calibration::Range(lo, hi),
                 _ => Calibration::None,
             };

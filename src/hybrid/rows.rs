@@ -100,6 +100,27 @@ pub fn to_rows(
     }
 }
 
+/// A module compiled for `map`-sized convolution maps (a convolution after its first layer
+/// gathers neighbours within the map) refuses inputs that give another size.
+pub fn check_map(
+    module: &str,
+    map: Option<[usize; 2]>,
+    layout: &RowLayout,
+) -> Result<(), ModelError> {
+    let Some([h, w]) = map else { return Ok(()) };
+    match layout {
+        RowLayout::Conv { height, width, .. } if (*height, *width) == (h, w) => Ok(()),
+        RowLayout::Conv { height, width, .. } => Err(ModelError::Input(format!(
+            "module `{module}` convolves {h}×{w} maps (the size it was compiled for: its inner \
+             convolution gathers neighbours within the map), this input gives {height}×{width}: \
+             compile with calibration images of this size"
+        ))),
+        RowLayout::Dense { .. } => Err(ModelError::Input(format!(
+            "module `{module}` convolves {h}×{w} maps and takes [batch, channels, height, width] inputs"
+        ))),
+    }
+}
+
 /// The module's output tensor from row-major `rows × out` results.
 pub fn from_rows(layout: &RowLayout, out: usize, y: &[f32]) -> Result<Value, ModelError> {
     match layout {

@@ -34,6 +34,18 @@ pub struct ClientSpec {
     /// stay what they were).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_width: Option<usize>,
+    /// `[height, width]` of the map a module with a convolution after its first layer was
+    /// compiled for (its server gathers each pixel's neighbours within that map): inputs must
+    /// give maps of this size, and requests carry whole maps. Encoded only when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<[usize; 2]>,
+}
+
+impl ClientSpec {
+    /// Pixels per map of a convolving module (requests carry multiples of it).
+    pub fn map_pixels(&self) -> Option<usize> {
+        self.map.map(|[h, w]| h * w)
+    }
 }
 
 impl Wire for ClientSpec {
@@ -60,6 +72,9 @@ impl Wire for ClientSpec {
                     self.in_features
                 ));
             }
+        }
+        if self.map.is_some_and(|[h, w]| h == 0 || w == 0) {
+            return bad("an empty convolution map".into());
         }
         if self.input.bits() != self.plan.input_bits {
             return bad("input quantizer and plan disagree on bits".into());

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use tract_onnx::pb::{GraphProto, NodeProto};
 
 use super::constants::GraphConstants;
-use super::linear::LinearKind;
+use super::linear::{ConvGeometry, LinearKind};
 use super::{float_initializer, LinearModule, ModelError, ModuleInfo};
 
 /// Ops allowed inside an activation (element-wise on one tensor, scalar constants).
@@ -189,10 +189,23 @@ fn erf(x: f64) -> f64 {
 
 /// A chain module: its linear layers in order and the activation after each (the last layer's is
 /// `None` when the module ends with a linear layer).
+/// What a residual block adds to its last layer's result before the final activation.
+#[derive(Clone, Debug)]
+pub enum Shortcut {
+    /// The block's input itself (same channels, same map).
+    Identity,
+    /// A 1×1 convolution of the block's input (ResNet's `downsample`, its BatchNorm folded), with
+    /// the first convolution's stride.
+    Projection(LinearModule),
+}
+
 #[derive(Clone, Debug)]
 pub struct ChainModule {
     pub layers: Vec<LinearModule>,
+    /// `activations[k]` follows `layers[k]` (for the last layer, after the shortcut is added).
     pub activations: Vec<Option<Activation>>,
+    /// A residual block's shortcut, added to the last layer's result (two convolutions only).
+    pub shortcut: Option<Shortcut>,
     pub input: String,
     pub output: String,
     pub nodes: Vec<usize>,
@@ -319,9 +332,16 @@ impl ChainModule {
         }
 
         // 2. Between consecutive layers and after the last: an element-wise function.
+        let shortcut =
+            residual(graph, info, &folder, &mut layers, &mut taken).map_err(unsupported)?;
         let mut activations = Vec::new();
         for k in 0..layers.len() {
-            let from = layers[k].output.clone();
+            let mut from = layers[k].output.clone();
+            if k + 1 == layers.len() {
+                if let Some((_, add)) = &shortcut {
+                    from = graph.node[*add].output[0].clone();
+                }
+            }
             let to = layers.get(k + 1).map(|l| l.input.clone());
             let act = activation_between(graph, info, &in_module, &taken, &from, to.as_deref())
                 .map_err(unsupported)?;
@@ -336,14 +356,8 @@ impl ChainModule {
                 activations.push(act.map(|a| a.0));
             }
         }
-        if layers.iter().any(|l| matches!(l.kind, LinearKind::Conv(_))) && layers.len() > 1 {
-            return Err(unsupported(
-                "a convolution followed by another layer inside one non-linear module (this \
-                 build chains dense layers after a bootstrap; a Conv with its activation alone \
-                 is accepted)"
-                    .into(),
-            ));
-        }
+        check_conv_chain(&layers, shortcut.as_ref().map(|s| &s.0), &activations)
+            .map_err(unsupported)?;
 
         // 3. Everything else must be shape plumbing that stays with the client, or a view of
         //    the input before the first layer.
@@ -414,15 +428,211 @@ impl ChainModule {
                 }
             }
         }
+        if let Some((Shortcut::Projection(p), _)) = &shortcut {
+            for t in &p.initializers {
+                if !initializers.contains(t) {
+                    initializers.push(t.clone());
+                }
+            }
+        }
         Ok(Self {
             input: layers[0].input.clone(),
             output,
             layers,
             activations,
+            shortcut: shortcut.map(|s| s.0),
             nodes,
             initializers,
         })
     }
+}
+
+/// Find a residual `Add` (two run-time operands: the last layer's result and the block's input
+/// or a 1×1 projection of it), take it and the projection out of the layer list, and return the
+/// shortcut with the Add's node.
+fn residual(
+    graph: &GraphProto,
+    info: &ModuleInfo,
+    folder: &GraphConstants,
+    layers: &mut Vec<LinearModule>,
+    taken: &mut HashSet<usize>,
+) -> Result<Option<(Shortcut, usize)>, String> {
+    let Some(add) = info.nodes.iter().copied().find(|&i| {
+        let n = &graph.node[i];
+        !taken.contains(&i)
+            && n.op_type == "Add"
+            && n.input.len() == 2
+            && n.input.iter().all(|t| !folder.is_float_constant(t))
+    }) else {
+        return Ok(None);
+    };
+    let n = &graph.node[add];
+    let produced_by = |t: &str| layers.iter().position(|l| l.output == t);
+    // The block's input: what a layer reads that no node of the module computes.
+    let inside: HashSet<&str> = info
+        .nodes
+        .iter()
+        .flat_map(|&i| graph.node[i].output.iter().map(String::as_str))
+        .collect();
+    let block_input = layers
+        .iter()
+        .map(|l| l.input.as_str())
+        .find(|t| !inside.contains(t))
+        .ok_or("no layer reads the module's input")?
+        .to_string();
+    let (a, b) = (n.input[0].as_str(), n.input[1].as_str());
+    let (main, other) = match (produced_by(a), produced_by(b)) {
+        (Some(i), Some(j)) => {
+            if layers[i].input == block_input && layers[j].input != block_input {
+                (j, Some(i))
+            } else if layers[j].input == block_input && layers[i].input != block_input {
+                (i, Some(j))
+            } else {
+                return Err(format!(
+                    "the Add node `{}` sums two layers' results, neither of them a shortcut from \
+                     the module's input",
+                    n.name
+                ));
+            }
+        }
+        (Some(i), None) if b == block_input => (i, None),
+        (None, Some(j)) if a == block_input => (j, None),
+        _ => {
+            return Err(format!(
+                "the Add node `{}` sums two run-time tensors that are not a layer's result and the \
+                 module's input (a residual block is supported: its last layer plus the input or a \
+                 1×1 projection of it)",
+                n.name
+            ))
+        }
+    };
+    let shortcut = match other {
+        Some(j) => {
+            let p = layers.remove(j);
+            Shortcut::Projection(p)
+        }
+        None => Shortcut::Identity,
+    };
+    let main = if other.is_some_and(|j| j < main) {
+        main - 1
+    } else {
+        main
+    };
+    if main + 1 != layers.len() {
+        return Err(format!(
+            "the residual Add node `{}` follows a layer in the middle of the module",
+            n.name
+        ));
+    }
+    taken.insert(add);
+    Ok(Some((shortcut, add)))
+}
+
+/// A chain with a convolution after its first layer, and a residual block, in the forms the
+/// encrypted engine evaluates: every layer a convolution, the later ones stride 1 with padding
+/// that keeps the map's size (their rows are the first convolution's output pixels); a shortcut
+/// over exactly two convolutions, whose map it must match.
+fn check_conv_chain(
+    layers: &[LinearModule],
+    shortcut: Option<&Shortcut>,
+    activations: &[Option<Activation>],
+) -> Result<(), String> {
+    let convs: Vec<Option<&ConvGeometry>> = layers
+        .iter()
+        .map(|l| match &l.kind {
+            LinearKind::Conv(g) => Some(g),
+            LinearKind::Dense => None,
+        })
+        .collect();
+    let same = |g: &ConvGeometry| {
+        g.dilation == [1, 1]
+            && g.pads[0] + g.pads[2] + 1 == g.kernel[0]
+            && g.pads[1] + g.pads[3] + 1 == g.kernel[1]
+    };
+    if layers.len() > 1 && convs.iter().any(Option::is_some) {
+        if let Some(k) = convs.iter().position(Option::is_none) {
+            return Err(format!(
+                "layer {k} is dense after a convolution inside one non-linear module (convolutions \
+                 chain with convolutions; flatten outside the module)"
+            ));
+        }
+        for (k, g) in convs.iter().enumerate().skip(1) {
+            let g = g.expect("all convolutions");
+            if g.stride != [1, 1] || !same(g) {
+                return Err(format!(
+                    "its convolution {k} has stride {:?}, dilation {:?}, pads {:?} on a {:?} kernel: \
+                     a convolution after the first must keep the map's size (stride 1, padding \
+                     (k − 1)/2)",
+                    g.stride, g.dilation, g.pads, g.kernel
+                ));
+            }
+            if g.in_channels != layers[k - 1].out_features {
+                return Err(format!(
+                    "its convolution {k} reads {} channels after a layer of {}",
+                    g.in_channels,
+                    layers[k - 1].out_features
+                ));
+            }
+        }
+    }
+    let Some(shortcut) = shortcut else {
+        return Ok(());
+    };
+    let (Some(Some(first)), 2) = (convs.first(), layers.len()) else {
+        return Err(format!(
+            "a residual block of {} layers{}: the encrypted engine runs a block of two \
+             convolutions (ResNet's BasicBlock)",
+            layers.len(),
+            if convs.iter().all(Option::is_none) {
+                ", dense"
+            } else {
+                ""
+            }
+        ));
+    };
+    if activations.last().is_none_or(Option::is_none) {
+        return Err("its residual Add is not followed by an activation".into());
+    }
+    if !same(first) {
+        return Err(format!(
+            "its first convolution (pads {:?}, dilation {:?}, {:?} kernel) does not centre its \
+             kernel on the pixel a shortcut reads",
+            first.pads, first.dilation, first.kernel
+        ));
+    }
+    let out = layers[1].out_features;
+    match shortcut {
+        Shortcut::Identity => {
+            if first.stride != [1, 1] || first.in_channels != out {
+                return Err(format!(
+                    "its identity shortcut adds {} input channels at stride {:?} to {out} output \
+                     channels (a stride or a channel change needs a projection)",
+                    first.in_channels, first.stride
+                ));
+            }
+        }
+        Shortcut::Projection(p) => {
+            let ok = match &p.kind {
+                LinearKind::Conv(g) => {
+                    g.kernel == [1, 1]
+                        && g.pads == [0; 4]
+                        && g.stride == first.stride
+                        && g.in_channels == first.in_channels
+                        && p.out_features == out
+                }
+                LinearKind::Dense => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "its shortcut layer is {:?} with {} outputs: a projection shortcut is a 1×1 \
+                     convolution without padding, with the first convolution's stride {:?}, \
+                     onto the block's {out} output channels",
+                    p.kind, p.out_features, first.stride
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn is_weighted(n: &NodeProto) -> bool {

@@ -19,6 +19,7 @@ mod noise;
 mod pbs;
 mod qat;
 mod queue;
+mod resnet;
 mod serving;
 mod telemetry;
 mod tls;
