@@ -13,6 +13,7 @@ use crate::fhe::Precision;
 use crate::hybrid::{
     CompileOptions, ForwardStats, GenerateReport, HybridError, HybridModel, Mode, ModuleReport,
 };
+use crate::model::chain::Shortcut;
 use crate::model::{runner, ModelError, OnnxModel, Value};
 use crate::progress::Progress;
 use crate::quant::min_max;
@@ -129,7 +130,7 @@ fn remote_verdict(onnx: &OnnxModel, info: &crate::model::ModuleInfo) -> Option<S
         Ok(m) => {
             let what = match &m.chain {
                 Some(c) => format!(
-                    "remote: {} layers with activations ({}), {}→{}",
+                    "remote: {} layers with activations ({}){}, {}→{}",
                     c.layers.len(),
                     c.activations
                         .iter()
@@ -137,6 +138,11 @@ fn remote_verdict(onnx: &OnnxModel, info: &crate::model::ModuleInfo) -> Option<S
                         .map(|a| a.name.as_str())
                         .collect::<Vec<_>>()
                         .join(", "),
+                    match &c.shortcut {
+                        Some(Shortcut::Identity) => ", residual: identity",
+                        Some(Shortcut::Projection(_)) => ", residual: 1×1 projection",
+                        None => "",
+                    },
                     m.in_features,
                     m.out_features
                 ),

@@ -259,20 +259,31 @@ pub(super) fn compile_chain(
         // A shortcut channel's sum spans a small part of a window sized for the convolution's
         // (one input against dozens): scale it up to fill the window, by its guaranteed bound,
         // so its rounding keeps as many bits as the main channels' do.
-        let gains: Vec<u32> = if main < width {
+        // The same for every channel whose calibrated range (with the headroom) leaves most of
+        // the power-of-two window unused: no channel's guaranteed bound is exceeded.
+        let gains: Vec<u32> = {
             let limit = ((1i64 << (p - 1)) as f64 - 0.5) * 2f64.powi(s as i32);
-            (0..width)
+            let mut seen = vec![0i64; width];
+            for (g, a) in acc.iter().enumerate() {
+                seen[g % width] = seen[g % width].max(a.abs());
+            }
+            let gains: Vec<u32> = (0..width)
                 .map(|j| {
-                    let bound = guaranteed_bound_row(&weights, j, max_code).max(1.0);
-                    if j < main {
-                        1
+                    let guaranteed = guaranteed_bound_row(&weights, j, max_code)
+                        + added.get(j).copied().unwrap_or(0) as f64;
+                    let bound = if j < main {
+                        guaranteed.min(seen[j] as f64 * WINDOW_HEADROOM)
                     } else {
-                        ((limit / bound).floor() as u32).clamp(1, MAX_TABLE_GAIN)
-                    }
+                        guaranteed
+                    };
+                    ((limit / bound.max(1.0)).floor() as u32).clamp(1, MAX_TABLE_GAIN)
                 })
-                .collect()
-        } else {
-            Vec::new()
+                .collect();
+            if gains.iter().all(|&g| g == 1) {
+                Vec::new()
+            } else {
+                gains
+            }
         };
         let gain = |j: usize| gains.get(j).map_or(1.0, |&g| g as f64);
         // Hidden values as the table will see them (rounded), before and through the activation.
@@ -287,7 +298,7 @@ pub(super) fn compile_chain(
             .enumerate()
             .filter(|(g, _)| g % width < main)
             .map(|(g, &a)| {
-                // Main channels have gain 1.
+                let a = a * gain(g % width) as i64;
                 let r = if s == 0 { a } else { (a + (1 << (s - 1))) >> s };
                 value(g % width, r) as f32
             })
