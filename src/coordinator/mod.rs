@@ -36,7 +36,12 @@ use crate::config::Config;
 use crate::protocol::TRACEPARENT_HEADER;
 use crate::queue::Broker;
 use crate::worker::WorkerMetrics;
+
 use actors::{Dispatcher, ResultRouter, SessionRegistry};
+
+/// How long a tenant's in-flight slot outlives the request timeout: a coordinator that dies
+/// holding slots frees them after this long at most.
+const SLOT_LEASE_MARGIN_MS: u64 = 5_000;
 
 /// What every route can reach.
 pub struct AppState {
@@ -104,6 +109,9 @@ impl Application {
         let admission = Admission::new(
             config.coordinator.max_in_flight,
             config.coordinator.max_session_creations,
+            broker.clone(),
+            // A request ends by its timeout; the lease outlives it by a margin for the give-back.
+            config.coordinator.request_timeout_ms + SLOT_LEASE_MARGIN_MS,
             config.coordinator.retry_after_s,
         );
         let sessions = SessionRegistry::new(broker.clone(), config.sessions.ttl_s).start();

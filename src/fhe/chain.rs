@@ -584,7 +584,7 @@ impl EncryptedChain {
             )));
         }
         if let Some(pixels) = self.program.map_pixels() {
-            if rows % pixels != 0 {
+            if !rows.is_multiple_of(pixels) {
                 return Err(FheError::Shape(format!(
                     "{rows} rows are not whole images: this module convolves maps of {pixels} pixels, \
                      so a request carries a multiple of {pixels} rows"

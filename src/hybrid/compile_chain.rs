@@ -77,14 +77,14 @@ fn quantize(w: &[f32], out: usize, inp: usize, bits: u32) -> Result<QuantizedWei
 /// How far past the largest calibration accumulator a window reaches (past it, a value wraps).
 const WINDOW_HEADROOM: f64 = 1.25;
 
+/// Weights, bias and output channels of a module's first layer.
+type FirstLayer = (Vec<f32>, Option<Vec<f32>>, usize);
+
 /// The first layer's weights and bias, with a residual block's shortcut appended as extra
 /// output channels: its value at each output pixel is read at the first convolution's centre
 /// tap (the identity as a one-hot row, a 1×1 projection as its weights there), so the server
 /// computes it from the same request and carries it through its own tables to the add.
-fn first_with_shortcut(
-    name: &str,
-    chain: &ChainModule,
-) -> Result<(Vec<f32>, Option<Vec<f32>>, usize), HybridError> {
+fn first_with_shortcut(name: &str, chain: &ChainModule) -> Result<FirstLayer, HybridError> {
     let first = &chain.layers[0];
     let Some(shortcut) = &chain.shortcut else {
         return Ok((first.weight.clone(), first.bias.clone(), first.out_features));
@@ -173,7 +173,7 @@ pub(super) fn compile_chain(
     let q = InputQuantization::Static(input).quantize(samples, first.in_features)?;
     let rows = q.rows;
     if let Some([h, w]) = map {
-        if rows % (h * w) != 0 {
+        if !rows.is_multiple_of(h * w) {
             return Err(HybridError::Unsupported(format!(
                 "`{name}`: {rows} calibration rows are not whole {h}×{w} maps"
             )));
@@ -534,7 +534,7 @@ fn gather_map(
     g: &ConvGeometry,
 ) -> Result<Vec<f32>, HybridError> {
     let pixels = h * w;
-    if pixels == 0 || rows % pixels != 0 || g.in_channels > width {
+    if pixels == 0 || !rows.is_multiple_of(pixels) || g.in_channels > width {
         return Err(HybridError::Unsupported(format!(
             "{rows} rows of {width} channels are not whole {h}×{w} maps of {} channels",
             g.in_channels

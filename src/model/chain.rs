@@ -196,7 +196,7 @@ pub enum Shortcut {
     Identity,
     /// A 1×1 convolution of the block's input (ResNet's `downsample`, its BatchNorm folded), with
     /// the first convolution's stride.
-    Projection(LinearModule),
+    Projection(Box<LinearModule>),
 }
 
 #[derive(Clone, Debug)]
@@ -509,7 +509,7 @@ fn residual(
     let shortcut = match other {
         Some(j) => {
             let p = layers.remove(j);
-            Shortcut::Projection(p)
+            Shortcut::Projection(Box::new(p))
         }
         None => Shortcut::Identity,
     };

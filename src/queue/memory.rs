@@ -83,6 +83,8 @@ struct State {
     bills: HashMap<String, TenantBill>,
     /// (tenant, module) → (window index, rows used in it).
     row_windows: HashMap<(String, String), (u64, u64)>,
+    /// By tenant: in-flight request slots and when their leases end.
+    slots: HashMap<String, HashMap<String, Instant>>,
 }
 
 impl State {
@@ -773,6 +775,43 @@ impl SessionStore for MemoryQueue {
         tenant: &'a str,
     ) -> BoxFuture<'a, Result<TenantUsage, QueueError>> {
         Box::pin(async move { Ok(self.lock().usage_of(tenant, Instant::now())) })
+    }
+
+    fn acquire_slot<'a>(
+        &'a self,
+        tenant: &'a str,
+        slot: &'a str,
+        limit: usize,
+        lease_ms: u64,
+    ) -> BoxFuture<'a, Result<bool, QueueError>> {
+        Box::pin(async move {
+            let now = Instant::now();
+            let mut state = self.lock();
+            let held = state.slots.entry(tenant.to_string()).or_default();
+            held.retain(|_, until| *until > now);
+            if held.len() >= limit {
+                return Ok(false);
+            }
+            held.insert(slot.to_string(), now + Duration::from_millis(lease_ms));
+            Ok(true)
+        })
+    }
+
+    fn release_slot<'a>(
+        &'a self,
+        tenant: &'a str,
+        slot: &'a str,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let mut state = self.lock();
+            if let Some(held) = state.slots.get_mut(tenant) {
+                held.remove(slot);
+                if held.is_empty() {
+                    state.slots.remove(tenant);
+                }
+            }
+            Ok(())
+        })
     }
 }
 

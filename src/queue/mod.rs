@@ -426,6 +426,23 @@ pub trait SessionStore: Send + Sync {
         &'a self,
         tenant: &'a str,
     ) -> BoxFuture<'a, Result<TenantUsage, QueueError>>;
+    /// Take one of `tenant`'s `limit` in-flight request slots, as `slot` (unique per request),
+    /// counted across every coordinator sharing this store, so a tenant's quota holds however
+    /// many front doors it comes through. The slot is leased for `lease_ms`: a coordinator that
+    /// dies mid-request frees it when the lease runs out. Whether a slot was free.
+    fn acquire_slot<'a>(
+        &'a self,
+        tenant: &'a str,
+        slot: &'a str,
+        limit: usize,
+        lease_ms: u64,
+    ) -> BoxFuture<'a, Result<bool, QueueError>>;
+    /// Give back a slot taken by [`SessionStore::acquire_slot`] (nothing if its lease ran out).
+    fn release_slot<'a>(
+        &'a self,
+        tenant: &'a str,
+        slot: &'a str,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
 }
 
 /// Both sides of a broker: what services hold.

@@ -50,6 +50,11 @@ impl Stack {
         }
     }
 
+    /// Another coordinator over the same Redis and configuration.
+    fn coordinator_service(&self, name: &str) -> Service {
+        Service::spawn(name, &["coordinator", "--config", &self.config], &self.vars)
+    }
+
     fn worker(&self) -> Service {
         Service::spawn("worker", &["worker", "--config", &self.config], &self.vars)
     }
@@ -375,5 +380,99 @@ fn work_is_billed_once_where_it_completes_and_row_budgets_hold_over_every_coordi
         );
         assert_eq!(rows(&metrics), 3.0);
         assert_eq!(metric(&worker.url, "hyfhe_worker_jobs_done_total"), 3.0);
+    })
+}
+
+#[test]
+fn a_tenants_in_flight_quota_holds_across_coordinators_and_a_dead_ones_slots_expire() {
+    let _serial = serial();
+    // Quota 1; no worker, so a request holds its slot until its 6 s deadline.
+    let stack = Stack::start(&[
+        ("QUOTAS__IN_FLIGHT", "1"),
+        ("COORDINATOR__REQUEST_TIMEOUT_MS", "6000"),
+    ]);
+    let mut first = stack.coordinator_service("coordinator-a");
+    let second = stack.coordinator_service("coordinator-b");
+    hyfhe::client::block_on(async {
+        let fc = &MODELS.served[0];
+        let (_dir, model, session) =
+            connect(&stack.coordinator.url, fc.name, SESSION_KEYS.clone()).await;
+        let body = encrypted_zero_row(&model);
+        let path = format!("/v1/sessions/{}/modules/seq.0/compute", session.id());
+        let send = |url: &str, key: &str| {
+            let api = Api {
+                http: reqwest::Client::new(),
+                url: url.to_string(),
+            };
+            api.post(&path, Some(API_KEY))
+                .header("x-hyfhe-session-token", session.token())
+                .header("idempotency-key", key)
+                .body(body.clone())
+                .send()
+        };
+        let held = tokio::spawn(send(&first.url, "held-by-a-0001"));
+        while metric(&first.metrics_url, "hyfhe_coordinator_in_flight") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The tenant's one slot is taken on coordinator a: b refuses, naming the quota.
+        let refused = send(&second.url, "refused-by-b-0001").await.unwrap();
+        assert_eq!(refused.status().as_u16(), 429);
+        assert!(refused.headers().contains_key("retry-after"));
+        let text = refused.text().await.unwrap();
+        assert!(text.contains("across all coordinators"), "{text}");
+        // The held request ends at its deadline and gives its slot back: b admits the next.
+        assert_eq!(held.await.unwrap().unwrap().status().as_u16(), 504);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let worker = stack.worker();
+        while metric(&worker.url, "hyfhe_worker_shards_owned") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let admitted = send(&second.url, "admitted-by-b-0001").await.unwrap();
+        assert_eq!(
+            admitted.status().as_u16(),
+            200,
+            "{:?}",
+            admitted.text().await
+        );
+        drop(worker);
+
+        // A coordinator killed while holding the slot: its lease (deadline + 5 s) frees it.
+        let stuck = tokio::spawn(send(&first.url, "held-by-a-0002"));
+        while metric(&first.metrics_url, "hyfhe_coordinator_in_flight") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let killed = Instant::now();
+        first.kill();
+        let _ = stuck.await;
+        let refused = send(&second.url, "refused-by-b-0002").await.unwrap();
+        assert_eq!(
+            refused.status().as_u16(),
+            429,
+            "the dead coordinator's slot is leased"
+        );
+        let worker = stack.worker();
+        while metric(&worker.url, "hyfhe_worker_shards_owned") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        loop {
+            let r = send(&second.url, "after-the-lease-0001").await.unwrap();
+            match r.status().as_u16() {
+                429 => {
+                    assert!(
+                        killed.elapsed() < Duration::from_secs(25),
+                        "the lease never ended"
+                    );
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                status => {
+                    assert_eq!(status, 200, "{:?}", r.text().await);
+                    break;
+                }
+            }
+        }
+        let freed = killed.elapsed();
+        eprintln!("a killed coordinator's in-flight slot was free again after {freed:.1?}");
+        assert!(freed >= Duration::from_secs(5), "{freed:?}");
+        drop(worker);
     })
 }

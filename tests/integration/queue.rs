@@ -390,6 +390,37 @@ async fn the_memory_queue_keeps_the_job_queue_contract() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_slots_are_bounded_per_tenant_given_back_and_leased_in_both_stores() {
+    let redis = RedisServer::start();
+    let stores: Vec<Arc<dyn Broker>> = vec![
+        Arc::new(MemoryQueue::new(settings())),
+        Arc::new(
+            RedisQueue::connect(&redis.url(), settings(), Duration::from_secs(5))
+                .await
+                .unwrap(),
+        ),
+    ];
+    for store in stores {
+        // Two slots for tenant t; u is counted apart.
+        assert!(store.acquire_slot("t", "a", 2, 60_000).await.unwrap());
+        assert!(store.acquire_slot("t", "b", 2, 60_000).await.unwrap());
+        assert!(!store.acquire_slot("t", "c", 2, 60_000).await.unwrap());
+        assert!(store.acquire_slot("u", "a", 2, 60_000).await.unwrap());
+        // Giving one back admits the next; giving back twice or an unknown slot is harmless.
+        store.release_slot("t", "a").await.unwrap();
+        store.release_slot("t", "a").await.unwrap();
+        store.release_slot("t", "zz").await.unwrap();
+        assert!(store.acquire_slot("t", "c", 2, 60_000).await.unwrap());
+        assert!(!store.acquire_slot("t", "d", 2, 60_000).await.unwrap());
+        // A slot nobody gives back (its coordinator died) ends with its lease.
+        assert!(store.acquire_slot("v", "lost", 1, 300).await.unwrap());
+        assert!(!store.acquire_slot("v", "next", 1, 300).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(store.acquire_slot("v", "next", 1, 300).await.unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_keys_expire_in_both_stores() {
     let redis = RedisServer::start();
     let stores: Vec<Arc<dyn Broker>> = vec![

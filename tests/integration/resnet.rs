@@ -119,3 +119,34 @@ fn inspect_says_each_block_runs_remote_with_its_kind_of_shortcut() {
         );
     }
 }
+
+#[test]
+fn residual_blocks_the_engine_cannot_run_are_refused_with_the_reason() {
+    for (file, reason) in [
+        (
+            "resnet/shortcut_around_three.onnx",
+            "a residual block of 3 layers",
+        ),
+        (
+            "resnet/no_relu_after_add.onnx",
+            "residual Add is not followed by an activation",
+        ),
+    ] {
+        let onnx = OnnxModel::load(fixture(file)).unwrap();
+        let err = match HybridModel::new("refused", onnx, &["block"]) {
+            Err(e) => e.to_string(),
+            Ok(mut m) => m
+                .compile(
+                    &images("digits_calibration_images.npy"),
+                    &CompileOptions::default(),
+                    &Silent,
+                )
+                .expect_err(file)
+                .to_string(),
+        };
+        assert!(
+            err.contains("`block`") && err.contains(reason),
+            "{file}: {err}"
+        );
+    }
+}

@@ -51,7 +51,8 @@ async fn handle(
     // Admission before the body is read: a refused request costs no buffer.
     let _permit = state
         .admission
-        .compute(&tenant, state.config.quota_of(&tenant).in_flight)?;
+        .compute(&tenant, state.config.quota_of(&tenant).in_flight)
+        .await?;
     state.metrics.in_flight.inc();
     let _in_flight = InFlightGauge(state);
     let session = state

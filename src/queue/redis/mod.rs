@@ -82,6 +82,7 @@ struct Scripts {
     delete_session: Script,
     complete: Script,
     charge_rows: Script,
+    acquire_slot: Script,
 }
 
 /// A client for `url`; `rediss://` speaks TLS with the process's crypto provider (*ring*), trusting
@@ -174,6 +175,7 @@ impl RedisQueue {
                 delete_session: Script::new(sessions::DELETE_SESSION),
                 complete: Script::new(streams::COMPLETE),
                 charge_rows: Script::new(streams::CHARGE_ROWS),
+                acquire_slot: Script::new(sessions::ACQUIRE_SLOT),
             },
             read_rotation: Default::default(),
         };
@@ -421,5 +423,23 @@ impl SessionStore for RedisQueue {
         tenant: &'a str,
     ) -> BoxFuture<'a, Result<TenantUsage, QueueError>> {
         Box::pin(self.usage_of(tenant))
+    }
+
+    fn acquire_slot<'a>(
+        &'a self,
+        tenant: &'a str,
+        slot: &'a str,
+        limit: usize,
+        lease_ms: u64,
+    ) -> BoxFuture<'a, Result<bool, QueueError>> {
+        Box::pin(self.take_slot(tenant, slot, limit, lease_ms))
+    }
+
+    fn release_slot<'a>(
+        &'a self,
+        tenant: &'a str,
+        slot: &'a str,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.give_back_slot(tenant, slot))
     }
 }

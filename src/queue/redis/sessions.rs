@@ -61,6 +61,18 @@ for i = 4, #KEYS, 2 do
 end
 return {deleted, dropped}";
 
+/// KEYS: the tenant's slot set (zset by lease end). ARGV: slot id, limit, lease (ms). Drops
+/// ended leases, then takes a slot (`1`) or refuses (`0`). Time is the server's (`TIME`), so
+/// coordinators with skewed clocks agree on when a lease ends.
+pub(super) const ACQUIRE_SLOT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1";
+
 pub(super) fn session_key(id: &str) -> String {
     format!("{PREFIX}session:{id}")
 }
@@ -80,6 +92,10 @@ fn tenant_sessions_key(tenant: &str) -> String {
 
 fn tenant_bytes_key(tenant: &str) -> String {
     format!("{PREFIX}tenant-key-bytes:{tenant}")
+}
+
+fn tenant_slots_key(tenant: &str) -> String {
+    format!("{PREFIX}tenant-in-flight:{tenant}")
 }
 
 impl RedisQueue {
@@ -222,6 +238,43 @@ impl RedisQueue {
             tracing::info!(session = %record.id, blobs, "deleted key blobs no session uses");
         }
         Ok(deleted > 0)
+    }
+
+    pub(super) async fn take_slot(
+        &self,
+        tenant: &str,
+        slot: &str,
+        limit: usize,
+        lease_ms: u64,
+    ) -> Result<bool, QueueError> {
+        let taken: i64 = self
+            .commands
+            .run(|mut c| async move {
+                self.scripts
+                    .acquire_slot
+                    .key(tenant_slots_key(tenant))
+                    .arg(slot)
+                    .arg(limit)
+                    .arg(lease_ms)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(taken == 1)
+    }
+
+    pub(super) async fn give_back_slot(&self, tenant: &str, slot: &str) -> Result<(), QueueError> {
+        let _: Value = self
+            .commands
+            .run_repeatable(|mut c| async move {
+                redis::cmd("ZREM")
+                    .arg(tenant_slots_key(tenant))
+                    .arg(slot)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(())
     }
 
     pub(super) async fn usage_of(&self, tenant: &str) -> Result<TenantUsage, QueueError> {
