@@ -24,20 +24,28 @@ pub struct Admission {
 /// given back in the background) on every coordinator.
 pub struct ComputePermit {
     _global: OwnedSemaphorePermit,
-    slot: Option<TenantSlot>,
+    _slot: TenantSlot,
 }
 
+/// A tenant slot being taken or held: armed from before the broker is asked, so a request
+/// cancelled mid-acquisition still gives back what the broker may have granted.
 struct TenantSlot {
     broker: Arc<dyn Broker>,
     tenant: String,
     id: String,
+    armed: bool,
 }
 
-impl Drop for ComputePermit {
+impl Drop for TenantSlot {
     fn drop(&mut self) {
-        let Some(TenantSlot { broker, tenant, id }) = self.slot.take() else {
+        if !self.armed {
             return;
-        };
+        }
+        let (broker, tenant, id) = (
+            self.broker.clone(),
+            std::mem::take(&mut self.tenant),
+            std::mem::take(&mut self.id),
+        );
         // A failed give-back is not lost: the slot's lease ends it.
         let give_back = async move {
             if let Err(e) = broker.release_slot(&tenant, &id).await {
@@ -56,8 +64,8 @@ impl Drop for ComputePermit {
 }
 
 impl Admission {
-    /// `slot_lease_ms`: at least the longest a request may run (the request timeout), so a
-    /// live request never loses its slot.
+    /// `slot_lease_ms`: at least the longest a request may hold its slot (its body read and its
+    /// wait, each bounded by the request timeout), so a live request never loses it.
     pub fn new(
         max_in_flight: usize,
         max_session_creations: usize,
@@ -89,23 +97,25 @@ impl Admission {
         let global = self.compute.clone().try_acquire_owned().map_err(|_| {
             self.refuse("too many requests in flight on this coordinator; retry later".into())
         })?;
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut slot = TenantSlot {
+            broker: self.broker.clone(),
+            tenant: tenant.to_string(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            armed: true,
+        };
         let taken = self
             .broker
-            .acquire_slot(tenant, &id, tenant_in_flight, self.slot_lease_ms)
+            .acquire_slot(tenant, &slot.id, tenant_in_flight, self.slot_lease_ms)
             .await?;
         if !taken {
+            slot.armed = false;
             return Err(self.refuse(format!(
                 "tenant `{tenant}` has {tenant_in_flight} requests in flight (its quota, across all coordinators); retry later"
             )));
         }
         Ok(ComputePermit {
             _global: global,
-            slot: Some(TenantSlot {
-                broker: self.broker.clone(),
-                tenant: tenant.to_string(),
-                id,
-            }),
+            _slot: slot,
         })
     }
 

@@ -39,8 +39,8 @@ use crate::worker::WorkerMetrics;
 
 use actors::{Dispatcher, ResultRouter, SessionRegistry};
 
-/// How long a tenant's in-flight slot outlives the request timeout: a coordinator that dies
-/// holding slots frees them after this long at most.
+/// How long a tenant's in-flight slot outlives a request's longest life (twice the request
+/// timeout: body read, then the wait).
 const SLOT_LEASE_MARGIN_MS: u64 = 5_000;
 
 /// What every route can reach.
@@ -110,8 +110,9 @@ impl Application {
             config.coordinator.max_in_flight,
             config.coordinator.max_session_creations,
             broker.clone(),
-            // A request ends by its timeout; the lease outlives it by a margin for the give-back.
-            config.coordinator.request_timeout_ms + SLOT_LEASE_MARGIN_MS,
+            // A request's body read and its wait are each bounded by the request timeout; the
+            // lease outlives both by a margin for the give-back.
+            2 * config.coordinator.request_timeout_ms + SLOT_LEASE_MARGIN_MS,
             config.coordinator.retry_after_s,
         );
         let sessions = SessionRegistry::new(broker.clone(), config.sessions.ttl_s).start();

@@ -87,6 +87,47 @@ pub enum ChainStage {
 /// scaled range (checked at compile time against the channel's guaranteed bound).
 pub const MAX_TABLE_GAIN: u32 = 1 << 12;
 
+/// What a table gain may cost: each bootstrap stays two steps off with probability at most
+/// 2^-60, so a row of up to a million bootstraps stays under 2^-40.
+const GAIN_FAILURE_LOG2: f64 = -60.0;
+
+/// The noise variance a table stage reads: the first layer's products (`previous` `None`), or
+/// the previous weighted stage's combination of bootstrapped values.
+pub fn table_input_variance(first: &LayerPlan, previous: Option<&ChainStage>) -> f64 {
+    match previous {
+        Some(stage) => stage.max_square_norm() * bootstrap_output_variance(&PBS_PARAMS),
+        None => 2f64.powf(2.0 * first.noise_std_log2),
+    }
+}
+
+/// The largest gain (at most [`MAX_TABLE_GAIN`]) a table reading `rounding_bits` may apply to
+/// values of noise variance `input_variance` within [`GAIN_FAILURE_LOG2`] per bootstrap; 1 when
+/// none does.
+pub fn gain_within_noise(input_variance: f64, rounding_bits: u32) -> u32 {
+    let ok = |g: u32| {
+        let std = bootstrap_input_std(&PBS_PARAMS, input_variance * (g as f64).powi(2));
+        failure_log2(rounding_bits, std) <= GAIN_FAILURE_LOG2
+    };
+    let (mut lo, mut hi) = (1u32, MAX_TABLE_GAIN);
+    if ok(hi) {
+        return hi;
+    }
+    // ok(lo) or lo == 1; !ok(hi).
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if ok(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Largest channel count, map side or kernel side a stage may declare: far above any real layer,
+/// low enough that products of a few of them cannot overflow.
+const MAX_STAGE_DIM: usize = 1 << 16;
+
 impl ChainStage {
     /// Table stage: the factor channel `j`'s accumulator is scaled by before rounding.
     fn gain(&self, j: usize) -> i64 {
@@ -218,7 +259,7 @@ impl ChainStage {
             .map(|g| {
                 let mut sum = 0i64;
                 self.for_each_term(g / out, g % out, width, |i, w| {
-                    sum = sum.wrapping_add(w.wrapping_mul(values.get(i).copied().unwrap_or(0)))
+                    sum = sum.wrapping_add(w.wrapping_mul(values[i]))
                 });
                 sum
             })
@@ -243,10 +284,11 @@ pub fn chain_rows_within(width: usize, max_job_bytes: usize) -> usize {
     (max_job_bytes / (2 * width.max(1) * BIG_LWE_LEN * 8)).max(1)
 }
 
-/// `rows` rounded down to whole maps of `pixels` (one map at least: a map is the smallest request).
+/// `rows` rounded down to whole maps of `pixels`: 0 when not even one map fits, which the
+/// server refuses by name rather than exceeding its memory budget for one request.
 pub fn whole_maps(rows: usize, pixels: Option<usize>) -> usize {
     match pixels {
-        Some(p) if p > 0 => (rows / p).max(1) * p,
+        Some(p) if p > 0 => (rows / p) * p,
         _ => rows,
     }
 }
@@ -270,6 +312,9 @@ impl ChainProgram {
                     gains,
                 } => {
                     let bits = *rounding_bits;
+                    if !(1..=MAX_STAGE_DIM).contains(channels) {
+                        return Err(format!("stage {k}: a table of {channels} channels"));
+                    }
                     if !(gains.is_empty() || gains.len() == *channels)
                         || gains.iter().any(|g| !(1..=MAX_TABLE_GAIN).contains(g))
                     {
@@ -305,9 +350,9 @@ impl ChainProgram {
                     codes,
                 } => {
                     if *in_features != width
-                        || *out_features == 0
+                        || !(1..=MAX_STAGE_DIM).contains(out_features)
                         || !(2..=8).contains(weight_bits)
-                        || codes.len() != in_features * out_features
+                        || Some(codes.len()) != in_features.checked_mul(*out_features)
                     {
                         return Err(format!(
                             "stage {k}: {out_features}×{in_features} linear layer with {} codes after {width} values",
@@ -327,17 +372,32 @@ impl ChainProgram {
                     weight_bits,
                     codes,
                 } => {
-                    let expected = in_channels + if *residual { *out_channels } else { 0 };
-                    let taps = kernel[0] * kernel[1];
-                    if expected != width
-                        || *height == 0
-                        || *map_w == 0
-                        || taps == 0
+                    // Sizes come from a decoded (untrusted) module: bounded before any product
+                    // of them is formed, so none wraps.
+                    let sane = |v: usize| (1..=MAX_STAGE_DIM).contains(&v);
+                    let sized = [
+                        *height,
+                        *map_w,
+                        *in_channels,
+                        *out_channels,
+                        kernel[0],
+                        kernel[1],
+                    ]
+                    .into_iter()
+                    .all(sane);
+                    let expected =
+                        in_channels.saturating_add(if *residual { *out_channels } else { 0 });
+                    if !sized
+                        || expected != width
+                        || kernel[0] > *height
+                        || kernel[1] > *map_w
                         || pads[0] >= kernel[0]
                         || pads[1] >= kernel[1]
-                        || *out_channels == 0
                         || !(2..=8).contains(weight_bits)
-                        || codes.len() != out_channels * in_channels * taps
+                        || Some(codes.len())
+                            != out_channels
+                                .checked_mul(*in_channels)
+                                .and_then(|v| v.checked_mul(kernel[0] * kernel[1]))
                     {
                         return Err(format!(
                             "stage {k}: {out_channels}×{in_channels}×{kernel:?} convolution (pads {pads:?}, \
@@ -345,7 +405,11 @@ impl ChainProgram {
                             codes.len()
                         ));
                     }
-                    if self.map_pixels().is_some_and(|p| p != height * map_w) {
+                    let first_map = self.stages.iter().find_map(|s| match s {
+                        ChainStage::Conv { height, width, .. } => Some((*height, *width)),
+                        _ => None,
+                    });
+                    if first_map.is_some_and(|m| m != (*height, *map_w)) {
                         return Err(format!(
                             "stage {k}: a {height}×{map_w} map where an earlier stage had another"
                         ));
@@ -577,6 +641,14 @@ impl EncryptedChain {
         })?;
         let rows = input.rows as usize;
         let limit = self.program.max_rows(plan, max_job_bytes);
+        if limit == 0 {
+            return Err(FheError::Shape(format!(
+                "one {}-pixel map of this module ({} values per pixel at its widest) needs more \
+                 working memory than the {max_job_bytes}-byte job budget: raise worker.max_job_bytes",
+                self.program.map_pixels().unwrap_or(0),
+                self.program.max_width(plan)
+            )));
+        }
         if rows > limit {
             return Err(FheError::Shape(format!(
                 "{rows} rows exceed this module's {limit} rows per request (its widest stage has {} values per row)",

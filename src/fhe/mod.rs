@@ -22,8 +22,8 @@ mod slot;
 
 pub use blocked::{BlockLayout, CIPHERTEXTS_PER_SEED};
 pub use chain::{
-    chain_rows_within, table_lookup, whole_maps, ChainProgram, ChainStage, EncryptedChain,
-    ModuleProgram, MAX_TABLE_GAIN,
+    chain_rows_within, gain_within_noise, table_input_variance, table_lookup, whole_maps,
+    ChainProgram, ChainStage, EncryptedChain, ModuleProgram, MAX_TABLE_GAIN,
 };
 pub use codec::{decode, encode, CodecError, Wire};
 pub use encrypted_outputs::{decode as decode_phase, EncryptedOutputs};

@@ -184,8 +184,10 @@ impl ModuleBackend for FloatBackend<'_> {
             drop(ranges);
             if let Some(chain) = &m.chain {
                 let map = match &layout {
-                    RowLayout::Conv { height, width, .. } => Some([*height, *width]),
-                    RowLayout::Dense { .. } => None,
+                    RowLayout::Conv { height, width, .. } if chain.convolves() => {
+                        Some([*height, *width])
+                    }
+                    _ => None,
                 };
                 if let Some(samples) = &self.samples {
                     let mut samples = samples.lock().expect("samples");
@@ -320,10 +322,15 @@ impl ModuleBackend for EncryptedBackend<'_> {
                 // (A non-linear module's limit of its own is in `max_rows`: the server publishes
                 // it, and execute mode's local server sizes it from the same budget.)
                 // A convolving module's requests carry whole maps.
-                let max_rows = crate::fhe::whole_maps(
-                    self.remote.max_rows(module).clamp(1, MAX_ROWS),
-                    spec.map_pixels(),
-                );
+                let limit = self.remote.max_rows(module).clamp(1, MAX_ROWS);
+                let max_rows = crate::fhe::whole_maps(limit, spec.map_pixels());
+                if max_rows == 0 {
+                    return Err(HybridError::Unsupported(format!(
+                        "module `{module}` takes whole maps of {} pixels, more than the server's \
+                         {limit} rows per request",
+                        spec.map_pixels().unwrap_or(0)
+                    )));
+                }
                 for chunk in q.values.chunks(max_rows * spec.in_features) {
                     let rows = chunk.len() / spec.in_features;
                     let t = Instant::now();

@@ -10,7 +10,8 @@ use super::{CompileOptions, HybridError};
 use crate::fhe::params::{accumulator_bits, top_bits_for_error, Z_EXACT};
 use crate::fhe::pbs::{bootstrap_output_variance, MAX_ROUNDING_BITS, PBS_PARAMS};
 use crate::fhe::{
-    table_lookup, ChainProgram, ChainStage, Encoding, LayerPlan, Precision, MAX_TABLE_GAIN,
+    gain_within_noise, table_input_variance, table_lookup, ChainProgram, ChainStage, Encoding,
+    LayerPlan, Precision, MAX_TABLE_GAIN,
 };
 use crate::model::chain::{ChainModule, Shortcut};
 use crate::model::{ConvGeometry, LinearKind, LinearModule};
@@ -142,12 +143,7 @@ pub(super) fn compile_chain(
             "`{name}` has activations inside: n_bits at most 8 (weights), got {bits}"
         )));
     }
-    let convolves = chain.layers.len() > 1
-        && chain
-            .layers
-            .iter()
-            .all(|l| matches!(l.kind, LinearKind::Conv(_)));
-    let map = if convolves {
+    let map = if chain.convolves() {
         let [h, w] = map.ok_or_else(|| {
             HybridError::Unsupported(format!(
                 "`{name}` convolves its hidden map: calibrate it on images (no map size was seen)"
@@ -259,10 +255,14 @@ pub(super) fn compile_chain(
         // A shortcut channel's sum spans a small part of a window sized for the convolution's
         // (one input against dozens): scale it up to fill the window, by its guaranteed bound,
         // so its rounding keeps as many bits as the main channels' do.
-        // The same for every channel whose calibrated range (with the headroom) leaves most of
-        // the power-of-two window unused: no channel's guaranteed bound is exceeded.
+        // The same for every channel whose calibrated range (× 1.25, as the window itself) leaves
+        // most of the power-of-two window unused; a channel that never moved keeps gain 1. A
+        // main channel past its calibrated range wraps as the window's widest channel would
+        // past the window; a shortcut channel's gain keeps its guaranteed bound inside. Gains
+        // are capped where their noise would reach the stated failure bound.
         let gains: Vec<u32> = {
             let limit = ((1i64 << (p - 1)) as f64 - 0.5) * 2f64.powi(s as i32);
+            let cap = gain_within_noise(table_input_variance(&plan1, stages.last()), p);
             let mut seen = vec![0i64; width];
             for (g, a) in acc.iter().enumerate() {
                 seen[g % width] = seen[g % width].max(a.abs());
@@ -271,12 +271,16 @@ pub(super) fn compile_chain(
                 .map(|j| {
                     let guaranteed = guaranteed_bound_row(&weights, j, max_code)
                         + added.get(j).copied().unwrap_or(0) as f64;
-                    let bound = if j < main {
-                        guaranteed.min(seen[j] as f64 * WINDOW_HEADROOM)
-                    } else {
+                    let bound = if j >= main {
                         guaranteed
+                    } else if seen[j] == 0 {
+                        return 1;
+                    } else {
+                        guaranteed.min(seen[j] as f64 * WINDOW_HEADROOM)
                     };
-                    ((limit / bound.max(1.0)).floor() as u32).clamp(1, MAX_TABLE_GAIN)
+                    // Strictly inside: `gain · bound == limit` would round to the window's edge.
+                    let fits = (limit / bound.max(1.0)).ceil() as u32 - 1;
+                    fits.clamp(1, cap.min(MAX_TABLE_GAIN))
                 })
                 .collect();
             if gains.iter().all(|&g| g == 1) {

@@ -187,8 +187,6 @@ fn erf(x: f64) -> f64 {
     }
 }
 
-/// A chain module: its linear layers in order and the activation after each (the last layer's is
-/// `None` when the module ends with a linear layer).
 /// What a residual block adds to its last layer's result before the final activation.
 #[derive(Clone, Debug)]
 pub enum Shortcut {
@@ -199,6 +197,8 @@ pub enum Shortcut {
     Projection(Box<LinearModule>),
 }
 
+/// A chain module: its linear layers in order and the activation after each (the last layer's is
+/// `None` when the module ends with a linear layer).
 #[derive(Clone, Debug)]
 pub struct ChainModule {
     pub layers: Vec<LinearModule>,
@@ -210,6 +210,18 @@ pub struct ChainModule {
     pub output: String,
     pub nodes: Vec<usize>,
     pub initializers: Vec<String>,
+}
+
+impl ChainModule {
+    /// Whether a later layer convolves the first one's map: the server then gathers patches of
+    /// whole images, and the module is compiled for one map size.
+    pub fn convolves(&self) -> bool {
+        self.layers.len() > 1
+            && self
+                .layers
+                .iter()
+                .all(|l| matches!(l.kind, LinearKind::Conv(_)))
+    }
 }
 
 impl ChainModule {
@@ -457,16 +469,6 @@ fn residual(
     layers: &mut Vec<LinearModule>,
     taken: &mut HashSet<usize>,
 ) -> Result<Option<(Shortcut, usize)>, String> {
-    let Some(add) = info.nodes.iter().copied().find(|&i| {
-        let n = &graph.node[i];
-        !taken.contains(&i)
-            && n.op_type == "Add"
-            && n.input.len() == 2
-            && n.input.iter().all(|t| !folder.is_float_constant(t))
-    }) else {
-        return Ok(None);
-    };
-    let n = &graph.node[add];
     let produced_by = |t: &str| layers.iter().position(|l| l.output == t);
     // The block's input: what a layer reads that no node of the module computes.
     let inside: HashSet<&str> = info
@@ -474,38 +476,45 @@ fn residual(
         .iter()
         .flat_map(|&i| graph.node[i].output.iter().map(String::as_str))
         .collect();
-    let block_input = layers
+    let Some(block_input) = layers
         .iter()
         .map(|l| l.input.as_str())
         .find(|t| !inside.contains(t))
-        .ok_or("no layer reads the module's input")?
-        .to_string();
-    let (a, b) = (n.input[0].as_str(), n.input[1].as_str());
-    let (main, other) = match (produced_by(a), produced_by(b)) {
-        (Some(i), Some(j)) => {
-            if layers[i].input == block_input && layers[j].input != block_input {
+        .map(str::to_string)
+    else {
+        return Ok(None);
+    };
+    // A residual Add sums a layer's result with the block's input, or with the result of a
+    // layer that reads the block's input (a projection). Any other Add of two run-time tensors
+    // (the cube term of tanh-form GELU, `x + 0.044715·x³`) is element-wise work between
+    // layers, left to the activation it belongs to.
+    let reads_input = |i: usize| layers[i].input == block_input;
+    let shape = |a: &str, b: &str| -> Option<(usize, Option<usize>)> {
+        match (produced_by(a), produced_by(b)) {
+            (Some(i), None) if b == block_input => Some((i, None)),
+            (None, Some(j)) if a == block_input => Some((j, None)),
+            (Some(i), Some(j)) if reads_input(i) != reads_input(j) => Some(if reads_input(i) {
                 (j, Some(i))
-            } else if layers[j].input == block_input && layers[i].input != block_input {
-                (i, Some(j))
             } else {
-                return Err(format!(
-                    "the Add node `{}` sums two layers' results, neither of them a shortcut from \
-                     the module's input",
-                    n.name
-                ));
-            }
-        }
-        (Some(i), None) if b == block_input => (i, None),
-        (None, Some(j)) if a == block_input => (j, None),
-        _ => {
-            return Err(format!(
-                "the Add node `{}` sums two run-time tensors that are not a layer's result and the \
-                 module's input (a residual block is supported: its last layer plus the input or a \
-                 1×1 projection of it)",
-                n.name
-            ))
+                (i, Some(j))
+            }),
+            _ => None,
         }
     };
+    let Some((add, (main, other))) = info.nodes.iter().copied().find_map(|i| {
+        let n = &graph.node[i];
+        if taken.contains(&i)
+            || n.op_type != "Add"
+            || n.input.len() != 2
+            || n.input.iter().any(|t| folder.is_float_constant(t))
+        {
+            return None;
+        }
+        shape(&n.input[0], &n.input[1]).map(|found| (i, found))
+    }) else {
+        return Ok(None);
+    };
+    let n = &graph.node[add];
     let shortcut = match other {
         Some(j) => {
             let p = layers.remove(j);

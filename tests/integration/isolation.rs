@@ -420,23 +420,31 @@ fn a_tenants_in_flight_quota_holds_across_coordinators_and_a_dead_ones_slots_exp
         assert!(refused.headers().contains_key("retry-after"));
         let text = refused.text().await.unwrap();
         assert!(text.contains("across all coordinators"), "{text}");
-        // The held request ends at its deadline and gives its slot back: b admits the next.
+        // The held request ends at its deadline and gives its slot back (in the background,
+        // within moments, long before its lease would end it): b admits the next.
         assert_eq!(held.await.unwrap().unwrap().status().as_u16(), 504);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let ended = Instant::now();
         let worker = stack.worker();
         while metric(&worker.url, "hyfhe_worker_shards_owned") < 1.0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let admitted = send(&second.url, "admitted-by-b-0001").await.unwrap();
-        assert_eq!(
-            admitted.status().as_u16(),
-            200,
-            "{:?}",
-            admitted.text().await
-        );
+        loop {
+            let admitted = send(&second.url, "admitted-by-b-0001").await.unwrap();
+            if admitted.status().as_u16() == 429 && ended.elapsed() < Duration::from_secs(3) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            assert_eq!(
+                admitted.status().as_u16(),
+                200,
+                "{:?}",
+                admitted.text().await
+            );
+            break;
+        }
         drop(worker);
 
-        // A coordinator killed while holding the slot: its lease (deadline + 5 s) frees it.
+        // A coordinator killed while holding the slot: its lease (2 × 6 s + 5 s) frees it.
         let stuck = tokio::spawn(send(&first.url, "held-by-a-0002"));
         while metric(&first.metrics_url, "hyfhe_coordinator_in_flight") < 1.0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -459,7 +467,7 @@ fn a_tenants_in_flight_quota_holds_across_coordinators_and_a_dead_ones_slots_exp
             match r.status().as_u16() {
                 429 => {
                     assert!(
-                        killed.elapsed() < Duration::from_secs(25),
+                        killed.elapsed() < Duration::from_secs(30),
                         "the lease never ended"
                     );
                     tokio::time::sleep(Duration::from_millis(250)).await;
@@ -472,7 +480,7 @@ fn a_tenants_in_flight_quota_holds_across_coordinators_and_a_dead_ones_slots_exp
         }
         let freed = killed.elapsed();
         eprintln!("a killed coordinator's in-flight slot was free again after {freed:.1?}");
-        assert!(freed >= Duration::from_secs(5), "{freed:?}");
+        assert!(freed >= Duration::from_secs(10), "{freed:?}");
         drop(worker);
     })
 }

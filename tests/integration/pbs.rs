@@ -450,11 +450,15 @@ fn non_linear_modules_publish_their_row_limit_and_clients_split_by_it_at_widths_
 
 #[test]
 fn a_convolution_stage_gathers_patches_from_bootstrapped_lwes_and_refuses_partial_maps() {
-    // Two 3×3 images. The first layer (16 → 4 per pixel) gives 2 main channels and 2 shortcut
-    // channels; a table rounds each to a 4-bit index; a 3×3 "same" convolution over the main
-    // channels adds the shortcut (a residual block's shape); a last table rounds again.
-    let (inp, main, side, bits) = (16usize, 2usize, 3usize, 4u32);
-    let (width, pixels) = (2 * main, side * side);
+    // Two 3×4 images (not square, so height and width cannot be swapped unseen). The first
+    // layer (16 → 4 per pixel) gives 2 main channels and 2 shortcut channels; a table rounds
+    // each to a 4-bit index; a 3×2 "same" convolution (pads: 1 above, 0 left — asymmetric, so
+    // the two pads cannot be swapped unseen either) over the main channels adds the shortcut (a
+    // residual block's shape); a last table rounds again.
+    let (inp, main, bits) = (16usize, 2usize, 4u32);
+    let ([h, w], [kh, kw], [pt, pl]) = ([3usize, 4usize], [3usize, 2usize], [1usize, 0usize]);
+    let taps = kh * kw;
+    let (width, pixels) = (2 * main, h * w);
     let rows = 2 * pixels;
     let mut rng = StdRng::seed_from_u64(21);
     // The shortcut channels' weights are small (a shortcut spans a fraction of the window):
@@ -495,10 +499,10 @@ fn a_convolution_stage_gathers_patches_from_bootstrapped_lwes_and_refuses_partia
             .flat_map(|_| (0..size).map(move |i| i - size / 2))
             .collect()
     };
-    let conv_codes: Vec<i8> = (0..main * main * 9)
+    let conv_codes: Vec<i8> = (0..main * main * taps)
         .map(|_| rng.gen_range(-3..=3))
         .collect();
-    // |Σ| ≤ 18 taps · 8 · 3 + 8 < 2^9: an 11-bit window, rounded to 5 bits (steps of 32).
+    // |Σ| ≤ 12 taps · 8 · 3 + 8 < 2^9: an 11-bit window, rounded to 5 bits (steps of 32).
     let (window2, bits2) = (11u32, 5u32);
     let output = LayerPlan::new("conv", Precision::Exact, 1, main, 8, 2).unwrap();
     let program = ChainProgram {
@@ -513,11 +517,11 @@ fn a_convolution_stage_gathers_patches_from_bootstrapped_lwes_and_refuses_partia
                 gains: gains.clone(),
             },
             ChainStage::Conv {
-                height: side,
-                width: side,
+                height: h,
+                width: w,
                 in_channels: main,
-                kernel: [3, 3],
-                pads: [1, 1],
+                kernel: [kh, kw],
+                pads: [pt, pl],
                 out_channels: main,
                 residual: true,
                 weight_bits: 3,
@@ -550,17 +554,20 @@ fn a_convolution_stage_gathers_patches_from_bootstrapped_lwes_and_refuses_partia
     let mut want = Vec::new();
     for r in 0..rows {
         let (image, p) = (r / pixels, r % pixels);
-        let (py, px) = ((p / side) as isize, (p % side) as isize);
+        let (py, px) = ((p / w) as isize, (p % w) as isize);
         for j in 0..main {
             let mut sum = hidden[r * width + main + j];
             for c in 0..main {
-                for ky in 0..3isize {
-                    for kx in 0..3isize {
-                        let (yy, xx) = (py + ky - 1, px + kx - 1);
-                        if (0..side as isize).contains(&yy) && (0..side as isize).contains(&xx) {
-                            let src = image * pixels + (yy as usize) * side + xx as usize;
-                            let w = conv_codes[(j * main + c) * 9 + (ky * 3 + kx) as usize];
-                            sum += w as i64 * hidden[src * width + c];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let (yy, xx) = (
+                            py + ky as isize - pt as isize,
+                            px + kx as isize - pl as isize,
+                        );
+                        if (0..h as isize).contains(&yy) && (0..w as isize).contains(&xx) {
+                            let src = image * pixels + (yy as usize) * w + xx as usize;
+                            let wt = conv_codes[(j * main + c) * taps + ky * kw + kx];
+                            sum += wt as i64 * hidden[src * width + c];
                         }
                     }
                 }
@@ -599,7 +606,12 @@ fn a_convolution_stage_gathers_patches_from_bootstrapped_lwes_and_refuses_partia
         .encrypt_rows(&plan, &x[..(pixels + 4) * inp], pixels + 4)
         .unwrap();
     match module.evaluate(&keys.server, &partial) {
-        Err(FheError::Shape(m)) => assert!(m.contains("whole images") && m.contains('9'), "{m}"),
+        Err(FheError::Shape(m)) => {
+            assert!(
+                m.contains("whole images") && m.contains(&pixels.to_string()),
+                "{m}"
+            )
+        }
         other => panic!("{:?}", other.map(|_| ())),
     }
 }

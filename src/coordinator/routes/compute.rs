@@ -84,7 +84,23 @@ async fn handle(
             ))
         })?
         .to_string();
-    let body = read_body(req, payload, state.config.coordinator.max_body_bytes).await?;
+    // The body must arrive within the request timeout too: a trickled upload would otherwise
+    // hold its admission permits (and its tenant's slot, leased for twice the timeout) forever.
+    let body_timeout = Duration::from_millis(state.config.coordinator.request_timeout_ms);
+    let body = tokio::time::timeout(
+        body_timeout,
+        read_body(req, payload, state.config.coordinator.max_body_bytes),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            ErrorCode::DeadlineExceeded,
+            format!(
+                "the request body did not arrive within {} ms",
+                body_timeout.as_millis()
+            ),
+        )
+    })??;
     let rows: EncryptedRows = decode(&body, state.config.coordinator.max_body_bytes)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     check_rows(&module, &spec.plan, &rows).map_err(ApiError::bad_request)?;
@@ -102,6 +118,16 @@ async fn handle(
         ));
     }
     if let Some(max_rows) = Catalog::module_max_rows(spec, state.config.worker.max_job_bytes) {
+        if max_rows == 0 {
+            return Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!(
+                    "module `{module}` convolves maps of {} pixels, and one map's hidden values exceed the workers' max_job_bytes of {}: this deployment cannot serve it",
+                    spec.map_pixels().unwrap_or(0),
+                    state.config.worker.max_job_bytes
+                ),
+            ));
+        }
         if rows.rows as usize > max_rows {
             return Err(ApiError::new(
                 ErrorCode::PayloadTooLarge,

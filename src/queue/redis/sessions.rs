@@ -62,7 +62,8 @@ end
 return {deleted, dropped}";
 
 /// KEYS: the tenant's slot set (zset by lease end). ARGV: slot id, limit, lease (ms). Drops
-/// ended leases, then takes a slot (`1`) or refuses (`0`). Time is the server's (`TIME`), so
+/// ended leases, then takes a slot (`1`) or refuses (`0`); the set expires with its longest
+/// lease (coordinators may run with different timeouts). Time is the server's (`TIME`), so
 /// coordinators with skewed clocks agree on when a lease ends.
 pub(super) const ACQUIRE_SLOT: &str = r"
 local t = redis.call('TIME')
@@ -70,7 +71,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIRE', KEYS[1], math.max(tonumber(last[2]) - now, 1))
 return 1";
 
 pub(super) fn session_key(id: &str) -> String {
