@@ -134,24 +134,34 @@ static PBS_KEYS: LazyLock<PbsKeys> = LazyLock::new(|| {
 
 /// A 64 → 64 layer followed by a table whose codes are the rounded index itself: the decrypted
 /// outputs are then exactly what each bootstrap read, to compare with round-to-nearest.
-fn index_chain(rows: usize, seed: u64) -> (LayerPlan, Vec<i8>, ChainProgram, Vec<i32>, Vec<i64>) {
-    let (inp, out, bits) = (64usize, 64usize, 5u32);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let codes: Vec<i8> = (0..inp * out).map(|_| rng.gen_range(-127..=127)).collect();
-    let x: Vec<i32> = (0..rows * inp).map(|_| rng.gen_range(-128..=127)).collect();
-    let acc: Vec<i64> = (0..rows * out)
+/// `rows × out` accumulators of a first layer: `x` (`rows × inp`) times `codes` (`out × inp`).
+fn first_layer(x: &[i32], codes: &[i8], rows: usize, inp: usize, out: usize) -> Vec<i64> {
+    (0..rows * out)
         .map(|g| {
             let (r, j) = (g / out, g % out);
             (0..inp)
                 .map(|i| x[r * inp + i] as i64 * codes[j * inp + i] as i64)
                 .sum()
         })
-        .collect();
-    let max = acc.iter().map(|a| a.abs()).max().unwrap() as f64;
+        .collect()
+}
+
+/// The smallest shift that brings accumulators up to `max` into `bits` rounded bits.
+fn rounding_shift(max: i64, bits: u32) -> i32 {
     let mut s = 0;
-    while max / 2f64.powi(s) >= 2f64.powi(bits as i32 - 1) - 0.5 {
+    while max as f64 / 2f64.powi(s) >= 2f64.powi(bits as i32 - 1) - 0.5 {
         s += 1;
     }
+    s
+}
+
+fn index_chain(rows: usize, seed: u64) -> (LayerPlan, Vec<i8>, ChainProgram, Vec<i32>, Vec<i64>) {
+    let (inp, out, bits) = (64usize, 64usize, 5u32);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let codes: Vec<i8> = (0..inp * out).map(|_| rng.gen_range(-127..=127)).collect();
+    let x: Vec<i32> = (0..rows * inp).map(|_| rng.gen_range(-128..=127)).collect();
+    let acc = first_layer(&x, &codes, rows, inp, out);
+    let s = rounding_shift(acc.iter().map(|a| a.abs()).max().unwrap(), bits);
     let mut plan = LayerPlan::new("index", Precision::Exact, inp, out, 8, 8).unwrap();
     plan.encodings = vec![hyfhe::fhe::Encoding::Row];
     plan.acc_bits = s as u32 + bits + 1;
@@ -471,25 +481,10 @@ fn a_convolution_stage_gathers_patches_from_bootstrapped_lwes_and_refuses_partia
         })
         .collect();
     let x: Vec<i32> = (0..rows * inp).map(|_| rng.gen_range(-128..=127)).collect();
-    let acc: Vec<i64> = (0..rows * width)
-        .map(|g| {
-            let (r, j) = (g / width, g % width);
-            (0..inp)
-                .map(|i| x[r * inp + i] as i64 * codes[j * inp + i] as i64)
-                .sum()
-        })
-        .collect();
+    let acc = first_layer(&x, &codes, rows, inp, width);
     let scaled = |g: usize, a: i64| a * gains[g % width] as i64;
-    let max = acc
-        .iter()
-        .enumerate()
-        .map(|(g, &a)| scaled(g, a).abs())
-        .max()
-        .unwrap() as f64;
-    let mut s = 0;
-    while max / 2f64.powi(s) >= 2f64.powi(bits as i32 - 1) - 0.5 {
-        s += 1;
-    }
+    let max = acc.iter().enumerate().map(|(g, &a)| scaled(g, a).abs());
+    let s = rounding_shift(max.max().unwrap(), bits);
     let mut plan = LayerPlan::new("conv", Precision::Exact, inp, width, 8, 8).unwrap();
     plan.encodings = vec![hyfhe::fhe::Encoding::Row];
     plan.acc_bits = s as u32 + bits + 1;

@@ -389,17 +389,22 @@ async fn the_memory_queue_keeps_the_job_queue_contract() {
     bounded_reads(Arc::new(MemoryQueue::new(wide_settings()))).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_flight_slots_are_bounded_per_tenant_given_back_and_leased_in_both_stores() {
-    let redis = RedisServer::start();
-    let stores: Vec<Arc<dyn Broker>> = vec![
+/// The in-memory store and one over `redis`, for checks both must pass.
+async fn both_stores(redis: &RedisServer) -> Vec<Arc<dyn Broker>> {
+    vec![
         Arc::new(MemoryQueue::new(settings())),
         Arc::new(
             RedisQueue::connect(&redis.url(), settings(), Duration::from_secs(5))
                 .await
                 .unwrap(),
         ),
-    ];
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_slots_are_bounded_per_tenant_given_back_and_leased_in_both_stores() {
+    let redis = RedisServer::start();
+    let stores = both_stores(&redis).await;
     for store in stores {
         // Two slots for tenant t; u is counted apart.
         assert!(store.acquire_slot("t", "a", 2, 60_000).await.unwrap());
@@ -423,14 +428,7 @@ async fn in_flight_slots_are_bounded_per_tenant_given_back_and_leased_in_both_st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_keys_expire_in_both_stores() {
     let redis = RedisServer::start();
-    let stores: Vec<Arc<dyn Broker>> = vec![
-        Arc::new(MemoryQueue::new(settings())),
-        Arc::new(
-            RedisQueue::connect(&redis.url(), settings(), Duration::from_secs(5))
-                .await
-                .unwrap(),
-        ),
-    ];
+    let stores = both_stores(&redis).await;
     for store in stores {
         let record = SessionRecord {
             id: "s1".into(),
@@ -532,14 +530,7 @@ fn session(id: &str, tenant: &str, key_id: &str, key_bytes: u64) -> SessionRecor
 async fn a_key_blob_goes_with_the_last_session_that_uses_it_and_quotas_hold_under_concurrent_creations(
 ) {
     let redis = RedisServer::start();
-    let stores: Vec<Arc<dyn Broker>> = vec![
-        Arc::new(MemoryQueue::new(settings())),
-        Arc::new(
-            RedisQueue::connect(&redis.url(), settings(), Duration::from_secs(5))
-                .await
-                .unwrap(),
-        ),
-    ];
+    let stores = both_stores(&redis).await;
     for store in stores {
         let roomy = SessionQuota {
             sessions: 10,
