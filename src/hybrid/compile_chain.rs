@@ -46,17 +46,18 @@ fn window_shift(bound: f64, bits: u32) -> u32 {
     s
 }
 
-/// Largest `Σ_i |w_ji| · max|code| + added_j` over the rows (`added_j` the largest code a
-/// shortcut adds to output `j`): no input the quantizer admits exceeds it.
-fn guaranteed_bound(w: &QuantizedWeights, max_code: i64, added: &[i64]) -> f64 {
-    (0..w.out_features)
-        .map(|j| guaranteed_bound_row(w, j, max_code) + added.get(j).copied().unwrap_or(0) as f64)
-        .fold(0.0, f64::max)
+/// `Σ_i |w_ji| · max|code| + added_j` for output `j` (`added_j` the largest code a shortcut adds
+/// to it): no input the quantizer admits exceeds it.
+fn guaranteed_bound_row(w: &QuantizedWeights, j: usize, max_code: i64, added: &[i64]) -> f64 {
+    (w.row(j).iter().map(|&c| (c as i64).abs()).sum::<i64>() * max_code
+        + added.get(j).copied().unwrap_or(0)) as f64
 }
 
-/// The same bound for output `j` alone (no shortcut).
-fn guaranteed_bound_row(w: &QuantizedWeights, j: usize, max_code: i64) -> f64 {
-    (w.row(j).iter().map(|&c| (c as i64).abs()).sum::<i64>() * max_code) as f64
+/// The largest [`guaranteed_bound_row`] over the outputs.
+fn guaranteed_bound(w: &QuantizedWeights, max_code: i64, added: &[i64]) -> f64 {
+    (0..w.out_features)
+        .map(|j| guaranteed_bound_row(w, j, max_code, added))
+        .fold(0.0, f64::max)
 }
 
 fn max_centred(q: &AffineQuantizer) -> i64 {
@@ -144,12 +145,11 @@ pub(super) fn compile_chain(
         )));
     }
     let map = if chain.convolves() {
-        let [h, w] = map.ok_or_else(|| {
+        Some(map.ok_or_else(|| {
             HybridError::Unsupported(format!(
                 "`{name}` convolves its hidden map: calibrate it on images (no map size was seen)"
             ))
-        })?;
-        Some([h, w])
+        })?)
     } else {
         None
     };
@@ -252,13 +252,11 @@ pub(super) fn compile_chain(
         } else {
             width
         };
-        // A shortcut channel's sum spans a small part of a window sized for the convolution's
-        // (one input against dozens): scale it up to fill the window, by its guaranteed bound,
-        // so its rounding keeps as many bits as the main channels' do.
-        // The same for every channel whose calibrated range (× 1.25, as the window itself) leaves
-        // most of the power-of-two window unused; a channel that never moved keeps gain 1. A
-        // main channel past its calibrated range wraps as the window's widest channel would
-        // past the window; a shortcut channel's gain keeps its guaranteed bound inside. Gains
+        // Per-channel gains fill the window the widest channel sets. A shortcut channel's sum
+        // spans a small part of it (one input against a convolution's dozens): its gain comes
+        // from its guaranteed bound, so it never wraps. A main channel's comes from its
+        // calibrated range × 1.25, as the window's own does (past it, a value wraps as the
+        // widest channel's would past the window); one that never moved keeps gain 1. Gains
         // are capped where their noise would reach the stated failure bound.
         let gains: Vec<u32> = {
             let limit = ((1i64 << (p - 1)) as f64 - 0.5) * 2f64.powi(s as i32);
@@ -269,8 +267,7 @@ pub(super) fn compile_chain(
             }
             let gains: Vec<u32> = (0..width)
                 .map(|j| {
-                    let guaranteed = guaranteed_bound_row(&weights, j, max_code)
-                        + added.get(j).copied().unwrap_or(0) as f64;
+                    let guaranteed = guaranteed_bound_row(&weights, j, max_code, &added);
                     let bound = if j >= main {
                         guaranteed
                     } else if seen[j] == 0 {

@@ -155,6 +155,25 @@ fn rounding_shift(max: i64, bits: u32) -> i32 {
     s
 }
 
+/// The chain compiled for the server, and its decrypted outputs on `x` under [`PBS_KEYS`].
+fn run_encrypted(
+    plan: &LayerPlan,
+    codes: &[i8],
+    program: &ChainProgram,
+    x: &[i32],
+    rows: usize,
+) -> (ModuleProgram, Vec<i64>) {
+    let module = ModuleProgram::new(plan.clone(), codes, Some(program)).unwrap();
+    let keys = &*PBS_KEYS;
+    let request = keys.client.encrypt_rows(plan, x, rows).unwrap();
+    let response = module.evaluate(&keys.server, &request).unwrap();
+    let got = keys
+        .client
+        .decrypt_outputs(&program.output, &response)
+        .unwrap();
+    (module, got)
+}
+
 fn index_chain(rows: usize, seed: u64) -> (LayerPlan, Vec<i8>, ChainProgram, Vec<i32>, Vec<i64>) {
     let (inp, out, bits) = (64usize, 64usize, 5u32);
     let mut rng = StdRng::seed_from_u64(seed);
@@ -191,14 +210,7 @@ fn bootstraps_round_within_one_step_at_the_predicted_rate() {
     let rows = 48;
     let (plan, codes, program, x, acc) = index_chain(rows, 7);
     program.check(&plan).unwrap();
-    let module = ModuleProgram::new(plan.clone(), &codes, Some(&program)).unwrap();
-    let keys = &*PBS_KEYS;
-    let request = keys.client.encrypt_rows(&plan, &x, rows).unwrap();
-    let response = module.evaluate(&keys.server, &request).unwrap();
-    let got = keys
-        .client
-        .decrypt_outputs(&program.output, &response)
-        .unwrap();
+    let (_, got) = run_encrypted(&plan, &codes, &program, &x, rows);
     let ChainStage::Table {
         rounding_bits,
         window_bits,
@@ -572,14 +584,8 @@ fn a_convolution_stage_gathers_patches_from_bootstrapped_lwes_and_refuses_partia
     }
     assert_eq!(program.simulate(&acc, rows), want);
 
-    let module = ModuleProgram::new(plan.clone(), &codes, Some(&program)).unwrap();
+    let (module, got) = run_encrypted(&plan, &codes, &program, &x, rows);
     let keys = &*PBS_KEYS;
-    let request = keys.client.encrypt_rows(&plan, &x, rows).unwrap();
-    let response = module.evaluate(&keys.server, &request).unwrap();
-    let got = keys
-        .client
-        .decrypt_outputs(&program.output, &response)
-        .unwrap();
     let off = got.iter().zip(&want).filter(|(a, b)| a != b).count();
     let far = got
         .iter()
