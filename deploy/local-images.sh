@@ -2,10 +2,12 @@
 # Build every image docker-compose.yml needs without a container registry:
 #
 #   hyfhe-base:bookworm   Debian bookworm made with debootstrap and `docker import`: the runtime's
-#                         needs (ca-certificates, curl), redis-server and nginx.
+#                         needs (ca-certificates, curl), redis-server, nginx and haproxy.
 #   redis:7-bookworm      that base under the tag the compose file's redis service names (Debian
 #                         bookworm ships Redis 7.0).
 #   nginx:bookworm        the same base under the tag of the `tls` profile's proxy (nginx 1.22).
+#   haproxy:2.6-bookworm  the same base under the tag of the `ha` profile's load balancer
+#                         (HAProxy 2.6).
 #   hyfhe:latest          the Dockerfile's `runtime` stage on that base plus a hyfhe binary built
 #                         here on the host (deploy/prebuilt.Dockerfile; build on Debian bookworm
 #                         or an older glibc: the binary must run on bookworm's).
@@ -27,7 +29,7 @@ cd "$(dirname "$0")/.."
 
 SUITE=bookworm
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-PACKAGES=ca-certificates,curl,redis-server,nginx-light
+PACKAGES=ca-certificates,curl,redis-server,nginx-light,haproxy
 BASE=hyfhe-base:$SUITE
 CACHE=${HYFHE_IMAGE_CACHE:-$HOME/.cache/hyfhe-images}
 rebase=0
@@ -98,6 +100,7 @@ else
 fi
 docker tag "$BASE" redis:7-bookworm
 docker tag "$BASE" nginx:bookworm
+docker tag "$BASE" haproxy:2.6-bookworm
 
 # --- the hyfhe image -------------------------------------------------------------------------
 binary=${HYFHE_BINARY:-}
@@ -127,4 +130,4 @@ if [ "$metrics" = 1 ]; then
     build --build-arg BASE="$BASE" -t hyfhe-prometheus:debian - <deploy/prometheus.Dockerfile
 fi
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' \
-    | grep -E '^(hyfhe|hyfhe-base|hyfhe-runtime|hyfhe-prometheus|redis|nginx):' >&2
+    | grep -E '^(hyfhe|hyfhe-base|hyfhe-runtime|hyfhe-prometheus|redis|nginx|haproxy):' >&2

@@ -131,6 +131,18 @@ pub struct QueueConfig {
     pub max_deliveries: u32,
     pub lease_ttl_ms: u64,
     pub result_ttl_ms: u64,
+    /// Replicas that must hold a job's outcome (and its bill) before it is announced: `WAIT`
+    /// after the store (0: no wait; Redis with replicas under Sentinel: 1).
+    #[serde(default)]
+    pub replica_acks: u32,
+    /// How long that `WAIT` may take; past it the outcome is announced anyway and counted as
+    /// unreplicated (`hyfhe_worker_outcomes_unreplicated_total`).
+    #[serde(default = "default_replica_ack_timeout_ms")]
+    pub replica_ack_timeout_ms: u64,
+}
+
+fn default_replica_ack_timeout_ms() -> u64 {
+    1000
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -429,6 +441,33 @@ impl Config {
                 ),
             ));
         }
+        if self.queue.replica_acks > 16 {
+            return Err(invalid(
+                "queue.replica_acks",
+                "must be at most 16 (replicas that hold an outcome before it is announced)",
+            ));
+        }
+        if self.queue.replica_acks > 0 {
+            if self.queue.backend != QueueBackend::Redis {
+                return Err(invalid(
+                    "queue.replica_acks",
+                    "needs queue.backend = \"redis\": the in-memory queue has no replicas",
+                ));
+            }
+            positive(
+                "queue.replica_ack_timeout_ms",
+                self.queue.replica_ack_timeout_ms,
+            )?;
+            if self.queue.replica_ack_timeout_ms * 4 > self.coordinator.request_timeout_ms {
+                return Err(invalid(
+                    "queue.replica_ack_timeout_ms",
+                    format!(
+                        "must be at most a quarter of coordinator.request_timeout_ms ({}): it is added to every job's completion when a replica is slow",
+                        self.coordinator.request_timeout_ms
+                    ),
+                ));
+            }
+        }
         if self.queue.lease_ttl_ms < 2 * self.worker.heartbeat_ms {
             return Err(invalid(
                 "queue.lease_ttl_ms",
@@ -438,13 +477,15 @@ impl Config {
                 ),
             ));
         }
-        let redis_tls = self.queue.redis_url.starts_with("rediss://");
+        let redis_tls = self.queue.redis_url.starts_with("rediss://")
+            || self.queue.redis_url.starts_with("rediss+sentinel://");
         let redis_schemes = [
             "redis://",
             "rediss://",
             "redis+unix://",
             "unix://",
             "redis+sentinel://",
+            "rediss+sentinel://",
         ];
         if self.queue.backend == QueueBackend::Redis
             && !redis_schemes
@@ -454,13 +495,14 @@ impl Config {
             return Err(invalid(
                 "queue.redis_url",
                 "must be a redis://, rediss:// (TLS), redis+unix:// or \
-                 redis+sentinel://host:port,host:port/<master name> URL",
+                 redis+sentinel://host:port,host:port/<master name> URL \
+                 (rediss+sentinel:// for TLS to the sentinels and the primary)",
             ));
         }
         if !self.queue.redis_ca_cert.is_empty() && !redis_tls {
             return Err(invalid(
                 "queue.redis_ca_cert",
-                "is only used with TLS: make queue.redis_url a rediss:// URL, or leave this empty",
+                "is only used with TLS: make queue.redis_url a rediss:// (or rediss+sentinel://) URL, or leave this empty",
             ));
         }
         let otlp_tls = self.telemetry.otlp_endpoint.starts_with("https://");
@@ -529,6 +571,8 @@ impl Config {
             lease_ttl_ms: self.queue.lease_ttl_ms,
             result_ttl_ms: self.queue.result_ttl_ms,
             read_block_ms: self.worker.read_block_ms,
+            replica_acks: self.queue.replica_acks,
+            replica_ack_timeout_ms: self.queue.replica_ack_timeout_ms,
         }
     }
 

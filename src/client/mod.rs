@@ -238,11 +238,42 @@ fn api_error(status: u16, body: &[u8]) -> ClientError {
             code: e.code.as_str().to_string(),
             message: e.message,
         },
+        // Not ours: a load balancer's or proxy's own page. Its 502, 503 and 504 say that the
+        // coordinator behind it failed or is gone (killed, restarting, unready): retried like
+        // the coordinator's own 503, which is safe since a compute retry keeps its job id.
         Err(_) => ClientError::Api {
             status,
-            code: "unknown".into(),
-            message: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+            code: match status {
+                502..=504 => ErrorCode::Unavailable.as_str().to_string(),
+                _ => "unknown".into(),
+            },
+            message: format!(
+                "{}{}",
+                if (502..=504).contains(&status) {
+                    "the proxy in front of the coordinator answered: "
+                } else {
+                    ""
+                },
+                String::from_utf8_lossy(&body[..body.len().min(512)])
+            ),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxys_gateway_errors_are_retried_and_other_foreign_pages_are_not() {
+        for status in [502, 503, 504] {
+            let e = api_error(status, b"<html>502 Bad Gateway</html>");
+            assert_eq!(e.code(), Some(ErrorCode::Unavailable), "{status}");
+            assert!(e.to_string().contains("proxy"), "{e}");
+        }
+        for status in [400, 404, 500] {
+            assert_eq!(api_error(status, b"<html></html>").code(), None, "{status}");
+        }
     }
 }
 

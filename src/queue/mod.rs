@@ -109,6 +109,10 @@ impl JobOutcome {
 pub enum Completion {
     /// This outcome is the job's.
     Stored,
+    /// This outcome is the job's, but fewer replicas than `replica_acks` acknowledged it within
+    /// `replica_ack_timeout_ms`: it was announced anyway (availability first), and a failover
+    /// before replication would lose it and its bill. Counted, never silent.
+    StoredUnreplicated,
     /// Another evaluation's outcome was there first and is kept; this one is dropped.
     Duplicate,
 }
@@ -219,6 +223,10 @@ pub struct QueueSettings {
     /// Longest blocking read: a read that has not answered by then plus some slack is a dead
     /// connection, not a slow one.
     pub read_block_ms: u64,
+    /// Replicas that must acknowledge a job's outcome (`WAIT`) before it is announced; 0: none.
+    pub replica_acks: u32,
+    /// The longest that `WAIT` may take.
+    pub replica_ack_timeout_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,8 @@ pub struct WorkerMetrics {
     pub jobs_received: Counter,
     pub jobs_done: Counter,
     pub duplicate_outcomes: Counter,
+    /// Outcomes announced before `queue.replica_acks` replicas held them.
+    pub outcomes_unreplicated: Counter,
     pub jobs_failed: Counter,
     pub jobs_expired: Counter,
     pub jobs_dead_lettered: Counter,
@@ -46,6 +48,11 @@ impl WorkerMetrics {
             "hyfhe_worker_duplicate_outcomes_total",
             "Jobs finished here after another evaluation had stored their outcome.",
             self.duplicate_outcomes.get(),
+        );
+        e.counter(
+            "hyfhe_worker_outcomes_unreplicated_total",
+            "Outcomes announced before queue.replica_acks replicas acknowledged them (a failover then would lose them and their bills).",
+            self.outcomes_unreplicated.get(),
         );
         e.counter(
             "hyfhe_worker_jobs_failed_total",

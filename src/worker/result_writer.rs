@@ -51,6 +51,9 @@ impl Handler<WriteOutcome> for ResultWriter {
                 }
                 return Ok(());
             }
+            if completion == Completion::StoredUnreplicated {
+                metrics.outcomes_unreplicated.inc();
+            }
             match msg.outcome.outcome {
                 JobOutcome::Done(_) => metrics.jobs_done.inc(),
                 JobOutcome::Failed { .. } => metrics.jobs_failed.inc(),

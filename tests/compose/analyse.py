@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """One fault scenario's outcome, from hyfhe-loadtest's --json report and --events lines.
 
-    analyse.py NAME REPORT.json EVENTS.jsonl FAULT_START_MS FAULT_END_MS DUPLICATES ALLOWED_DUPS
+    analyse.py NAME REPORT.json EVENTS.jsonl FAULT_START_MS FAULT_END_MS DUPLICATES ALLOWED_DUPS [BILLED]
 
 Prints one Markdown table row and exits non-zero when the scenario broke a promise: a lost or
 wrong result, a final error (a refusal the client's retries did not ride out), a 503 seen outside
-the fault window, or more duplicate evaluations than the fault can explain.
+the fault window, more duplicate evaluations than the fault can explain, or (BILLED given, a
+number: the tenant's billed jobs over the scenario) a bill that differs from the module requests
+answered: a job billed twice, or an answer whose bill a fault lost.
 
 Recovery time: from the start of the fault until the last "slow or failed" forward finished,
 where slow means a latency above 3x the median before the fault (at least +0.5 s); forwards in
@@ -24,6 +26,7 @@ UNAVAILABLE_SLACK_S = 10.0
 def main():
     name, report_path, events_path = sys.argv[1:4]
     fault_start_ms, fault_end_ms, duplicates, allowed_dups = map(int, sys.argv[4:8])
+    billed = sys.argv[8] if len(sys.argv) > 8 else "-"
     report = json.load(open(report_path))
     t0 = report["t0_unix_ms"]
     fault_start = (fault_start_ms - t0) / 1e3
@@ -60,13 +63,16 @@ def main():
         problems.append(f"{len(late_503)} 503s outside the fault window, first at {late_503[0]['t_s']:.1f} s")
     if duplicates > allowed_dups:
         problems.append(f"{duplicates} duplicate evaluations (at most {allowed_dups} explained by the fault)")
+    # Every answered module request is one job (retries keep its id), billed once.
+    if billed != "-" and int(billed) != report["module_requests"]:
+        problems.append(f"{billed} jobs billed for {report['module_requests']} module requests answered")
 
     def codes(d):
         return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"
 
     print(
         f"| {name} | {report['sent']} | {report['module_requests']} | {codes(report['errors_by_code'])} "
-        f"| {codes(report['retried_by_code'])} | {lost} | {report['wrong']} | {duplicates} "
+        f"| {codes(report['retried_by_code'])} | {lost} | {report['wrong']} | {duplicates} | {billed} "
         f"| {fault_end - fault_start:.1f} | {recovery:.1f} | {report['latency_ms_p50']:.0f} "
         f"| {report['latency_ms_max'] / 1e3:.1f} |"
     )

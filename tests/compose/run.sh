@@ -12,13 +12,31 @@
 #   restart-coord   docker compose restart coordinator (clients retry with the same job ids)
 #   scale-1-3-1     --scale worker=1, then 3, then 1 under load
 #
-# Prints a Markdown table (also written to target/compose-scenarios.md) and fails when any
-# scenario lost, got wrong or failed a forward. Skipped, with the reason, where no Docker engine
-# or Compose answers. Usage: tests/compose/run.sh [SCENARIO...] (default: all).
+# With --ha, the cluster is the `ha` profile instead (deploy/ha.env: Redis primary + replica under
+# three sentinels, two coordinators behind HAProxy terminating TLS, outcomes announced after
+# `WAIT 1`), the load goes over HTTPS through HAProxy, and the scenarios are:
+#
+#   kill-primary        docker kill the Redis primary (the sentinels promote the replica)
+#   kill-sentinel       docker kill one of the three sentinels (the one clients ask first)
+#   partition-replica   docker network disconnect the replica from its primary (and all), reconnect
+#   kill-coordinator    docker kill one coordinator (HAProxy sends everything to the other)
+#
+# where every scenario also checks the tenant's bill: the jobs billed during it equal the module
+# requests answered (nothing billed twice, nothing answered and lost from the bill).
+#
+# Prints a Markdown table (also written to target/compose-scenarios.md, or
+# target/compose-ha-scenarios.md) and fails when any scenario lost, got wrong or failed a forward.
+# Skipped, with the reason, where no Docker engine or Compose answers.
+# Usage: tests/compose/run.sh [--ha] [SCENARIO...] (default: all of the mode's).
 # Environment: HYFHE_COMPOSE_RATE (whole forwards/s, default 2), HYFHE_COMPOSE_LOAD_S (seconds of load
 # per scenario, default 40), HYFHE_COMPOSE_KEEP=1 leaves the cluster up.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+HA=0
+if [ "${1:-}" = --ha ]; then
+    HA=1
+    shift
+fi
 
 skip() {
     echo "tests/compose: skipped: $*"
@@ -41,7 +59,13 @@ LOAD_S=${HYFHE_COMPOSE_LOAD_S:-40}
     exit 2
 }
 SCENARIOS=("$@")
-[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(kill-worker pause-worker partition restart-redis restart-coord scale-1-3-1)
+if [ ${#SCENARIOS[@]} -eq 0 ]; then
+    if [ "$HA" = 1 ]; then
+        SCENARIOS=(kill-primary kill-sentinel partition-replica kill-coordinator)
+    else
+        SCENARIOS=(kill-worker pause-worker partition restart-redis restart-coord scale-1-3-1)
+    fi
+fi
 # config/docker.toml: queue.lease_ttl_ms (5 s) and worker.max_pending (2 jobs per worker).
 LEASE_TTL_S=5
 MAX_PENDING=2
@@ -59,7 +83,12 @@ work=$(mktemp -d)
 chmod 755 "$work" # the containers run as uid 10001 and read the models from here
 project="hyfhe-ci-$$"
 # The tls profile's proxy runs throughout (it only adds a way in), so teardown removes it too.
-compose() { "${COMPOSE[@]}" -p "$project" --profile tls "$@"; }
+# The ha profile brings its own proxy (HAProxy, TLS too).
+if [ "$HA" = 1 ]; then
+    compose() { "${COMPOSE[@]}" -p "$project" --env-file deploy/ha.env --profile ha "$@"; }
+else
+    compose() { "${COMPOSE[@]}" -p "$project" --profile tls "$@"; }
+fi
 load=""
 cleanup() {
     status=$?
@@ -72,7 +101,7 @@ cleanup() {
         docker unpause "$c" >/dev/null 2>&1 || true
     done
     if [ "$status" -ne 0 ]; then
-        for s in coordinator worker redis; do
+        for s in coordinator worker redis $([ "$HA" = 1 ] && echo redis-replica sentinel-1 lb); do
             log "last logs of $s:"
             compose logs --tail 30 "$s" 2>&1 | tail -60 >&2 || true
         done
@@ -128,6 +157,12 @@ mkdir -p "$HYFHE_TLS_DIR"
 }
 chmod -R a+rX "$work"
 TLS_URL="https://localhost:$HYFHE_TLS_PORT"
+if [ "$HA" = 1 ]; then
+    # Everything goes through HAProxy, over TLS, as an HA deployment's clients would.
+    HYFHE_LB_PORT=$(free_port)
+    export HYFHE_LB_PORT
+    TLS_URL="https://localhost:$HYFHE_LB_PORT"
+fi
 
 containers() { docker ps -q --filter "label=com.docker.compose.project=$project" --filter "label=com.docker.compose.service=$1"; }
 # Wait until the coordinator is ready and N workers report healthy (they hold shards).
@@ -138,7 +173,8 @@ wait_ready() {
         for c in $(containers worker); do
             [ "$(docker inspect -f '{{.State.Health.Status}}' "$c")" = healthy ] && healthy=$((healthy + 1))
         done
-        if [ "$healthy" -eq "$want" ] && curl -fsS "$URL/health/ready" >/dev/null 2>&1; then
+        if [ "$healthy" -eq "$want" ] && curl -fsS "$URL/health/ready" >/dev/null 2>&1 &&
+            { [ "$HA" = 0 ] || ha_ready; }; then
             break
         fi
         [ $SECONDS -lt $deadline ] || {
@@ -149,8 +185,51 @@ wait_ready() {
     done
     sleep $((LEASE_TTL_S / 2 + 1)) # let the shard leases settle over the workers
 }
+# --- the ha profile: who is primary, and is everything back ---------------------------------
+sentinels() { for s in sentinel-1 sentinel-2 sentinel-3; do containers $s; done; }
+# The primary's service name (redis or redis-replica) as the first live sentinel says.
+primary() {
+    local s
+    for s in $(sentinels); do
+        docker exec "$s" redis-cli -p 26379 SENTINEL get-master-addr-by-name hyfhe 2>/dev/null | head -1 && return
+    done
+}
+replica_of() { if [ "$1" = redis ]; then echo redis-replica; else echo redis; fi; }
+# Ready: every sentinel names the same primary and knows the two others, the primary says so
+# (ROLE) and its replica is online, both coordinators are healthy and the proxy serves.
+ha_ready() {
+    local p s c info
+    p=$(primary)
+    [ -n "$p" ] && [ "$(sentinels | wc -l)" -eq 3 ] || return 1
+    for s in $(sentinels); do
+        info=$(docker exec "$s" redis-cli -p 26379 SENTINEL MASTER hyfhe 2>/dev/null) || return 1
+        [ "$(echo "$info" | awk 'prev == "name" { print; exit } { prev = $0 }')" = hyfhe ] || return 1
+        [ "$(echo "$info" | awk 'prev == "num-other-sentinels" { print; exit } { prev = $0 }')" = 2 ] || return 1
+        [ "$(docker exec "$s" redis-cli -p 26379 SENTINEL get-master-addr-by-name hyfhe | head -1)" = "$p" ] || return 1
+    done
+    c=$(containers "$p")
+    [ -n "$c" ] && [ "$(docker exec "$c" redis-cli ROLE | head -1)" = master ] || return 1
+    docker exec "$c" redis-cli INFO replication | grep -q 'state=online' || return 1
+    for s in coordinator coordinator-2; do
+        c=$(containers $s)
+        [ -n "$c" ] && [ "$(docker inspect -f '{{.State.Health.Status}}' "$c")" = healthy ] || return 1
+    done
+    curl -fsS --cacert "$HYFHE_TLS_DIR/ca.pem" "$TLS_URL/health/ready" >/dev/null 2>&1
+}
+redis_container() {
+    if [ "$HA" = 1 ]; then containers "$(primary)"; else containers redis; fi
+}
 duplicates() {
-    docker exec "$(containers redis)" redis-cli GET hyfhe:stats:duplicate-outcomes | tr -dc 0-9 || true
+    docker exec "$(redis_container)" redis-cli GET hyfhe:stats:duplicate-outcomes | tr -dc 0-9 || true
+}
+# The tenant's billed jobs (cluster-wide, from the store) as a live coordinator reports them.
+billed_jobs() {
+    local c
+    for c in $(containers coordinator) $(containers coordinator-2); do
+        docker exec "$c" curl -fsS http://127.0.0.1:9100/metrics 2>/dev/null |
+            awk '$1 == "hyfhe_tenant_jobs_total{tenant=\"compose-ci\"}" { printf "%d", $2; found = 1 }
+                 END { if (!found) printf "0" }' && return
+    done
 }
 
 log "docker compose up (project $project, coordinator on $URL)"
@@ -174,7 +253,7 @@ print(f"[compose] digits through the cluster: 16 images, accuracy {100 * r['accu
       f"bit-identical to simulate, {r['stats']['requests']} requests, {r['total_ms']:.0f} ms", file=sys.stderr)
 PY
 
-log "the same through the tls profile's nginx: $TLS_URL"
+log "the same through the $([ "$HA" = 1 ] && echo "ha profile's HAProxy" || echo "tls profile's nginx"): $TLS_URL"
 until curl -fsS --cacert "$HYFHE_TLS_DIR/ca.pem" "$TLS_URL/health/live" >/dev/null 2>&1; do
     [ $SECONDS -lt $((t + 300)) ] || {
         log "the TLS proxy never answered"
@@ -190,7 +269,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 if not r["reference"]["bit_identical"]:
     sys.exit(f"remote over the TLS proxy differs from simulate: max |diff| {r['reference']['max_abs_diff']}")
-print(f"[compose] 4 images over HTTPS through nginx: bit-identical to simulate, {r['stats']['requests']} requests", file=sys.stderr)
+print(f"[compose] 4 images over HTTPS through the TLS proxy: bit-identical to simulate, {r['stats']['requests']} requests", file=sys.stderr)
 PY
 # Without the CA the client refuses the proxy's certificate, and says so.
 if $HYFHE run "$work/models/digits_cnn" --mode remote --input tests/fixtures/digits_test_images.npy \
@@ -213,8 +292,8 @@ fi
 # --- fault scenarios ------------------------------------------------------------------------
 table="$work/table.md"
 {
-    echo "| scenario | forwards | module requests | final errors | retried attempts (cause) | lost | wrong | duplicate evaluations | fault (s) | recovery (s) | p50 (ms) | max (s) |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| scenario | forwards | module requests | final errors | retried attempts (cause) | lost | wrong | duplicate evaluations | jobs billed | fault (s) | recovery (s) | p50 (ms) | max (s) |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 } >"$table"
 failed=0
 
@@ -257,6 +336,64 @@ fault_partition() {
 }
 fault_restart-redis() { compose restart redis >/dev/null 2>&1; }
 fault_restart-coord() { compose restart coordinator >/dev/null 2>&1; }
+# The ha profile's faults. A failover's "fault" lasts until the sentinels name a new primary
+# and it answers as one.
+until_or_fail() {
+    local what=$1 deadline=$((SECONDS + 60))
+    shift
+    until "$@"; do
+        [ $SECONDS -lt $deadline ] || {
+            log "$what: not within 60 s"
+            return 1
+        }
+        sleep 0.2
+    done
+}
+promoted() {
+    local p
+    p=$(primary)
+    [ -n "$p" ] && [ "$p" != "$OLD_PRIMARY" ] &&
+        [ "$(docker exec "$(containers "$p")" redis-cli ROLE 2>/dev/null | head -1)" = master ]
+}
+# The killed primary is started again once the sentinels have promoted its replica (what an
+# orchestrator does), and the fault lasts until it is back as the new primary's replica:
+# until then outcomes have no replica to wait for (each waits queue.replica_ack_timeout_ms).
+fault_kill-primary() {
+    local c
+    OLD_PRIMARY=$(primary)
+    c=$(docker ps -aq --filter "label=com.docker.compose.project=$project" \
+        --filter "label=com.docker.compose.service=$OLD_PRIMARY")
+    log "killing the Redis primary, $OLD_PRIMARY"
+    docker kill "$c" >/dev/null
+    until_or_fail "a new primary" promoted
+    log "the sentinels promoted $(primary) after $((($(now_ms) - start) / 1000)) s; starting $OLD_PRIMARY again"
+    docker start "$c" >/dev/null
+    until_or_fail "$OLD_PRIMARY back as a replica" replica_linked "$OLD_PRIMARY"
+}
+fault_kill-sentinel() {
+    # The first in every client's list: asked first on each reconnect until it fails.
+    docker kill "$(containers sentinel-1)" >/dev/null
+    sleep $((2 * LEASE_TTL_S))
+}
+replica_linked() {
+    docker exec "$(containers "$1")" redis-cli INFO replication | grep -q '^master_link_status:up'
+}
+fault_partition-replica() {
+    local r c net
+    r=$(replica_of "$(primary)")
+    c=$(containers "$r")
+    net=$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "$c")
+    log "cutting the replica $r off its primary (and everything else)"
+    docker network disconnect "$net" "$c"
+    # Past the sentinels' down-after (3 s): the replica is seen down, replication stops.
+    sleep $((2 * LEASE_TTL_S))
+    docker network connect --alias "$r" "$net" "$c"
+    until_or_fail "the replica's link back up" replica_linked "$r"
+}
+fault_kill-coordinator() {
+    docker kill "$(containers coordinator-2)" >/dev/null
+    sleep $((2 * LEASE_TTL_S))
+}
 fault_scale-1-3-1() {
     compose up -d --no-recreate --scale worker=1 >/dev/null 2>&1
     sleep 8
@@ -277,9 +414,13 @@ restore() {
 allowed_dups() {
     case "$1" in
     pause-worker | partition) echo "$MAX_PENDING" ;;
+    # A failover can lose lease writes: two workers may briefly both read a shard.
+    kill-primary) echo $((3 * MAX_PENDING)) ;;
     *) echo 0 ;;
     esac
 }
+LOAD_URL=$URL
+[ "$HA" = 1 ] && LOAD_URL=$TLS_URL
 
 for name in "${SCENARIOS[@]}"; do
     declare -F "fault_$name" >/dev/null || {
@@ -290,9 +431,10 @@ for name in "${SCENARIOS[@]}"; do
     [ "$name" != scale-1-3-1 ] || load_s=$((LOAD_S + 20))
     log "$name: ${load_s} s of load at $RATE/s"
     dups_before=$(duplicates)
+    billed_before=$([ "$HA" = 1 ] && billed_jobs || echo -)
     events="$work/$name.events"
     rm -f "$events"
-    $LOADTEST --server "$URL" --api-key "$API_KEY" --model digits_cnn \
+    HYFHE_CA_CERT="$HYFHE_TLS_DIR/ca.pem" $LOADTEST --server "$LOAD_URL" --api-key "$API_KEY" --model digits_cnn \
         --input tests/fixtures/digits_test_images.npy --rate "$RATE" --clients 4 \
         --duration-s "$load_s" --drain-s 180 --verify-with "$work/models/digits_cnn" \
         --events "$events" --json >"$work/$name.json" 2>"$work/$name.err" &
@@ -318,8 +460,12 @@ for name in "${SCENARIOS[@]}"; do
     dups_after=$(duplicates)
     dups=$((${dups_after:-0} - ${dups_before:-0}))
     [ "$dups" -ge 0 ] || dups=${dups_after:-0} # Redis restarted: its counter began again
+    # The bill is checked in the ha profile, where it survives faults; a lone Redis without
+    # persistence (restart-redis) starts it again.
+    billed=-
+    [ "$HA" = 0 ] || billed=$(($(billed_jobs) - billed_before))
     row=$(python3 tests/compose/analyse.py "$name" "$work/$name.json" "$events" "$start" "$end" \
-        "$dups" "$(allowed_dups "$name")") || failed=1
+        "$dups" "$(allowed_dups "$name")" "$billed") || failed=1
     if [ -n "$row" ]; then
         echo "$row" >>"$table"
         echo "$row" >&2
@@ -328,7 +474,7 @@ for name in "${SCENARIOS[@]}"; do
 done
 
 mkdir -p target
-cp "$table" target/compose-scenarios.md
+cp "$table" "target/compose-$([ "$HA" = 1 ] && echo ha-)scenarios.md"
 cat "$table"
 [ "$failed" = 0 ] || {
     log "some scenarios broke their promises (above)"

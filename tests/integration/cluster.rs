@@ -40,12 +40,19 @@ impl RedisServer {
     /// `redis-server` speaking only TLS on a free port, with the PEM certificate `cert` and key
     /// `key` (clients are not asked for certificates).
     pub fn start_tls(cert: &str, key: &str, ca: &str) -> Self {
+        Self::start_tls_with(cert, key, ca, &[])
+    }
+
+    /// [`Self::start_tls`] with more arguments (`--tls-replication yes`, `--replicaof …`).
+    pub fn start_tls_with(cert: &str, key: &str, ca: &str, more: &[&str]) -> Self {
         let port = free_port();
+        let tls_port = port.to_string();
         #[rustfmt::skip]
-        let args = [
-            "--port", "0", "--tls-port", &port.to_string(), "--tls-cert-file", cert,
+        let mut args = vec![
+            "--port", "0", "--tls-port", &tls_port, "--tls-cert-file", cert,
             "--tls-key-file", key, "--tls-ca-cert-file", ca, "--tls-auth-clients", "no",
         ];
+        args.extend_from_slice(more);
         Self::spawn(port, true, &args)
     }
 
@@ -63,6 +70,17 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         replica
+    }
+
+    /// Send `signal` (`STOP`, `CONT`, …) to the server process: a stopped replica stands for
+    /// one that lags.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal}");
     }
 
     pub fn port(&self) -> u16 {
@@ -108,6 +126,24 @@ pub fn redis_cli(port: u16, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// `redis-cli --tls` against `localhost:PORT`, trusting `ca` (empty when it fails).
+pub fn redis_cli_tls(port: u16, ca: &str, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args([
+            "--tls",
+            "--cacert",
+            ca,
+            "-h",
+            "localhost",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// Redis Sentinel (`redis-server --sentinel`, Debian's redis-server package) on a free port,
 /// watching `primary` as `master` with quorum `quorum` and a fast failure detection.
 pub struct Sentinel {
@@ -119,19 +155,47 @@ pub struct Sentinel {
 impl Sentinel {
     pub fn start(master: &str, primary: &RedisServer, quorum: u32) -> Self {
         let port = free_port();
+        let listen = format!("port {port}\n");
+        let monitor = format!(
+            "sentinel monitor {master} 127.0.0.1 {} {quorum}\n",
+            primary.port
+        );
+        Self::spawn(port, master, &(listen + &monitor))
+    }
+
+    /// A sentinel speaking TLS only (`cert` for `localhost`, clients not asked for one), to
+    /// clients and to the Redis servers it watches (`tls-replication`), announcing hostnames:
+    /// it names the primary `localhost`, the host its certificate is for.
+    pub fn start_tls(
+        master: &str,
+        primary: &RedisServer,
+        quorum: u32,
+        (cert, key, ca): (&str, &str, &str),
+    ) -> Self {
+        let port = free_port();
+        let conf = format!(
+            "port 0\ntls-port {port}\ntls-cert-file {cert}\ntls-key-file {key}\n\
+             tls-ca-cert-file {ca}\ntls-auth-clients no\ntls-replication yes\n\
+             sentinel resolve-hostnames yes\nsentinel announce-hostnames yes\n\
+             sentinel announce-ip localhost\n\
+             sentinel monitor {master} localhost {} {quorum}\n",
+            primary.port
+        );
+        Self::spawn(port, master, &conf)
+    }
+
+    fn spawn(port: u16, master: &str, head: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Sentinel rewrites its config file, so each gets its own.
         let conf = dir.path().join("sentinel.conf");
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
-                 sentinel monitor {master} 127.0.0.1 {} {quorum}\n\
+                "{head}bind 127.0.0.1\ndir {}\n\
                  sentinel down-after-milliseconds {master} 500\n\
                  sentinel failover-timeout {master} 3000\n\
                  sentinel parallel-syncs {master} 1\n",
                 dir.path().display(),
-                primary.port
             ),
         )
         .unwrap();
@@ -151,6 +215,35 @@ impl Sentinel {
             child,
             port,
             _dir: dir,
+        }
+    }
+}
+
+/// Wait until every sentinel knows the replica and the other sentinels (found through INFO and
+/// hello messages every ~2 s): before that, a failover could stall on a loaded machine. `cli`
+/// runs a command against a sentinel's port.
+pub fn wait_until_sentinels_converge(sentinels: &[Sentinel], cli: impl Fn(u16, &[&str]) -> String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let others = (sentinels.len() - 1).to_string();
+    for s in sentinels {
+        loop {
+            let info = cli(s.port, &["SENTINEL", "MASTER", "hyfhe"]);
+            let field = |name: &str| {
+                let mut lines = info.lines();
+                lines.find(|l| l.trim() == name);
+                lines.next().map(|v| v.trim().to_string())
+            };
+            if field("num-slaves").as_deref() == Some("1")
+                && field("num-other-sentinels").as_deref() == Some(others.as_str())
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sentinel {} never saw the replica and its peers: {info}",
+                s.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }

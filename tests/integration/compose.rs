@@ -27,13 +27,19 @@ fn strings(v: &Value) -> Vec<String> {
 
 /// Every `${VAR:-default}` in `value` as Compose resolves it with VAR unset.
 fn resolve(value: &str) -> String {
+    resolve_with(value, &BTreeMap::new())
+}
+
+/// [`resolve`] with `vars` set (an env file's).
+fn resolve_with(value: &str, vars: &BTreeMap<String, String>) -> String {
     let mut out = String::new();
     let mut rest = value;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let end = rest[start..].find('}').expect("closed ${") + start;
         let inner = &rest[start + 2..end];
-        out.push_str(inner.split_once(":-").map_or("", |(_, d)| d));
+        let (name, default) = inner.split_once(":-").unwrap_or((inner, ""));
+        out.push_str(vars.get(name).map_or(default, String::as_str));
         rest = &rest[end + 1..];
     }
     out + rest
@@ -49,6 +55,11 @@ fn variables_resolve_to_their_defaults() {
 
 /// The service's environment with YAML merge keys (`<<: *anchor`) applied.
 fn environment(service: &Value) -> BTreeMap<String, String> {
+    environment_with(service, &BTreeMap::new())
+}
+
+fn environment_with(service: &Value, vars: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let resolve = |v: &str| resolve_with(v, vars);
     let mut out = BTreeMap::new();
     let Some(env) = service.get("environment").and_then(Value::as_mapping) else {
         return out;
@@ -194,6 +205,119 @@ fn the_compose_file_matches_the_config_and_the_cli() {
             );
         }
     }
+}
+
+/// The `ha` profile (deploy/ha.env): the services it adds, what the hyfhe processes are pointed at
+/// and what the sentinels monitor, the load balancer's backends, all consistent with the config.
+#[test]
+fn the_ha_profile_points_every_process_at_the_sentinels_and_balances_both_coordinators() {
+    let mut doc = compose();
+    doc.apply_merge().unwrap();
+    let vars: BTreeMap<String, String> = read("deploy/ha.env")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("KEY=value");
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    assert_eq!(vars["COMPOSE_PROFILES"], "ha");
+    let ha = [
+        "redis-replica",
+        "sentinel-1",
+        "sentinel-2",
+        "sentinel-3",
+        "coordinator-2",
+        "lb",
+    ];
+    for name in ha {
+        let service = &doc["services"][name];
+        assert_eq!(strings(&service["profiles"]), ["ha"], "{name}");
+    }
+    let docker_toml = read("config/docker.toml");
+    let sentinel_url = &vars["HYFHE_REDIS_URL"];
+    for role in ["coordinator", "coordinator-2", "worker"] {
+        // The tenants' variables are checked above; the rest are config overrides.
+        let mut env = environment_with(&doc["services"][role], &vars);
+        env.retain(|k, _| k.starts_with("HYFHE__"));
+        let config = Config::from_toml(&docker_toml, " docker.toml", &env)
+            .unwrap_or_else(|e| panic!("{role}'s environment under ha.env: {e}"));
+        assert_eq!(&config.queue.redis_url, sentinel_url, "{role}");
+        assert_eq!(config.queue.replica_acks, 1, "{role} waits for the replica");
+    }
+    // The URL names each sentinel service on its port, and the master they monitor.
+    let rest = sentinel_url
+        .strip_prefix("redis+sentinel://")
+        .expect("a sentinel URL");
+    let (hosts, master) = rest.split_once('/').unwrap();
+    let hosts: Vec<&str> = hosts.split(',').collect();
+    assert_eq!(
+        hosts,
+        ["sentinel-1:26379", "sentinel-2:26379", "sentinel-3:26379"]
+    );
+    for name in ["sentinel-1", "sentinel-2", "sentinel-3"] {
+        let script = strings(&doc["services"][name]["command"]).join("\n");
+        assert!(script.contains("port 26379"), "{name}");
+        // Quorum 2 of 3: one sentinel may die (the kill-sentinel scenario).
+        assert!(
+            script.contains(&format!("sentinel monitor {master} redis 6379 2")),
+            "{name} monitors {master} on the redis service: {script}"
+        );
+        assert!(script.contains("announce-hostnames yes"), "{name}");
+        assert_eq!(doc["services"][name]["hostname"].as_str(), Some(name));
+    }
+    // Both Redis nodes announce their service name (a restarted container keeps its identity)
+    // and persist with a replica (HYFHE_REDIS_AOF), the replica following the first primary.
+    for (name, replicaof) in [("redis", None), ("redis-replica", Some("redis"))] {
+        let command: Vec<String> = doc["services"][name]["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|s| resolve_with(s.as_str().unwrap(), &vars))
+            .collect();
+        let after = |flag: &str| {
+            command
+                .iter()
+                .position(|c| c == flag)
+                .map(|i| command[i + 1].clone())
+        };
+        assert_eq!(after("--replica-announce-ip").as_deref(), Some(name));
+        assert_eq!(after("--appendonly").as_deref(), Some("yes"), "{name}");
+        assert_eq!(
+            after("--client-output-buffer-limit").as_deref(),
+            Some("replica 2gb 1gb 60"),
+            "{name}: sized in ARCHITECTURE.md"
+        );
+        assert_eq!(after("--replicaof").as_deref(), replicaof, "{name}");
+    }
+    // HAProxy balances over both coordinators' listen port, health-checking readiness.
+    let listen_port =
+        listen_port(&Config::from_toml(&docker_toml, " docker.toml", &BTreeMap::new()).unwrap());
+    let haproxy = read("deploy/haproxy-ha.cfg");
+    for server in ["coordinator", "coordinator-2"] {
+        assert!(
+            haproxy.contains(&format!("server {server} {server}:{listen_port}")),
+            "haproxy-ha.cfg balances {server}:{listen_port}"
+        );
+    }
+    assert!(haproxy.contains("option httpchk GET /health/ready"));
+    let lb = &doc["services"]["lb"];
+    let port = strings(&lb["ports"]).join(",");
+    assert!(haproxy.contains(&format!("bind :{}", port.rsplit(':').next().unwrap())));
+    for v in strings(&lb["volumes"]) {
+        let host = v.split(':').next().unwrap();
+        if host != "./tls" {
+            assert!(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join(host).exists(),
+                "{host}"
+            );
+        }
+    }
+    // The second coordinator is the first one behind the balancer: no port of its own.
+    let second = &doc["services"]["coordinator-2"];
+    assert_eq!(second["command"], doc["services"]["coordinator"]["command"]);
+    assert!(second["ports"].as_sequence().unwrap().is_empty());
 }
 
 #[test]

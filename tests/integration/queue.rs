@@ -11,7 +11,7 @@ use hyfhe::queue::{
     QueueSettings, RedisQueue, Reserved, SessionQuota, SessionRecord, StoredOutcome, TenantUsage,
 };
 
-use crate::cluster::{redis_cli, RedisServer, Sentinel};
+use crate::cluster::{redis_cli, wait_until_sentinels_converge, RedisServer, Sentinel};
 
 fn settings() -> QueueSettings {
     QueueSettings {
@@ -21,6 +21,8 @@ fn settings() -> QueueSettings {
         lease_ttl_ms: 1500,
         result_ttl_ms: 60_000,
         read_block_ms: 1000,
+        replica_acks: 0,
+        replica_ack_timeout_ms: 1000,
     }
 }
 
@@ -621,35 +623,18 @@ async fn a_key_blob_goes_with_the_last_session_that_uses_it_and_quotas_hold_unde
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicated() {
+    // Outcomes are announced only once the replica holds them (`WAIT 1`).
+    let settings = QueueSettings {
+        replica_acks: 1,
+        replica_ack_timeout_ms: 500,
+        ..settings()
+    };
     let primary = RedisServer::start();
     let replica = RedisServer::start_replica_of(&primary);
     let sentinels: Vec<Sentinel> = (0..3)
         .map(|_| Sentinel::start("hyfhe", &primary, 2))
         .collect();
-    // Before the kill, every sentinel must know the replica and the other two (found through
-    // INFO and hello messages every ~2 s), or the failover could stall on a loaded machine.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    for s in &sentinels {
-        loop {
-            let info = redis_cli(s.port, &["SENTINEL", "MASTER", "hyfhe"]);
-            let field = |name: &str| {
-                let mut lines = info.lines();
-                lines.find(|l| l.trim() == name);
-                lines.next().map(|v| v.trim().to_string())
-            };
-            if field("num-slaves").as_deref() == Some("1")
-                && field("num-other-sentinels").as_deref() == Some("2")
-            {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "sentinel {} never saw the replica and its peers: {info}",
-                s.port
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    wait_until_sentinels_converge(&sentinels, redis_cli);
     let url = format!(
         "redis+sentinel://{}/hyfhe",
         sentinels
@@ -658,11 +643,26 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
             .collect::<Vec<_>>()
             .join(",")
     );
-    let q = RedisQueue::connect(&url, settings(), Duration::from_secs(10))
+    let q = RedisQueue::connect(&url, settings.clone(), Duration::from_secs(10))
         .await
         .unwrap();
-    let shards: Vec<u32> = (0..settings().shards).collect();
+    let shards: Vec<u32> = (0..settings.shards).collect();
     let session = session_on(1);
+    let done = stored(JobOutcome::Done(vec![7; 64]));
+    // A completion the replica acknowledged in time...
+    q.enqueue(&job("answered", &session)).await.unwrap();
+    let got = q.read("worker-a", &shards, 10, 1000).await.unwrap();
+    assert_eq!(
+        q.complete(&got[0], &done).await.unwrap(),
+        Completion::Stored
+    );
+    // ... and one it could not (stopped past the 500 ms `WAIT`): announced anyway, and said so.
+    q.enqueue(&job("answered-late", &session)).await.unwrap();
+    let got = q.read("worker-a", &shards, 10, 1000).await.unwrap();
+    replica.signal("STOP");
+    let completion = q.complete(&got[0], &done).await;
+    replica.signal("CONT");
+    assert_eq!(completion.unwrap(), Completion::StoredUnreplicated);
     q.enqueue(&job("before-failover", &session)).await.unwrap();
     // Acknowledged by the replica before the primary dies: it must survive the failover.
     assert_eq!(
@@ -709,4 +709,10 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
     ids.sort();
     assert_eq!(ids, ["after-failover", "before-failover"]);
     assert_eq!(q.depth().await.unwrap(), 2);
+    // What was answered survived, billed once each: nothing billed twice or lost.
+    for id in ["answered", "answered-late"] {
+        assert_eq!(q.outcome(id).await.unwrap(), Some(done.clone()), "{id}");
+    }
+    let bill = q.bill("t").await.unwrap();
+    assert_eq!(bill.jobs, 2, "{bill:?}");
 }

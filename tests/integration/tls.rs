@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use hyfhe::client::{Client, ClientError};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
-use crate::cluster::{base_env, config_file, env, serial, Cluster, RedisServer, Service};
+use crate::cluster::{
+    base_env, config_file, env, redis_cli_tls, serial, wait_until_sentinels_converge, Cluster,
+    RedisServer, Sentinel, Service,
+};
 use crate::hybrid::values;
 use crate::serving::{bits, API_KEY, MODELS, SESSION_KEYS};
 
@@ -225,6 +228,125 @@ fn coordinator_and_workers_reach_a_tls_only_redis_through_a_private_ca_and_refus
         let client = Client::new(cluster.url(), API_KEY).unwrap();
         forward_matches_simulate(&client, "remote over rediss").await;
     });
+}
+
+/// `rediss+sentinel://`: a TLS-only primary, its TLS replica and three TLS-only sentinels, all
+/// with certificates from a private CA for `localhost` (the name every one announces). The queue
+/// finds the primary through the sentinels over TLS, follows a failover, and keeps what was
+/// replicated; trusting another CA it reaches nothing, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_follows_a_sentinel_failover_over_tls_through_a_private_ca() {
+    use hyfhe::queue::{JobQueue, QueueError, RedisQueue};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let _stranger = TestCa::new(dir.path(), "stranger");
+    let (cert, key) = ca.leaf(dir.path(), "redis", &["localhost"]);
+    let ca_pem = dir.path().join("ca.pem").display().to_string();
+    let stranger_pem = dir.path().join("stranger.pem");
+    let tls_node = [
+        "--tls-replication",
+        "yes",
+        "--replica-announce-ip",
+        "localhost",
+    ];
+    let primary = RedisServer::start_tls_with(&cert, &key, &ca_pem, &tls_node);
+    let primary_port = primary.port().to_string();
+    let mut as_replica = tls_node.to_vec();
+    as_replica.extend(["--replicaof", "localhost", &primary_port]);
+    let replica = RedisServer::start_tls_with(&cert, &key, &ca_pem, &as_replica);
+    let cli = |port: u16, args: &[&str]| redis_cli_tls(port, &ca_pem, args);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cli(replica.port(), &["INFO", "replication"]).contains("master_link_status:up") {
+        assert!(
+            Instant::now() < deadline,
+            "the TLS replica did not synchronise"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sentinels: Vec<Sentinel> = (0..3)
+        .map(|_| Sentinel::start_tls("hyfhe", &primary, 2, (&cert, &key, &ca_pem)))
+        .collect();
+    wait_until_sentinels_converge(&sentinels, cli);
+    let url = format!(
+        "rediss+sentinel://{}/hyfhe",
+        sentinels
+            .iter()
+            .map(|s| format!("localhost:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let settings = hyfhe::queue::QueueSettings {
+        shards: 2,
+        max_depth: 10,
+        max_deliveries: 2,
+        lease_ttl_ms: 1500,
+        result_ttl_ms: 60_000,
+        read_block_ms: 500,
+        replica_acks: 1,
+        replica_ack_timeout_ms: 1000,
+    };
+    // Trusting another CA: no sentinel answers, and the error says why.
+    let e = RedisQueue::connect_with_ca(
+        &url,
+        Some(&stranger_pem),
+        settings.clone(),
+        Duration::from_secs(1),
+    )
+    .await
+    .err()
+    .expect("a stranger CA reaches nothing");
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+
+    let q = RedisQueue::connect_with_ca(
+        &url,
+        Some(Path::new(&ca_pem)),
+        settings,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let job = |id: &str| hyfhe::queue::Job {
+        id: id.into(),
+        client_job_id: id.into(),
+        tenant: "t".into(),
+        session: "s".into(),
+        model: "m".into(),
+        module: "fc".into(),
+        key_id: "k".into(),
+        request_sha256: String::new(),
+        rows: 1,
+        deadline_unix_ms: u64::MAX,
+        traceparent: None,
+        payload: vec![1, 2, 3],
+    };
+    q.enqueue(&job("before-failover")).await.unwrap();
+    assert_eq!(cli(primary.port(), &["WAIT", "1", "5000"]).trim(), "1");
+    drop(primary); // SIGKILL
+    let started = Instant::now();
+    loop {
+        match q.enqueue(&job("after-failover")).await {
+            Ok(()) => break,
+            Err(QueueError::Unavailable(e)) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "no failover: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    eprintln!(
+        "failover over TLS followed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(cli(replica.port(), &["ROLE"]).starts_with("master"));
+    assert_eq!(
+        q.depth().await.unwrap(),
+        2,
+        "the replicated job and the new one"
+    );
 }
 
 /// A one-route HTTPS server standing in for an OpenTelemetry collector: counts the OTLP/HTTP

@@ -9,6 +9,11 @@
 //! that was demoted answers writes with `READONLY`, which [`super::link::is_dead`] treats like a
 //! dead connection, so the next call reconnects to the new primary. The credentials in the URL
 //! are the primary's; the sentinels are asked without them.
+//!
+//! `rediss+sentinel://…` speaks TLS to the sentinels and to the primary alike (Redis's
+//! `tls-port` on both, `tls-replication yes`), trusting `queue.redis_ca_cert` when set: each
+//! certificate must name the host as the sentinels announce it (`announce-hostnames`), since a
+//! primary is reached by the name a sentinel gives.
 
 use redis::{Client, RedisError, Value};
 
@@ -16,6 +21,13 @@ use super::link::CONNECT_TIMEOUT;
 
 /// The scheme of a sentinel URL.
 pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+/// The same over TLS.
+pub const SENTINEL_TLS_SCHEME: &str = "rediss+sentinel://";
+
+/// Whether `url` names sentinels (with or without TLS).
+pub fn is_sentinel_url(url: &str) -> bool {
+    url.starts_with(SENTINEL_SCHEME) || url.starts_with(SENTINEL_TLS_SCHEME)
+}
 
 /// How to reach the primary.
 pub(super) enum Endpoint {
@@ -32,6 +44,8 @@ pub(super) struct Sentinels {
     /// `user:password@` (or `:password@`) for the primary, empty without credentials.
     auth: String,
     db: u32,
+    /// `Some(ca)` over TLS (`rediss+sentinel://`), trusting `ca` alone when given.
+    tls: Option<Option<std::path::PathBuf>>,
 }
 
 fn invalid(reason: String) -> RedisError {
@@ -42,11 +56,28 @@ fn invalid(reason: String) -> RedisError {
     ))
 }
 
-/// Parse `redis+sentinel://[auth@]host:port,host:port/master[/db]`.
-pub(super) fn parse_sentinels(url: &str) -> Result<Sentinels, RedisError> {
-    let rest = url
-        .strip_prefix(SENTINEL_SCHEME)
-        .ok_or_else(|| invalid(format!("{SENTINEL_SCHEME} expected")))?;
+/// Parse `redis[s]+sentinel://[auth@]host:port,host:port/master[/db]`; `ca_cert` is trusted
+/// for TLS (`rediss+sentinel://` only).
+pub(super) fn parse_sentinels(
+    url: &str,
+    ca_cert: Option<&std::path::Path>,
+) -> Result<Sentinels, RedisError> {
+    let (rest, tls) = match url.strip_prefix(SENTINEL_TLS_SCHEME) {
+        Some(rest) => (rest, Some(ca_cert.map(std::path::Path::to_path_buf))),
+        None => (
+            url.strip_prefix(SENTINEL_SCHEME).ok_or_else(|| {
+                invalid(format!(
+                    "{SENTINEL_SCHEME} or {SENTINEL_TLS_SCHEME} expected"
+                ))
+            })?,
+            None,
+        ),
+    };
+    if tls.is_none() && ca_cert.is_some() {
+        return Err(invalid(format!(
+            "a CA certificate is only used with TLS: {SENTINEL_TLS_SCHEME}"
+        )));
+    }
     // Credentials first (up to the last `@`), so that a `/` in a password is never taken for
     // the path and no part of it reaches an error message.
     let (auth, rest) = match rest.rsplit_once('@') {
@@ -90,6 +121,7 @@ pub(super) fn parse_sentinels(url: &str) -> Result<Sentinels, RedisError> {
         master,
         auth,
         db,
+        tls,
     })
 }
 
@@ -142,8 +174,19 @@ impl Sentinels {
         Err(last.unwrap_or_else(|| invalid("no sentinel".into())))
     }
 
+    /// A client for `host_port_db` (`host:port[/db]`, with credentials prefixed by the caller),
+    /// over TLS when the URL asked for it.
+    fn open(&self, rest: &str) -> Result<Client, RedisError> {
+        match &self.tls {
+            None => Client::open(format!("redis://{rest}")),
+            Some(ca) => {
+                super::open_client(&format!("rediss://{rest}"), ca.as_deref()).map_err(invalid)
+            }
+        }
+    }
+
     async fn ask_sentinel(&self, sentinel: &str) -> Result<Client, RedisError> {
-        let client = Client::open(format!("redis://{sentinel}"))?;
+        let client = self.open(sentinel)?;
         let mut cmd = redis::cmd("SENTINEL");
         cmd.arg("get-master-addr-by-name").arg(&self.master);
         let addr: Option<(String, u16)> = redis::from_redis_value(ask(&client, &cmd).await?)?;
@@ -158,7 +201,7 @@ impl Sentinels {
         } else {
             host
         };
-        let primary = Client::open(format!("redis://{}{host}:{port}/{}", self.auth, self.db))?;
+        let primary = self.open(&format!("{}{host}:{port}/{}", self.auth, self.db))?;
         // A sentinel that has not seen a failover yet names the old primary: check its role.
         let role = ask(&primary, &redis::cmd("ROLE")).await?;
         let is_primary = matches!(&role, Value::Array(r) if matches!(
@@ -181,18 +224,18 @@ mod tests {
 
     #[test]
     fn sentinel_urls_parse_and_bad_ones_say_why() {
-        let s = parse_sentinels("redis+sentinel://a:26379, b:26380,c:1/mymaster/2").unwrap();
+        let s = parse_sentinels("redis+sentinel://a:26379, b:26380,c:1/mymaster/2", None).unwrap();
         assert_eq!(s.addresses, ["a:26379", "b:26380", "c:1"]);
         assert_eq!(
             (s.master.as_str(), s.db, s.auth.as_str()),
             ("mymaster", 2, "")
         );
-        let s = parse_sentinels("redis+sentinel://:secret@a:26379/m").unwrap();
+        let s = parse_sentinels("redis+sentinel://:secret@a:26379/m", None).unwrap();
         assert_eq!((s.auth.as_str(), s.db), (":secret@", 0));
         // A `/` in the password stays in the password, out of every error message.
-        let s = parse_sentinels("redis+sentinel://u:se/cr3t@a:26379/m").unwrap();
+        let s = parse_sentinels("redis+sentinel://u:se/cr3t@a:26379/m", None).unwrap();
         assert_eq!((s.auth.as_str(), s.master.as_str()), ("u:se/cr3t@", "m"));
-        let e = parse_sentinels("redis+sentinel://u:se/cr3t@a/m")
+        let e = parse_sentinels("redis+sentinel://u:se/cr3t@a/m", None)
             .err()
             .unwrap()
             .to_string();
@@ -203,9 +246,20 @@ mod tests {
             ("redis+sentinel:///m", "no sentinel address"),
             ("redis+sentinel://a/m", "not host:port"),
             ("redis+sentinel://a:1/m/x", "not a number"),
+            ("redis://a:1/m", "rediss+sentinel:// expected"),
         ] {
-            let e = parse_sentinels(url).err().unwrap().to_string();
+            let e = parse_sentinels(url, None).err().unwrap().to_string();
             assert!(e.contains(why), "{url}: {e}");
         }
+        // TLS: the same form, and a CA only with it.
+        let ca = std::path::Path::new("/etc/ca.pem");
+        let s = parse_sentinels("rediss+sentinel://a:26379,b:1/m", Some(ca)).unwrap();
+        assert_eq!(s.tls, Some(Some(ca.to_path_buf())));
+        assert_eq!(s.addresses, ["a:26379", "b:1"]);
+        let e = parse_sentinels("redis+sentinel://a:26379/m", Some(ca))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("only used with TLS"), "{e}");
     }
 }

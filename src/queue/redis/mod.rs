@@ -61,6 +61,9 @@ pub struct RedisQueue {
     commands: Link,
     /// Evaluation-key blobs.
     blobs: Link,
+    /// Job completions that `WAIT` for replicas (`replica_acks` > 0): a `WAIT` blocks its
+    /// connection, so it never shares one with heartbeats.
+    durable: Option<Link>,
     /// Connections for `XREADGROUP … BLOCK`, one per concurrent read: a blocking read must never
     /// sit on the shared connection (it would stall every other command behind it). Their
     /// response timeout is the block time plus slack, so a dead connection is noticed and
@@ -124,14 +127,9 @@ impl RedisQueue {
         connect_timeout: Duration,
     ) -> Result<Self, QueueError> {
         let shown = redact_url(url);
-        let endpoint = if url.starts_with(endpoint::SENTINEL_SCHEME) {
-            if ca_cert.is_some() {
-                return Err(QueueError::Unavailable(format!(
-                    "redis URL {shown}: TLS is not supported through Sentinel yet"
-                )));
-            }
+        let endpoint = if endpoint::is_sentinel_url(url) {
             Endpoint::Sentinel(
-                endpoint::parse_sentinels(url)
+                endpoint::parse_sentinels(url, ca_cert)
                     .map_err(|e| QueueError::Unavailable(format!("redis URL {shown}: {e}")))?,
             )
         } else {
@@ -142,11 +140,17 @@ impl RedisQueue {
         };
         let endpoint = Arc::new(endpoint);
         let started = std::time::Instant::now();
-        let (commands, blobs) = loop {
+        let durable_timeout =
+            COMMAND_TIMEOUT + Duration::from_millis(settings.replica_ack_timeout_ms);
+        let (commands, blobs, durable) = loop {
             let links = async {
                 Ok::<_, RedisError>((
                     Link::open(&endpoint, "commands", COMMAND_TIMEOUT).await?,
                     Link::open(&endpoint, "key blobs", BLOB_TIMEOUT).await?,
+                    match settings.replica_acks {
+                        0 => None,
+                        _ => Some(Link::open(&endpoint, "completions", durable_timeout).await?),
+                    },
                 ))
             };
             match links.await {
@@ -163,6 +167,7 @@ impl RedisQueue {
             endpoint,
             commands,
             blobs,
+            durable,
             readers: Mutex::new(Vec::new()),
             scripts: Scripts {
                 renew: Script::new(leases::RENEW_IF_OWNER),

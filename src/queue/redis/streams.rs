@@ -79,7 +79,7 @@ return {out, ids}";
 pub(super) const COMPLETE: &str = r"
 local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[8], ARGV[3])
+if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[3]) end
 redis.call('XACK', KEYS[3], ARGV[5], ARGV[4])
 redis.call('XDEL', KEYS[3], ARGV[4])
 if not stored then return 0 end
@@ -572,6 +572,11 @@ impl RedisQueue {
             JobOutcome::Failed { .. } => 0,
         };
         let fhe_micros = (outcome.fhe_seconds.max(0.0) * 1e6).round() as u64;
+        if let Some(durable) = &self.durable {
+            return self
+                .complete_replicated(durable, delivery, bytes, rows, fhe_micros)
+                .await;
+        }
         // One script, outcome first: if we die before it, the entry stays pending and is
         // redelivered; after it, a retried job id finds the outcome, billed once.
         let stored: i64 = self
@@ -599,6 +604,61 @@ impl RedisQueue {
             Completion::Stored
         } else {
             Completion::Duplicate
+        })
+    }
+
+    /// [`Self::complete_job`] with `replica_acks`: the same script, but the announcement waits
+    /// for the replicas. One pipeline on a connection of its own: the script (not announcing),
+    /// `WAIT replicas timeout` (which covers every earlier write of *this* connection, hence the
+    /// one pipeline: a reconnect between the store and the `WAIT` would make it vacuous), then
+    /// `PUBLISH`. A coordinator is told only of outcomes a failover keeps, and a request that
+    /// was answered is billed on the replica too. The wait blocks this connection alone, never
+    /// the heartbeats on `commands`. Not repeated on a dead connection: the entry stays pending
+    /// and is redelivered, or a retry finds the outcome.
+    async fn complete_replicated(
+        &self,
+        durable: &super::link::Link,
+        delivery: &Delivery,
+        bytes: Vec<u8>,
+        rows: u64,
+        fhe_micros: u64,
+    ) -> Result<Completion, QueueError> {
+        let job = &delivery.job;
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVAL")
+            .arg(COMPLETE)
+            .arg(4)
+            .arg(result_key(&job.id))
+            .arg(running_key(&job.id))
+            .arg(stream_key(delivery.shard))
+            .arg(bill_key(&job.tenant))
+            .arg(bytes)
+            .arg(self.settings.result_ttl_ms)
+            .arg(&job.id)
+            .arg(&delivery.entry_id)
+            .arg(GROUP)
+            .arg(rows)
+            .arg(fhe_micros)
+            .arg("");
+        pipe.cmd("WAIT")
+            .arg(self.settings.replica_acks)
+            .arg(self.settings.replica_ack_timeout_ms);
+        pipe.cmd("PUBLISH").arg(RESULTS_CHANNEL).arg(&job.id);
+        let (stored, acked, _): (i64, u32, i64) = durable
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        Ok(if stored != 1 {
+            Completion::Duplicate
+        } else if acked < self.settings.replica_acks {
+            tracing::warn!(
+                job = %job.id,
+                acked,
+                wanted = self.settings.replica_acks,
+                "outcome announced before enough replicas held it (a failover now would lose it)"
+            );
+            Completion::StoredUnreplicated
+        } else {
+            Completion::Stored
         })
     }
 
