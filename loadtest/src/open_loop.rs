@@ -80,6 +80,9 @@ pub struct OpenReport {
     /// Longest delay between a forward's due time and its start (cap or generator lag).
     start_delay_ms_max: f64,
     module_requests: usize,
+    /// Module requests of the sessions' warm-up forwards (before the load: not in
+    /// `module_requests`; what the cluster bills includes them).
+    warmup_module_requests: usize,
     /// Server round trip per module request (queue + evaluation + HTTP), mean.
     round_trip_ms_mean: f64,
     /// Latency of the successful forwards, from their due time to their result.
@@ -454,7 +457,8 @@ pub fn run(args: &Args, rate: f64) -> Result<OpenReport, Box<dyn Error>> {
         retried: Mutex::new(BTreeMap::new()),
     });
 
-    let sessions = runtime.block_on(open_sessions(args, &client, &model, &inputs[0], &journal))?;
+    let (sessions, warmup_module_requests) =
+        runtime.block_on(open_sessions(args, &client, &model, &inputs[0], &journal))?;
     let window = Duration::from_secs(args.duration_s);
     let t0 = Instant::now();
     journal.t0.set(t0).expect("set once");
@@ -529,6 +533,7 @@ pub fn run(args: &Args, rate: f64) -> Result<OpenReport, Box<dyn Error>> {
         peak_outstanding: dispatched.peak_outstanding,
         start_delay_ms_max: stats.start_delay_max.as_secs_f64() * 1e3,
         module_requests: stats.module_requests,
+        warmup_module_requests,
         round_trip_ms_mean: stats.round_trip_ms / stats.module_requests.max(1) as f64,
         latency_ms_p50: c.ms_at(0.5),
         latency_ms_p90: c.ms_at(0.9),
@@ -548,14 +553,15 @@ pub fn run(args: &Args, rate: f64) -> Result<OpenReport, Box<dyn Error>> {
 }
 
 /// Open `--clients` sessions (keys shared unless `--distinct-keys`), each warmed up with one
-/// forward (the worker loads a session's keys on its first request).
+/// forward (the worker loads a session's keys on its first request); with the module requests
+/// those warm-up forwards answered.
 async fn open_sessions(
     args: &Args,
     client: &Client,
     model: &Arc<HybridModel>,
     x: &Arc<Value>,
     journal: &Arc<Journal>,
-) -> Result<Vec<Arc<RemoteSession>>, Box<dyn Error>> {
+) -> Result<(Vec<Arc<RemoteSession>>, usize), Box<dyn Error>> {
     let bar = ProgressBar::new(args.clients as u64).with_message("sessions");
     bar.set_style(ProgressStyle::with_template(
         "{msg:>10} [{bar:30}] {pos}/{len} {elapsed}",
@@ -604,11 +610,15 @@ async fn open_sessions(
                     )
                 })?;
             let session = session.on_retry(Arc::new(move |cause: &str| journal.retried(cause)));
-            if let Err(e) = model.forward_remote((*x).clone(), &session).await {
-                bar.suspend(|| eprintln!("warm-up forward of session {k} failed: {e}"));
-            }
+            let warm_requests = match model.forward_remote((*x).clone(), &session).await {
+                Ok((_, stats)) => stats.requests,
+                Err(e) => {
+                    bar.suspend(|| eprintln!("warm-up forward of session {k} failed: {e}"));
+                    0
+                }
+            };
             bar.inc(1);
-            Ok::<_, String>((k, Arc::new(session)))
+            Ok::<_, String>((k, Arc::new(session), warm_requests))
         });
     }
     let mut sessions = Vec::with_capacity(args.clients);
@@ -616,8 +626,12 @@ async fn open_sessions(
         sessions.push(joined??);
     }
     bar.finish_and_clear();
-    sessions.sort_by_key(|(k, _)| *k);
-    Ok(sessions.into_iter().map(|(_, s)| s).collect())
+    sessions.sort_by_key(|(k, _, _)| *k);
+    let warm_requests = sessions.iter().map(|(_, _, r)| r).sum();
+    Ok((
+        sessions.into_iter().map(|(_, s, _)| s).collect(),
+        warm_requests,
+    ))
 }
 
 /// Send the forwards due in `window`, then wait up to `drain` for those in flight.

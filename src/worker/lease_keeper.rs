@@ -1,8 +1,8 @@
 //! The lease keeper: one heartbeat per `heartbeat_ms` renews this worker's shard leases, keeps
 //! the shards whose jobs are still running (draining, not read), refreshes those jobs' entries so
-//! that no idle claim takes them, and claims pending entries of shards just taken over.
+//! that no idle claim takes them, and asks the reader to claim pending entries (of shards just
+//! taken over, and idle ones).
 
-use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,9 +24,6 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(settings.heartbeat_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_idle_claim = Instant::now();
-    // Shards with entries still to claim (more than there was room for), and the idle time
-    // their claims ask for.
-    let mut backlog: BTreeMap<u32, u64> = BTreeMap::new();
     while !shared.stopped.load(Ordering::Acquire) {
         tick.tick().await;
         if shared.stopped.load(Ordering::Acquire) {
@@ -57,7 +54,7 @@ pub async fn run(
             last_idle_claim = Instant::now();
         }
         if !shared.leaving.load(Ordering::Acquire) {
-            claim(&id, &settings, &pipeline, &leases, idle_round, &mut backlog).await;
+            ask_claims(&settings, &pipeline, &shared, &leases, idle_round);
         }
     }
     shared.keeper_done.store(true, Ordering::Release);
@@ -76,20 +73,19 @@ async fn refresh_running(id: &str, pipeline: &Pipeline, leases: &Leases) {
     }
 }
 
-/// A shard just taken may hold a dead worker's unacknowledged jobs: take them now. On shards
-/// held for a while, only entries idle past `claim_idle_ms` (jobs left pending after a transient
-/// failure; running ones were refreshed just before). A claim takes no more entries than there
-/// are free permits (each claimed entry starts at once, in flight); a shard with more left is
-/// claimed again at the next heartbeat.
-async fn claim(
-    id: &str,
+/// A shard just taken may hold a dead worker's unacknowledged jobs: ask the reader to claim them
+/// now. On shards held for a while, only entries idle past `claim_idle_ms` (jobs left pending
+/// after a transient failure; running ones were refreshed just before), every `claim_idle_ms`.
+/// The reader claims with the permits it holds (`queue_reader::claim_due`), before its next read.
+fn ask_claims(
     settings: &WorkerConfig,
-    pipeline: &Arc<Pipeline>,
+    pipeline: &Pipeline,
+    shared: &Shared,
     leases: &Leases,
     idle_round: bool,
-    backlog: &mut BTreeMap<u32, u64>,
 ) {
-    backlog.retain(|shard, _| leases.owned.contains(shard));
+    let mut claims = shared.claims.lock().unwrap_or_else(|p| p.into_inner());
+    claims.retain(|shard, _| leases.owned.contains(shard));
     for &shard in &leases.owned {
         let min_idle = if leases.acquired.contains(&shard) {
             // Not 0: a shard handed over by a live worker (a rebalance) can still hold entries
@@ -97,36 +93,12 @@ async fn claim(
             // evaluate them twice (seen under `--scale`). A dead owner's entries have been idle
             // at least the lease TTL less a heartbeat by now, so half the TTL still takes them all.
             pipeline.broker.settings().lease_ttl_ms / 2
-        } else if let Some(&min_idle) = backlog.get(&shard) {
-            min_idle
         } else if idle_round {
             settings.claim_idle_ms
         } else {
             continue;
         };
-        let mut permits: Vec<_> = pipeline.spare_permits().collect();
-        if permits.is_empty() {
-            backlog.insert(shard, min_idle);
-            continue;
-        }
-        match pipeline
-            .broker
-            .claim(id, shard, min_idle, permits.len())
-            .await
-        {
-            Ok(claimed) => {
-                if claimed.len() < permits.len() {
-                    backlog.remove(&shard);
-                } else {
-                    backlog.insert(shard, min_idle);
-                }
-                pipeline.metrics.jobs_claimed.add(claimed.len() as u64);
-                pipeline.start_all(claimed, &mut permits).await;
-            }
-            Err(e) => {
-                backlog.insert(shard, min_idle);
-                tracing::warn!(error = %e, shard, "claim failed");
-            }
-        }
+        let asked = claims.entry(shard).or_insert(min_idle);
+        *asked = (*asked).min(min_idle);
     }
 }

@@ -2,6 +2,7 @@
 //! the lease keeper runs beside it. It answers [`Stats`], and [`Leave`] drains it: no new reads,
 //! the jobs in flight finish, then the leases are given back.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,6 +48,11 @@ pub struct Shared {
     pub keeper_done: AtomicBool,
     /// The last heartbeat's leases.
     pub leases: Mutex<Leases>,
+    /// Owned shards with entries to claim, and the idle time the claim asks for: set by the
+    /// lease keeper, claimed by the reader with the permits it holds. (The keeper used to claim
+    /// itself, with whatever permits were spare at its heartbeat; an idle reader holds every
+    /// permit while it blocks on a read, so a pending entry could wait minutes for a claim.)
+    pub claims: Mutex<BTreeMap<u32, u64>>,
 }
 
 impl QueueReader {
@@ -190,6 +196,48 @@ impl actix::Handler<Leave> for QueueReader {
     }
 }
 
+/// Claim the entries the lease keeper asked for, on shards still owned, with `permits` (each
+/// claimed entry starts at once, in flight, with one of them); a shard with more left than there
+/// were permits stays asked for.
+async fn claim_due(
+    id: &str,
+    pipeline: &Arc<Pipeline>,
+    shared: &Shared,
+    owned: &[u32],
+    permits: &mut Vec<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let due = std::mem::take(&mut *shared.claims.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut left = BTreeMap::new();
+    for (shard, min_idle) in due {
+        if !owned.contains(&shard) {
+            continue;
+        }
+        if permits.is_empty() {
+            left.insert(shard, min_idle);
+            continue;
+        }
+        let asked = permits.len();
+        match pipeline.broker.claim(id, shard, min_idle, asked).await {
+            Ok(claimed) => {
+                if claimed.len() >= asked {
+                    left.insert(shard, min_idle);
+                }
+                pipeline.metrics.jobs_claimed.add(claimed.len() as u64);
+                pipeline.start_all(claimed, permits).await;
+            }
+            Err(e) => {
+                left.insert(shard, min_idle);
+                tracing::warn!(error = %e, shard, "claim failed");
+            }
+        }
+    }
+    let mut claims = shared.claims.lock().unwrap_or_else(|p| p.into_inner());
+    for (shard, min_idle) in left {
+        let e = claims.entry(shard).or_insert(min_idle);
+        *e = (*e).min(min_idle);
+    }
+}
+
 async fn reads(
     id: String,
     settings: WorkerConfig,
@@ -216,6 +264,10 @@ async fn reads(
         }
         let mut permits = vec![first];
         permits.extend(pipeline.spare_permits());
+        claim_due(&id, &pipeline, &shared, &owned, &mut permits).await;
+        if permits.is_empty() {
+            continue;
+        }
         let deliveries = match pipeline
             .broker
             .read(&id, &owned, permits.len(), settings.read_block_ms)

@@ -63,9 +63,11 @@ def main():
         problems.append(f"{len(late_503)} 503s outside the fault window, first at {late_503[0]['t_s']:.1f} s")
     if duplicates > allowed_dups:
         problems.append(f"{duplicates} duplicate evaluations (at most {allowed_dups} explained by the fault)")
-    # Every answered module request is one job (retries keep its id), billed once.
-    if billed != "-" and int(billed) != report["module_requests"]:
-        problems.append(f"{billed} jobs billed for {report['module_requests']} module requests answered")
+    # Every answered module request is one job (retries keep its id), billed once; the sessions'
+    # warm-up forwards are billed too.
+    answered = report["module_requests"] + report.get("warmup_module_requests", 0)
+    if billed != "-" and int(billed) != answered:
+        problems.append(f"{billed} jobs billed for {answered} module requests answered (warm-up included)")
 
     def codes(d):
         return ", ".join(f"{k} {v}" for k, v in sorted(d.items())) or "none"

@@ -128,7 +128,7 @@ if [ -x "$PY" ] && "$PY" -c "import hyfhe.torch" 2>/dev/null; then
     "$PY" tests/compose/torch_front.py compile "$work/models"
 else
     PY=""
-    log "no venv with the hyfhe wheel ($HYFHE_PY_VENV or target/pyenv): the torch-front check is skipped (bash python/test.sh makes it)"
+    log "no venv with the hyfhe wheel (${HYFHE_PY_VENV:-target/pyenv}): the torch-front check is skipped (bash python/test.sh makes it)"
 fi
 API_KEY="ci-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 KEY_HASH=$($HYFHE keys hash "$API_KEY")

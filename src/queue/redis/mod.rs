@@ -61,9 +61,11 @@ pub struct RedisQueue {
     commands: Link,
     /// Evaluation-key blobs.
     blobs: Link,
-    /// Job completions that `WAIT` for replicas (`replica_acks` > 0): a `WAIT` blocks its
-    /// connection, so it never shares one with heartbeats.
-    durable: Option<Link>,
+    /// Connections for job completions that `WAIT` for replicas (`replica_acks` > 0), one per
+    /// concurrent completion: a `WAIT` blocks its connection, so it never shares one with
+    /// heartbeats, nor with another job's completion (while no replica answers, each job
+    /// waits its own timeout, not the sum of those before it).
+    durables: Mutex<Vec<MultiplexedConnection>>,
     /// Connections for `XREADGROUP … BLOCK`, one per concurrent read: a blocking read must never
     /// sit on the shared connection (it would stall every other command behind it). Their
     /// response timeout is the block time plus slack, so a dead connection is noticed and
@@ -140,17 +142,11 @@ impl RedisQueue {
         };
         let endpoint = Arc::new(endpoint);
         let started = std::time::Instant::now();
-        let durable_timeout =
-            COMMAND_TIMEOUT + Duration::from_millis(settings.replica_ack_timeout_ms);
-        let (commands, blobs, durable) = loop {
+        let (commands, blobs) = loop {
             let links = async {
                 Ok::<_, RedisError>((
                     Link::open(&endpoint, "commands", COMMAND_TIMEOUT).await?,
                     Link::open(&endpoint, "key blobs", BLOB_TIMEOUT).await?,
-                    match settings.replica_acks {
-                        0 => None,
-                        _ => Some(Link::open(&endpoint, "completions", durable_timeout).await?),
-                    },
                 ))
             };
             match links.await {
@@ -167,7 +163,7 @@ impl RedisQueue {
             endpoint,
             commands,
             blobs,
-            durable,
+            durables: Mutex::new(Vec::new()),
             readers: Mutex::new(Vec::new()),
             scripts: Scripts {
                 renew: Script::new(leases::RENEW_IF_OWNER),
@@ -205,6 +201,37 @@ impl RedisQueue {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(unavailable)
+    }
+
+    /// A connection for one completion that waits for replicas; given back with
+    /// [`Self::durable_done`] unless it failed (a failed one is dropped, never reused: a
+    /// `WAIT` on a connection that might not be the one that stored would be vacuous).
+    /// `fresh` skips (and empties) the pool: after a failover every pooled connection is to the
+    /// old primary.
+    async fn durable(&self, fresh: bool) -> Result<MultiplexedConnection, QueueError> {
+        let mut pool = self.durables.lock().await;
+        if fresh {
+            pool.clear();
+        } else if let Some(c) = pool.pop() {
+            return Ok(c);
+        }
+        drop(pool);
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(Some(
+                COMMAND_TIMEOUT + Duration::from_millis(self.settings.replica_ack_timeout_ms),
+            ))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT));
+        self.endpoint
+            .client()
+            .await
+            .map_err(unavailable)?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn durable_done(&self, c: MultiplexedConnection) {
+        self.durables.lock().await.push(c);
     }
 
     /// `GET key`, decoded from msgpack; `None` when the key is absent (or expired).

@@ -572,9 +572,9 @@ impl RedisQueue {
             JobOutcome::Failed { .. } => 0,
         };
         let fhe_micros = (outcome.fhe_seconds.max(0.0) * 1e6).round() as u64;
-        if let Some(durable) = &self.durable {
+        if self.settings.replica_acks > 0 {
             return self
-                .complete_replicated(durable, delivery, bytes, rows, fhe_micros)
+                .complete_replicated(delivery, bytes, rows, fhe_micros)
                 .await;
         }
         // One script, outcome first: if we die before it, the entry stays pending and is
@@ -612,12 +612,11 @@ impl RedisQueue {
     /// `WAIT replicas timeout` (which covers every earlier write of *this* connection, hence the
     /// one pipeline: a reconnect between the store and the `WAIT` would make it vacuous), then
     /// `PUBLISH`. A coordinator is told only of outcomes a failover keeps, and a request that
-    /// was answered is billed on the replica too. The wait blocks this connection alone, never
-    /// the heartbeats on `commands`. Not repeated on a dead connection: the entry stays pending
-    /// and is redelivered, or a retry finds the outcome.
+    /// was answered is billed on the replica too. The wait blocks this connection alone (one
+    /// per concurrent completion), never the heartbeats on `commands`. Not repeated on a dead
+    /// connection: the entry stays pending and is redelivered, or a retry finds the outcome.
     async fn complete_replicated(
         &self,
-        durable: &super::link::Link,
         delivery: &Delivery,
         bytes: Vec<u8>,
         rows: u64,
@@ -644,9 +643,21 @@ impl RedisQueue {
             .arg(self.settings.replica_acks)
             .arg(self.settings.replica_ack_timeout_ms);
         pipe.cmd("PUBLISH").arg(RESULTS_CHANNEL).arg(&job.id);
-        let (stored, acked, _): (i64, u32, i64) = durable
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
-            .await?;
+        // A pooled connection that turns out dead (Redis restarted, or failed over, while it sat
+        // idle) never ran the script: once more on a fresh one. Any other failure leaves the
+        // entry pending, to be claimed again.
+        let mut fresh = false;
+        let (stored, acked, _): (i64, u32, i64) = loop {
+            let mut conn = self.durable(fresh).await?;
+            match pipe.query_async(&mut conn).await {
+                Ok(reply) => {
+                    self.durable_done(conn).await;
+                    break reply;
+                }
+                Err(e) if !fresh && is_dead(&e) => fresh = true,
+                Err(e) => return Err(unavailable(e)),
+            }
+        };
         Ok(if stored != 1 {
             Completion::Duplicate
         } else if acked < self.settings.replica_acks {
