@@ -187,11 +187,19 @@ wait_ready() {
 }
 # --- the ha profile: who is primary, and is everything back ---------------------------------
 sentinels() { for s in sentinel-1 sentinel-2 sentinel-3; do containers $s; done; }
-# The primary's service name (redis or redis-replica) as the first live sentinel says.
+# The Redis servers' fixed addresses (docker-compose.yml).
+NET_PREFIX=${HYFHE_NET_PREFIX:-172.30.232}
+address_of() { if [ "$1" = redis ]; then echo "$NET_PREFIX.10"; else echo "$NET_PREFIX.11"; fi; }
+# The primary's service name (redis or redis-replica), from the address the first live
+# sentinel names.
 primary() {
-    local s
+    local s ip
     for s in $(sentinels); do
-        docker exec "$s" redis-cli -p 26379 SENTINEL get-master-addr-by-name hyfhe 2>/dev/null | head -1 && return
+        ip=$(docker exec "$s" redis-cli -p 26379 SENTINEL get-master-addr-by-name hyfhe 2>/dev/null | head -1)
+        case "$ip" in
+        "$NET_PREFIX.10") echo redis && return ;;
+        "$NET_PREFIX.11") echo redis-replica && return ;;
+        esac
     done
 }
 replica_of() { if [ "$1" = redis ]; then echo redis-replica; else echo redis; fi; }
@@ -205,7 +213,7 @@ ha_ready() {
         info=$(docker exec "$s" redis-cli -p 26379 SENTINEL MASTER hyfhe 2>/dev/null) || return 1
         [ "$(echo "$info" | awk 'prev == "name" { print; exit } { prev = $0 }')" = hyfhe ] || return 1
         [ "$(echo "$info" | awk 'prev == "num-other-sentinels" { print; exit } { prev = $0 }')" = 2 ] || return 1
-        [ "$(docker exec "$s" redis-cli -p 26379 SENTINEL get-master-addr-by-name hyfhe | head -1)" = "$p" ] || return 1
+        [ "$(docker exec "$s" redis-cli -p 26379 SENTINEL get-master-addr-by-name hyfhe | head -1)" = "$(address_of "$p")" ] || return 1
     done
     c=$(containers "$p")
     [ -n "$c" ] && [ "$(docker exec "$c" redis-cli ROLE | head -1)" = master ] || return 1
@@ -387,7 +395,7 @@ fault_partition-replica() {
     docker network disconnect "$net" "$c"
     # Past the sentinels' down-after (3 s): the replica is seen down, replication stops.
     sleep $((2 * LEASE_TTL_S))
-    docker network connect --alias "$r" "$net" "$c"
+    docker network connect --ip "$(address_of "$r")" --alias "$r" "$net" "$c"
     until_or_fail "the replica's link back up" replica_linked "$r"
 }
 fault_kill-coordinator() {

@@ -256,20 +256,55 @@ fn the_ha_profile_points_every_process_at_the_sentinels_and_balances_both_coordi
         hosts,
         ["sentinel-1:26379", "sentinel-2:26379", "sentinel-3:26379"]
     );
+    // Fixed addresses inside the network's subnet, outside its dynamic range: Redis and the
+    // sentinels name each other by address (no lookup of a dead container's name).
+    let address = |name: &str| {
+        resolve(
+            doc["services"][name]["networks"]["default"]["ipv4_address"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name} has a fixed address")),
+        )
+    };
+    let ipam = &doc["networks"]["default"]["ipam"]["config"][0];
+    let subnet = resolve(ipam["subnet"].as_str().unwrap());
+    let dynamic = resolve(ipam["ip_range"].as_str().unwrap());
+    let prefix = subnet.strip_suffix(".0/24").expect("a /24");
+    assert_eq!(dynamic, format!("{prefix}.128/25"));
+    let mut fixed = Vec::new();
+    for name in [
+        "redis",
+        "redis-replica",
+        "sentinel-1",
+        "sentinel-2",
+        "sentinel-3",
+    ] {
+        let ip = address(name);
+        let last: u8 = ip
+            .strip_prefix(&format!("{prefix}."))
+            .unwrap_or_else(|| panic!("{name}: {ip} outside {subnet}"))
+            .parse()
+            .unwrap();
+        assert!(
+            (2..128).contains(&last),
+            "{name}: {ip} in the dynamic range"
+        );
+        fixed.push(ip);
+    }
+    fixed.sort();
+    fixed.dedup();
+    assert_eq!(fixed.len(), 5, "distinct addresses");
+    let primary = address("redis");
     for name in ["sentinel-1", "sentinel-2", "sentinel-3"] {
         let script = strings(&doc["services"][name]["command"]).join("\n");
         assert!(script.contains("port 26379"), "{name}");
         // Quorum 2 of 3: one sentinel may die (the kill-sentinel scenario).
         assert!(
-            script.contains(&format!("sentinel monitor {master} redis 6379 2")),
-            "{name} monitors {master} on the redis service: {script}"
+            script.contains(&format!("sentinel monitor {master} {primary} 6379 2")),
+            "{name} monitors {master} at the redis service's address: {script}"
         );
-        assert!(script.contains("announce-hostnames yes"), "{name}");
-        assert_eq!(doc["services"][name]["hostname"].as_str(), Some(name));
     }
-    // Both Redis nodes announce their service name (a restarted container keeps its identity)
-    // and persist with a replica (HYFHE_REDIS_AOF), the replica following the first primary.
-    for (name, replicaof) in [("redis", None), ("redis-replica", Some("redis"))] {
+    // Both persist with a replica (HYFHE_REDIS_AOF), the replica following the first primary.
+    for (name, replicaof) in [("redis", None), ("redis-replica", Some(primary.clone()))] {
         let command: Vec<String> = doc["services"][name]["command"]
             .as_sequence()
             .unwrap()
@@ -282,14 +317,13 @@ fn the_ha_profile_points_every_process_at_the_sentinels_and_balances_both_coordi
                 .position(|c| c == flag)
                 .map(|i| command[i + 1].clone())
         };
-        assert_eq!(after("--replica-announce-ip").as_deref(), Some(name));
         assert_eq!(after("--appendonly").as_deref(), Some("yes"), "{name}");
         assert_eq!(
             after("--client-output-buffer-limit").as_deref(),
             Some("replica 2gb 1gb 60"),
             "{name}: sized in ARCHITECTURE.md"
         );
-        assert_eq!(after("--replicaof").as_deref(), replicaof, "{name}");
+        assert_eq!(after("--replicaof"), replicaof, "{name}");
     }
     // HAProxy balances over both coordinators' listen port, health-checking readiness.
     let listen_port =

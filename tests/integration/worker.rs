@@ -80,6 +80,43 @@ fn a_job_past_max_deliveries_is_dead_lettered_with_a_clear_error() {
     });
 }
 
+/// An entry left pending on a shard an idle worker has held for a while (a delivery whose
+/// consumer died, a completion that failed) is claimed within `claim_idle_ms` and a read: the
+/// idle reader holds every permit while it blocks on a read, so the claim runs in the reader,
+/// with those permits (the lease keeper used to try for spare permits at its heartbeat, and an
+/// idle reader almost never left one: such an entry waited minutes).
+#[test]
+fn an_idle_worker_claims_an_entry_left_pending_on_its_own_shard() {
+    let mut config = Config::load(None).unwrap();
+    config.queue.shards = 1;
+    config.worker.max_pending = 1;
+    config.worker.heartbeat_ms = 50;
+    config.worker.read_block_ms = 1000;
+    config.worker.claim_idle_ms = 1000;
+    let queue = Arc::new(MemoryQueue::new(config.queue_settings()));
+    let broker: Arc<dyn Broker> = queue.clone();
+    let job = job("stranded-0001", u64::MAX);
+    let modules = Arc::new(ModuleSet::load(&MODELS.dir).unwrap());
+    actix::System::new().block_on(async move {
+        queue.enqueue(&job).await.unwrap();
+        // Delivered to a consumer that dies: pending, idle from now on. Not idle long enough for
+        // the takeover claim (half a lease TTL) when the worker takes the shard just after.
+        assert_eq!(queue.read("ghost", &[0], 1, 10).await.unwrap().len(), 1);
+        let started = Instant::now();
+        let handle = worker::start(&config, broker, modules);
+        // Claimed in an idle round (after claim_idle_ms), at the reader's next read at most.
+        outcome_of(&queue, &job.id).await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(
+                config.worker.claim_idle_ms + 2 * config.worker.read_block_ms + 1000
+            ),
+            "claimed after {took:?}"
+        );
+        assert_eq!(handle.metrics.jobs_claimed.get(), 1);
+    });
+}
+
 #[test]
 fn a_job_past_its_deadline_is_dropped_not_computed() {
     let mut config = Config::load(None).unwrap();
