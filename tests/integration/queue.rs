@@ -626,7 +626,7 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
     // Outcomes are announced only once the replica holds them (`WAIT 1`).
     let settings = QueueSettings {
         replica_acks: 1,
-        replica_ack_timeout_ms: 500,
+        replica_ack_timeout_ms: 2000,
         ..settings()
     };
     let primary = RedisServer::start();
@@ -656,7 +656,7 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
         q.complete(&got[0], &done).await.unwrap(),
         Completion::Stored
     );
-    // ... and one it could not (stopped past the 500 ms `WAIT`): announced anyway, and said so.
+    // ... and one it could not (stopped past the 2 s `WAIT`): announced anyway, and said so.
     q.enqueue(&job("answered-late", &session)).await.unwrap();
     let got = q.read("worker-a", &shards, 10, 1000).await.unwrap();
     replica.signal("STOP");
@@ -709,10 +709,29 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
     ids.sort();
     assert_eq!(ids, ["after-failover", "before-failover"]);
     assert_eq!(q.depth().await.unwrap(), 2);
+    // The new primary has no replica: nothing could acknowledge, so nothing is waited for (a
+    // `WAIT` would only time out), and the completion says it is unreplicated.
+    let got = q.read("worker-a", &shards, 10, 200).await.unwrap();
+    assert!(got.is_empty(), "both were read above");
+    let pending = q.claim("worker-a", 1, 0, 10).await.unwrap();
+    let alone = pending
+        .iter()
+        .find(|d| d.job.id == "after-failover")
+        .expect("pending after the read");
+    let asked = std::time::Instant::now();
+    assert_eq!(
+        q.complete(alone, &done).await.unwrap(),
+        Completion::StoredUnreplicated
+    );
+    assert!(
+        asked.elapsed() < Duration::from_millis(1000),
+        "waited {:?} for replicas that are not there",
+        asked.elapsed()
+    );
     // What was answered survived, billed once each: nothing billed twice or lost.
     for id in ["answered", "answered-late"] {
         assert_eq!(q.outcome(id).await.unwrap(), Some(done.clone()), "{id}");
     }
     let bill = q.bill("t").await.unwrap();
-    assert_eq!(bill.jobs, 2, "{bill:?}");
+    assert_eq!(bill.jobs, 3, "{bill:?}");
 }

@@ -88,6 +88,12 @@ redis.call('HINCRBY', KEYS[4], 'rows', ARGV[6])
 redis.call('HINCRBY', KEYS[4], 'fhe_micros', ARGV[7])
 return 1";
 
+/// Replicas this primary streams to that are online (synchronised): those a `WAIT` can count.
+pub(super) const REPLICAS_ONLINE: &str = r"
+local n = 0
+for _ in string.gmatch(redis.call('INFO', 'replication'), 'state=online') do n = n + 1 end
+return n";
+
 /// KEYS: the (tenant, module, window) row counter. ARGV: rows (negative: a refund), limit,
 /// window (ms). Returns `{1, used}` when charged, `{0, used}` when it would pass the limit.
 pub(super) const CHARGE_ROWS: &str = r"
@@ -608,13 +614,17 @@ impl RedisQueue {
     }
 
     /// [`Self::complete_job`] with `replica_acks`: the same script, but the announcement waits
-    /// for the replicas. One pipeline on a connection of its own: the script (not announcing),
-    /// `WAIT replicas timeout` (which covers every earlier write of *this* connection, hence the
-    /// one pipeline: a reconnect between the store and the `WAIT` would make it vacuous), then
-    /// `PUBLISH`. A coordinator is told only of outcomes a failover keeps, and a request that
-    /// was answered is billed on the replica too. The wait blocks this connection alone (one
-    /// per concurrent completion), never the heartbeats on `commands`. Not repeated on a dead
-    /// connection: the entry stays pending and is redelivered, or a retry finds the outcome.
+    /// for the replicas. On one connection of its own, never given up in between (a `WAIT`
+    /// covers the earlier writes of *its* connection only: a reconnect between the store and the
+    /// `WAIT` would make it vacuous): the script (not announcing) and a count of the replicas
+    /// online, in one round trip; then `WAIT replicas timeout` — only when enough replicas are
+    /// online to answer it: with none (a failover under way, the replica cut off or re-syncing)
+    /// a `WAIT` could only time out, so every job would pay the timeout for nothing — and
+    /// `PUBLISH`. A coordinator is told only of outcomes a failover keeps (or, counted, of those
+    /// no replica could take), and a request that was answered is billed on the replica too. The
+    /// wait blocks this connection alone (one per concurrent completion), never the heartbeats
+    /// on `commands`. Not repeated on a dead connection past the first try on a pooled one: the
+    /// entry stays pending and is claimed again, or a retry finds the outcome.
     async fn complete_replicated(
         &self,
         delivery: &Delivery,
@@ -623,8 +633,9 @@ impl RedisQueue {
         fhe_micros: u64,
     ) -> Result<Completion, QueueError> {
         let job = &delivery.job;
-        let mut pipe = redis::pipe();
-        pipe.cmd("EVAL")
+        let mut store = redis::pipe();
+        store
+            .cmd("EVAL")
             .arg(COMPLETE)
             .arg(4)
             .arg(result_key(&job.id))
@@ -639,32 +650,39 @@ impl RedisQueue {
             .arg(rows)
             .arg(fhe_micros)
             .arg("");
-        pipe.cmd("WAIT")
-            .arg(self.settings.replica_acks)
-            .arg(self.settings.replica_ack_timeout_ms);
-        pipe.cmd("PUBLISH").arg(RESULTS_CHANNEL).arg(&job.id);
+        store.cmd("EVAL").arg(REPLICAS_ONLINE).arg(0);
         // A pooled connection that turns out dead (Redis restarted, or failed over, while it sat
-        // idle) never ran the script: once more on a fresh one. Any other failure leaves the
-        // entry pending, to be claimed again.
+        // idle) never ran the script: once more on a fresh one.
         let mut fresh = false;
-        let (stored, acked, _): (i64, u32, i64) = loop {
+        let (mut conn, stored, online) = loop {
             let mut conn = self.durable(fresh).await?;
-            match pipe.query_async(&mut conn).await {
-                Ok(reply) => {
-                    self.durable_done(conn).await;
-                    break reply;
-                }
+            match store.query_async::<(i64, u32)>(&mut conn).await {
+                Ok((stored, online)) => break (conn, stored, online),
                 Err(e) if !fresh && is_dead(&e) => fresh = true,
                 Err(e) => return Err(unavailable(e)),
             }
         };
+        let wanted = self.settings.replica_acks;
+        let mut announce = redis::pipe();
+        let waits = stored == 1 && online >= wanted;
+        if waits {
+            announce
+                .cmd("WAIT")
+                .arg(wanted)
+                .arg(self.settings.replica_ack_timeout_ms);
+        }
+        announce.cmd("PUBLISH").arg(RESULTS_CHANNEL).arg(&job.id);
+        let replies: Vec<i64> = announce.query_async(&mut conn).await.map_err(unavailable)?;
+        self.durable_done(conn).await;
+        let acked = if waits { replies[0] as u32 } else { online };
         Ok(if stored != 1 {
             Completion::Duplicate
-        } else if acked < self.settings.replica_acks {
+        } else if acked < wanted {
             tracing::warn!(
                 job = %job.id,
                 acked,
-                wanted = self.settings.replica_acks,
+                online,
+                wanted,
                 "outcome announced before enough replicas held it (a failover now would lose it)"
             );
             Completion::StoredUnreplicated
