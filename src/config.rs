@@ -458,7 +458,9 @@ impl Config {
                 "queue.replica_ack_timeout_ms",
                 self.queue.replica_ack_timeout_ms,
             )?;
-            if self.queue.replica_ack_timeout_ms * 4 > self.coordinator.request_timeout_ms {
+            if self.queue.replica_ack_timeout_ms.saturating_mul(4)
+                > self.coordinator.request_timeout_ms
+            {
                 return Err(invalid(
                     "queue.replica_ack_timeout_ms",
                     format!(

@@ -196,6 +196,32 @@ enum BenchCommand {
     /// One linear module served over HTTP and a queue vs. the same module in `execute` mode,
     /// alternating in one run.
     Remote(RemoteArgs),
+    /// What `queue.replica_acks` costs a job: storing outcomes on a Redis primary with replicas,
+    /// announced at once vs. after `WAIT`, alternating in one run (writes throwaway jobs and
+    /// bills: use a Redis of its own, e.g. loadtest/replica_wait.sh).
+    Complete(CompleteArgs),
+}
+
+#[derive(Args)]
+struct CompleteArgs {
+    /// The primary, e.g. redis://127.0.0.1:6379 (or a redis+sentinel:// URL).
+    #[arg(long)]
+    redis_url: String,
+    /// Replicas the waiting side asks for.
+    #[arg(long, default_value_t = 1)]
+    replica_acks: u32,
+    /// Longest wait for them (ms).
+    #[arg(long, default_value_t = 1000)]
+    replica_ack_timeout_ms: u64,
+    /// Jobs completed on each side.
+    #[arg(long, default_value_t = 2000)]
+    jobs: usize,
+    /// Bytes per stored outcome.
+    #[arg(long, default_value_t = 10 * 1024)]
+    outcome_bytes: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -281,6 +307,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Bench(BenchCommand::Linear(args)) => bench_linear(args),
         Command::Bench(BenchCommand::Remote(args)) => bench_remote(args),
+        Command::Bench(BenchCommand::Complete(args)) => bench_complete(args),
         Command::Inspect { model } => report(commands::inspect(&model)),
         Command::Compile(args) => compile(args),
         Command::Run(args) => run(args),
@@ -431,6 +458,18 @@ fn bench_remote(args: RemoteArgs) -> ExitCode {
     let bars = bars();
     let result = hyfhe::bench::remote::run_remote(&config, &bars);
     bars.finish();
+    report(result.map(|r| summary(&r, args.json, |r| r.render())))
+}
+
+fn bench_complete(args: CompleteArgs) -> ExitCode {
+    let config = hyfhe::bench::complete::CompleteBenchConfig {
+        redis_url: args.redis_url,
+        replica_acks: args.replica_acks,
+        replica_ack_timeout_ms: args.replica_ack_timeout_ms,
+        jobs: args.jobs,
+        outcome_bytes: args.outcome_bytes,
+    };
+    let result = hyfhe::bench::complete::run_complete(&config);
     report(result.map(|r| summary(&r, args.json, |r| r.render())))
 }
 

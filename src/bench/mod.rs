@@ -69,6 +69,7 @@ pub struct LinearBenchReport {
 
 pub use crate::progress::Progress;
 
+pub mod complete;
 pub mod remote;
 
 pub fn run_linear(

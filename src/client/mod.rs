@@ -260,6 +260,20 @@ fn api_error(status: u16, body: &[u8]) -> ClientError {
     }
 }
 
+/// Run `future` to completion on a fresh current-thread runtime: the blocking wrapper for
+/// callers without an async runtime.
+///
+/// A [`Client`]'s pooled connections belong to the runtime that opened them: a caller making
+/// many calls should keep one runtime (and open its session on it) rather than call this per
+/// request.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("building a tokio runtime")
+        .block_on(future)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,18 +289,4 @@ mod tests {
             assert_eq!(api_error(status, b"<html></html>").code(), None, "{status}");
         }
     }
-}
-
-/// Run `future` to completion on a fresh current-thread runtime: the blocking wrapper for
-/// callers without an async runtime.
-///
-/// A [`Client`]'s pooled connections belong to the runtime that opened them: a caller making
-/// many calls should keep one runtime (and open its session on it) rather than call this per
-/// request.
-pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("building a tokio runtime")
-        .block_on(future)
 }

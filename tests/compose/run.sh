@@ -136,6 +136,22 @@ printf '[[tenants]]\nname = "compose-ci"\napi_key_sha256 = "%s"\n' "$KEY_HASH" >
 chmod -R a+rX "$work" # whatever the umask: the containers run as uid 10001
 export HYFHE_MODELS_PATH="$work/models" HYFHE_TENANTS_PATH="$work/tenants.toml"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# The compose network's fixed /24 (docker-compose.yml, HYFHE_NET_PREFIX): one no other Docker
+# network on this host uses, so that this cluster runs beside another one.
+if [ -z "${HYFHE_NET_PREFIX:-}" ]; then
+    used=$(docker network inspect $(docker network ls -q) -f '{{range .IPAM.Config}}{{.Subnet}} {{end}}' 2>/dev/null || true)
+    for third in $(seq 232 254); do
+        if ! grep -q "172\.30\.$third\." <<<"$used"; then
+            HYFHE_NET_PREFIX=172.30.$third
+            break
+        fi
+    done
+    [ -n "${HYFHE_NET_PREFIX:-}" ] || {
+        echo "no free 172.30.232-254.0/24 for the compose network: set HYFHE_NET_PREFIX" >&2
+        exit 1
+    }
+fi
+export HYFHE_NET_PREFIX
 HYFHE_PORT=$(free_port)
 export HYFHE_PORT
 URL="http://127.0.0.1:$HYFHE_PORT"
@@ -230,14 +246,21 @@ redis_container() {
 duplicates() {
     docker exec "$(redis_container)" redis-cli GET hyfhe:stats:duplicate-outcomes | tr -dc 0-9 || true
 }
-# The tenant's billed jobs (cluster-wide, from the store) as a live coordinator reports them.
+# The tenant's billed jobs (cluster-wide, from the store) as a live coordinator reports them;
+# fails, saying so, when none does (a coordinator that cannot read the bill leaves the series
+# out, and a missing series must not read as 0).
 billed_jobs() {
-    local c
+    local c n
     for c in $(containers coordinator) $(containers coordinator-2); do
-        docker exec "$c" curl -fsS http://127.0.0.1:9100/metrics 2>/dev/null |
-            awk '$1 == "hyfhe_tenant_jobs_total{tenant=\"compose-ci\"}" { printf "%d", $2; found = 1 }
-                 END { if (!found) printf "0" }' && return
+        n=$(docker exec "$c" curl -fsS http://127.0.0.1:9100/metrics 2>/dev/null |
+            awk '$1 == "hyfhe_tenant_jobs_total{tenant=\"compose-ci\"}" { printf "%d", $2 }') || true
+        if [[ "$n" =~ ^[0-9]+$ ]]; then
+            echo "$n"
+            return
+        fi
     done
+    log "no coordinator reports the tenant's bill"
+    return 1
 }
 
 log "docker compose up (project $project, coordinator on $URL)"
@@ -439,7 +462,8 @@ for name in "${SCENARIOS[@]}"; do
     [ "$name" != scale-1-3-1 ] || load_s=$((LOAD_S + 20))
     log "$name: ${load_s} s of load at $RATE/s"
     dups_before=$(duplicates)
-    billed_before=$([ "$HA" = 1 ] && billed_jobs || echo -)
+    billed_before=-
+    [ "$HA" = 0 ] || billed_before=$(billed_jobs)
     events="$work/$name.events"
     rm -f "$events"
     HYFHE_CA_CERT="$HYFHE_TLS_DIR/ca.pem" $LOADTEST --server "$LOAD_URL" --api-key "$API_KEY" --model digits_cnn \
@@ -471,7 +495,10 @@ for name in "${SCENARIOS[@]}"; do
     # The bill is checked in the ha profile, where it survives faults; a lone Redis without
     # persistence (restart-redis) starts it again.
     billed=-
-    [ "$HA" = 0 ] || billed=$(($(billed_jobs) - billed_before))
+    if [ "$HA" = 1 ]; then
+        billed_after=$(billed_jobs)
+        billed=$((10#$billed_after - 10#$billed_before))
+    fi
     row=$(python3 tests/compose/analyse.py "$name" "$work/$name.json" "$events" "$start" "$end" \
         "$dups" "$(allowed_dups "$name")" "$billed") || failed=1
     if [ -n "$row" ]; then

@@ -248,6 +248,26 @@ pub fn wait_until_sentinels_converge(sentinels: &[Sentinel], cli: impl Fn(u16, &
     }
 }
 
+/// Wait until the replica has applied everything the primary has written so far (its
+/// `slave_repl_offset` reaches the primary's `master_repl_offset`). A `WAIT` from `redis-cli`
+/// would not do: it counts only its own connection's writes, none. `cli` runs a command against
+/// a port.
+pub fn wait_until_replicated(primary: u16, replica: u16, cli: impl Fn(u16, &[&str]) -> String) {
+    let offset = |port: u16, field: &str| -> u64 {
+        cli(port, &["INFO", "replication"])
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(field)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let target = offset(primary, "master_repl_offset:");
+    assert!(target > 0, "the primary has written nothing");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while offset(replica, "slave_repl_offset:") < target {
+        assert!(Instant::now() < deadline, "the replica never caught up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Drop for Sentinel {
     fn drop(&mut self) {
         let _ = self.child.kill();

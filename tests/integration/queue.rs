@@ -11,7 +11,9 @@ use hyfhe::queue::{
     QueueSettings, RedisQueue, Reserved, SessionQuota, SessionRecord, StoredOutcome, TenantUsage,
 };
 
-use crate::cluster::{redis_cli, wait_until_sentinels_converge, RedisServer, Sentinel};
+use crate::cluster::{
+    redis_cli, wait_until_replicated, wait_until_sentinels_converge, RedisServer, Sentinel,
+};
 
 fn settings() -> QueueSettings {
     QueueSettings {
@@ -664,12 +666,8 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
     replica.signal("CONT");
     assert_eq!(completion.unwrap(), Completion::StoredUnreplicated);
     q.enqueue(&job("before-failover", &session)).await.unwrap();
-    // Acknowledged by the replica before the primary dies: it must survive the failover.
-    assert_eq!(
-        redis_cli(primary.port(), &["WAIT", "1", "5000"]).trim(),
-        "1",
-        "replicated"
-    );
+    // Applied by the replica before the primary dies: it must survive the failover.
+    wait_until_replicated(primary.port(), replica.port(), redis_cli);
     drop(primary); // SIGKILL
 
     // Calls fail (503 to clients, who retry) until the sentinels promote the replica; then the

@@ -10,8 +10,8 @@ use hyfhe::client::{Client, ClientError};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 use crate::cluster::{
-    base_env, config_file, env, redis_cli_tls, serial, wait_until_sentinels_converge, Cluster,
-    RedisServer, Sentinel, Service,
+    base_env, config_file, env, redis_cli_tls, serial, wait_until_replicated,
+    wait_until_sentinels_converge, Cluster, RedisServer, Sentinel, Service,
 };
 use crate::hybrid::values;
 use crate::serving::{bits, API_KEY, MODELS, SESSION_KEYS};
@@ -321,7 +321,7 @@ async fn the_queue_follows_a_sentinel_failover_over_tls_through_a_private_ca() {
         payload: vec![1, 2, 3],
     };
     q.enqueue(&job("before-failover")).await.unwrap();
-    assert_eq!(cli(primary.port(), &["WAIT", "1", "5000"]).trim(), "1");
+    wait_until_replicated(primary.port(), replica.port(), cli);
     drop(primary); // SIGKILL
     let started = Instant::now();
     loop {

@@ -66,6 +66,9 @@ pub struct RedisQueue {
     /// heartbeats, nor with another job's completion (while no replica answers, each job
     /// waits its own timeout, not the sum of those before it).
     durables: Mutex<Vec<MultiplexedConnection>>,
+    /// Whether the last completion was announced before enough replicas held it (logged once
+    /// per change).
+    unreplicated: std::sync::atomic::AtomicBool,
     /// Connections for `XREADGROUP … BLOCK`, one per concurrent read: a blocking read must never
     /// sit on the shared connection (it would stall every other command behind it). Their
     /// response timeout is the block time plus slack, so a dead connection is noticed and
@@ -164,6 +167,7 @@ impl RedisQueue {
             commands,
             blobs,
             durables: Mutex::new(Vec::new()),
+            unreplicated: Default::default(),
             readers: Mutex::new(Vec::new()),
             scripts: Scripts {
                 renew: Script::new(leases::RENEW_IF_OWNER),

@@ -75,14 +75,19 @@ return {out, ids}";
 
 /// KEYS: result, running marker, stream, tenant bill. ARGV: outcome, result TTL (ms), job id,
 /// entry id, group, rows, FHE µs, results channel. Stores the outcome unless one is there and
-/// bills the tenant only then; returns 1 when stored, 0 for a duplicate.
+/// bills the tenant only then; returns 1 when stored, 0 for a duplicate. A duplicate refreshes the
+/// stored outcome's TTL: a write that is replicated, so that a `WAIT` after it on the same
+/// connection also covers the first store (made on another connection, maybe not yet replicated).
 pub(super) const COMPLETE: &str = r"
 local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 redis.call('DEL', KEYS[2])
 if ARGV[8] ~= '' then redis.call('PUBLISH', ARGV[8], ARGV[3]) end
 redis.call('XACK', KEYS[3], ARGV[5], ARGV[4])
 redis.call('XDEL', KEYS[3], ARGV[4])
-if not stored then return 0 end
+if not stored then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 0
+end
 redis.call('HINCRBY', KEYS[4], 'jobs', 1)
 redis.call('HINCRBY', KEYS[4], 'rows', ARGV[6])
 redis.call('HINCRBY', KEYS[4], 'fhe_micros', ARGV[7])
@@ -652,43 +657,95 @@ impl RedisQueue {
             .arg("");
         store.cmd("EVAL").arg(REPLICAS_ONLINE).arg(0);
         // A pooled connection that turns out dead (Redis restarted, or failed over, while it sat
-        // idle) never ran the script: once more on a fresh one.
+        // idle, so the request never reached a live server): once more on a fresh one. Not after
+        // a timeout: the script may have run, and a second run would find its own outcome and
+        // take it for a duplicate.
         let mut fresh = false;
         let (mut conn, stored, online) = loop {
             let mut conn = self.durable(fresh).await?;
             match store.query_async::<(i64, u32)>(&mut conn).await {
                 Ok((stored, online)) => break (conn, stored, online),
-                Err(e) if !fresh && is_dead(&e) => fresh = true,
+                Err(e) if !fresh && is_dead(&e) && !e.is_timeout() => fresh = true,
                 Err(e) => return Err(unavailable(e)),
             }
         };
         let wanted = self.settings.replica_acks;
+        // Wait for as many of the wanted replicas as are online (none online: a `WAIT` could
+        // only time out). A duplicate waits too: the outcome that stands may be another
+        // evaluation's whose own wait has not finished (the script's TTL refresh makes this
+        // connection's `WAIT` cover it).
+        let waiting_for = wanted.min(online);
         let mut announce = redis::pipe();
-        let waits = stored == 1 && online >= wanted;
-        if waits {
+        if waiting_for > 0 {
             announce
                 .cmd("WAIT")
-                .arg(wanted)
+                .arg(waiting_for)
                 .arg(self.settings.replica_ack_timeout_ms);
         }
         announce.cmd("PUBLISH").arg(RESULTS_CHANNEL).arg(&job.id);
-        let replies: Vec<i64> = announce.query_async(&mut conn).await.map_err(unavailable)?;
-        self.durable_done(conn).await;
-        let acked = if waits { replies[0] as u32 } else { online };
+        let acked = match announce.query_async::<Vec<i64>>(&mut conn).await {
+            Ok(replies) => {
+                self.durable_done(conn).await;
+                if waiting_for > 0 {
+                    replies[0].max(0) as u32
+                } else {
+                    0
+                }
+            }
+            // Stored, billed and acknowledged, but not announced: announce it on the command
+            // link (waiting requests would otherwise find it only at their next re-check).
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "waiting for replicas failed; announcing anyway");
+                self.commands
+                    .run(|mut c| async move {
+                        redis::cmd("PUBLISH")
+                            .arg(RESULTS_CHANNEL)
+                            .arg(&job.id)
+                            .query_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await?;
+                0
+            }
+        };
+        self.note_replication(acked >= wanted, acked, online);
         Ok(if stored != 1 {
             Completion::Duplicate
         } else if acked < wanted {
-            tracing::warn!(
-                job = %job.id,
-                acked,
-                online,
-                wanted,
-                "outcome announced before enough replicas held it (a failover now would lose it)"
-            );
             Completion::StoredUnreplicated
         } else {
             Completion::Stored
         })
+    }
+
+    /// Log the first outcome announced unreplicated after replicated ones, and the return to
+    /// replicated: one line per change, not one per job (a partition lasts thousands of jobs;
+    /// `hyfhe_worker_outcomes_unreplicated_total` counts them).
+    fn note_replication(&self, replicated: bool, acked: u32, online: u32) {
+        let was = self.unreplicated.swap(!replicated, Ordering::Relaxed);
+        if !replicated && !was {
+            tracing::warn!(
+                acked,
+                online,
+                wanted = self.settings.replica_acks,
+                "outcomes are announced before enough replicas hold them (a failover now would lose them)"
+            );
+        } else if replicated && was {
+            tracing::info!("outcomes are replicated again before they are announced");
+        }
+    }
+
+    /// Replicas the primary streams to that are online (what a `WAIT` can count).
+    pub async fn replicas_online(&self) -> Result<usize, QueueError> {
+        self.commands
+            .run_repeatable(|mut c| async move {
+                redis::cmd("EVAL")
+                    .arg(REPLICAS_ONLINE)
+                    .arg(0)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
     }
 
     pub(super) async fn bill_of(&self, tenant: &str) -> Result<TenantBill, QueueError> {
