@@ -320,6 +320,30 @@ async fn bounded_reads(q: Arc<dyn Broker>) {
     assert_eq!(woken.len(), 1, "{woken:?}");
 }
 
+/// Enqueue `job` until the queue has followed the failover under way: calls fail (503 to
+/// clients, who retry) until the sentinels promote the replica; then the same queue object
+/// works against the new primary without being rebuilt.
+pub async fn enqueue_through_failover(q: &RedisQueue, job: &Job) {
+    let started = std::time::Instant::now();
+    loop {
+        match q.enqueue(job).await {
+            Ok(()) => break,
+            Err(QueueError::Unavailable(e)) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "no failover in 30 s: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    eprintln!(
+        "failover followed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 fn wide_settings() -> QueueSettings {
     QueueSettings {
         shards: 8,
@@ -670,26 +694,7 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
     wait_until_replicated(primary.port(), replica.port(), redis_cli);
     drop(primary); // SIGKILL
 
-    // Calls fail (503 to clients, who retry) until the sentinels promote the replica; then the
-    // same queue object works against the new primary without being rebuilt.
-    let started = std::time::Instant::now();
-    loop {
-        match q.enqueue(&job("after-failover", &session)).await {
-            Ok(()) => break,
-            Err(QueueError::Unavailable(e)) => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "no failover in 30 s: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-    eprintln!(
-        "failover followed in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    enqueue_through_failover(&q, &job("after-failover", &session)).await;
     assert!(redis_cli(replica.port(), &["ROLE"]).starts_with("master"));
     let mut ids = Vec::new();
     for _ in 0..20 {

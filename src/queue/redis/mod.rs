@@ -88,7 +88,6 @@ struct Scripts {
     read_new: Script,
     create_session: Script,
     delete_session: Script,
-    complete: Script,
     charge_rows: Script,
     acquire_slot: Script,
 }
@@ -178,7 +177,6 @@ impl RedisQueue {
                 read_new: Script::new(streams::READ_NEW),
                 create_session: Script::new(sessions::CREATE_SESSION),
                 delete_session: Script::new(sessions::DELETE_SESSION),
-                complete: Script::new(streams::COMPLETE),
                 charge_rows: Script::new(streams::CHARGE_ROWS),
                 acquire_slot: Script::new(sessions::ACQUIRE_SLOT),
             },
@@ -193,10 +191,18 @@ impl RedisQueue {
         if let Some(c) = self.readers.lock().await.pop() {
             return Ok(c);
         }
+        self.connection(Duration::from_millis(self.settings.read_block_ms) + READ_SLACK)
+            .await
+    }
+
+    /// A connection of its own to the primary (not behind a [`Link`]: it never reconnects by
+    /// itself), answering within `response_timeout`.
+    async fn connection(
+        &self,
+        response_timeout: Duration,
+    ) -> Result<MultiplexedConnection, QueueError> {
         let config = AsyncConnectionConfig::new()
-            .set_response_timeout(Some(
-                Duration::from_millis(self.settings.read_block_ms) + READ_SLACK,
-            ))
+            .set_response_timeout(Some(response_timeout))
             .set_connection_timeout(Some(CONNECT_TIMEOUT));
         self.endpoint
             .client()
@@ -220,18 +226,10 @@ impl RedisQueue {
             return Ok(c);
         }
         drop(pool);
-        let config = AsyncConnectionConfig::new()
-            .set_response_timeout(Some(
-                COMMAND_TIMEOUT + Duration::from_millis(self.settings.replica_ack_timeout_ms),
-            ))
-            .set_connection_timeout(Some(CONNECT_TIMEOUT));
-        self.endpoint
-            .client()
-            .await
-            .map_err(unavailable)?
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(unavailable)
+        self.connection(
+            COMMAND_TIMEOUT + Duration::from_millis(self.settings.replica_ack_timeout_ms),
+        )
+        .await
     }
 
     async fn durable_done(&self, c: MultiplexedConnection) {

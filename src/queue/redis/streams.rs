@@ -590,32 +590,44 @@ impl RedisQueue {
         }
         // One script, outcome first: if we die before it, the entry stays pending and is
         // redelivered; after it, a retried job id finds the outcome, billed once.
+        let complete = self.complete_command(delivery, bytes, rows, fhe_micros, RESULTS_CHANNEL);
         let stored: i64 = self
             .commands
-            .run(|mut c| async move {
-                self.scripts
-                    .complete
-                    .key(result_key(&job.id))
-                    .key(running_key(&job.id))
-                    .key(stream_key(delivery.shard))
-                    .key(bill_key(&job.tenant))
-                    .arg(bytes)
-                    .arg(self.settings.result_ttl_ms)
-                    .arg(&job.id)
-                    .arg(&delivery.entry_id)
-                    .arg(GROUP)
-                    .arg(rows)
-                    .arg(fhe_micros)
-                    .arg(RESULTS_CHANNEL)
-                    .invoke_async(&mut c)
-                    .await
-            })
+            .run(|mut c| async move { complete.query_async(&mut c).await })
             .await?;
         Ok(if stored == 1 {
             Completion::Stored
         } else {
             Completion::Duplicate
         })
+    }
+
+    /// The [`COMPLETE`] script for `delivery` as one `EVAL` (announcing on `channel`; `""`: not).
+    fn complete_command(
+        &self,
+        delivery: &Delivery,
+        outcome: Vec<u8>,
+        rows: u64,
+        fhe_micros: u64,
+        channel: &str,
+    ) -> redis::Cmd {
+        let job = &delivery.job;
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(COMPLETE)
+            .arg(4)
+            .arg(result_key(&job.id))
+            .arg(running_key(&job.id))
+            .arg(stream_key(delivery.shard))
+            .arg(bill_key(&job.tenant))
+            .arg(outcome)
+            .arg(self.settings.result_ttl_ms)
+            .arg(&job.id)
+            .arg(&delivery.entry_id)
+            .arg(GROUP)
+            .arg(rows)
+            .arg(fhe_micros)
+            .arg(channel);
+        cmd
     }
 
     /// [`Self::complete_job`] with `replica_acks`: the same script, but the announcement waits
@@ -639,22 +651,7 @@ impl RedisQueue {
     ) -> Result<Completion, QueueError> {
         let job = &delivery.job;
         let mut store = redis::pipe();
-        store
-            .cmd("EVAL")
-            .arg(COMPLETE)
-            .arg(4)
-            .arg(result_key(&job.id))
-            .arg(running_key(&job.id))
-            .arg(stream_key(delivery.shard))
-            .arg(bill_key(&job.tenant))
-            .arg(bytes)
-            .arg(self.settings.result_ttl_ms)
-            .arg(&job.id)
-            .arg(&delivery.entry_id)
-            .arg(GROUP)
-            .arg(rows)
-            .arg(fhe_micros)
-            .arg("");
+        store.add_command(self.complete_command(delivery, bytes, rows, fhe_micros, ""));
         store.cmd("EVAL").arg(REPLICAS_ONLINE).arg(0);
         // A pooled connection that turns out dead (Redis restarted, or failed over, while it sat
         // idle, so the request never reached a live server): once more on a fresh one. Not after
