@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::job_pipeline::Pipeline;
-use super::queue_reader::Shared;
+use super::queue_reader::{ask_claim, Shared};
 use crate::config::WorkerConfig;
 use crate::queue::Leases;
 
@@ -98,7 +98,6 @@ fn ask_claims(
         } else {
             continue;
         };
-        let asked = claims.entry(shard).or_insert(min_idle);
-        *asked = (*asked).min(min_idle);
+        ask_claim(&mut claims, shard, min_idle);
     }
 }

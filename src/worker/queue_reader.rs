@@ -196,6 +196,13 @@ impl actix::Handler<Leave> for QueueReader {
     }
 }
 
+/// Ask for a claim of `shard`'s entries idle at least `min_idle` ms; asked twice, the shorter
+/// idle time stands (it takes everything the longer one would).
+pub fn ask_claim(claims: &mut BTreeMap<u32, u64>, shard: u32, min_idle: u64) {
+    let asked = claims.entry(shard).or_insert(min_idle);
+    *asked = (*asked).min(min_idle);
+}
+
 /// Claim the entries the lease keeper asked for, on shards still owned, with `permits` (each
 /// claimed entry starts at once, in flight, with one of them); a shard with more left than there
 /// were permits stays asked for.
@@ -233,8 +240,7 @@ async fn claim_due(
     }
     let mut claims = shared.claims.lock().unwrap_or_else(|p| p.into_inner());
     for (shard, min_idle) in left {
-        let e = claims.entry(shard).or_insert(min_idle);
-        *e = (*e).min(min_idle);
+        ask_claim(&mut claims, shard, min_idle);
     }
 }
 

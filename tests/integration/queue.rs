@@ -15,7 +15,7 @@ use crate::cluster::{
     redis_cli, wait_until_replicated, wait_until_sentinels_converge, RedisServer, Sentinel,
 };
 
-fn settings() -> QueueSettings {
+pub fn settings() -> QueueSettings {
     QueueSettings {
         shards: 4,
         max_depth: 3,
@@ -28,7 +28,7 @@ fn settings() -> QueueSettings {
     }
 }
 
-fn job(id: &str, session: &str) -> Job {
+pub fn job(id: &str, session: &str) -> Job {
     Job {
         id: id.into(),
         client_job_id: id.into(),

@@ -277,14 +277,8 @@ async fn the_queue_follows_a_sentinel_failover_over_tls_through_a_private_ca() {
             .join(",")
     );
     let settings = hyfhe::queue::QueueSettings {
-        shards: 2,
-        max_depth: 10,
-        max_deliveries: 2,
-        lease_ttl_ms: 1500,
-        result_ttl_ms: 60_000,
-        read_block_ms: 500,
         replica_acks: 1,
-        replica_ack_timeout_ms: 1000,
+        ..crate::queue::settings()
     };
     // Trusting another CA: no sentinel answers, and the error says why.
     let e = RedisQueue::connect_with_ca(
@@ -306,20 +300,7 @@ async fn the_queue_follows_a_sentinel_failover_over_tls_through_a_private_ca() {
     )
     .await
     .unwrap();
-    let job = |id: &str| hyfhe::queue::Job {
-        id: id.into(),
-        client_job_id: id.into(),
-        tenant: "t".into(),
-        session: "s".into(),
-        model: "m".into(),
-        module: "fc".into(),
-        key_id: "k".into(),
-        request_sha256: String::new(),
-        rows: 1,
-        deadline_unix_ms: u64::MAX,
-        traceparent: None,
-        payload: vec![1, 2, 3],
-    };
+    let job = |id: &str| crate::queue::job(id, "s");
     q.enqueue(&job("before-failover")).await.unwrap();
     wait_until_replicated(primary.port(), replica.port(), cli);
     drop(primary); // SIGKILL
