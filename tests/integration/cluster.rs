@@ -219,6 +219,15 @@ impl Sentinel {
     }
 }
 
+/// `scheme://host:p1,host:p2,…/hyfhe`: a queue URL naming `sentinels` on `host`.
+pub fn sentinel_url(scheme: &str, host: &str, sentinels: &[Sentinel]) -> String {
+    let hosts: Vec<String> = sentinels
+        .iter()
+        .map(|s| format!("{host}:{}", s.port))
+        .collect();
+    format!("{scheme}://{}/hyfhe", hosts.join(","))
+}
+
 /// Wait until every sentinel knows the replica and the other sentinels (found through INFO and
 /// hello messages every ~2 s): before that, a failover could stall on a loaded machine. `cli`
 /// runs a command against a sentinel's port.

@@ -12,7 +12,8 @@ use hyfhe::queue::{
 };
 
 use crate::cluster::{
-    redis_cli, wait_until_replicated, wait_until_sentinels_converge, RedisServer, Sentinel,
+    redis_cli, sentinel_url, wait_until_replicated, wait_until_sentinels_converge, RedisServer,
+    Sentinel,
 };
 
 pub fn settings() -> QueueSettings {
@@ -661,14 +662,7 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
         .map(|_| Sentinel::start("hyfhe", &primary, 2))
         .collect();
     wait_until_sentinels_converge(&sentinels, redis_cli);
-    let url = format!(
-        "redis+sentinel://{}/hyfhe",
-        sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let url = sentinel_url("redis+sentinel", "127.0.0.1", &sentinels);
     let q = RedisQueue::connect(&url, settings.clone(), Duration::from_secs(10))
         .await
         .unwrap();

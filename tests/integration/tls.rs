@@ -10,7 +10,7 @@ use hyfhe::client::{Client, ClientError};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 use crate::cluster::{
-    base_env, config_file, env, redis_cli_tls, serial, wait_until_replicated,
+    base_env, config_file, env, redis_cli_tls, sentinel_url, serial, wait_until_replicated,
     wait_until_sentinels_converge, Cluster, RedisServer, Sentinel, Service,
 };
 use crate::hybrid::values;
@@ -268,14 +268,7 @@ async fn the_queue_follows_a_sentinel_failover_over_tls_through_a_private_ca() {
         .map(|_| Sentinel::start_tls("hyfhe", &primary, 2, (&cert, &key, &ca_pem)))
         .collect();
     wait_until_sentinels_converge(&sentinels, cli);
-    let url = format!(
-        "rediss+sentinel://{}/hyfhe",
-        sentinels
-            .iter()
-            .map(|s| format!("localhost:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    let url = sentinel_url("rediss+sentinel", "localhost", &sentinels);
     let settings = hyfhe::queue::QueueSettings {
         replica_acks: 1,
         ..crate::queue::settings()
