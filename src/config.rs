@@ -126,7 +126,12 @@ pub struct QueueConfig {
     #[serde(default)]
     pub redis_ca_cert: String,
     pub connect_timeout_ms: u64,
+    /// The shard count a new cluster starts with; a running cluster's count lives in Redis and
+    /// grows with the workers up to `max_shards` (ARCHITECTURE.md, "A capacity model").
     pub shards: u32,
+    /// The most shards the count may grow to; equal to `shards`: a fixed count.
+    #[serde(default = "default_max_shards")]
+    pub max_shards: u32,
     pub max_depth: usize,
     pub max_deliveries: u32,
     pub lease_ttl_ms: u64,
@@ -139,6 +144,10 @@ pub struct QueueConfig {
     /// unreplicated (`hyfhe_worker_outcomes_unreplicated_total`).
     #[serde(default = "default_replica_ack_timeout_ms")]
     pub replica_ack_timeout_ms: u64,
+}
+
+fn default_max_shards() -> u32 {
+    1024
 }
 
 fn default_replica_ack_timeout_ms() -> u64 {
@@ -426,6 +435,12 @@ impl Config {
         if !(1..=1024).contains(&self.queue.shards) {
             return Err(invalid("queue.shards", "must be in 1..=1024"));
         }
+        if !(self.queue.shards..=1024).contains(&self.queue.max_shards) {
+            return Err(invalid(
+                "queue.max_shards",
+                "must be in queue.shards..=1024 (the count only grows)",
+            ));
+        }
         positive("queue.max_depth", self.queue.max_depth as u64)?;
         positive("queue.max_deliveries", self.queue.max_deliveries as u64)?;
         positive("queue.result_ttl_ms", self.queue.result_ttl_ms)?;
@@ -568,6 +583,7 @@ impl Config {
     pub fn queue_settings(&self) -> QueueSettings {
         QueueSettings {
             shards: self.queue.shards,
+            max_shards: self.queue.max_shards,
             max_depth: self.queue.max_depth,
             max_deliveries: self.queue.max_deliveries,
             lease_ttl_ms: self.queue.lease_ttl_ms,

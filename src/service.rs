@@ -11,7 +11,7 @@ use actix_web::{App, HttpServer};
 use crate::config::{Config, QueueBackend};
 use crate::coordinator::{Application, Catalog};
 use crate::hybrid::HybridError;
-use crate::queue::{Broker, MemoryQueue, QueueError, RedisQueue};
+use crate::queue::{Broker, MemoryQueue, QueueError, RedisQueue, StoreAudit};
 use crate::worker::{self, ModuleSet, WorkerHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +27,8 @@ pub enum ServiceError {
     Models(#[from] HybridError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("the store audit reads Redis; queue.backend is `memory`, which keeps nothing past its process")]
+    NotRedis,
     #[error("no tenant is configured, so no client could use this coordinator: add [[tenants]] to the config, or set HYFHE_TENANTS_FILE=path or HYFHE_TENANTS=name:sha256hex (`hyfhe keys hash KEY` prints the hash)")]
     NoTenants,
 }
@@ -35,17 +37,27 @@ pub enum ServiceError {
 pub async fn connect_broker(config: &Config) -> Result<Arc<dyn Broker>, ServiceError> {
     Ok(match config.queue.backend {
         QueueBackend::Memory => Arc::new(MemoryQueue::new(config.queue_settings())),
-        QueueBackend::Redis => Arc::new(
-            RedisQueue::connect_with_ca(
-                &config.queue.redis_url,
-                (!config.queue.redis_ca_cert.is_empty())
-                    .then(|| std::path::Path::new(&config.queue.redis_ca_cert)),
-                config.queue_settings(),
-                Duration::from_millis(config.queue.connect_timeout_ms),
-            )
-            .await?,
-        ),
+        QueueBackend::Redis => Arc::new(connect_redis(config).await?),
     })
+}
+
+async fn connect_redis(config: &Config) -> Result<RedisQueue, ServiceError> {
+    Ok(RedisQueue::connect_with_ca(
+        &config.queue.redis_url,
+        (!config.queue.redis_ca_cert.is_empty())
+            .then(|| std::path::Path::new(&config.queue.redis_ca_cert)),
+        config.queue_settings(),
+        Duration::from_millis(config.queue.connect_timeout_ms),
+    )
+    .await?)
+}
+
+/// `hyfhe store audit`: the configured Redis's sessions, key references and bills.
+pub async fn audit_store(config: &Config) -> Result<StoreAudit, ServiceError> {
+    if config.queue.backend != QueueBackend::Redis {
+        return Err(ServiceError::NotRedis);
+    }
+    Ok(connect_redis(config).await?.audit().await?)
 }
 
 pub fn bind(addr: &str) -> Result<TcpListener, ServiceError> {

@@ -71,6 +71,7 @@ impl CompleteBenchResult {
 fn settings(replica_acks: u32, replica_ack_timeout_ms: u64) -> QueueSettings {
     QueueSettings {
         shards: 1,
+        max_shards: 1,
         max_depth: usize::MAX / 2,
         max_deliveries: 3,
         lease_ttl_ms: 5000,

@@ -140,6 +140,11 @@ fn render_lag(e: &mut Exposition, lag: &[crate::queue::ShardLag]) {
         &per(&|l| l.oldest_ms as f64 / 1000.0),
     );
     e.gauge(
+        "hyfhe_queue_shards",
+        "Shards the queue routes over now (grows with the workers up to queue.max_shards).",
+        lag.len() as u64,
+    );
+    e.gauge(
         "hyfhe_queue_lag",
         "Unread plus pending jobs over all shards: the backlog an autoscaler divides by capacity.",
         lag.iter().map(|l| l.unread + l.pending).sum(),

@@ -16,9 +16,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, Notify};
 
 use super::{
-    fair_share, shard_of, Begin, BoxFuture, Charge, Completion, CompletionStream, Delivery, Job,
-    JobOutcome, JobQueue, Leases, Marker, QueueError, QueueSettings, Reserved, SessionQuota,
-    SessionRecord, SessionStore, ShardLag, StoredOutcome, TenantBill, TenantUsage,
+    fair_share, grown_shards, shard_of, Begin, BoxFuture, Charge, Completion, CompletionStream,
+    Delivery, Job, JobOutcome, JobQueue, Leases, Marker, QueueError, QueueSettings, Reserved,
+    SessionQuota, SessionRecord, SessionStore, ShardLag, StoredOutcome, TenantBill, TenantUsage,
 };
 use crate::protocol::ErrorCode;
 
@@ -322,9 +322,9 @@ impl JobQueue for MemoryQueue {
 
     fn enqueue<'a>(&'a self, job: &'a Job) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
-            let s = shard_of(&job.session, self.settings.shards);
             {
                 let mut state = self.lock();
+                let s = shard_of(&job.session, state.shards.len() as u32);
                 let shard = &mut state.shards[s as usize];
                 if shard.jobs.len() >= self.settings.max_depth {
                     return Err(QueueError::Full {
@@ -414,7 +414,15 @@ impl JobQueue for MemoryQueue {
             let mut state = self.lock();
             state.workers.insert(worker.to_string(), Self::ttl(ttl));
             state.workers.retain(|_, &mut t| t > now);
-            let target = fair_share(self.settings.shards, state.workers.len());
+            // The shards follow the workers, as on Redis (only ever grown).
+            let shards = grown_shards(
+                state.shards.len() as u32,
+                state.workers.len(),
+                self.settings.max_shards,
+            ) as usize;
+            state.shards.resize_with(shards, Shard::default);
+            state.leases.resize_with(shards, || None);
+            let target = fair_share(shards as u32, state.workers.len());
             let mut leases = Leases::default();
             // Busy shards first, so that the fair share keeps them rather than idle ones.
             let mut held: Vec<usize> = (0..state.leases.len())

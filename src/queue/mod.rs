@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::protocol::ErrorCode;
 
-pub use self::redis::{job_stream, RedisQueue, CONSUMER_GROUP};
+pub use self::redis::{job_stream, RedisQueue, StoreAudit, CONSUMER_GROUP};
 pub use memory::{MemoryQueue, MemoryQueueSizes, DEAD_LETTER_CAP as MEMORY_DEAD_LETTER_CAP};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -214,7 +214,11 @@ pub struct Leases {
 
 #[derive(Clone, Debug)]
 pub struct QueueSettings {
+    /// The shard count a new cluster starts with (a running cluster's count lives in the queue
+    /// and is only ever grown: [`grown_shards`]).
     pub shards: u32,
+    /// The most shards the count may grow to as workers join; equal to `shards`: fixed.
+    pub max_shards: u32,
     /// Entries waiting or in progress per shard beyond which enqueue is refused.
     pub max_depth: usize,
     pub max_deliveries: u32,
@@ -468,6 +472,15 @@ pub fn fair_share(shards: u32, workers: usize) -> usize {
     (shards as usize).div_ceil(workers.max(1))
 }
 
+/// The shard count a heartbeat seeing `live` workers grows `current` to: the next power of two
+/// at least twice the workers (so every worker keeps two or more shards and a joining one finds
+/// some to take), at most `max`, and never below `current` (shrinking moves sessions while
+/// entries may still wait in the streams they leave; it needs a drain, ARCHITECTURE.md).
+pub fn grown_shards(current: u32, live: usize, max: u32) -> u32 {
+    let wanted = (2 * live.max(1)).next_power_of_two().min(max as usize) as u32;
+    current.max(wanted)
+}
+
 /// `url` with any password replaced by `***`: what may appear in a log line or an error.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -503,6 +516,21 @@ mod tests {
         assert_eq!(shard_of("abc", 16), shard_of("abc", 16));
         assert_eq!(fair_share(16, 3), 6);
         assert_eq!(fair_share(16, 0), 16);
+    }
+
+    #[test]
+    fn shards_grow_to_twice_the_workers_in_powers_of_two_and_never_shrink() {
+        assert_eq!(grown_shards(16, 1, 1024), 16);
+        assert_eq!(grown_shards(16, 8, 1024), 16);
+        assert_eq!(grown_shards(16, 9, 1024), 32);
+        assert_eq!(grown_shards(16, 100, 1024), 256);
+        assert_eq!(grown_shards(16, 100, 128), 128);
+        assert_eq!(grown_shards(16, 900, 1024), 1024);
+        // Fixed when the cap is the start, and never below what the cluster already has.
+        assert_eq!(grown_shards(16, 100, 16), 16);
+        assert_eq!(grown_shards(64, 1, 1024), 64);
+        assert_eq!(grown_shards(12, 7, 1024), 16);
+        assert_eq!(grown_shards(1, 0, 1024), 2);
     }
 
     #[test]

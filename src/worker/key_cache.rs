@@ -149,8 +149,9 @@ async fn load(broker: Arc<dyn Broker>, key_id: String) -> KeyResult {
         // The store could not be read: not the job's fault, it is retried later.
         .map_err(|e| JobError::Transient(format!("loading key {key_id}: {e}")))?
         .ok_or_else(|| {
-            JobError::NotFound(format!(
-                "evaluation key {key_id} expired or was never uploaded"
+            JobError::KeyMissing(format!(
+                "evaluation key {key_id} is not in the store (it expired, or a Redis failover \
+                 lost it): open a new session with the same keys"
             ))
         })?;
     tokio::task::spawn_blocking(move || {

@@ -43,6 +43,12 @@ use crate::queue::Broker;
 pub enum JobError {
     #[error("{0}")]
     NotFound(String),
+    /// The session's evaluation key is not in the store although the session is: it expired,
+    /// or a Redis failover kept the session record but not the blob stored after it. Answered
+    /// as `session_not_found`, so that the client opens a new session with the same keys (which
+    /// stores the blob again) and retries.
+    #[error("{0}")]
+    KeyMissing(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -61,6 +67,7 @@ impl JobError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             JobError::NotFound(_) => Some(ErrorCode::NotFound),
+            JobError::KeyMissing(_) => Some(ErrorCode::SessionNotFound),
             JobError::BadRequest(_) => Some(ErrorCode::BadRequest),
             JobError::Internal(_) | JobError::Panicked(_) => Some(ErrorCode::Internal),
             JobError::Transient(_) => None,

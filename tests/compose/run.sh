@@ -263,6 +263,32 @@ billed_jobs() {
     return 1
 }
 
+# `hyfhe store audit` in a live coordinator (its env names the sentinels): the sessions'
+# key-blob references after a fault, as a Markdown row; fails when a live session is missing
+# from a reference set (what a failover must never leave).
+store_audit() {
+    local c out
+    for c in $(containers coordinator) $(containers coordinator-2); do
+        # Exit 1 with JSON is a finding (judged below); without JSON, try the other one.
+        out=$(docker exec "$c" hyfhe store audit --config /etc/hyfhe/docker.toml --json 2>&1) || true
+        case "$out" in "{"*) break ;; esac
+    done
+    python3 - "$1" "$out" <<'PY'
+import json, sys
+name, text = sys.argv[1], sys.argv[2]
+try:
+    a = json.loads(text)
+except ValueError:
+    sys.exit(f"{name}: no store audit: {text}")
+bill = a["bills"].get("compose-ci", {})
+print(f"| {name} | {a['sessions']} | {a['key_blobs']} | {len(a['unreferenced_uses'])} | "
+      f"{a['sessions_without_blob']} | {a['stale_references']} | {a['unreferenced_blobs']} | "
+      f"{a['stale_quota_entries']} | {bill.get('jobs', 0)} |")
+if a["unreferenced_uses"]:
+    sys.exit(f"{name}: live sessions missing from their blobs' references: {a['unreferenced_uses']}")
+PY
+}
+
 log "docker compose up (project $project, coordinator on $URL)"
 t=$SECONDS
 compose up -d >/dev/null 2>&1 || compose up -d
@@ -327,6 +353,7 @@ table="$work/table.md"
     echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 } >"$table"
 failed=0
+audits=()
 
 # The worker to fault: the one receiving the most jobs over two seconds, so that the fault hits
 # shards the load is using (4 sessions use at most 4 of the 16 shards: an arbitrary worker could
@@ -498,6 +525,8 @@ for name in "${SCENARIOS[@]}"; do
     if [ "$HA" = 1 ]; then
         billed_after=$(billed_jobs)
         billed=$((10#$billed_after - 10#$billed_before))
+        audit_row=$(store_audit "$name") || failed=1
+        [ -z "$audit_row" ] || audits+=("$audit_row")
     fi
     row=$(python3 tests/compose/analyse.py "$name" "$work/$name.json" "$events" "$start" "$end" \
         "$dups" "$(allowed_dups "$name")" "$billed") || failed=1
@@ -507,6 +536,17 @@ for name in "${SCENARIOS[@]}"; do
     fi
     restore
 done
+
+if [ "$HA" = 1 ]; then
+    {
+        echo
+        echo "Store audit after each scenario (\`hyfhe store audit\`):"
+        echo
+        echo "| after | sessions | key blobs | sessions missing a reference | sessions without their blob | stale references | unreferenced blobs | stale quota entries | jobs billed in all |"
+        echo "|---|---|---|---|---|---|---|---|---|"
+        printf '%s\n' "${audits[@]}"
+    } >>"$table"
+fi
 
 mkdir -p target
 cp "$table" "target/compose-$([ "$HA" = 1 ] && echo ha-)scenarios.md"

@@ -452,8 +452,20 @@ impl Cluster {
             env,
             config: config.into(),
         };
-        cluster.wait_for_stable_leases(8);
+        cluster.wait_for_stable_leases();
         cluster
+    }
+
+    /// One more worker, configured as the others; returns once it holds a shard.
+    pub fn add_worker(&mut self) {
+        let name = format!("worker-{}", self.workers.len());
+        let config = self.config.to_str().unwrap();
+        self.workers.push(Service::spawn(
+            &name,
+            &["worker", "--config", config],
+            &self.env,
+        ));
+        self.wait_for_stable_leases();
     }
 
     /// `hyfhe serve`: coordinator and worker in one process on the in-memory queue.
@@ -481,15 +493,22 @@ impl Cluster {
         &self.coordinator.url
     }
 
+    /// The Redis server the cluster runs on (none for `hyfhe serve`).
+    pub fn redis_server(&self) -> &RedisServer {
+        self._redis.as_ref().expect("a cluster over Redis")
+    }
+
     /// The coordinator's (or `serve`'s) metrics address.
     pub fn metrics_url(&self) -> &str {
         &self.coordinator.metrics_url
     }
 
-    /// Every shard leased and each worker holding some, so a session's shard has settled.
-    pub fn wait_for_stable_leases(&self, shards: u64) {
+    /// Every shard (as many as the coordinator routes over) leased and each worker holding
+    /// some, so a session's shard has settled.
+    pub fn wait_for_stable_leases(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            let shards = metric(self.metrics_url(), "hyfhe_queue_shards") as u64;
             let owned: Vec<u64> = self
                 .workers
                 .iter()
@@ -498,7 +517,10 @@ impl Cluster {
             if owned.iter().sum::<u64>() == shards && owned.iter().all(|&o| o > 0) {
                 return;
             }
-            assert!(Instant::now() < deadline, "leases never settled: {owned:?}");
+            assert!(
+                Instant::now() < deadline,
+                "leases never settled: {owned:?} of {shards}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

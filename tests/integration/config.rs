@@ -71,6 +71,11 @@ fn unknown_keys_and_bad_values_fail_naming_the_key() {
     );
     let e = error(DEFAULT_TOML, &[("HYFHE__QUEUE__SHARDS", "0")]);
     assert!(e.contains("queue.shards"), "{e}");
+    let e = error(DEFAULT_TOML, &[("HYFHE__QUEUE__MAX_SHARDS", "8")]);
+    assert!(
+        e.contains("queue.max_shards") && e.contains("only grows"),
+        "{e}"
+    );
     let e = error(
         DEFAULT_TOML,
         &[("HYFHE__COORDINATOR__LISTEN", "everywhere")],

@@ -223,15 +223,23 @@ fn the_kubernetes_manifests_agree_with_the_config_and_the_cli() {
                 Some("metadata.name")
             );
             // The autoscaler: the cluster-wide backlog over what one worker holds, never past
-            // the shard count (a shard is read by one worker at a time).
+            // what the shard count can grow to with two shards per worker (a shard is read by
+            // one worker at a time; `grown_shards`).
             let so = &m["ScaledObject/hyfhe-worker"];
             assert_eq!(
                 so["spec"]["scaleTargetRef"]["name"].as_str(),
                 Some("hyfhe-worker")
             );
+            let max = so["spec"]["maxReplicaCount"].as_u64().unwrap();
+            let q = &config.queue;
+            assert!(
+                max > q.shards as u64 && 2 * max <= q.max_shards as u64,
+                "{max} workers"
+            );
             assert_eq!(
-                so["spec"]["maxReplicaCount"].as_u64(),
-                Some(config.queue.shards as u64)
+                hyfhe::queue::grown_shards(q.shards, max as usize, q.max_shards) as u64,
+                2 * max,
+                "each of the most workers keeps two shards"
             );
             let trigger = &so["spec"]["triggers"][0];
             assert_eq!(trigger["type"].as_str(), Some("prometheus"));

@@ -8,7 +8,8 @@ use futures::StreamExt;
 use hyfhe::protocol::ErrorCode;
 use hyfhe::queue::{
     shard_of, Begin, Broker, Completion, Job, JobOutcome, JobQueue, MemoryQueue, QueueError,
-    QueueSettings, RedisQueue, Reserved, SessionQuota, SessionRecord, StoredOutcome, TenantUsage,
+    QueueSettings, RedisQueue, Reserved, SessionQuota, SessionRecord, SessionStore, StoredOutcome,
+    TenantUsage,
 };
 
 use crate::cluster::{
@@ -19,6 +20,8 @@ use crate::cluster::{
 pub fn settings() -> QueueSettings {
     QueueSettings {
         shards: 4,
+        // Fixed here; `the_shard_count_grows…` lets it grow.
+        max_shards: 4,
         max_depth: 3,
         max_deliveries: 2,
         lease_ttl_ms: 1500,
@@ -348,6 +351,7 @@ pub async fn enqueue_through_failover(q: &RedisQueue, job: &Job) {
 fn wide_settings() -> QueueSettings {
     QueueSettings {
         shards: 8,
+        max_shards: 8,
         max_depth: 100,
         ..settings()
     }
@@ -365,6 +369,153 @@ async fn the_redis_queue_keeps_the_job_queue_contract() {
         .await
         .unwrap();
     bounded_reads(Arc::new(q)).await;
+}
+
+/// Two shards, allowed to grow to sixteen, with room for every job the growth test queues.
+fn growing_settings() -> QueueSettings {
+    QueueSettings {
+        shards: 2,
+        max_shards: 16,
+        max_depth: 100,
+        lease_ttl_ms: 60_000,
+        ..settings()
+    }
+}
+
+/// A cluster that grows from 2 to 8 shards as workers join, with jobs queued on the old streams:
+/// `coordinator` routes, `workers[i]` is worker i's connection (the same object in memory).
+async fn shard_growth(coordinator: Arc<dyn Broker>, workers: [Arc<dyn Broker>; 3]) {
+    let names = ["worker-a", "worker-b", "worker-c"];
+    let sessions: Vec<String> = (0..24).map(|i| format!("growth-{i}")).collect();
+    let a = workers[0].heartbeat(names[0], &[]).await.unwrap();
+    assert_eq!(
+        a.owned,
+        vec![0, 1],
+        "one worker: the two shards it starts with"
+    );
+    for (i, s) in sessions.iter().enumerate() {
+        coordinator
+            .enqueue(&job(&format!("before-{i}"), s))
+            .await
+            .unwrap();
+    }
+    // A second worker grows the count to 4 (2 × 2), a third to 8 (next power of two ≥ 2 × 3).
+    let b = workers[1].heartbeat(names[1], &[]).await.unwrap();
+    assert!(
+        !b.owned.is_empty() && b.owned.iter().all(|&s| (2..4).contains(&s)),
+        "{b:?}"
+    );
+    let c = workers[2].heartbeat(names[2], &[]).await.unwrap();
+    assert_eq!(c.owned.len(), 3, "a fair share of 8 over 3: {c:?}");
+    assert!(c.owned.iter().all(|&s| (4..8).contains(&s)), "{c:?}");
+    // The coordinator routes over the new count within its refresh (a second on Redis).
+    let started = std::time::Instant::now();
+    while coordinator.shard_lag().await.unwrap().len() != 8 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the coordinator kept 2 shards"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (i, s) in sessions.iter().enumerate() {
+        coordinator
+            .enqueue(&job(&format!("after-{i}"), s))
+            .await
+            .unwrap();
+    }
+    // Old jobs stay on their old stream, new ones go to the session's new shard.
+    let lag = coordinator.shard_lag().await.unwrap();
+    for l in &lag {
+        let before = sessions
+            .iter()
+            .filter(|s| shard_of(s, 2) == l.shard)
+            .count();
+        let after = sessions
+            .iter()
+            .filter(|s| shard_of(s, 8) == l.shard)
+            .count();
+        assert_eq!(l.unread as usize, before + after, "{l:?}");
+    }
+    // Leases settle over all eight shards, each held by one worker.
+    let mut owned = Vec::new();
+    for _round in 0..3 {
+        owned.clear();
+        for (w, name) in workers.iter().zip(names) {
+            owned.push(w.heartbeat(name, &[]).await.unwrap().owned);
+        }
+    }
+    let mut all: Vec<u32> = owned.concat();
+    all.sort_unstable();
+    assert_eq!(all, (0..8).collect::<Vec<_>>(), "{owned:?}");
+    // Every job, queued before the growth or after, is read once by its shard's owner.
+    let mut seen = std::collections::BTreeSet::new();
+    for ((w, name), shards) in workers.iter().zip(names).zip(&owned) {
+        loop {
+            let got = w.read(name, shards, 10, 50).await.unwrap();
+            if got.is_empty() {
+                break;
+            }
+            for d in got {
+                assert!(shards.contains(&d.shard));
+                assert!(seen.insert(d.job.id.clone()), "{} read twice", d.job.id);
+                let done = stored(JobOutcome::Done(vec![1; 8]));
+                assert_eq!(w.complete(&d, &done).await.unwrap(), Completion::Stored);
+            }
+        }
+    }
+    assert_eq!(seen.len(), 2 * sessions.len());
+    assert_eq!(coordinator.depth().await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shard_count_grows_with_the_workers_and_jobs_on_the_old_streams_are_still_served() {
+    let memory: Arc<dyn Broker> = Arc::new(MemoryQueue::new(growing_settings()));
+    shard_growth(memory.clone(), [memory.clone(), memory.clone(), memory]).await;
+
+    let redis = RedisServer::start();
+    let connect = |settings: QueueSettings| {
+        let url = redis.url();
+        async move {
+            Arc::new(
+                RedisQueue::connect(&url, settings, Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let coordinator = connect(growing_settings()).await;
+    let workers = [
+        connect(growing_settings()).await as Arc<dyn Broker>,
+        connect(growing_settings()).await,
+        connect(growing_settings()).await,
+    ];
+    shard_growth(coordinator, workers.clone()).await;
+    assert_eq!(
+        redis_cli(redis.port(), &["GET", "hyfhe:shards"]).trim(),
+        "8"
+    );
+    // A process configured with the old count joins at the cluster's count: it never shrinks.
+    let late = connect(growing_settings()).await;
+    assert_eq!(late.shard_lag().await.unwrap().len(), 8);
+    // A store that lost the count (a failover before it was replicated) gets it back from the
+    // processes that knew it, at their next heartbeat.
+    redis_cli(redis.port(), &["DEL", "hyfhe:shards"]);
+    workers[0].heartbeat("worker-a", &[]).await.unwrap();
+    assert_eq!(
+        redis_cli(redis.port(), &["GET", "hyfhe:shards"]).trim(),
+        "8"
+    );
+    // A process configured with more shards grows the running cluster to its count.
+    let bigger = connect(QueueSettings {
+        shards: 16,
+        ..growing_settings()
+    })
+    .await;
+    assert_eq!(bigger.shard_lag().await.unwrap().len(), 16);
+    assert_eq!(
+        redis_cli(redis.port(), &["GET", "hyfhe:shards"]).trim(),
+        "16"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -684,6 +835,25 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
     replica.signal("CONT");
     assert_eq!(completion.unwrap(), Completion::StoredUnreplicated);
     q.enqueue(&job("before-failover", &session)).await.unwrap();
+    // Two sessions sharing a key blob, one closed again: the blob's references must come
+    // through the failover with the survivor in them.
+    let roomy = SessionQuota {
+        sessions: 10,
+        key_bytes: 1 << 30,
+    };
+    let blob = hyfhe::queue::scoped_key_id("t", b"blob");
+    for id in ["s1", "s2"] {
+        let record = self::session(id, "t", &blob, 4);
+        assert_eq!(
+            q.create_session(&record, 60_000, roomy).await.unwrap(),
+            Reserved::Created
+        );
+        q.put_key(&blob, b"blob", 60_000).await.unwrap();
+    }
+    assert!(q
+        .delete_session(&self::session("s1", "t", &blob, 4))
+        .await
+        .unwrap());
     // Applied by the replica before the primary dies: it must survive the failover.
     wait_until_replicated(primary.port(), replica.port(), redis_cli);
     drop(primary); // SIGKILL
@@ -731,4 +901,40 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
     }
     let bill = q.bill("t").await.unwrap();
     assert_eq!(bill.jobs, 3, "{bill:?}");
+    // And the references: the surviving session, its blob, its reference, its bill.
+    let audit = q.audit().await.unwrap();
+    assert!(audit.is_consistent(), "{audit:?}");
+    assert_eq!(
+        (audit.sessions, audit.key_blobs, audit.sessions_without_blob),
+        (1, 1, 0),
+        "{audit:?}"
+    );
+    assert_eq!(
+        (
+            audit.stale_references,
+            audit.unreferenced_blobs,
+            audit.stale_quota_entries
+        ),
+        (0, 0, 0),
+        "{audit:?}"
+    );
+    assert_eq!(audit.bills["t"]["jobs"], 3, "{audit:?}");
+    // The operator's command says the same, through the sentinels.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hyfhe"))
+        .args(["store", "audit", "--json"])
+        .env("HYFHE__QUEUE__BACKEND", "redis")
+        .env("HYFHE__QUEUE__REDIS_URL", &url)
+        .env("HYFHE__QUEUE__SHARDS", settings.shards.to_string())
+        .env("HYFHE__QUEUE__MAX_SHARDS", settings.shards.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["sessions"], 1, "{json}");
+    assert_eq!(json["bills"]["t"]["jobs"], 3, "{json}");
+    // A session whose reference was lost would be named, and the command would fail.
+    redis_cli(replica.port(), &["DEL", &format!("hyfhe:key-refs:{blob}")]);
+    let audit = q.audit().await.unwrap();
+    assert_eq!(audit.unreferenced_uses, [format!("s2 → {blob}")]);
+    assert_eq!(audit.unreferenced_blobs, 1);
 }

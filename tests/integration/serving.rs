@@ -348,6 +348,40 @@ fn a_worker_stopped_with_sigterm_hands_its_shards_over_at_once() {
     });
 }
 
+#[test]
+fn the_shard_count_grows_as_workers_join_a_running_cluster_and_every_answer_stays_exact() {
+    let _serial = serial();
+    let config_dir = tempfile::tempdir().unwrap();
+    // Two shards for one worker; a cluster of three workers wants eight (2 × 3 → 8).
+    let mut cluster = Cluster::redis(
+        &MODELS.dir,
+        &config_file(config_dir.path()),
+        1,
+        &[("QUEUE__SHARDS", "2"), ("QUEUE__MAX_SHARDS", "64")],
+    );
+    assert_eq!(metric(cluster.metrics_url(), "hyfhe_queue_shards"), 2.0);
+    concurrent_clients(cluster.url(), 4, 1, false);
+    cluster.add_worker();
+    // Two workers: 2 × 2 → 4 shards.
+    assert_eq!(metric(cluster.metrics_url(), "hyfhe_queue_shards"), 4.0);
+    cluster.add_worker();
+    assert_eq!(metric(cluster.metrics_url(), "hyfhe_queue_shards"), 8.0);
+    let owned: Vec<f64> = cluster
+        .workers
+        .iter()
+        .map(|w| metric(&w.url, "hyfhe_worker_shards_owned"))
+        .collect();
+    assert_eq!(owned.iter().sum::<f64>(), 8.0, "{owned:?}");
+    // Sessions opened after the growth land on all eight shards and are served bit-exact.
+    concurrent_clients(cluster.url(), 12, 1, false);
+    let done: Vec<f64> = cluster
+        .workers
+        .iter()
+        .map(|w| metric(&w.url, "hyfhe_worker_jobs_done_total"))
+        .collect();
+    assert_eq!(done.iter().sum::<f64>(), 16.0 * 3.0, "{done:?}");
+}
+
 /// Raw HTTP for the error cases.
 pub struct Api {
     pub http: reqwest::Client,
@@ -752,6 +786,38 @@ fn an_expired_session_is_renewed_by_the_client_with_the_same_keys() {
     assert_eq!(
         metric(
             &serve.metrics_url,
+            "hyfhe_coordinator_sessions_created_total"
+        ),
+        2.0
+    );
+}
+
+#[test]
+fn a_session_whose_key_blob_the_store_lost_is_renewed_by_the_client_with_the_same_keys() {
+    let _serial = serial();
+    let config_dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::redis(&MODELS.dir, &config_file(config_dir.path()), 1, &[]);
+    hyfhe::client::block_on(async {
+        let fc = &MODELS.served[0];
+        let (_dir, model, session) = connect(cluster.url(), fc.name, SESSION_KEYS.clone()).await;
+        let before = session.id();
+        // What a failover between the session record and its blob leaves (the record is
+        // written first): the session is there, its key is not.
+        let port = cluster.redis_server().port();
+        let blobs = crate::cluster::redis_cli(port, &["--scan", "--pattern", "hyfhe:key:*"]);
+        let blobs: Vec<&str> = blobs.lines().collect();
+        assert_eq!(blobs.len(), 1, "{blobs:?}");
+        crate::cluster::redis_cli(port, &["DEL", blobs[0]]);
+        let (y, _) = model
+            .forward_remote(fc.input.clone(), &session)
+            .await
+            .unwrap();
+        assert_eq!(bits(&values(&y)), bits(&fc.simulate));
+        assert_ne!(session.id(), before, "renewed");
+    });
+    assert_eq!(
+        metric(
+            cluster.metrics_url(),
             "hyfhe_coordinator_sessions_created_total"
         ),
         2.0

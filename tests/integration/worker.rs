@@ -44,6 +44,7 @@ async fn outcome_of(queue: &MemoryQueue, job_id: &str) -> JobOutcome {
 fn a_job_past_max_deliveries_is_dead_lettered_with_a_clear_error() {
     let mut config = Config::load(None).unwrap();
     config.queue.shards = 1;
+    config.queue.max_shards = 1;
     config.queue.max_deliveries = 2;
     config.worker.heartbeat_ms = 50;
     let queue = Arc::new(MemoryQueue::new(config.queue_settings()));
@@ -89,6 +90,7 @@ fn a_job_past_max_deliveries_is_dead_lettered_with_a_clear_error() {
 fn an_idle_worker_claims_an_entry_left_pending_on_its_own_shard() {
     let mut config = Config::load(None).unwrap();
     config.queue.shards = 1;
+    config.queue.max_shards = 1;
     config.worker.max_pending = 1;
     config.worker.heartbeat_ms = 50;
     config.worker.read_block_ms = 1000;
@@ -121,6 +123,7 @@ fn an_idle_worker_claims_an_entry_left_pending_on_its_own_shard() {
 fn a_job_past_its_deadline_is_dropped_not_computed() {
     let mut config = Config::load(None).unwrap();
     config.queue.shards = 1;
+    config.queue.max_shards = 1;
     config.worker.heartbeat_ms = 50;
     let queue = Arc::new(MemoryQueue::new(config.queue_settings()));
     let broker: Arc<dyn Broker> = queue.clone();
@@ -159,6 +162,7 @@ fn a_job_past_its_deadline_is_dropped_not_computed() {
 fn a_panicking_evaluation_is_answered_as_an_internal_error_dead_lettered_and_the_worker_lives_on() {
     let mut config = Config::load(None).unwrap();
     config.queue.shards = 1;
+    config.queue.max_shards = 1;
     config.worker.heartbeat_ms = 50;
     let queue = Arc::new(MemoryQueue::new(config.queue_settings()));
     let broker: Arc<dyn Broker> = queue.clone();

@@ -2,7 +2,7 @@
 //!
 //! Keys (prefix `hyfhe:`): `jobs:{shard}` streams with group `workers`; `lease:{shard}` → worker
 //! id with a TTL; `workers` (sorted set of heartbeat times); `result:{job}` and `running:{job}`
-//! (the in-flight marker); channel `results`; `dead-letter` stream; `session:{id}`;
+//! (the in-flight marker); `shards` (the shard count, only ever grown); channel `results`; `dead-letter` stream; `session:{id}`;
 //! `key:{content id}`; `tenant-sessions:{tenant}` (sorted set of session ids by expiry) and
 //! `tenant-key-bytes:{tenant}` (hash of session id → key bytes).
 //!
@@ -10,7 +10,9 @@
 //! - [`leases`]: worker heartbeats and shard leases.
 //! - [`sessions`]: sessions, key blobs and per-tenant usage.
 //! - [`link`]: connections replaced when they stop answering.
+//! - [`audit`]: the consistency check an operator runs after a failover.
 
+mod audit;
 mod endpoint;
 mod leases;
 mod link;
@@ -33,6 +35,8 @@ use super::{
     QueueError, QueueSettings, Reserved, SessionQuota, SessionRecord, SessionStore, ShardLag,
     StoredOutcome, TenantBill, TenantUsage,
 };
+
+pub use self::audit::StoreAudit;
 
 const PREFIX: &str = "hyfhe:";
 
@@ -77,6 +81,9 @@ pub struct RedisQueue {
     scripts: Scripts,
     /// Which owned shard a read starts at, turned by one each read (fairness across shards).
     read_rotation: std::sync::atomic::AtomicUsize,
+    /// The cluster's shard count as last read from `hyfhe:shards` (only ever grows), and when.
+    shards: std::sync::atomic::AtomicU32,
+    shards_checked_ms: std::sync::atomic::AtomicU64,
 }
 
 struct Scripts {
@@ -90,6 +97,7 @@ struct Scripts {
     delete_session: Script,
     charge_rows: Script,
     acquire_slot: Script,
+    grow_shards: Script,
 }
 
 /// A client for `url`; `rediss://` speaks TLS with the process's crypto provider (*ring*), trusting
@@ -179,10 +187,15 @@ impl RedisQueue {
                 delete_session: Script::new(sessions::DELETE_SESSION),
                 charge_rows: Script::new(streams::CHARGE_ROWS),
                 acquire_slot: Script::new(sessions::ACQUIRE_SLOT),
+                grow_shards: Script::new(leases::GROW_SHARDS),
             },
             read_rotation: Default::default(),
+            shards: Default::default(),
+            shards_checked_ms: Default::default(),
         };
-        queue.ensure_groups().await?;
+        // The configured count starts a new cluster (or grows a running one to it); a process
+        // joining a cluster that has grown past it takes the larger count. Creates the groups.
+        queue.grow_shards(queue.settings.shards).await?;
         Ok(queue)
     }
 

@@ -141,8 +141,17 @@ fn parse_entry(entry: &StreamId) -> Result<Job, String> {
 }
 
 impl RedisQueue {
+    /// The consumer group of every stream this process knows (after a Redis that lost its
+    /// state answers `NOGROUP`).
     pub(super) async fn ensure_groups(&self) -> Result<(), QueueError> {
-        for shard in 0..self.settings.shards {
+        self.ensure_groups_of(0..self.known_shards()).await
+    }
+
+    pub(super) async fn ensure_groups_of(
+        &self,
+        shards: std::ops::Range<u32>,
+    ) -> Result<(), QueueError> {
+        for shard in shards {
             let created: Result<Value, QueueError> = self
                 .commands
                 .run(|mut c| async move {
@@ -226,7 +235,7 @@ impl RedisQueue {
     }
 
     pub(super) async fn enqueue_job(&self, job: &Job) -> Result<(), QueueError> {
-        let shard = shard_of(&job.session, self.settings.shards);
+        let shard = shard_of(&job.session, self.shard_count().await?);
         let key = stream_key(shard);
         // Entries are deleted once acknowledged, so the length is what waits or runs.
         let depth: usize = self
@@ -280,7 +289,7 @@ impl RedisQueue {
 
     pub(super) async fn total_depth(&self) -> Result<usize, QueueError> {
         let mut pipe = redis::pipe();
-        for shard in 0..self.settings.shards {
+        for shard in 0..self.shard_count().await? {
             pipe.cmd("XLEN").arg(stream_key(shard));
         }
         let lens: Vec<usize> = self
@@ -295,7 +304,7 @@ impl RedisQueue {
     /// acknowledged), and the first entry's id, whose millisecond part is when Redis appended it
     /// — compared with Redis's own `TIME`, so the age does not depend on this host's clock.
     pub(super) async fn lag_per_shard(&self) -> Result<Vec<ShardLag>, QueueError> {
-        let shards = self.settings.shards;
+        let shards = self.shard_count().await?;
         let mut pipe = redis::pipe();
         pipe.cmd("TIME");
         for shard in 0..shards {
