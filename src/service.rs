@@ -41,11 +41,15 @@ pub async fn connect_broker(config: &Config) -> Result<Arc<dyn Broker>, ServiceE
     })
 }
 
+/// The PEM file of the CA Redis's certificate must chain to; `None`: the system's roots.
+fn redis_ca(config: &Config) -> Option<&Path> {
+    (!config.queue.redis_ca_cert.is_empty()).then(|| Path::new(&config.queue.redis_ca_cert))
+}
+
 async fn connect_redis(config: &Config) -> Result<RedisQueue, ServiceError> {
     Ok(RedisQueue::connect_with_ca(
         &config.queue.redis_url,
-        (!config.queue.redis_ca_cert.is_empty())
-            .then(|| std::path::Path::new(&config.queue.redis_ca_cert)),
+        redis_ca(config),
         config.queue_settings(),
         Duration::from_millis(config.queue.connect_timeout_ms),
     )
@@ -57,7 +61,15 @@ pub async fn audit_store(config: &Config) -> Result<StoreAudit, ServiceError> {
     if config.queue.backend != QueueBackend::Redis {
         return Err(ServiceError::NotRedis);
     }
-    Ok(connect_redis(config).await?.audit().await?)
+    // Read-only: an audit run with another config must not grow the cluster's shards.
+    let queue = RedisQueue::connect_read_only(
+        &config.queue.redis_url,
+        redis_ca(config),
+        config.queue_settings(),
+        Duration::from_millis(config.queue.connect_timeout_ms),
+    )
+    .await?;
+    Ok(queue.audit().await?)
 }
 
 pub fn bind(addr: &str) -> Result<TcpListener, ServiceError> {

@@ -231,12 +231,14 @@ impl MemoryQueue {
         let id = &delivery.job.id;
         let stored = state.outcomes.get(id).is_some_and(|o| o.expires > now);
         if !stored {
-            let bill = state.bills.entry(delivery.job.tenant.clone()).or_default();
-            bill.jobs += 1;
-            if matches!(outcome.outcome, JobOutcome::Done(_)) {
-                bill.rows += delivery.job.rows as u64;
+            if outcome.outcome.billable() {
+                let bill = state.bills.entry(delivery.job.tenant.clone()).or_default();
+                bill.jobs += 1;
+                if matches!(outcome.outcome, JobOutcome::Done(_)) {
+                    bill.rows += delivery.job.rows as u64;
+                }
+                bill.fhe_micros += (outcome.fhe_seconds.max(0.0) * 1e6).round() as u64;
             }
-            bill.fhe_micros += (outcome.fhe_seconds.max(0.0) * 1e6).round() as u64;
             state.outcomes.insert(
                 id.clone(),
                 Expiring {
@@ -720,6 +722,10 @@ impl SessionStore for MemoryQueue {
             let now = Instant::now();
             let mut state = self.lock();
             state.prune(now);
+            // A session deleted (or expired) since it was read stays gone.
+            if !state.sessions.contains_key(&record.id) {
+                return Ok(());
+            }
             for key_id in record.keys.values() {
                 if let Some(k) = state.keys.get_mut(key_id) {
                     k.expires = k.expires.max(Self::ttl(ttl_ms));

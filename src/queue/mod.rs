@@ -102,6 +102,19 @@ impl JobOutcome {
             message: message.into(),
         }
     }
+
+    /// Whether storing this outcome bills the tenant a job: every outcome but a session the
+    /// store no longer holds whole (its key blob lost or expired), which the client answers by
+    /// opening a new session and sending the request again, billed then.
+    pub fn billable(&self) -> bool {
+        !matches!(
+            self,
+            JobOutcome::Failed {
+                code: ErrorCode::SessionNotFound,
+                ..
+            }
+        )
+    }
 }
 
 /// What [`Broker::complete`] found.
@@ -417,7 +430,8 @@ pub trait SessionStore: Send + Sync {
     ) -> BoxFuture<'a, Result<(), QueueError>>;
     fn get_key<'a>(&'a self, key_id: &'a str)
         -> BoxFuture<'a, Result<Option<Vec<u8>>, QueueError>>;
-    /// Renew a session created by [`SessionStore::create_session`] (and its blobs' TTL).
+    /// Renew a session created by [`SessionStore::create_session`] (and its blobs' TTL), in one
+    /// step; a session deleted or expired since it was read stays gone.
     fn put_session<'a>(
         &'a self,
         record: &'a SessionRecord,

@@ -267,7 +267,7 @@ billed_jobs() {
 # key-blob references after a fault, as a Markdown row; fails when a live session is missing
 # from a reference set (what a failover must never leave).
 store_audit() {
-    local c out
+    local c out=""
     for c in $(containers coordinator) $(containers coordinator-2); do
         # Exit 1 with JSON is a finding (judged below); without JSON, try the other one.
         out=$(docker exec "$c" hyfhe store audit --config /etc/hyfhe/docker.toml --json 2>&1) || true

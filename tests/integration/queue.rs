@@ -753,6 +753,10 @@ async fn a_key_blob_goes_with_the_last_session_that_uses_it_and_quotas_hold_unde
         );
         assert!(store.delete_session(&other).await.unwrap());
         assert_eq!(store.get_key(&theirs).await.unwrap(), None);
+        // A renewal racing the delete (read before it, written after) does not bring the
+        // session back outside its blob's references.
+        store.put_session(&other, 60_000).await.unwrap();
+        assert_eq!(store.get_session("s3").await.unwrap(), None);
 
         // Sixteen creations at once against a quota of three: exactly three pass.
         let tight = SessionQuota {
@@ -924,11 +928,14 @@ async fn the_redis_queue_follows_a_sentinel_failover_and_keeps_what_was_replicat
         .args(["store", "audit", "--json"])
         .env("HYFHE__QUEUE__BACKEND", "redis")
         .env("HYFHE__QUEUE__REDIS_URL", &url)
-        .env("HYFHE__QUEUE__SHARDS", settings.shards.to_string())
-        .env("HYFHE__QUEUE__MAX_SHARDS", settings.shards.to_string())
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+    // It only read: its config's 16 shards did not grow the cluster's 4.
+    assert_eq!(
+        redis_cli(replica.port(), &["GET", "hyfhe:shards"]).trim(),
+        settings.shards.to_string()
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["sessions"], 1, "{json}");
     assert_eq!(json["bills"]["t"]["jobs"], 3, "{json}");

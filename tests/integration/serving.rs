@@ -814,6 +814,13 @@ fn a_session_whose_key_blob_the_store_lost_is_renewed_by_the_client_with_the_sam
             .unwrap();
         assert_eq!(bits(&values(&y)), bits(&fc.simulate));
         assert_ne!(session.id(), before, "renewed");
+        // The session without its key was deleted (it no longer counts against the quota),
+        // and the job that found no key was not billed: one forward, one module, one job.
+        let sessions = crate::cluster::redis_cli(port, &["--scan", "--pattern", "hyfhe:session:*"]);
+        assert_eq!(sessions.lines().count(), 1, "{sessions}");
+        let bills = crate::cluster::redis_cli(port, &["--scan", "--pattern", "hyfhe:bill:*"]);
+        let bill = crate::cluster::redis_cli(port, &["HGET", bills.trim(), "jobs"]);
+        assert_eq!(bill.trim(), "1", "FCSmall has one remote module: {bills}");
     });
     assert_eq!(
         metric(

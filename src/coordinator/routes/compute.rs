@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use actix_web::{web, HttpRequest, HttpResponse};
 
 use super::{read_body, session_token, tenant};
-use crate::coordinator::actors::{Authorize, Dispatch, RowBudget};
+use crate::coordinator::actors::{Authorize, DeleteSession, Dispatch, RowBudget};
 use crate::coordinator::catalog::Catalog;
 use crate::coordinator::error::ApiError;
 use crate::coordinator::AppState;
@@ -151,6 +151,7 @@ async fn handle(
         .or_else(crate::telemetry::current_traceparent);
     let meter = state.usage.tenant(&tenant);
     meter.bytes_in.add(body.len() as u64);
+    let record = session.clone();
     let job = Job {
         id: scoped_job_id(&tenant, &session.id, &module, &client_job_id),
         client_job_id,
@@ -189,7 +190,17 @@ async fn handle(
             meter.bytes_out.add(bytes.len() as u64);
             Ok(HttpResponse::Ok().content_type(MSGPACK).body(bytes))
         }
-        JobOutcome::Failed { code, message } => Err(ApiError::new(code, message)),
+        JobOutcome::Failed { code, message } => {
+            if code == ErrorCode::SessionNotFound {
+                // The store holds the record but not its key (a failover, or the blob expired):
+                // the client opens a new session; this one goes now, so that it does not count
+                // against the tenant's quota until its TTL.
+                if let Err(e) = state.sessions.send(DeleteSession { record }).await? {
+                    tracing::warn!(error = %e, "a session without its key left to expire");
+                }
+            }
+            Err(ApiError::new(code, message))
+        }
     }
 }
 

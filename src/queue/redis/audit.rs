@@ -1,9 +1,10 @@
 //! A consistency check of what Redis holds for sessions, key blobs and bills: what an operator
 //! runs after a failover (`hyfhe store audit`), and what the `ha` fault scenarios check.
 //!
-//! Sessions and their reference sets are written and deleted by one script each, which a replica
-//! applies whole, so a failover can never leave a live session outside the reference set of a
-//! blob it uses; that is the invariant [`StoreAudit::is_consistent`] checks. What a failover can
+//! A session and its reference sets are created, renewed and deleted by one script each, which a
+//! replica applies whole (and a renewal never brings back a deleted session), so neither a
+//! failover nor a race can leave a live session outside the reference set of a blob it uses;
+//! that is the invariant [`StoreAudit::is_consistent`] checks. What a failover can
 //! leave is recoverable and counted: a session whose blob (stored after the record) had not
 //! reached the replica answers `session_not_found` and its client opens a new session with the
 //! same keys; references to sessions that are gone and quota entries of such sessions are pruned
@@ -114,6 +115,7 @@ impl RedisQueue {
             audit.stale_references += members.iter().filter(|m| !live.contains(*m)).count();
             refs.insert(id, members.into_iter().collect());
         }
+        let mut without_blob = BTreeSet::new();
         for (session, key_id) in &uses {
             if !refs.get(key_id).is_some_and(|r| r.contains(session)) {
                 audit
@@ -121,9 +123,10 @@ impl RedisQueue {
                     .push(format!("{session} → {key_id}"));
             }
             if !blobs.contains(key_id) {
-                audit.sessions_without_blob += 1;
+                without_blob.insert(session);
             }
         }
+        audit.sessions_without_blob = without_blob.len();
         audit.unreferenced_blobs = blobs
             .iter()
             .filter(|b| {

@@ -87,16 +87,18 @@ impl RedisQueue {
     /// that jobs a coordinator appended before any worker knew the stream are read too.
     async fn adopt_shards(&self, n: u32) -> Result<u32, QueueError> {
         let n = n.min(1024);
-        self.shards_checked_ms
-            .store(now_unix_ms(), Ordering::Relaxed);
-        let before = self.shards.fetch_max(n, Ordering::Relaxed);
+        let before = self.known_shards();
         if n > before {
+            // Groups first: a failure here leaves the count unchanged, so the next call
+            // creates them again rather than routing or leasing onto streams without one.
             self.ensure_groups_of(before..n).await?;
-            if before > 0 {
+            if self.shards.fetch_max(n, Ordering::Relaxed) < n && before > 0 {
                 tracing::info!(from = before, to = n, "the queue's shard count grew");
             }
         }
-        Ok(n.max(before))
+        self.shards_checked_ms
+            .store(now_unix_ms(), Ordering::Relaxed);
+        Ok(n.max(self.known_shards()))
     }
 
     pub(super) async fn count_live_workers(&self) -> Result<usize, QueueError> {

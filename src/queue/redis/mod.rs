@@ -98,6 +98,7 @@ struct Scripts {
     charge_rows: Script,
     acquire_slot: Script,
     grow_shards: Script,
+    refresh_session: Script,
 }
 
 /// A client for `url`; `rediss://` speaks TLS with the process's crypto provider (*ring*), trusting
@@ -138,6 +139,30 @@ impl RedisQueue {
         settings: QueueSettings,
         connect_timeout: Duration,
     ) -> Result<Self, QueueError> {
+        let queue = Self::open(url, ca_cert, settings, connect_timeout).await?;
+        // The configured count starts a new cluster (or grows a running one to it); a process
+        // joining a cluster that has grown past it takes the larger count. Creates the groups.
+        queue.grow_shards(queue.settings.shards).await?;
+        Ok(queue)
+    }
+
+    /// A connection that writes nothing on its own (no shard count, no consumer groups): what
+    /// `hyfhe store audit` reads the store with.
+    pub async fn connect_read_only(
+        url: &str,
+        ca_cert: Option<&std::path::Path>,
+        settings: QueueSettings,
+        connect_timeout: Duration,
+    ) -> Result<Self, QueueError> {
+        Self::open(url, ca_cert, settings, connect_timeout).await
+    }
+
+    async fn open(
+        url: &str,
+        ca_cert: Option<&std::path::Path>,
+        settings: QueueSettings,
+        connect_timeout: Duration,
+    ) -> Result<Self, QueueError> {
         let shown = redact_url(url);
         let endpoint = if endpoint::is_sentinel_url(url) {
             Endpoint::Sentinel(
@@ -168,7 +193,7 @@ impl RedisQueue {
                 Err(e) => return Err(unavailable(e)),
             }
         };
-        let queue = Self {
+        Ok(Self {
             settings,
             endpoint,
             commands,
@@ -188,15 +213,12 @@ impl RedisQueue {
                 charge_rows: Script::new(streams::CHARGE_ROWS),
                 acquire_slot: Script::new(sessions::ACQUIRE_SLOT),
                 grow_shards: Script::new(leases::GROW_SHARDS),
+                refresh_session: Script::new(sessions::REFRESH_SESSION),
             },
             read_rotation: Default::default(),
             shards: Default::default(),
             shards_checked_ms: Default::default(),
-        };
-        // The configured count starts a new cluster (or grows a running one to it); a process
-        // joining a cluster that has grown past it takes the larger count. Creates the groups.
-        queue.grow_shards(queue.settings.shards).await?;
-        Ok(queue)
+        })
     }
 
     /// A connection for one blocking read.

@@ -41,6 +41,25 @@ end
 return {1}";
 
 /// KEYS: session, tenant index, tenant key bytes, then (reference set, blob) per key.
+/// ARGV: record, TTL (ms), expiry (ms), session id, key bytes. Renews a session that still exists
+/// (`SET XX`: one deleted or expired since it was read stays gone, never back outside its blobs'
+/// reference sets), its place in the tenant's usage, its references (re-added: a renewal also
+/// repairs one) and its blobs' TTL (only ever lengthened), in one step a replica applies whole.
+/// Returns 1 when renewed.
+pub(super) const REFRESH_SESSION: &str = r"
+if not redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'XX') then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[4], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+for i = 4, #KEYS, 2 do
+  redis.call('SADD', KEYS[i], ARGV[4])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  redis.call('PEXPIRE', KEYS[i + 1], ARGV[2], 'GT')
+end
+return 1";
+
+/// KEYS: session, tenant index, tenant key bytes, then (reference set, blob) per key.
 /// ARGV: session id, the session key prefix. Deletes the session and every blob that no live
 /// session references any more; returns `{sessions deleted, blobs deleted}`. (It reads session
 /// keys it is not given, which a Redis Cluster would refuse; hyfhe runs one primary.)
@@ -139,44 +158,23 @@ impl RedisQueue {
         ttl_ms: u64,
     ) -> Result<(), QueueError> {
         let bytes = rmp_serde::to_vec_named(record).expect("msgpack encoding into a Vec");
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(session_key(&record.id))
-            .arg(bytes)
-            .arg("PX")
-            .arg(ttl_ms);
-        // The keys live as long as the longest session using them.
-        for key_id in record.keys.values() {
-            pipe.cmd("PEXPIRE")
-                .arg(key_key(key_id))
-                .arg(ttl_ms)
-                .arg("GT")
-                .cmd("PEXPIRE")
-                .arg(key_refs_key(key_id))
-                .arg(ttl_ms);
-        }
-        let (index, sizes) = (
-            tenant_sessions_key(&record.tenant),
-            tenant_bytes_key(&record.tenant),
-        );
-        pipe.cmd("ZADD")
-            .arg(&index)
-            .arg(record.expires_unix_ms)
-            .arg(&record.id)
-            .cmd("HSET")
-            .arg(&sizes)
-            .arg(&record.id)
-            .arg(record.key_bytes)
-            // Every session has the same TTL, so the latest write expires last.
-            .cmd("PEXPIRE")
-            .arg(&index)
-            .arg(ttl_ms)
-            .cmd("PEXPIRE")
-            .arg(&sizes)
-            .arg(ttl_ms);
-        let _: Value = self
+        let _: i64 = self
             .commands
-            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .run(|mut c| async move {
+                let mut call = self.scripts.refresh_session.prepare_invoke();
+                call.key(session_key(&record.id))
+                    .key(tenant_sessions_key(&record.tenant))
+                    .key(tenant_bytes_key(&record.tenant));
+                for key_id in record.keys.values() {
+                    call.key(key_refs_key(key_id)).key(key_key(key_id));
+                }
+                call.arg(bytes)
+                    .arg(ttl_ms)
+                    .arg(record.expires_unix_ms)
+                    .arg(&record.id)
+                    .arg(record.key_bytes);
+                call.invoke_async(&mut c).await
+            })
             .await?;
         Ok(())
     }

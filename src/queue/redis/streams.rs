@@ -74,8 +74,9 @@ end
 return {out, ids}";
 
 /// KEYS: result, running marker, stream, tenant bill. ARGV: outcome, result TTL (ms), job id,
-/// entry id, group, rows, FHE µs, results channel. Stores the outcome unless one is there and
-/// bills the tenant only then; returns 1 when stored, 0 for a duplicate. A duplicate refreshes the
+/// entry id, group, rows, FHE µs, results channel, `1` when the outcome is billable. Stores the
+/// outcome unless one is there and bills the tenant only then (and only a billable outcome:
+/// [`JobOutcome::billable`]); returns 1 when stored, 0 for a duplicate. A duplicate refreshes the
 /// stored outcome's TTL: a write that is replicated, so that a `WAIT` after it on the same
 /// connection also covers the first store (made on another connection, maybe not yet replicated).
 pub(super) const COMPLETE: &str = r"
@@ -88,9 +89,11 @@ if not stored then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 0
 end
-redis.call('HINCRBY', KEYS[4], 'jobs', 1)
-redis.call('HINCRBY', KEYS[4], 'rows', ARGV[6])
-redis.call('HINCRBY', KEYS[4], 'fhe_micros', ARGV[7])
+if ARGV[9] == '1' then
+  redis.call('HINCRBY', KEYS[4], 'jobs', 1)
+  redis.call('HINCRBY', KEYS[4], 'rows', ARGV[6])
+  redis.call('HINCRBY', KEYS[4], 'fhe_micros', ARGV[7])
+end
 return 1";
 
 /// Replicas this primary streams to that are online (synchronised): those a `WAIT` can count.
@@ -109,6 +112,15 @@ used = redis.call('INCRBY', KEYS[1], rows)
 if used < 0 then used = redis.call('SET', KEYS[1], 0) and 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {1, used}";
+
+/// What a stored outcome adds to its tenant's bill.
+#[derive(Clone, Copy)]
+struct Bill {
+    rows: u64,
+    fhe_micros: u64,
+    /// `false`: nothing ([`JobOutcome::billable`]).
+    billable: bool,
+}
 
 /// A tenant's bill: a hash of jobs, rows and FHE microseconds. No TTL: it is the invoice.
 fn bill_key(tenant: &str) -> String {
@@ -587,19 +599,20 @@ impl RedisQueue {
     ) -> Result<Completion, QueueError> {
         let bytes = encode(outcome);
         let job = &delivery.job;
-        let rows = match outcome.outcome {
-            JobOutcome::Done(_) => job.rows as u64,
-            JobOutcome::Failed { .. } => 0,
+        let bill = Bill {
+            rows: match outcome.outcome {
+                JobOutcome::Done(_) => job.rows as u64,
+                JobOutcome::Failed { .. } => 0,
+            },
+            fhe_micros: (outcome.fhe_seconds.max(0.0) * 1e6).round() as u64,
+            billable: outcome.outcome.billable(),
         };
-        let fhe_micros = (outcome.fhe_seconds.max(0.0) * 1e6).round() as u64;
         if self.settings.replica_acks > 0 {
-            return self
-                .complete_replicated(delivery, bytes, rows, fhe_micros)
-                .await;
+            return self.complete_replicated(delivery, bytes, bill).await;
         }
         // One script, outcome first: if we die before it, the entry stays pending and is
         // redelivered; after it, a retried job id finds the outcome, billed once.
-        let complete = self.complete_command(delivery, bytes, rows, fhe_micros, RESULTS_CHANNEL);
+        let complete = self.complete_command(delivery, bytes, bill, RESULTS_CHANNEL);
         let stored: i64 = self
             .commands
             .run(|mut c| async move { complete.query_async(&mut c).await })
@@ -616,8 +629,7 @@ impl RedisQueue {
         &self,
         delivery: &Delivery,
         outcome: Vec<u8>,
-        rows: u64,
-        fhe_micros: u64,
+        bill: Bill,
         channel: &str,
     ) -> redis::Cmd {
         let job = &delivery.job;
@@ -633,9 +645,10 @@ impl RedisQueue {
             .arg(&job.id)
             .arg(&delivery.entry_id)
             .arg(GROUP)
-            .arg(rows)
-            .arg(fhe_micros)
-            .arg(channel);
+            .arg(bill.rows)
+            .arg(bill.fhe_micros)
+            .arg(channel)
+            .arg(if bill.billable { "1" } else { "0" });
         cmd
     }
 
@@ -655,12 +668,11 @@ impl RedisQueue {
         &self,
         delivery: &Delivery,
         bytes: Vec<u8>,
-        rows: u64,
-        fhe_micros: u64,
+        bill: Bill,
     ) -> Result<Completion, QueueError> {
         let job = &delivery.job;
         let mut store = redis::pipe();
-        store.add_command(self.complete_command(delivery, bytes, rows, fhe_micros, ""));
+        store.add_command(self.complete_command(delivery, bytes, bill, ""));
         store.cmd("EVAL").arg(REPLICAS_ONLINE).arg(0);
         // A pooled connection that turns out dead (Redis restarted, or failed over, while it sat
         // idle, so the request never reached a live server): once more on a fresh one. Not after
