@@ -47,6 +47,10 @@ pub struct RemoteSession {
     model: String,
     keys: Arc<SessionKeys>,
     current: Mutex<SessionCreated>,
+    /// Held while a renewal runs: the requests in flight on a session that is gone all learn it
+    /// at once, and one new session (one ~100 MiB key upload) must serve them all, not one each
+    /// (each would also spend one of the tenant's session creations).
+    renewing: tokio::sync::Mutex<()>,
     retry: RetryPolicy,
     on_retry: Option<RetryObserver>,
     /// Rows per request the server accepts, by module (from its `max_job_values`).
@@ -178,6 +182,7 @@ impl Client {
             model: model.name().to_string(),
             keys,
             current: Mutex::new(current),
+            renewing: tokio::sync::Mutex::new(()),
             retry: RetryPolicy::default(),
             on_retry: None,
             max_rows: model
@@ -383,7 +388,13 @@ impl RemoteSession {
         self.client.body(response, 1 << 20).await.map(|_| ())
     }
 
-    async fn renew(&self) -> Result<(), ClientError> {
+    /// Open a new session with the same keys in place of `gone`, unless another request has
+    /// already replaced it.
+    async fn renew(&self, gone: &str) -> Result<(), ClientError> {
+        let _one_at_a_time = self.renewing.lock().await;
+        if self.current.lock().expect("session").session_id != gone {
+            return Ok(());
+        }
         let fresh = self
             .client
             .create_session(&self.model, &self.keys.evaluation_keys)
@@ -445,7 +456,7 @@ impl RemoteSession {
                         }
                         Err(e) if e.code() == Some(ErrorCode::SessionNotFound) => {
                             self.retried("session_not_found");
-                            self.renew().await?;
+                            self.renew(&s.session_id).await?;
                             last = Some(e);
                             continue;
                         }
