@@ -139,7 +139,7 @@ impl RedisQueue {
         settings: QueueSettings,
         connect_timeout: Duration,
     ) -> Result<Self, QueueError> {
-        let queue = Self::open(url, ca_cert, settings, connect_timeout).await?;
+        let queue = Self::connect_read_only(url, ca_cert, settings, connect_timeout).await?;
         // The configured count starts a new cluster (or grows a running one to it); a process
         // joining a cluster that has grown past it takes the larger count. Creates the groups.
         queue.grow_shards(queue.settings.shards).await?;
@@ -149,15 +149,6 @@ impl RedisQueue {
     /// A connection that writes nothing on its own (no shard count, no consumer groups): what
     /// `hyfhe store audit` reads the store with.
     pub async fn connect_read_only(
-        url: &str,
-        ca_cert: Option<&std::path::Path>,
-        settings: QueueSettings,
-        connect_timeout: Duration,
-    ) -> Result<Self, QueueError> {
-        Self::open(url, ca_cert, settings, connect_timeout).await
-    }
-
-    async fn open(
         url: &str,
         ca_cert: Option<&std::path::Path>,
         settings: QueueSettings,

@@ -107,6 +107,17 @@ fn key_refs_key(id: &str) -> String {
     format!("{PREFIX}key-refs:{id}")
 }
 
+/// The KEYS of [`REFRESH_SESSION`] and [`DELETE_SESSION`]: the session, its tenant's index and
+/// key bytes, then (reference set, blob) per key.
+fn session_and_blob_keys(call: &mut redis::ScriptInvocation<'_>, record: &SessionRecord) {
+    call.key(session_key(&record.id))
+        .key(tenant_sessions_key(&record.tenant))
+        .key(tenant_bytes_key(&record.tenant));
+    for key_id in record.keys.values() {
+        call.key(key_refs_key(key_id)).key(key_key(key_id));
+    }
+}
+
 fn tenant_sessions_key(tenant: &str) -> String {
     format!("{PREFIX}tenant-sessions:{tenant}")
 }
@@ -162,12 +173,7 @@ impl RedisQueue {
             .commands
             .run(|mut c| async move {
                 let mut call = self.scripts.refresh_session.prepare_invoke();
-                call.key(session_key(&record.id))
-                    .key(tenant_sessions_key(&record.tenant))
-                    .key(tenant_bytes_key(&record.tenant));
-                for key_id in record.keys.values() {
-                    call.key(key_refs_key(key_id)).key(key_key(key_id));
-                }
+                session_and_blob_keys(&mut call, record);
                 call.arg(bytes)
                     .arg(ttl_ms)
                     .arg(record.expires_unix_ms)
@@ -224,12 +230,7 @@ impl RedisQueue {
             .commands
             .run(|mut c| async move {
                 let mut call = self.scripts.delete_session.prepare_invoke();
-                call.key(session_key(&record.id))
-                    .key(tenant_sessions_key(&record.tenant))
-                    .key(tenant_bytes_key(&record.tenant));
-                for key_id in record.keys.values() {
-                    call.key(key_refs_key(key_id)).key(key_key(key_id));
-                }
+                session_and_blob_keys(&mut call, record);
                 call.arg(&record.id).arg(session_key(""));
                 call.invoke_async(&mut c).await
             })
