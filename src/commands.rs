@@ -230,7 +230,7 @@ fn render_reports(reports: &[ModuleReport]) -> String {
             "  {:<24} {}→{}  {}-bit weights  {}-bit acc  {precision}  input {input}\n",
             r.module, r.plan.in_features, r.plan.out_features, r.plan.weight_bits, r.plan.acc_bits
         ));
-        out.push_str(&exposure(r));
+        out.push_str(&r.exposure());
         if let Some(c) = &r.chain {
             let windows: Vec<String> = c
                 .windows
@@ -253,29 +253,6 @@ fn render_reports(reports: &[ModuleReport]) -> String {
         }
     }
     out
-}
-
-/// What a client of a served module can learn of its weights, stated per module: the operator
-/// decides what to serve and how many rows to budget from it.
-fn exposure(r: &ModuleReport) -> String {
-    let rows = r.plan.in_features + 1;
-    match &r.chain {
-        None => format!(
-            "  {:<24} warning: linear-only: a client choosing its inputs recovers this module's \
-             quantized weights and bias exactly from {rows} rows (in + 1); a row budget \
-             (quotas.rows_per_module) above that slows extraction, it cannot stop it\n",
-            ""
-        ),
-        Some(c) => format!(
-            "  {:<24} exposure: the hidden values stay encrypted, but the client decrypts the \
-             output's full phase and can query freely; no exact recovery from a fixed number of \
-             rows is known, yet query-based extraction of ReLU networks is a published attack \
-             class, and ~{:.1}% of hidden values round one step off on repeats, which marks \
-             pre-activations near a rounding boundary; budget rows (quotas.rows_per_module)\n",
-            "",
-            100.0 * c.neighbour_rate
-        ),
-    }
 }
 
 pub struct RunRequest<'a> {

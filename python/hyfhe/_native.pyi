@@ -36,6 +36,14 @@ class Modules:
         dynamic: bool = False,
         precision: str = "exact",
     ) -> Dict[str, object]: ...
+    def compile_backward(
+        self,
+        name: str,
+        forward: str,
+        weight: npt.NDArray[np.float32],
+        n_bits: int = 8,
+        precision: str = "exact",
+    ) -> Dict[str, object]: ...
     def compile_learned(
         self,
         name: str,

@@ -51,6 +51,9 @@ MAX_CALIBRATION_ROWS = 4096
 CLIENT_STATE = "torch/state_dict.pt"
 #: Private-tree file holding the remote modules' float weights (owner only, never served).
 PRIVATE_STATE = "torch/remote_modules.pt"
+#: A backward module is named after its forward module with this suffix (`@` appears in no
+#: `named_modules()` path torch builds from attributes).
+BACKWARD_SUFFIX = "@grad"
 
 
 class HybridFHEMode(str, enum.Enum):
@@ -109,6 +112,11 @@ class RemoteModule(nn.Module):
     def extra_repr(self) -> str:
         return f"module_name={self.module_name!r}, fhe_local_mode={self.fhe_local_mode.value}"
 
+    @property
+    def backward_name(self) -> str:
+        """The name of this module's backward module (compiled with ``train=True`` only)."""
+        return self.module_name + BACKWARD_SUFFIX
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._binding
         mode = self.fhe_local_mode
@@ -128,6 +136,15 @@ class RemoteModule(nn.Module):
                 f"`{self.module_name}` takes a floating-point tensor, got "
                 f"{getattr(x, 'dtype', type(x).__name__)}"
             )
+        if torch.is_grad_enabled() and x.requires_grad:
+            # Something before this module trains (a LoRA adapter, an unfrozen layer): the
+            # input gradient g·W comes from the backward module, in the mode of this forward.
+            return _RemoteFunction.apply(x, self, mode)
+        return self._compute(self.module_name, x, mode)
+
+    def _compute(self, name: str, x: torch.Tensor, mode: HybridFHEMode) -> torch.Tensor:
+        """Module `name` (this one or its backward) on `x` in `mode`, outside autograd."""
+        b = self._binding
         t0 = time.perf_counter()
         # Zero-copy for a contiguous CPU float32 tensor; anything else is converted once.
         xn = x.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
@@ -138,20 +155,29 @@ class RemoteModule(nn.Module):
                     "remote mode needs a session: call init_client() (or set_fhe_mode('remote') "
                     "with server_remote_address set)"
                 )
-            y = b.session.forward(self.module_name, xn, want)
+            y = b.session.forward(name, xn, want)
         else:
-            y = b.native.forward(self.module_name, xn, mode.value, want)
+            y = b.native.forward(name, xn, mode.value, want)
         if want:
             y, stats = y
         out = torch.from_numpy(y).to(device=x.device, dtype=x.dtype)
         if want:
-            stats.update(module=self.module_name, mode=mode.value,
+            stats.update(module=name, mode=mode.value,
                          # Images for a conv (NCHW), else every leading dimension.
                          rows=int(xn.shape[0]) if self._conv else
                          (int(np.prod(xn.shape[:-1])) if xn.ndim > 1 else 1),
                          wall_ms=(time.perf_counter() - t0) * 1e3)
             b.stats.append(stats)
         return out
+
+    def _backward(self, g: torch.Tensor, mode: HybridFHEMode) -> torch.Tensor:
+        if self.backward_name not in self._binding.native.module_names:
+            raise RuntimeError(
+                f"`{self.module_name}` has no backward module, so no gradient flows through it: "
+                "the model's owner opts it into training with compile_model(..., train=True) "
+                "(or hyfhe.torch.LoraTrainer)"
+            )
+        return self._compute(self.backward_name, g, mode)
 
     def _record(self, x: Any) -> None:
         b = self._binding
@@ -174,6 +200,24 @@ class RemoteModule(nn.Module):
         if kept < MAX_CALIBRATION_ROWS and xd.dim() >= 1:
             flat = xd.reshape(-1, xd.shape[-1]).cpu().numpy()
             rows.append(flat[: MAX_CALIBRATION_ROWS - kept].copy())
+
+
+class _RemoteFunction(torch.autograd.Function):
+    """A remote linear module inside autograd: forward as outside it; backward sends the output
+    gradient `g` (quantized per row, encrypted in execute and remote) to the backward module,
+    which holds `Wᵀ`, and returns `g·W`. No gradient for `W` or the bias: they stay on the
+    server, frozen."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, remote: "RemoteModule",
+                mode: HybridFHEMode) -> torch.Tensor:
+        ctx.remote, ctx.mode = remote, mode
+        return remote._compute(remote.module_name, x, mode)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        return ctx.remote._backward(g.contiguous(), ctx.mode), None, None
 
 
 def _plain(x: Any) -> Any:
@@ -237,6 +281,48 @@ def _integer_zero_point(z: float, what: str) -> int:
         raise ValueError(f"{what}: zero point {z} is not an integer (quantize_zero_point=False); "
                          "remote modules take integer zero points")
     return int(round(z))
+
+
+def _resolve_name(known: Dict[str, nn.Module], name: str) -> str:
+    """The module `name` stands for. With HF peft, the names users see after
+    ``get_peft_model`` work as they are (``…c_attn.base_layer``); a LoRA layer (``…c_attn``)
+    stands for its frozen base layer, since its adapters train on the client; and a name from
+    before ``get_peft_model`` (without ``base_model.model.``) is found under it."""
+    if name not in known or name == "":
+        if name and f"base_model.model.{name}" in known:
+            name = f"base_model.model.{name}"
+        else:
+            close = difflib.get_close_matches(name, [k for k in known if k], n=3)
+            hint = f" (closest: {', '.join(close)})" if close else ""
+            raise KeyError(f"no module `{name}` in the model's named_modules(){hint}")
+    m = known[name]
+    if _is_peft_layer(m):
+        name = f"{name}.base_layer"
+    if BACKWARD_SUFFIX in name:
+        raise ValueError(f"`{name}`: `{BACKWARD_SUFFIX}` names backward modules")
+    return name
+
+
+def _is_peft_layer(m: nn.Module) -> bool:
+    """A peft tuner layer (LoRA's ``lora.Linear`` and kin) wrapping a ``base_layer``."""
+    return (type(m).__module__.startswith("peft.")
+            and isinstance(getattr(m, "base_layer", None), nn.Module))
+
+
+def _dense_weight(name: str, m: nn.Module) -> torch.Tensor:
+    """A dense module's float weight as ``out × in`` (for its backward module)."""
+    if _brevitas_kind(m) == "linear":
+        with torch.no_grad():
+            return m.quant_weight().value.detach() if m.weight_quant.is_quant_enabled \
+                else m.weight.detach()
+    if isinstance(m, nn.Linear):
+        return m.weight.detach()
+    if _is_hf_conv1d(m):
+        return m.weight.detach().t()
+    raise ValueError(
+        f"`{name}` ({type(m).__name__}): backward modules are built for dense layers "
+        "(nn.Linear, transformers' Conv1D, Brevitas QuantLinear); select only those for training"
+    )
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -315,11 +401,8 @@ class HybridFHEModel:
         if not names:
             raise ValueError("no module selected: pass names from model.named_modules()")
         known = dict(model.named_modules())
+        names = [_resolve_name(known, name) for name in names]
         for name in names:
-            if name not in known or name == "":
-                close = difflib.get_close_matches(name, [k for k in known if k], n=3)
-                hint = f" (closest: {', '.join(close)})" if close else ""
-                raise KeyError(f"no module `{name}` in the model's named_modules(){hint}")
             if isinstance(known[name], RemoteModule):
                 raise ValueError(f"`{name}` is already a remote module")
         for name in names:
@@ -356,12 +439,19 @@ class HybridFHEModel:
         configuration: Any = None,
         use_dynamic_quantization: bool = False,
         precision: str = "exact",
+        train: bool = False,
     ) -> None:
         """Calibrate on ``x`` (run through the float model), then quantize and plan every remote
         module. ``n_bits`` is the width of inputs and weights (weights at most 8);
         ``use_dynamic_quantization`` quantizes each row by its own range at run time (linear
         modules). ``p_error``, ``device`` and ``configuration`` are Concrete ML's: they do not
-        apply here (warned and ignored); ``precision`` is hyfhe's ("exact", "compact")."""
+        apply here (warned and ignored); ``precision`` is hyfhe's ("exact", "compact").
+
+        ``train=True`` is the owner opting this model into training (LoRA and the like): each
+        remote module also gets a backward module, ``<name>@grad``, holding ``Wᵀ``, which gives
+        the input gradient ``g·W`` (``g`` quantized per row to ``n_bits`` at run time). It is
+        served like any module; it reveals ``W`` in ``out`` rows (see each report's
+        ``exposure``), and its rows count against the forward module's row budget."""
         bits = _one_width(n_bits)
         rounding = _rounding_bits(rounding_threshold_bits)
         if p_error is not None:
@@ -385,6 +475,10 @@ class HybridFHEModel:
                 self._call(x)
         finally:
             b.calibrating = False
+        if train:
+            for name, remote in self.remote_modules.items():
+                if remote.private_module is not None:
+                    _dense_weight(name, remote.private_module)  # refuse before compiling
         for name, remote in self.remote_modules.items():
             if remote.private_module is None:
                 raise RuntimeError(f"`{name}` has no float weights here: compile on the owner's side")
@@ -395,6 +489,14 @@ class HybridFHEModel:
             self.reports[name] = report
             if self.verbose:
                 print(f"[hyfhe] {name}: {report}")
+            if train:
+                grad = remote.backward_name
+                weight = _numpy(_dense_weight(name, remote.private_module))
+                report = self._binding.native.compile_backward(grad, name, weight, bits,
+                                                               precision)
+                self.reports[grad] = report
+                if self.verbose:
+                    print(f"[hyfhe] {grad}: {report}")
         self.set_fhe_mode(HybridFHEMode.DISABLE if self.fhe_mode is HybridFHEMode.TORCH
                           else self.fhe_mode)
 
@@ -574,9 +676,10 @@ class HybridFHEModel:
         native = self._binding.native
         if not native.module_names or path_to_clients is not None:
             native = self._load_client(path_to_clients)
-        if sorted(native.module_names) != sorted(self.module_names):
+        forward = [n for n in native.module_names if not n.endswith(BACKWARD_SUFFIX)]
+        if sorted(forward) != sorted(self.module_names):
             raise ValueError(
-                f"the compiled model has remote modules {native.module_names}, this hybrid model "
+                f"the compiled model has remote modules {forward}, this hybrid model "
                 f"selects {self.module_names}"
             )
         self.close()

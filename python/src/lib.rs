@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use hyfhe::client::{Client, ClientError};
 use hyfhe::fhe::Precision;
 use hyfhe::hybrid::{
-    compile_learned, compile_module, linear_from_weights, Calibration, CompileOptions,
-    CompiledModule, CompiledModules, ForwardStats, Front, HybridError, LearnedQuantizers, Loaded,
-    Mode, ModuleReport, Trees,
+    compile_backward, compile_learned, compile_module, linear_from_weights, Calibration,
+    CompileOptions, CompiledModule, CompiledModules, ForwardStats, Front, HybridError,
+    LearnedQuantizers, Loaded, Mode, ModuleReport, Trees,
 };
 use hyfhe::model::{runner, ConvGeometry, LinearKind, ModelError, OnnxModel, Value};
 use hyfhe::progress::Silent;
@@ -79,6 +79,16 @@ impl From<HybridError> for Failure {
                 Failure::UnknownModule(format!("no remote module `{m}` was compiled in this model"))
             }
             e @ HybridError::NoSuchModule { .. } => Failure::UnknownModule(e.to_string()),
+            HybridError::RemoteRefused {
+                status,
+                code,
+                message,
+            } => Failure::Server {
+                message: format!("server answered {status} {code}: {message}"),
+                status,
+                code,
+            },
+            e @ HybridError::RemoteUnreachable(_) => Failure::Unreachable(e.to_string()),
             other => Failure::Core(other.to_string()),
         }
     }
@@ -311,6 +321,8 @@ fn report_dict<'py>(py: Python<'py>, r: &ModuleReport) -> PyResult<Bound<'py, Py
     d.set_item("precision", r.plan.precision.to_string())?;
     d.set_item("input", format!("{:?}", r.input))?;
     d.set_item("non_linear", r.chain.is_some())?;
+    d.set_item("backward_of", r.backward_of.clone())?;
+    d.set_item("exposure", r.exposure().trim().to_string())?;
     if let Some(c) = &r.chain {
         d.set_item("activations", c.activations.clone())?;
         d.set_item("bootstraps_per_row", c.bootstraps_per_row)?;
@@ -572,6 +584,49 @@ impl Modules {
             input_range,
             options,
         )
+    }
+
+    /// Compile the backward module `name` of the dense module `forward` (already compiled
+    /// here), from the same float weight (`out × in`): `Wᵀ` on the server, the input gradient
+    /// `g·W` for a gradient `g` of `out` values per row, quantized per row at run time to
+    /// `n_bits`. No new secret on the client: its spec holds no weights.
+    #[pyo3(signature = (name, forward, weight, n_bits = 8, precision = "exact"))]
+    fn compile_backward(
+        &self,
+        py: Python<'_>,
+        name: String,
+        forward: String,
+        weight: PyReadonlyArrayDyn<'_, f32>,
+        n_bits: u32,
+        precision: &str,
+    ) -> PyResult<Py<PyDict>> {
+        let [out, inp] = weight.shape()[..] else {
+            return Err(PyValueError::new_err(format!(
+                "`{forward}`: a linear weight is 2-D (out × in), got shape {:?}",
+                weight.shape()
+            )));
+        };
+        match self.read().specs().get(&forward) {
+            Some(f) if f.in_features == inp && f.out_features == out && f.backward_of.is_none() => {
+            }
+            Some(f) => {
+                return Err(PyValueError::new_err(format!(
+                "`{forward}` was compiled {}→{}, the weight given for its backward is {inp}→{out}",
+                f.in_features, f.out_features
+            )))
+            }
+            None => {
+                return Err(PyKeyError::new_err(format!(
+                    "no compiled module `{forward}`: compile the forward module first"
+                )))
+            }
+        }
+        let options = options(n_bits, true, precision, None)?;
+        let m = linear_from_weights(&forward, LinearKind::Dense, inp, out, owned(&weight), None)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        self.install(py, move || {
+            Ok(compile_backward(&name, &forward, &m, &options)?)
+        })
     }
 
     /// Compile a `Conv2d` (groups 1, zero padding) from its weight (`out × C × kh × kw`), bias,

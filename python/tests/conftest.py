@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import pytest
 import torch
@@ -73,12 +73,13 @@ def hyfhe_bin() -> Path:
 
 
 @contextlib.contextmanager
-def serve(model_dir: Path) -> Iterator[Tuple[str, str]]:
-    """`hyfhe serve` (embedded coordinator and worker) on a free port: (url, metrics url)."""
+def serve(model_dir: Path, env: Optional[Dict[str, str]] = None) -> Iterator[Tuple[str, str]]:
+    """`hyfhe serve` (embedded coordinator and worker) on a free port, with `env` added to its
+    environment (``HYFHE__…`` configuration overrides): (url, metrics url)."""
     proc = subprocess.Popen(
         [str(hyfhe_bin()), "serve", "--model-dir", str(model_dir), "--listen", "127.0.0.1:0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "RUST_LOG": "warn"},
+        env={**os.environ, "RUST_LOG": "warn", **(env or {})},
     )
     try:
         url = metrics = None

@@ -68,7 +68,21 @@ impl ClientError {
 
 impl From<ClientError> for HybridError {
     fn from(e: ClientError) -> Self {
-        HybridError::Remote(e.to_string())
+        match e {
+            ClientError::Api {
+                status,
+                code,
+                message,
+            } => HybridError::RemoteRefused {
+                status,
+                code,
+                message,
+            },
+            e @ (ClientError::Transport { .. } | ClientError::Url(_)) => {
+                HybridError::RemoteUnreachable(e.to_string())
+            }
+            other => HybridError::Remote(other.to_string()),
+        }
     }
 }
 

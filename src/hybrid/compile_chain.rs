@@ -435,6 +435,7 @@ pub(super) fn compile_chain(
         output_plan: Some(output_plan),
         chain_width: Some(program.max_width(&plan1)),
         map: program.map_pixels().and(map),
+        backward_of: None,
     };
     let server = ServerModule {
         protocol_version: PROTOCOL_VERSION,

@@ -25,6 +25,45 @@ pub struct ModuleReport {
     pub input: InputQuantization,
     /// For a module with activations inside.
     pub chain: Option<ChainReport>,
+    /// For a backward module: the forward module it transposes.
+    pub backward_of: Option<String>,
+}
+
+impl ModuleReport {
+    /// What a client of this module, once served, can learn of its weights, stated per module:
+    /// the operator decides what to serve and how many rows to budget from it.
+    pub fn exposure(&self) -> String {
+        let r = self;
+        let rows = r.plan.in_features + 1;
+        if let Some(forward) = &r.backward_of {
+            // g·W for a g the client picks: the unit vectors read W's rows one by one, with no bias
+            // to solve for. Cheaper than the forward module's in + 1 rows whenever out < in + 1.
+            return format!(
+                "  {:<24} warning: backward module of `{forward}` (served because the owner opted \
+                 this model into training): it answers g·W for any g, so a client recovers \
+                 `{forward}`'s quantized weights exactly from {} rows (out of `{forward}`); its rows \
+                 count against `{forward}`'s row budget (quotas.rows_per_module)\n",
+                "", r.plan.in_features
+            );
+        }
+        match &r.chain {
+            None => format!(
+                "  {:<24} warning: linear-only: a client choosing its inputs recovers this module's \
+                 quantized weights and bias exactly from {rows} rows (in + 1); a row budget \
+                 (quotas.rows_per_module) above that slows extraction, it cannot stop it\n",
+                ""
+            ),
+            Some(c) => format!(
+                "  {:<24} exposure: the hidden values stay encrypted, but the client decrypts the \
+                 output's full phase and can query freely; no exact recovery from a fixed number of \
+                 rows is known, yet query-based extraction of ReLU networks is a published attack \
+                 class, and ~{:.1}% of hidden values round one step off on repeats, which marks \
+                 pre-activations near a rounding boundary; budget rows (quotas.rows_per_module)\n",
+                "",
+                100.0 * c.neighbour_rate
+            ),
+        }
+    }
 }
 
 /// One compiled module: what the client tree, the server tree and the report hold.
@@ -85,6 +124,7 @@ pub fn compile_module(
             plan: spec.output_plan.clone().unwrap_or(spec.plan.clone()),
             input: spec.input,
             chain: Some(report),
+            backward_of: None,
         };
         return Ok(CompiledModule {
             spec,
@@ -278,6 +318,7 @@ fn assemble(
         output_plan: None,
         chain_width: None,
         map: None,
+        backward_of: None,
     };
     let server = ServerModule {
         protocol_version: PROTOCOL_VERSION,
@@ -293,10 +334,57 @@ fn assemble(
             plan,
             input,
             chain: None,
+            backward_of: None,
         },
         spec,
         server,
     })
+}
+
+/// The backward module of the dense linear module `forward` (whose `named_modules()` path is
+/// `forward_name`): its weights transposed, no bias, named `name`. Evaluated on a gradient `g`
+/// (`out` values per row) it gives the input gradient `g·W` (`in` values per row).
+///
+/// Gradients' ranges move during training, so its input is quantized per row at run time
+/// (`options.n_bits`); `Wᵀ` is quantized per output channel (per input feature of `W`) with
+/// the same width, symmetric, as any weight. Exact like every linear module: simulate and
+/// execute agree bit for bit.
+pub fn compile_backward(
+    name: &str,
+    forward_name: &str,
+    forward: &LinearModule,
+    options: &CompileOptions,
+) -> Result<CompiledModule, HybridError> {
+    if forward.chain.is_some() || !matches!(forward.kind, LinearKind::Dense) {
+        return Err(HybridError::Unsupported(format!(
+            "`{forward_name}`: a backward module is built for dense linear modules only \
+             (nn.Linear, transformers' Conv1D), not a convolution or a module with activations"
+        )));
+    }
+    let (n_in, n_out) = (forward.in_features, forward.out_features);
+    let mut transposed = vec![0.0f32; n_in * n_out];
+    for (o, row) in forward.weight.chunks_exact(n_in).enumerate() {
+        for (i, w) in row.iter().enumerate() {
+            transposed[i * n_out + o] = *w;
+        }
+    }
+    let m = linear_from_weights(name, LinearKind::Dense, n_out, n_in, transposed, None)?;
+    let weights = QuantizedWeights::quantize(
+        &m.weight,
+        m.out_features,
+        m.in_features,
+        options.n_bits,
+        Granularity::PerChannel,
+        WeightScheme::Symmetric,
+    )?;
+    let input = InputQuantization::DynamicPerRow {
+        bits: options.n_bits,
+    };
+    let mut compiled = assemble(name, &m, weights, input, options)?;
+    compiled.spec.backward_of = Some(forward_name.to_string());
+    compiled.server.client_spec_sha256 = compiled.spec.sha256();
+    compiled.report.backward_of = Some(forward_name.to_string());
+    Ok(compiled)
 }
 
 /// A linear layer given by its tensors rather than found in a graph (the torch front):

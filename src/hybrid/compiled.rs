@@ -298,6 +298,7 @@ impl CompiledModules {
             }
             modules.specs.insert(module.clone(), spec);
         }
+        check_backward_modules(&modules.specs)?;
         if trees != Trees::Client {
             if let Some(tree) = artefacts::read_tree(dir, "server")? {
                 check_same_model(&client.manifest, &tree.manifest)?;
@@ -344,6 +345,31 @@ pub struct Loaded {
     pub modules: CompiledModules,
     pub client: Tree,
     pub private: Option<Tree>,
+}
+
+/// Every backward module transposes a dense module of the same model (a tree edited by hand, or
+/// from another compilation, is refused before anything is served from it).
+fn check_backward_modules(specs: &BTreeMap<String, ClientSpec>) -> Result<(), ArtefactError> {
+    for (name, spec) in specs {
+        let Some(forward) = &spec.backward_of else {
+            continue;
+        };
+        let fits = specs.get(forward).is_some_and(|f| {
+            f.backward_of.is_none()
+                && f.output_plan.is_none()
+                && matches!(f.kind, crate::model::LinearKind::Dense)
+                && f.in_features == spec.out_features
+                && f.out_features == spec.in_features
+        });
+        if !fits {
+            return Err(ArtefactError::Inconsistent(format!(
+                "backward module `{name}` ({}→{}) does not transpose a dense module `{forward}` \
+                 of this model",
+                spec.in_features, spec.out_features
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_same_model(client: &Manifest, other: &Manifest) -> Result<(), ArtefactError> {

@@ -40,8 +40,8 @@ pub use artefacts::{
 pub use backend::{ExecuteKeys, LocalServer, Remote};
 pub use compile_chain::ChainReport;
 pub use compile_module::{
-    check_learned, compile_learned, compile_module, linear_from_weights, Calibration,
-    CompiledModule, LearnedQuantizers, ModuleReport,
+    check_learned, compile_backward, compile_learned, compile_module, linear_from_weights,
+    Calibration, CompiledModule, LearnedQuantizers, ModuleReport,
 };
 pub use compiled::{CompiledModules, Front, Loaded};
 pub use lm::{GenerateReport, LmSignature};
@@ -93,6 +93,16 @@ pub enum HybridError {
     Unsupported(String),
     #[error("remote server: {0}")]
     Remote(String),
+    /// The server refused a request (kept apart so that a binding can hand the status and
+    /// code to its caller, not only the text).
+    #[error("remote server: server answered {status} {code}: {message}")]
+    RemoteRefused {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("remote server: {0}")]
+    RemoteUnreachable(String),
 }
 
 /// How `forward` computes the remote modules.

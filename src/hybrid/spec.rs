@@ -39,6 +39,12 @@ pub struct ClientSpec {
     /// give maps of this size, and requests carry whole maps. Encoded only when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub map: Option<[usize; 2]>,
+    /// For a backward module (compiled only when the owner opts a model into training): the
+    /// forward module whose weights it holds transposed, so that it answers the input gradient
+    /// `g·W`. Its rows count against that module's row budget, since both reveal the same `W`.
+    /// Encoded only when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backward_of: Option<String>,
 }
 
 impl ClientSpec {

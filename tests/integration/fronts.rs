@@ -7,8 +7,8 @@ use std::path::Path;
 use hyfhe::client::Client;
 use hyfhe::commands::read_npy;
 use hyfhe::hybrid::{
-    compile_learned, compile_module, linear_from_weights, Calibration, CompileOptions,
-    CompiledModules, Front, HybridModel, LearnedQuantizers, Loaded, Mode, Trees,
+    compile_backward, compile_learned, compile_module, linear_from_weights, Calibration,
+    CompileOptions, CompiledModules, Front, HybridModel, LearnedQuantizers, Loaded, Mode, Trees,
 };
 use hyfhe::model::{LinearKind, OnnxModel};
 use hyfhe::progress::Silent;
@@ -205,4 +205,108 @@ fn learned_quantizers_compile_to_the_same_bytes_and_bad_ones_are_refused_by_valu
         .expect("a shape mismatch is refused")
         .to_string();
     assert!(err.contains("learned weights are 2×3"), "{err}");
+}
+
+/// A backward module (training opted in) holds `Wᵀ`: on a gradient `g` it gives `g·W` within
+/// its per-row quantization, exactly the same in simulate and execute; it carries no weights to
+/// the client, and a tree whose backward module does not transpose its forward one is refused.
+#[test]
+fn a_backward_module_gives_the_input_gradient_exactly_in_fhe_and_must_transpose_its_forward() {
+    let (n_in, n_out) = (24, 40);
+    let weight: Vec<f32> = (0..n_in * n_out)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3)
+        .collect();
+    let forward =
+        linear_from_weights("fc", LinearKind::Dense, n_in, n_out, weight.clone(), None).unwrap();
+    let options = CompileOptions::default();
+    let mut compiled = CompiledModules::new("trainable", Front::Torch);
+    compiled
+        .insert(compile_module("fc", &forward, &Calibration::Range(-1.0, 1.0), &options).unwrap());
+    let backward = compile_backward("fc@grad", "fc", &forward, &options).unwrap();
+    assert_eq!(backward.report.backward_of.as_deref(), Some("fc"));
+    assert!(backward
+        .report
+        .exposure()
+        .contains(&format!("from {n_out} rows")));
+    assert_eq!(
+        (backward.spec.in_features, backward.spec.out_features),
+        (n_out, n_in)
+    );
+    compiled.insert(backward);
+    compiled.use_keys(crate::hybrid::KEYS.clone());
+
+    let rows = 5;
+    let g: Vec<f32> = (0..rows * n_out)
+        .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+        .collect();
+    let x = hyfhe::model::runner::f32_tensor(&[rows, n_out], &g).unwrap();
+    let simulate = values(
+        &compiled
+            .forward_module("fc@grad", x.clone(), Mode::Simulate)
+            .unwrap()
+            .0,
+    );
+    let execute = values(
+        &compiled
+            .forward_module("fc@grad", x, Mode::Execute)
+            .unwrap()
+            .0,
+    );
+    assert_eq!(simulate, execute, "execute == simulate bit for bit");
+    for r in 0..rows {
+        let gr = &g[r * n_out..(r + 1) * n_out];
+        let want: Vec<f32> = (0..n_in)
+            .map(|i| (0..n_out).map(|o| gr[o] * weight[o * n_in + i]).sum())
+            .collect();
+        let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
+        let err = want
+            .iter()
+            .zip(&simulate[r * n_in..(r + 1) * n_in])
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            .sqrt();
+        assert!(
+            err < 0.02 * norm,
+            "row {r}: |g·W - simulate| = {err}, |g·W| = {norm}"
+        );
+    }
+
+    // Saved and loaded; then the same tree with the backward module's forward renamed away.
+    let dir = tempfile::tempdir().unwrap();
+    compiled
+        .save_and_clear(dir.path(), vec![], vec![], false)
+        .unwrap();
+    let loaded = CompiledModules::load(dir.path(), Trees::All).unwrap();
+    assert_eq!(
+        loaded
+            .modules
+            .spec("fc@grad")
+            .unwrap()
+            .backward_of
+            .as_deref(),
+        Some("fc")
+    );
+    let other = linear_from_weights("fc", LinearKind::Dense, n_out, n_in, weight, None).unwrap();
+    let mut bad = CompiledModules::new("trainable", Front::Torch);
+    bad.insert(
+        compile_module(
+            "fc",
+            &other,
+            &Calibration::None,
+            &CompileOptions {
+                dynamic_inputs: true,
+                ..options.clone()
+            },
+        )
+        .unwrap(),
+    );
+    bad.insert(compile_backward("fc@grad", "fc", &forward, &options).unwrap());
+    let bad_dir = tempfile::tempdir().unwrap();
+    bad.save_and_clear(bad_dir.path(), vec![], vec![], false)
+        .unwrap();
+    let err = CompiledModules::load(bad_dir.path(), Trees::Client)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("does not transpose"), "{err}");
 }

@@ -65,10 +65,13 @@ pub struct Dispatch {
 }
 
 /// Rows a tenant may send to one module per window, over the whole cluster.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct RowBudget {
     pub limit: u64,
     pub window_ms: u64,
+    /// Whose rows these are: the module itself, or for a backward module the forward module it
+    /// transposes (both reveal the same weights, so one budget covers them).
+    pub module: String,
 }
 
 /// A job's outcome.
@@ -117,7 +120,7 @@ async fn enqueue(
     broker: &dyn Broker,
     job: &Job,
     owner: &str,
-    budget: Option<RowBudget>,
+    budget: Option<&RowBudget>,
     metrics: &CoordinatorMetrics,
     retry_after: u64,
 ) -> Result<(), ApiError> {
@@ -130,7 +133,7 @@ async fn enqueue(
         let charged = broker
             .charge_rows(
                 &job.tenant,
-                &job.module,
+                &b.module,
                 job.rows as i64,
                 b.limit,
                 b.window_ms,
@@ -143,10 +146,15 @@ async fn enqueue(
                 return Err(ApiError::new(
                     ErrorCode::RowBudgetExceeded,
                     format!(
-                        "tenant `{}` has sent {used} of its {} rows to module `{}` in this {} s window; {} more would pass it (the budget renews with the next window)",
+                        "tenant `{}` has sent {used} of its {} rows to module `{}`{} in this {} s window; {} more would pass it (the budget renews with the next window)",
                         job.tenant,
                         b.limit,
-                        job.module,
+                        b.module,
+                        if b.module == job.module {
+                            String::new()
+                        } else {
+                            format!(" (forward and backward `{}` together)", job.module)
+                        },
                         b.window_ms / 1000,
                         job.rows
                     ),
@@ -169,7 +177,7 @@ async fn enqueue(
         if let Err(e) = broker
             .charge_rows(
                 &job.tenant,
-                &job.module,
+                &b.module,
                 -(job.rows as i64),
                 b.limit,
                 b.window_ms,
@@ -221,7 +229,7 @@ impl Handler<Dispatch> for Dispatcher {
                         metrics.retries_joined.inc();
                     }
                     Ok(Begin::Started) => {
-                        enqueue(&*broker, &job, &owner, budget, &metrics, retry_after).await?;
+                        enqueue(&*broker, &job, &owner, budget.as_ref(), &metrics, retry_after).await?;
                         enqueued = true;
                     }
                     Err(e) => return Err(ApiError::from(e).retry_after(retry_after)),
@@ -278,7 +286,7 @@ impl Handler<Dispatch> for Dispatcher {
                                                 &*broker,
                                                 &job,
                                                 &owner,
-                                                budget,
+                                                budget.as_ref(),
                                                 &metrics,
                                                 retry_after,
                                             )

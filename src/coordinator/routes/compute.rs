@@ -152,6 +152,7 @@ async fn handle(
     let meter = state.usage.tenant(&tenant);
     meter.bytes_in.add(body.len() as u64);
     let record = session.clone();
+    let budget_module = spec.backward_of.clone().unwrap_or_else(|| module.clone());
     let job = Job {
         id: scoped_job_id(&tenant, &session.id, &module, &client_job_id),
         client_job_id,
@@ -171,9 +172,10 @@ async fn handle(
     let dispatch = Dispatch {
         job,
         timeout,
-        row_budget: (quota.rows_per_module > 0).then_some(RowBudget {
+        row_budget: (quota.rows_per_module > 0).then(|| RowBudget {
             limit: quota.rows_per_module,
             window_ms: state.config.quotas.row_window_s * 1000,
+            module: budget_module,
         }),
         parent: tracing::Span::current(),
     };

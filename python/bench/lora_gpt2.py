@@ -1,0 +1,107 @@
+"""One LoRA training step on GPT-2 with its frozen dense layers remote: forward and backward
+split, bytes per step, resident memory, in float (torch), simulate and execute (real FHE, client
+and server in this process), measured in the same run.
+
+    bash python/test.sh -k nothing        # once: builds the wheel and the venv (target/pyenv)
+    target/pyenv/bin/python python/bench/lora_gpt2.py [--layers 12] [--steps 2] [--batch 4]
+                                                       [--seq 16] [--modes torch,simulate,execute]
+
+GPT-2 small by default (124M parameters, random weights: nothing downloads), peft LoRA r=8 on
+``c_attn``; every block's ``c_attn``/``c_proj``/``c_fc``/``mlp.c_proj`` is remote (48 modules,
+each with its backward module), the LM head stays local. Each mode starts from the same
+adapters; the first step of a mode is a warm-up (plan caches, execute's key generation), not
+counted. Prints a Markdown table (BENCHMARKS.md, "LoRA fine-tuning") and, with ``--json``, the
+per-step records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from hyfhe.lora import LoraTrainer
+
+
+def build(layers: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True))
+    # A non-zero B, so that the first steps' gradients also reach A through the remote layers.
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model, cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=2, help="measured steps per mode (after one "
+                    "warm-up step)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--modes", default="torch,simulate,execute")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    model, cfg = build(args.layers)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch * (args.steps + 1), args.seq), generator=g)
+    batches = [{"input_ids": ids[i:i + args.batch], "labels": ids[i:i + args.batch]}
+               for i in range(0, len(ids), args.batch)]
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainer = LoraTrainer(model, torch.optim.AdamW(params, lr=1e-4), model_name="gpt2-lora")
+    t = time.perf_counter()
+    trainer.compile(ids[: args.batch], n_bits=8)
+    compile_s = time.perf_counter() - t
+    remote = len(trainer.hybrid_model.module_names)
+    print(f"GPT-2 {args.layers} layers, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
+          f"parameters ({sum(p.numel() for p in params)} trainable), {remote} remote modules "
+          f"with their backward modules, batch {args.batch}×{args.seq} tokens; compiled in "
+          f"{compile_s:.1f} s")
+    results = {}
+    for mode in args.modes.split(","):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in initial:
+                    p.copy_(initial[n])
+        trainer.optimizer = torch.optim.AdamW(params, lr=1e-4)
+        t = time.perf_counter()
+        records = trainer.train(batches, fhe=mode)
+        print(f"  {mode}: {len(records)} steps in {time.perf_counter() - t:.1f} s (first is "
+              "the warm-up)", flush=True)
+        results[mode] = records[1:]
+
+    def med(rs, key):
+        return statistics.median(r[key] for r in rs)
+
+    print()
+    print("| mode | step (s) | forward (s) | backward (s) | remote forward / backward (s) | "
+          "requests fwd / bwd | uploaded per step (MiB) | downloaded per step (MiB) | "
+          "RSS after (MiB) | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode, rs in results.items():
+        step = med(rs, "forward_ms") + med(rs, "backward_ms") + med(rs, "optimizer_ms")
+        up = med(rs, "forward_upload_bytes") + med(rs, "backward_upload_bytes")
+        down = med(rs, "forward_download_bytes") + med(rs, "backward_download_bytes")
+        print(f"| {mode} | {step / 1e3:.2f} | {med(rs, 'forward_ms') / 1e3:.2f} | "
+              f"{med(rs, 'backward_ms') / 1e3:.2f} | {med(rs, 'remote_forward_ms') / 1e3:.2f} / "
+              f"{med(rs, 'remote_backward_ms') / 1e3:.2f} | {med(rs, 'forward_requests'):.0f} / "
+              f"{med(rs, 'backward_requests'):.0f} | {up / 2**20:.1f} | {down / 2**20:.1f} | "
+              f"{max(r['rss_mib'] for r in rs):.0f} | {rs[-1]['loss']:.4f} |")
+    if args.json:
+        print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
