@@ -22,10 +22,10 @@ timed() {
 if [ ! -x "$venv/bin/python" ]; then
     timed "venv" python3 -m venv "$venv"
 fi
-timed "dependencies (torch, transformers, brevitas, maturin, pytest)" \
+timed "dependencies (torch, transformers, brevitas, peft, maturin, pytest)" \
     "$venv/bin/pip" install -q --disable-pip-version-check \
     "maturin>=1.16,<2" "pytest>=7" "numpy>=1.24" torch "transformers>=4.40" onnx onnxscript \
-    brevitas
+    brevitas peft
 timed "wheel (maturin build --release)" \
     "$venv/bin/maturin" build --release --quiet -m python/Cargo.toml -o target/wheels
 wheel=$(ls -t target/wheels/hyfhe-*.whl | head -n1)

@@ -6,8 +6,8 @@ and server in this process), measured in the same run.
     target/pyenv/bin/python python/bench/lora_gpt2.py [--layers 12] [--steps 2] [--batch 4]
                                                        [--seq 16] [--modes torch,simulate,execute]
 
-GPT-2 small by default (124M parameters, random weights: nothing downloads), peft LoRA r=8 on
-``c_attn``; every block's ``c_attn``/``c_proj``/``c_fc``/``mlp.c_proj`` is remote (48 modules,
+GPT-2 small by default (124M parameters, random weights: nothing downloads; ``--size tiny``
+for the test's 2-layer model, LoRA r=4), peft LoRA r=8 on ``c_attn``; every block's ``c_attn``/``c_proj``/``c_fc``/``mlp.c_proj`` is remote (48 modules,
 each with its backward module), the LM head stays local. Each mode starts from the same
 adapters; the first step of a mode is a warm-up (plan caches, execute's key generation), not
 counted. Prints a Markdown table (BENCHMARKS.md, "LoRA fine-tuning") and, with ``--json``, the
@@ -26,14 +26,20 @@ import torch
 from hyfhe.lora import LoraTrainer
 
 
-def build(layers: int):
+#: ``--size tiny``: the model of ``python/tests/test_lora.py`` (and of ``lora_concrete_ml.py``).
+TINY = dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+
+
+def build(layers: int, size: str = "small"):
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(n_layer=layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    shape = TINY if size == "tiny" else dict(n_layer=layers)
+    cfg = GPT2Config(**shape, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
+    r = 4 if size == "tiny" else 8
     model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True))
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True))
     # A non-zero B, so that the first steps' gradients also reach A through the remote layers.
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -44,7 +50,9 @@ def build(layers: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--size", choices=["small", "tiny"], default="small",
+                    help="GPT-2 small (124M) or the tiny test model (2 layers, width 32)")
+    ap.add_argument("--layers", type=int, default=12, help="blocks of GPT-2 small")
     ap.add_argument("--steps", type=int, default=2, help="measured steps per mode (after one "
                     "warm-up step)")
     ap.add_argument("--batch", type=int, default=4)
@@ -53,7 +61,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    model, cfg = build(args.layers)
+    model, cfg = build(args.layers, args.size)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, cfg.vocab_size, (args.batch * (args.steps + 1), args.seq), generator=g)
     batches = [{"input_ids": ids[i:i + args.batch], "labels": ids[i:i + args.batch]}
@@ -65,7 +73,8 @@ def main() -> None:
     trainer.compile(ids[: args.batch], n_bits=8)
     compile_s = time.perf_counter() - t
     remote = len(trainer.hybrid_model.module_names)
-    print(f"GPT-2 {args.layers} layers, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
+    total = sum(p.numel() for p in model.parameters())
+    print(f"GPT-2 {cfg.n_layer} layers, width {cfg.n_embd}, {total:,} "
           f"parameters ({sum(p.numel() for p in params)} trainable), {remote} remote modules "
           f"with their backward modules, batch {args.batch}×{args.seq} tokens; compiled in "
           f"{compile_s:.1f} s")

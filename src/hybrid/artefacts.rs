@@ -133,6 +133,9 @@ pub fn write_tree(
         front,
     } = info;
     let root = dir.join(tree);
+    // Created up front: a tree with no files (a private tree with nothing in it) still gets
+    // its manifest, so it loads like any other.
+    std::fs::create_dir_all(&root).map_err(io(&root))?;
     let mut hashes = BTreeMap::new();
     for (name, bytes) in files {
         let path = root.join(name);
