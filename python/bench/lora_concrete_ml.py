@@ -89,7 +89,7 @@ def main() -> None:
             opt.zero_grad()
             times.append(time.perf_counter() - t)
             losses.append(float(loss))
-        print(f"| {mode} | {statistics.median(times[1:]):.2f} | {losses[-1]:.4f} |", flush=True)
+        print(f"| {mode} | {statistics.median(times[1:]):.3f} | {losses[-1]:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -103,9 +103,9 @@ def main() -> None:
         step = med(rs, "forward_ms") + med(rs, "backward_ms") + med(rs, "optimizer_ms")
         up = med(rs, "forward_upload_bytes") + med(rs, "backward_upload_bytes")
         down = med(rs, "forward_download_bytes") + med(rs, "backward_download_bytes")
-        print(f"| {mode} | {step / 1e3:.2f} | {med(rs, 'forward_ms') / 1e3:.2f} | "
-              f"{med(rs, 'backward_ms') / 1e3:.2f} | {med(rs, 'remote_forward_ms') / 1e3:.2f} / "
-              f"{med(rs, 'remote_backward_ms') / 1e3:.2f} | {med(rs, 'forward_requests'):.0f} / "
+        print(f"| {mode} | {step / 1e3:.3f} | {med(rs, 'forward_ms') / 1e3:.3f} | "
+              f"{med(rs, 'backward_ms') / 1e3:.3f} | {med(rs, 'remote_forward_ms') / 1e3:.3f} / "
+              f"{med(rs, 'remote_backward_ms') / 1e3:.3f} | {med(rs, 'forward_requests'):.0f} / "
               f"{med(rs, 'backward_requests'):.0f} | {up / 2**20:.1f} | {down / 2**20:.1f} | "
               f"{max(r['rss_mib'] for r in rs):.0f} | {rs[-1]['loss']:.4f} |")
     if args.json:
