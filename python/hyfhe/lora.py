@@ -35,19 +35,31 @@ from .torch import BACKWARD_SUFFIX, HybridFHEMode, HybridFHEModel, _is_hf_conv1d
 __all__ = ["LoraTrainer", "frozen_dense_modules"]
 
 
-def frozen_dense_modules(model: nn.Module, n_layers_to_skip: int = 1) -> List[str]:
+def frozen_dense_modules(model: nn.Module, n_last_layers_local: int = 1) -> List[str]:
     """The names of ``model``'s frozen dense layers (``nn.Linear``, transformers' ``Conv1D``)
-    outside LoRA adapters, in module order, without the last ``n_layers_to_skip`` (an LM head,
-    often tied to the embedding the client holds anyway)."""
+    outside LoRA adapters, in module order, without the last ``n_last_layers_local`` (an LM
+    head, often tied to the embedding the client holds anyway).
+
+    A dense layer whose weight is frozen but whose bias trains (peft ``bias="all"`` or
+    ``"lora_only"``) is refused: it could only stay local, which would put its frozen weight in
+    the client's hands in the clear."""
     names = []
     for name, m in model.named_modules():
-        if not (isinstance(m, nn.Linear) or _is_hf_conv1d(m)):
+        if not (isinstance(m, nn.Linear) or _is_hf_conv1d(m)) or ".lora_" in name:
             continue
-        if ".lora_" in name or any(p.requires_grad for p in m.parameters(recurse=False)):
+        weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)
+        if weight is not None and weight.requires_grad:
             continue
+        if isinstance(bias, torch.Tensor) and bias.requires_grad:
+            raise ValueError(
+                f"`{name}`'s bias trains while its weight is frozen (peft bias=\"all\" or "
+                "\"lora_only\"?): a remote module is frozen as a whole, and keeping it local "
+                "would give the client its weight in the clear; use bias=\"none\" or pass "
+                "module_names yourself"
+            )
         names.append(name)
-    if n_layers_to_skip > 0:
-        names = names[: max(0, len(names) - n_layers_to_skip)]
+    if n_last_layers_local > 0:
+        names = names[: max(0, len(names) - n_last_layers_local)]
     if not names:
         raise ValueError("no frozen dense layer to make remote: freeze the base model first "
                          "(get_peft_model does) or pass module_names")
@@ -59,7 +71,11 @@ class LoraTrainer:
 
     ``loss_fn`` is ``loss_fn(output, target)`` for ``(x, target)`` batches; for dict batches
     (transformers' ``input_ids``/``labels``) it defaults to the model's own ``.loss``.
-    ``module_names`` defaults to :func:`frozen_dense_modules`. The other arguments are
+    ``module_names`` defaults to :func:`frozen_dense_modules` (every frozen dense layer but the
+    last ``n_last_layers_local``). As in Concrete ML, the first
+    ``n_layers_to_skip_for_backprop`` remote modules get no backward module: nothing trains
+    before the first layer of a transformer, so its gradient is never needed, and a backward
+    module not compiled is one the server does not expose. The other arguments are
     :class:`~hyfhe.torch.HybridFHEModel`'s.
     """
 
@@ -71,6 +87,7 @@ class LoraTrainer:
         lr_scheduler: Any = None,
         module_names: Optional[Sequence[str]] = None,
         n_layers_to_skip_for_backprop: int = 1,
+        n_last_layers_local: int = 1,
         server_remote_address: Optional[str] = None,
         model_name: str = "lora",
         api_key: Optional[str] = None,
@@ -82,12 +99,15 @@ class LoraTrainer:
             raise ValueError("nothing in the model requires grad: add adapters (get_peft_model) "
                              "or unfreeze what should train")
         names = list(module_names) if module_names is not None else \
-            frozen_dense_modules(model, n_layers_to_skip_for_backprop)
+            frozen_dense_modules(model, n_last_layers_local)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.lr_scheduler = lr_scheduler
         self.logging_steps = logging_steps
+        if n_layers_to_skip_for_backprop < 0:
+            raise ValueError("n_layers_to_skip_for_backprop must be 0 or more")
+        self.n_layers_to_skip_for_backprop = n_layers_to_skip_for_backprop
         self.hybrid_model = HybridFHEModel(model, names, server_remote_address, model_name,
                                            verbose, api_key, ca_cert)
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -106,7 +126,9 @@ class LoraTrainer:
         train, and a range calibrated before training would clip them."""
         self.hybrid_model.compile_model(inputset, n_bits=n_bits,
                                         use_dynamic_quantization=use_dynamic_quantization,
-                                        precision=precision, train=True)
+                                        precision=precision,
+                                        train=self.hybrid_model.module_names[
+                                            self.n_layers_to_skip_for_backprop:])
 
     def loss(self, batch: Any) -> torch.Tensor:
         """The loss of one batch through the hybrid model in its current mode."""

@@ -33,7 +33,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -172,10 +172,17 @@ class RemoteModule(nn.Module):
 
     def _backward(self, g: torch.Tensor, mode: HybridFHEMode) -> torch.Tensor:
         if self.backward_name not in self._binding.native.module_names:
+            if self._conv:
+                raise RuntimeError(
+                    f"`{self.module_name}` is a convolution: no gradient flows through a remote "
+                    "convolution (backward modules are built for dense layers); keep it local or "
+                    "freeze what comes before it"
+                )
             raise RuntimeError(
                 f"`{self.module_name}` has no backward module, so no gradient flows through it: "
                 "the model's owner opts it into training with compile_model(..., train=True) "
-                "(or hyfhe.torch.LoraTrainer)"
+                "(hyfhe.lora.LoraTrainer: its first n_layers_to_skip_for_backprop modules get "
+                "none)"
             )
         return self._compute(self.backward_name, g, mode)
 
@@ -439,7 +446,7 @@ class HybridFHEModel:
         configuration: Any = None,
         use_dynamic_quantization: bool = False,
         precision: str = "exact",
-        train: bool = False,
+        train: Union[bool, Iterable[str]] = False,
     ) -> None:
         """Calibrate on ``x`` (run through the float model), then quantize and plan every remote
         module. ``n_bits`` is the width of inputs and weights (weights at most 8);
@@ -451,7 +458,9 @@ class HybridFHEModel:
         remote module also gets a backward module, ``<name>@grad``, holding ``Wᵀ``, which gives
         the input gradient ``g·W`` (``g`` quantized per row to ``n_bits`` at run time). It is
         served like any module; it reveals ``W`` in ``out`` rows (see each report's
-        ``exposure``), and its rows count against the forward module's row budget."""
+        ``exposure``), and its rows count against the forward module's row budget. ``train``
+        may instead name the remote modules that get one (the others stay inference-only).
+        Compiling again replaces every module, backward modules included."""
         bits = _one_width(n_bits)
         rounding = _rounding_bits(rounding_threshold_bits)
         if p_error is not None:
@@ -475,10 +484,15 @@ class HybridFHEModel:
                 self._call(x)
         finally:
             b.calibrating = False
-        if train:
-            for name, remote in self.remote_modules.items():
-                if remote.private_module is not None:
-                    _dense_weight(name, remote.private_module)  # refuse before compiling
+        trained = self._trained(train)
+        for name in trained:
+            remote = self.remote_modules[name]
+            if remote.private_module is not None:
+                _dense_weight(name, remote.private_module)  # refuse before compiling
+        # A recompile replaces everything: a backward module left from an earlier
+        # compile_model(train=True) must not outlive the owner's opting out.
+        self._binding.native.clear()
+        self.reports.clear()
         for name, remote in self.remote_modules.items():
             if remote.private_module is None:
                 raise RuntimeError(f"`{name}` has no float weights here: compile on the owner's side")
@@ -489,7 +503,7 @@ class HybridFHEModel:
             self.reports[name] = report
             if self.verbose:
                 print(f"[hyfhe] {name}: {report}")
-            if train:
+            if name in trained:
                 grad = remote.backward_name
                 weight = _numpy(_dense_weight(name, remote.private_module))
                 report = self._binding.native.compile_backward(grad, name, weight, bits,
@@ -499,6 +513,22 @@ class HybridFHEModel:
                     print(f"[hyfhe] {grad}: {report}")
         self.set_fhe_mode(HybridFHEMode.DISABLE if self.fhe_mode is HybridFHEMode.TORCH
                           else self.fhe_mode)
+
+    def _trained(self, train: Union[bool, Iterable[str]]) -> List[str]:
+        """The remote modules that get a backward module, from ``compile_model``'s ``train``."""
+        if isinstance(train, bool):
+            return list(self.remote_modules) if train else []
+        if isinstance(train, str):
+            train = [train]
+        known = dict(self.model.named_modules())
+        names = []
+        for given in train:
+            name = given if given in self.remote_modules else _resolve_name(known, given)
+            if name not in self.remote_modules:
+                raise ValueError(f"train names `{given}`, which is not a remote module of this "
+                                 f"model (remote: {sorted(self.remote_modules)[:5]})")
+            names.append(name)
+        return names
 
     def _compile_one(self, name: str, m: nn.Module, bits: int, rounding: Optional[int],
                      dynamic: bool, precision: str) -> dict:

@@ -513,6 +513,15 @@ impl Modules {
         self.read().module_names().to_vec()
     }
 
+    /// Drop every compiled module (a recompile replaces them all, backward modules included;
+    /// the execute keys stay).
+    fn clear(&self) {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear_modules();
+    }
+
     /// Whether this side holds the quantized weights (owner, before saving).
     fn has_server(&self) -> bool {
         self.read().server_modules().is_some()
@@ -606,9 +615,26 @@ impl Modules {
                 weight.shape()
             )));
         };
-        match self.read().specs().get(&forward) {
-            Some(f) if f.in_features == inp && f.out_features == out && f.backward_of.is_none() => {
+        if let Some(existing) = self.read().specs().get(&name) {
+            if existing.backward_of.as_deref() != Some(forward.as_str()) {
+                return Err(PyValueError::new_err(format!(
+                    "`{name}` is already a module of this model: a backward module needs a name \
+                     of its own"
+                )));
             }
+        }
+        match self.read().specs().get(&forward) {
+            Some(f)
+                if f.backward_of.is_some()
+                    || f.output_plan.is_some()
+                    || !matches!(f.kind, LinearKind::Dense) =>
+            {
+                return Err(PyValueError::new_err(format!(
+                    "`{forward}` is not a dense linear module: backward modules are built for \
+                     dense layers only"
+                )))
+            }
+            Some(f) if f.in_features == inp && f.out_features == out => {}
             Some(f) => {
                 return Err(PyValueError::new_err(format!(
                 "`{forward}` was compiled {}→{}, the weight given for its backward is {inp}→{out}",

@@ -41,8 +41,10 @@ impl ModuleReport {
             return format!(
                 "  {:<24} warning: backward module of `{forward}` (served because the owner opted \
                  this model into training): it answers g·W for any g, so a client recovers \
-                 `{forward}`'s quantized weights exactly from {} rows (out of `{forward}`); its rows \
-                 count against `{forward}`'s row budget (quotas.rows_per_module)\n",
+                 `{forward}`'s weights, quantized per input feature, exactly from {} rows (out of \
+                 `{forward}`); with the forward module's answers (quantized per output channel) \
+                 they pin the float weights closer than either grid alone; its rows count \
+                 against `{forward}`'s row budget (quotas.rows_per_module)\n",
                 "", r.plan.in_features
             );
         }
@@ -362,6 +364,12 @@ pub fn compile_backward(
         )));
     }
     let (n_in, n_out) = (forward.in_features, forward.out_features);
+    if n_in == 0 || n_out == 0 || forward.weight.len() != n_in * n_out {
+        return Err(HybridError::Unsupported(format!(
+            "`{forward_name}`: {} weight values for {n_out}×{n_in}",
+            forward.weight.len()
+        )));
+    }
     let mut transposed = vec![0.0f32; n_in * n_out];
     for (o, row) in forward.weight.chunks_exact(n_in).enumerate() {
         for (i, w) in row.iter().enumerate() {

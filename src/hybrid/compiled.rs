@@ -22,6 +22,7 @@ use super::spec::{ClientSpec, ServerModule};
 use super::{HybridError, Mode, Trees, MAX_MODULE_BYTES};
 use crate::fhe::{decode, encode, ClientKey};
 use crate::model::Value;
+use crate::quant::InputQuantization;
 
 /// Which front compiled a model, and so what its client runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +91,7 @@ impl CompiledModules {
     }
 
     /// Drop every module (a recompile replaces them all; the execute keys stay).
-    pub(super) fn clear_modules(&mut self) {
+    pub fn clear_modules(&mut self) {
         self.order.clear();
         self.specs.clear();
         self.server = None;
@@ -354,6 +355,9 @@ fn check_backward_modules(specs: &BTreeMap<String, ClientSpec>) -> Result<(), Ar
         let Some(forward) = &spec.backward_of else {
             continue;
         };
+        // What the client tree can show: the shapes, and that both are plain dense products,
+        // the backward one quantizing its gradients per row. The weights themselves are the
+        // owner's compile output in the server tree and are not compared here.
         let fits = specs.get(forward).is_some_and(|f| {
             f.backward_of.is_none()
                 && f.output_plan.is_none()
@@ -366,6 +370,15 @@ fn check_backward_modules(specs: &BTreeMap<String, ClientSpec>) -> Result<(), Ar
                 "backward module `{name}` ({}→{}) does not transpose a dense module `{forward}` \
                  of this model",
                 spec.in_features, spec.out_features
+            )));
+        }
+        let plain = spec.output_plan.is_none()
+            && matches!(spec.kind, crate::model::LinearKind::Dense)
+            && matches!(spec.input, InputQuantization::DynamicPerRow { .. });
+        if !plain {
+            return Err(ArtefactError::Inconsistent(format!(
+                "backward module `{name}` is not a dense product with per-row gradient \
+                 quantization, as compile_backward builds it"
             )));
         }
     }

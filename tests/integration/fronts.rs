@@ -271,7 +271,8 @@ fn a_backward_module_gives_the_input_gradient_exactly_in_fhe_and_must_transpose_
         );
     }
 
-    // Saved and loaded; then the same tree with the backward module's forward renamed away.
+    // Saved and loaded; then a tree whose `fc` is compiled with the swapped shape, so the
+    // backward module no longer transposes it: refused at load.
     let dir = tempfile::tempdir().unwrap();
     compiled
         .save_and_clear(dir.path(), vec![], vec![], false)
