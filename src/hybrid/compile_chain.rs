@@ -65,7 +65,14 @@ fn max_centred(q: &AffineQuantizer) -> i64 {
     (q.zero_point as i64).max(top - q.zero_point as i64)
 }
 
-fn quantize(w: &[f32], out: usize, inp: usize, bits: u32) -> Result<QuantizedWeights, QuantError> {
+/// A dense weight (`out × in`, row-major) as every module quantizes it: per output channel,
+/// symmetric.
+pub(super) fn per_channel_weights(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    bits: u32,
+) -> Result<QuantizedWeights, QuantError> {
     QuantizedWeights::quantize(
         w,
         out,
@@ -156,7 +163,7 @@ pub(super) fn compile_chain(
     let first = &chain.layers[0];
     let (first_weight, first_bias, first_out) = first_with_shortcut(name, chain)?;
     let shortcut_channels = first_out - first.out_features;
-    let w1 = quantize(&first_weight, first_out, first.in_features, bits)?;
+    let w1 = per_channel_weights(&first_weight, first_out, first.in_features, bits)?;
     let mut plan1 = LayerPlan::new(
         name,
         Precision::Exact,
@@ -307,7 +314,7 @@ pub(super) fn compile_chain(
         let hidden = AffineQuantizer::calibrate(&ideal, bits)?;
         let next = chain.layers.get(k + 1);
         let next_weights = next
-            .map(|n| quantize(&n.weight, n.out_features, n.in_features, bits))
+            .map(|n| per_channel_weights(&n.weight, n.out_features, n.in_features, bits))
             .transpose()?;
         let size = 1usize << p;
         let shortcut_code = |o: usize, v: f64| -> i32 {

@@ -6,16 +6,13 @@
 //! `nn.Linear`'s or `Conv2d`'s tensors and the inputs its forward hooks recorded. Whatever the
 //! front, the same parameters and calibration give the same bytes.
 
-use super::compile_chain::{compile_chain, ChainReport};
+use super::compile_chain::{compile_chain, per_channel_weights, ChainReport};
 use super::spec::{ClientSpec, ServerModule, PROTOCOL_VERSION};
 use super::{CompileOptions, HybridError};
 use crate::fhe::LayerPlan;
 use crate::model::linear::LearnedGrid;
 use crate::model::{LinearKind, LinearModule};
-use crate::quant::{
-    AffineQuantizer, Granularity, InputQuantization, OutputDequantizer, QuantizedWeights,
-    WeightScheme,
-};
+use crate::quant::{AffineQuantizer, InputQuantization, OutputDequantizer, QuantizedWeights};
 
 /// What compiling decided for each module (for the CLI and logs).
 #[derive(Clone, Debug)]
@@ -138,14 +135,7 @@ pub fn compile_module(
         let learned = learned_from_grid(name, m, grid, calibration, options)?;
         return compile_learned(name, m, learned, options);
     }
-    let weights = QuantizedWeights::quantize(
-        &m.weight,
-        m.out_features,
-        m.in_features,
-        options.n_bits,
-        Granularity::PerChannel,
-        WeightScheme::Symmetric,
-    )?;
+    let weights = per_channel_weights(&m.weight, m.out_features, m.in_features, options.n_bits)?;
     let input = if options.dynamic_inputs {
         InputQuantization::DynamicPerRow {
             bits: options.n_bits,
@@ -377,14 +367,7 @@ pub fn compile_backward(
         }
     }
     let m = linear_from_weights(name, LinearKind::Dense, n_out, n_in, transposed, None)?;
-    let weights = QuantizedWeights::quantize(
-        &m.weight,
-        m.out_features,
-        m.in_features,
-        options.n_bits,
-        Granularity::PerChannel,
-        WeightScheme::Symmetric,
-    )?;
+    let weights = per_channel_weights(&m.weight, m.out_features, m.in_features, options.n_bits)?;
     let input = InputQuantization::DynamicPerRow {
         bits: options.n_bits,
     };
