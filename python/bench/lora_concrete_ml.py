@@ -24,22 +24,6 @@ import time
 import torch
 
 
-def build():
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"], fan_in_fan_out=True))
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return model, cfg
-
-
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
@@ -56,11 +40,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    model, cfg = build()
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch * (args.steps + 1), args.seq), generator=g)
-    batches = [{"input_ids": ids[i:i + args.batch], "labels": ids[i:i + args.batch]}
-               for i in range(0, len(ids), args.batch)]
+    # The model and batches of `lora_gpt2.py --size tiny`, from the same code (it imports
+    # nothing of hyfhe at module level, so this venv can load it).
+    from lora_gpt2 import build, token_batches
+
+    model, cfg = build(0, "tiny")
+    batches = token_batches(cfg, args.batch, args.steps + 1, args.seq)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     params = [p for p in model.parameters() if p.requires_grad]
     # peft's forward takes **kwargs, which Concrete ML's check for a `labels` parameter refuses;
@@ -68,7 +53,7 @@ def main() -> None:
     trainer = LoraTrainer(model, torch.optim.AdamW(params, lr=1e-4), loss_fn=causal_lm_loss,
                           train_log_path="/tmp/cml_lora_training.log")
     t = time.perf_counter()
-    trainer.compile({"input_ids": ids[: args.batch], "labels": ids[: args.batch]}, n_bits=8)
+    trainer.compile(dict(batches[0]), n_bits=8)
     print(f"Concrete ML: {len(trainer.remote_names)} remote modules (forward and backward "
           f"counted apart), compiled in {time.perf_counter() - t:.1f} s", flush=True)
 

@@ -23,8 +23,6 @@ import time
 
 import torch
 
-from hyfhe.lora import LoraTrainer
-
 
 #: ``--size tiny``: the model of ``python/tests/test_lora.py`` (and of ``lora_concrete_ml.py``).
 TINY = dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
@@ -48,7 +46,17 @@ def build(layers: int, size: str = "small"):
     return model, cfg
 
 
+def token_batches(cfg, batch: int, count: int, seq: int):
+    """``count`` seeded batches of ``batch`` × ``seq`` random tokens, labels = inputs."""
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, cfg.vocab_size, (batch * count, seq), generator=g)
+    return [{"input_ids": ids[i:i + batch], "labels": ids[i:i + batch]}
+            for i in range(0, len(ids), batch)]
+
+
 def main() -> None:
+    from hyfhe.lora import LoraTrainer
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=["small", "tiny"], default="small",
                     help="GPT-2 small (124M) or the tiny test model (2 layers, width 32)")
@@ -62,15 +70,12 @@ def main() -> None:
     args = ap.parse_args()
 
     model, cfg = build(args.layers, args.size)
-    g = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch * (args.steps + 1), args.seq), generator=g)
-    batches = [{"input_ids": ids[i:i + args.batch], "labels": ids[i:i + args.batch]}
-               for i in range(0, len(ids), args.batch)]
+    batches = token_batches(cfg, args.batch, args.steps + 1, args.seq)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = LoraTrainer(model, torch.optim.AdamW(params, lr=1e-4), model_name="gpt2-lora")
     t = time.perf_counter()
-    trainer.compile(ids[: args.batch], n_bits=8)
+    trainer.compile(batches[0]["input_ids"], n_bits=8)
     compile_s = time.perf_counter() - t
     remote = len(trainer.hybrid_model.module_names)
     total = sum(p.numel() for p in model.parameters())

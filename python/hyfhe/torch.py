@@ -523,7 +523,7 @@ class HybridFHEModel:
         known = dict(self.model.named_modules())
         names = []
         for given in train:
-            name = given if given in self.remote_modules else _resolve_name(known, given)
+            name = _resolve_name(known, given)
             if name not in self.remote_modules:
                 raise ValueError(f"train names `{given}`, which is not a remote module of this "
                                  f"model (remote: {sorted(self.remote_modules)[:5]})")

@@ -624,11 +624,7 @@ impl Modules {
             }
         }
         match self.read().specs().get(&forward) {
-            Some(f)
-                if f.backward_of.is_some()
-                    || f.output_plan.is_some()
-                    || !matches!(f.kind, LinearKind::Dense) =>
-            {
+            Some(f) if !f.is_plain_dense() => {
                 return Err(PyValueError::new_err(format!(
                     "`{forward}` is not a dense linear module: backward modules are built for \
                      dense layers only"

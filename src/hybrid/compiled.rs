@@ -359,9 +359,7 @@ fn check_backward_modules(specs: &BTreeMap<String, ClientSpec>) -> Result<(), Ar
         // the backward one quantizing its gradients per row. The weights themselves are the
         // owner's compile output in the server tree and are not compared here.
         let fits = specs.get(forward).is_some_and(|f| {
-            f.backward_of.is_none()
-                && f.output_plan.is_none()
-                && matches!(f.kind, crate::model::LinearKind::Dense)
+            f.is_plain_dense()
                 && f.in_features == spec.out_features
                 && f.out_features == spec.in_features
         });

@@ -52,6 +52,13 @@ impl ClientSpec {
     pub fn map_pixels(&self) -> Option<usize> {
         self.map.map(|[h, w]| h * w)
     }
+
+    /// A forward dense product with no activations: the only kind a backward module transposes.
+    pub fn is_plain_dense(&self) -> bool {
+        self.backward_of.is_none()
+            && self.output_plan.is_none()
+            && matches!(self.kind, LinearKind::Dense)
+    }
 }
 
 impl Wire for ClientSpec {
