@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tfhe::core_crypto::prelude::GlweSecretKeyOwned;
 
+use super::auto::{auto_phases, AutoLayout};
 use super::bitpack::{packed_len, unpack_top_bits};
 use super::blocked::{blocked_phases, BlockLayout};
 use super::codec::{CodecError, Wire};
@@ -17,7 +18,8 @@ use super::encrypted_rows::MAX_ROWS;
 use super::fourier::{mul_add, FourierContext};
 use super::keys::ClientKey;
 use super::params::{
-    packing_params, Encoding, LayerPlan, Precision, BLOCK_ROWS, INPUT_GLWE, MAX_OUT_FEATURES,
+    packing_params, Encoding, LayerPlan, Precision, AUTO_OUTPUTS, BLOCK_ROWS, INPUT_GLWE,
+    MAX_OUT_FEATURES,
 };
 use super::FheError;
 
@@ -81,6 +83,13 @@ impl EncryptedOutputs {
                 self.out_features as usize,
             )
             .packs(),
+            Encoding::Auto { outputs } => AutoLayout::new(
+                outputs as usize,
+                self.rows as usize,
+                1,
+                self.out_features as usize,
+            )
+            .packs(),
         }
     }
 
@@ -120,6 +129,14 @@ impl Wire for EncryptedOutputs {
             if !BLOCK_ROWS.contains(&rows) {
                 return Err(CodecError::invalid::<Self>(format!(
                     "blocks of {rows} rows (this build offers {BLOCK_ROWS:?})"
+                )));
+            }
+        }
+        if let Encoding::Auto { outputs } = self.encoding {
+            if !AUTO_OUTPUTS.contains(&outputs) || self.precision != Precision::Exact {
+                return Err(CodecError::invalid::<Self>(format!(
+                    "automorphism outputs of {outputs} per product at {} precision",
+                    self.precision
                 )));
             }
         }
@@ -171,6 +188,12 @@ impl ClientKey {
         );
         let mut bodies = unpack_top_bits(&outputs.bodies, total, plan.output_body_bits);
         let (key, block, k) = match outputs.encoding {
+            Encoding::Auto { outputs: m } => {
+                let key = self.output_key(plan.precision);
+                let decrypt = |glwes: &[u64]| decrypt_all(key, k, n, glwes);
+                let phases = auto_phases(outputs, m as usize, &mut masks, &mut bodies, &decrypt);
+                return Ok(phases);
+            }
             Encoding::Row => (self.output_key(plan.precision), 0, k),
             Encoding::Blocked { rows } => (self.output_key(plan.precision), rows as usize, k),
             Encoding::Slot => (&self.input, n, INPUT_GLWE.glwe_dimension),
@@ -225,7 +248,12 @@ impl ClientKey {
 /// coefficient split as `hi·2^32 + lo` (`lo` signed): the `lo` products are below 2^43 and come
 /// back exact, the `hi` products are multiples of 2^32 computed with an error near 2^17, so
 /// rounding them to one is exact (the packing key's two-limb argument, `packing.rs`).
-fn decrypt_all(key: &GlweSecretKeyOwned<u64>, k: usize, n: usize, glwes: &[u64]) -> Vec<u64> {
+pub(super) fn decrypt_all(
+    key: &GlweSecretKeyOwned<u64>,
+    k: usize,
+    n: usize,
+    glwes: &[u64],
+) -> Vec<u64> {
     const SPLIT: u32 = 32;
     let mut ctx = FourierContext::new(n);
     let key_f: Vec<Vec<f64>> = key

@@ -15,7 +15,9 @@ use tfhe::core_crypto::prelude::{
 use super::bitpack::{pack_top_bits, packed_len};
 use super::codec::{CodecError, Wire};
 use super::keys::ClientKey;
-use super::params::{Encoding, LayerPlan, BLOCK_ROWS, INPUT_GLWE, MAX_IN_FEATURES};
+use super::params::{
+    Encoding, LayerPlan, Precision, AUTO_OUTPUTS, BLOCK_ROWS, INPUT_GLWE, MAX_IN_FEATURES,
+};
 use super::FheError;
 
 /// Most rows one request may carry: bounds the masks the server regenerates per call.
@@ -85,7 +87,17 @@ impl Wire for EncryptedRows {
                 )));
             }
         }
-        let want = packed_len(rows * cols, self.body_bits as u32);
+        if let Encoding::Auto { outputs } = self.encoding {
+            if !AUTO_OUTPUTS.contains(&outputs) {
+                return Err(CodecError::invalid::<Self>(format!(
+                    "{outputs} outputs per product (this build offers {AUTO_OUTPUTS:?})"
+                )));
+            }
+        }
+        let want = packed_len(
+            self.encoding.input_bodies(rows, cols),
+            self.body_bits as u32,
+        );
         if self.bodies.len() != want {
             return Err(CodecError::invalid::<Self>(format!(
                 "{} body bytes for {rows}×{cols} values of {} bits, expected {want}",
@@ -145,6 +157,16 @@ impl ClientKey {
         }
         if encoding == Encoding::Slot {
             return Ok(self.encrypt_blocked(plan, values, rows, n_slot(), encoding));
+        }
+        if let Encoding::Auto { outputs } = encoding {
+            if !AUTO_OUTPUTS.contains(&outputs) || plan.precision != Precision::Exact {
+                return Err(FheError::ParameterMismatch(format!(
+                    "automorphism requests of {outputs} outputs per product at {} precision \
+                     (this build offers {AUTO_OUTPUTS:?}, exact precision only)",
+                    plan.precision
+                )));
+            }
+            return Ok(self.encrypt_auto(plan, values, rows, outputs as usize));
         }
         let n = INPUT_GLWE.polynomial_size;
         let chunks = plan.chunks();

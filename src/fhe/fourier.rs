@@ -67,7 +67,10 @@ impl FourierContext {
             *c = c64::new(fourier[i], fourier[half + i]);
         }
         let fft = self.fft.as_view();
-        fft.backward_as_torus(
+        // tfhe's adding variant converts back to the torus with SIMD (the plain one rounds one
+        // coefficient at a time through libm, which cost as much as the transform itself).
+        out.fill(0);
+        fft.add_backward_as_torus(
             Polynomial::from_container(out),
             FourierPolynomial {
                 data: &self.tmp[..],

@@ -11,7 +11,10 @@ use tfhe::core_crypto::prelude::{
 };
 
 use super::codec::{CodecError, Wire};
-use super::params::{packing_params, GlweShape, PackingParams, Precision, BLOCK_ROWS, INPUT_GLWE};
+use super::automorph::{entry_key_poly, AutoKey};
+use super::params::{
+    auto_params, packing_params, GlweShape, PackingParams, Precision, BLOCK_ROWS, INPUT_GLWE,
+};
 use super::pbs::BootstrapKey;
 
 /// A client's secret keys: the input GLWE key and one output key per precision. Never leaves the
@@ -103,6 +106,8 @@ impl ClientKey {
                 }
             })
             .collect();
+        // 22 entries against the row key's 2048: not worth a place in the progress count.
+        let auto = (precision == Precision::Exact).then(|| self.auto_key(&|_| ()));
         EvaluationKey {
             precision,
             params,
@@ -110,7 +115,25 @@ impl ClientKey {
             bodies,
             blocks,
             bootstrap: None,
+            auto,
         }
+    }
+
+    /// The automorphism keys (`automorph.rs`): entry `(s − 1)·k + i` encrypts `τ_{2^s+1}(s_i)`
+    /// under the exact output key itself.
+    pub fn auto_key(&self, progress: &(dyn Fn(usize) + Sync)) -> AutoKey {
+        let params = auto_params();
+        let out = params.output;
+        let key = self.exact_output.as_ref();
+        let (n, kk) = (out.polynomial_size, out.glwe_dimension);
+        let (seeds, bodies) = glwe_key_entries(
+            params,
+            &self.exact_output,
+            AutoKey::entries(),
+            progress,
+            |e, poly| entry_key_poly(e, key, n, kk, poly),
+        );
+        AutoKey { seeds, bodies }
     }
 
     /// `entries × levels` seeded GLWEs under the output key of `params`: level `l` of entry `e`
@@ -122,9 +145,27 @@ impl ClientKey {
         progress: &(dyn Fn(usize) + Sync),
         key_poly: impl Fn(usize, &mut [u64]) + Sync,
     ) -> (Vec<u8>, Vec<u8>) {
-        let params = packing_params(precision);
+        glwe_key_entries(
+            packing_params(precision),
+            self.output_key(precision),
+            entries,
+            progress,
+            key_poly,
+        )
+    }
+}
+
+/// `entries × levels` seeded GLWEs under `output_key` (the shape of `params.output`): level `l`
+/// of entry `e` encrypts `key_poly(e) · q / B^(l+1)`, `B = 2^params.base_log`.
+fn glwe_key_entries(
+    params: PackingParams,
+    output_key: &GlweSecretKeyOwned<u64>,
+    entries: usize,
+    progress: &(dyn Fn(usize) + Sync),
+    key_poly: impl Fn(usize, &mut [u64]) + Sync,
+) -> (Vec<u8>, Vec<u8>) {
+    {
         let out = params.output;
-        let output_key = self.output_key(precision);
         let levels = params.level_count;
         let n_out = out.polynomial_size;
         let per_entry = levels * n_out;
@@ -208,6 +249,10 @@ pub struct EvaluationKey {
     /// (see `pbs.rs`); absent otherwise.
     #[serde(default)]
     pub bootstrap: Option<BootstrapKey>,
+    /// The automorphism keys (exact precision; keys made before they existed have none, and their
+    /// sessions serve no automorphism requests).
+    #[serde(default)]
+    pub auto: Option<AutoKey>,
 }
 
 impl EvaluationKey {
@@ -231,6 +276,7 @@ impl EvaluationKey {
                 .map(|b| b.seeds.len() + b.bodies.len())
                 .sum::<usize>()
             + self.bootstrap.as_ref().map_or(0, BootstrapKey::wire_len)
+            + self.auto.as_ref().map_or(0, AutoKey::wire_len)
     }
 
     /// Key entries in all (row key and block keys): what [`ClientKey::evaluation_key`] reports
@@ -246,7 +292,11 @@ impl EvaluationKey {
     /// Exact payload size of an evaluation key of `precision` (row key and every block key).
     pub fn expected_len(precision: Precision) -> usize {
         let p = packing_params(precision);
-        Self::entries() * (16 + p.level_count * p.output.polynomial_size * 8)
+        let auto = match precision {
+            Precision::Exact => AutoKey::expected_len(),
+            Precision::Compact => 0,
+        };
+        Self::entries() * (16 + p.level_count * p.output.polynomial_size * 8) + auto
     }
 
     /// The most an evaluation key of `precision` can weigh: with bootstrapping keys.
@@ -301,6 +351,14 @@ impl Wire for EvaluationKey {
         }
         if let Some(b) = &self.bootstrap {
             b.check().map_err(CodecError::invalid::<Self>)?;
+        }
+        if let Some(a) = &self.auto {
+            if self.precision != Precision::Exact {
+                return Err(CodecError::invalid::<Self>(
+                    "automorphism keys come with exact-precision keys only".to_string(),
+                ));
+            }
+            a.check().map_err(CodecError::invalid::<Self>)?;
         }
         Ok(())
     }

@@ -48,6 +48,9 @@ pub struct FourierLinearLayer {
     pub(super) codes: Vec<i8>,
     /// `[j][chunk][N]` split Fourier polynomials of the reversed weight rows.
     weights_f: Vec<f64>,
+    /// The automorphism encoding's outputs per product and weight polynomials (`auto.rs`), for
+    /// plans that offer it.
+    pub(super) auto_f: Option<(u32, Vec<f64>)>,
 }
 
 impl FourierLinearLayer {
@@ -89,10 +92,18 @@ impl FourierLinearLayer {
                     }
                 },
             );
+        let auto_f = plan.encodings.iter().find_map(|e| match e {
+            Encoding::Auto { outputs } => Some((
+                *outputs,
+                super::auto::auto_weights(&plan, codes, *outputs as usize),
+            )),
+            _ => None,
+        });
         Ok(Self {
             plan,
             codes: codes.to_vec(),
             weights_f,
+            auto_f,
         })
     }
 
@@ -128,6 +139,16 @@ impl FourierLinearLayer {
                 return self.evaluate_blocked(key, input, block as usize, max_job_bytes)
             }
             Encoding::Slot => return self.evaluate_slot(input, max_job_bytes),
+            Encoding::Auto { outputs } => {
+                let keys = key.auto.as_ref().ok_or_else(|| {
+                    FheError::ParameterMismatch(
+                        "the session's key has no automorphism keys (made by an older client): \
+                         send row, blocked or slot requests, or open a new session"
+                            .into(),
+                    )
+                })?;
+                return self.evaluate_auto(keys, input, outputs as usize);
+            }
             Encoding::Row => {}
         }
         let rows = input.rows as usize;
@@ -488,7 +509,7 @@ fn transpose_block(local: &[i16], digits: &mut [i16], count: usize, width: usize
 /// `Σ b_i·w_i mod 2^64`, scaled back to the torus, for bodies of `bits` bits. Up to 62 bits the
 /// bodies are split in two halves of at most 31 bits so that the products vectorise as
 /// 32×32→64 multiplies.
-fn body_dot(bodies: &[u64], weights: &[i8], bits: u32) -> u64 {
+pub(super) fn body_dot(bodies: &[u64], weights: &[i8], bits: u32) -> u64 {
     if bits > 62 {
         let sum = bodies.iter().zip(weights).fold(0u64, |s, (&b, &w)| {
             s.wrapping_add(b.wrapping_mul(w as i64 as u64))

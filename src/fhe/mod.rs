@@ -6,6 +6,8 @@
 //! Server: [`FourierPackingKey::new`] (once per session) and [`FourierLinearLayer::new`] (once per
 //! layer) → [`FourierLinearLayer::evaluate`] per request.
 
+mod auto;
+mod automorph;
 pub mod bitpack;
 mod blocked;
 mod chain;
@@ -20,6 +22,8 @@ pub mod params;
 pub mod pbs;
 mod slot;
 
+pub use auto::AutoLayout;
+pub use automorph::{AutoKey, FourierAutoKeys};
 pub use blocked::{BlockLayout, CIPHERTEXTS_PER_SEED};
 pub use chain::{
     chain_rows_within, gain_within_noise, table_input_variance, table_lookup, whole_maps,
@@ -33,7 +37,7 @@ pub use linear::{
     digit_bytes_per_output, outputs_per_group, FourierLinearLayer, DEFAULT_JOB_BYTES,
 };
 pub use packing::FourierPackingKey;
-pub use params::{Encoding, LayerPlan, PlanError, Precision, BLOCK_ROWS};
+pub use params::{Encoding, LayerPlan, PlanError, Precision, AUTO_OUTPUTS, BLOCK_ROWS};
 pub use pbs::{BootstrapKey, FourierBootstrapKey, PBS_PARAMS};
 
 /// Errors of the encrypted engine; each names what was wrong.

@@ -47,6 +47,8 @@ pub struct FourierPackingKey {
     blocks: Vec<(usize, FourierEntries)>,
     /// Keyswitching and bootstrapping keys, if the session uploaded them (non-linear modules).
     pub bootstrap: Option<super::pbs::FourierBootstrapKey>,
+    /// The automorphism keys (exact precision, keys made since they exist).
+    pub auto: Option<super::automorph::FourierAutoKeys>,
 }
 
 /// Key entries in the Fourier domain: `[entry][l][limb][poly][N]` split polynomials.
@@ -59,7 +61,7 @@ pub struct FourierEntries {
 impl FourierEntries {
     /// Regenerate the masks of `seeds.len() / 16` entries and transform every key polynomial
     /// (parallel).
-    fn new(params: PackingParams, seeds: &[u8], bodies: &[u8]) -> Self {
+    pub(super) fn new(params: PackingParams, seeds: &[u8], bodies: &[u8]) -> Self {
         let out = params.output;
         let (n, polys, levels) = (
             out.polynomial_size,
@@ -133,7 +135,7 @@ impl FourierEntries {
         &self.data[start..start + self.entry_len]
     }
 
-    fn size_bytes(&self) -> usize {
+    pub(super) fn size_bytes(&self) -> usize {
         self.data.len() * std::mem::size_of::<f64>()
     }
 }
@@ -161,6 +163,7 @@ impl FourierPackingKey {
                 .bootstrap
                 .as_ref()
                 .and_then(|b| super::pbs::FourierBootstrapKey::new(b).ok()),
+            auto: key.auto.as_ref().map(super::automorph::FourierAutoKeys::new),
         }
     }
 
@@ -169,6 +172,7 @@ impl FourierPackingKey {
         self.bootstrap
             .as_ref()
             .map_or(0, super::pbs::FourierBootstrapKey::size_bytes)
+            + self.auto.as_ref().map_or(0, |a| a.size_bytes())
             + self.row.size_bytes()
             + self
                 .blocks

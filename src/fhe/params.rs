@@ -151,6 +151,27 @@ pub const fn packing_params(precision: Precision) -> PackingParams {
     }
 }
 
+/// Parameters of the automorphism keyswitch (`automorph.rs`): the exact output GLWE (the packing
+/// runs under it), base `2^12`, 4 levels, two-limb Fourier keys. The decomposition keeps 48 bits
+/// of each mask coefficient: its rounding and the key noise are about equal (σ ≈ 2^19.7 and 2^19.4
+/// per keyswitch), and the tree multiplies them by `N/m/√3` (see [`auto_noise_variance`]).
+pub const fn auto_params() -> PackingParams {
+    PackingParams {
+        output: packing_params(Precision::Exact).output,
+        base_log: 12,
+        level_count: 4,
+        fourier_limbs: 2,
+        input_body_bits: packing_params(Precision::Exact).input_body_bits,
+    }
+}
+
+/// Input body bits a layer may add over its row plan to admit the automorphism encoding.
+pub const AUTO_EXTRA_BODY_BITS: u32 = 4;
+
+/// Outputs per leaf the automorphism encoding offers (`m`: input chunks of `N/m` features, one
+/// product per `m` outputs).
+pub const AUTO_OUTPUTS: [u32; 5] = [1, 2, 4, 8, 16];
+
 /// How a request lays its rows out in ciphertexts; chosen per request by [`Encoding::choose`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase", tag = "kind")]
@@ -162,6 +183,10 @@ pub enum Encoding {
     /// `rows` rows × `N/rows` features per input GLWE; each product holds `rows` outputs, packed
     /// `N/rows` outputs at a time by a small per-layout key. Cheapest for tens to hundreds of rows.
     Blocked { rows: u32 },
+    /// One row per input GLWE under the exact output key, `N/outputs` features each; one product
+    /// holds `outputs` values and products are packed by ring automorphisms with the session's
+    /// small automorphism keys (`automorph.rs`, `auto.rs`). Exact precision only.
+    Auto { outputs: u32 },
     /// `N` rows of one feature per input GLWE (a column): output `j` is `Σ_i w_ji · ct_i`, a
     /// clear-integer combination already packed `N` rows to a ciphertext under the input key, with
     /// no packing key at all. Cheapest for about a thousand rows and more.
@@ -178,6 +203,7 @@ impl std::fmt::Display for Encoding {
             Encoding::Row => f.write_str("row"),
             Encoding::Blocked { rows } => write!(f, "blocked{rows}"),
             Encoding::Slot => f.write_str("slot"),
+            Encoding::Auto { outputs } => write!(f, "auto{outputs}"),
         }
     }
 }
@@ -189,6 +215,7 @@ impl std::str::FromStr for Encoding {
             std::iter::once("row".to_string())
                 .chain(BLOCK_ROWS.iter().map(|r| format!("blocked{r}")))
                 .chain(std::iter::once("slot".to_string()))
+                .chain(AUTO_OUTPUTS.iter().map(|m| format!("auto{m}")))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -196,6 +223,14 @@ impl std::str::FromStr for Encoding {
             "row" => return Ok(Encoding::Row),
             "slot" => return Ok(Encoding::Slot),
             _ => {}
+        }
+        if let Some(m) = s.strip_prefix("auto") {
+            return m
+                .parse::<u32>()
+                .ok()
+                .filter(|m| AUTO_OUTPUTS.contains(m))
+                .map(|outputs| Encoding::Auto { outputs })
+                .ok_or_else(|| format!("unknown encoding `{s}` (this build offers {})", offered()));
         }
         s.strip_prefix("blocked")
             .and_then(|r| r.parse::<u32>().ok())
@@ -209,13 +244,25 @@ impl Encoding {
     /// Rows per input ciphertext.
     pub fn rows_per_ciphertext(&self) -> usize {
         match self {
-            Encoding::Row => 1,
+            Encoding::Row | Encoding::Auto { .. } => 1,
             Encoding::Blocked { rows } => *rows as usize,
             Encoding::Slot => INPUT_GLWE.polynomial_size,
         }
     }
 
-    /// Every encoding this build offers.
+    /// Body coefficients a request of `rows × in_features` sends: one per value, except that an
+    /// automorphism request with `m` outputs per product sends `m` per value (the server's
+    /// product meets every input's coefficient in each of the `m` blocks of its GLWE; see
+    /// `auto.rs`).
+    pub fn input_bodies(&self, rows: usize, in_features: usize) -> usize {
+        match self {
+            Encoding::Auto { outputs } => rows * *outputs as usize * in_features,
+            _ => rows * in_features,
+        }
+    }
+
+    /// Every encoding this build offers besides the automorphism ones (one per layer, chosen in
+    /// [`LayerPlan::new`]).
     pub fn all() -> Vec<Encoding> {
         std::iter::once(Encoding::Row)
             .chain(BLOCK_ROWS.iter().map(|&rows| Encoding::Blocked { rows }))
@@ -294,6 +341,22 @@ impl Encoding {
                     + batches * outputs * inputs * n * GEMM_FMA
                     + 2.0 * values * inputs * BODY_MAC
             }
+            Encoding::Auto { outputs: m } => {
+                // ms per automorphism keyswitch (k·L forward and (k+1)·limbs inverse FFTs,
+                // k·L·(k+1)·limbs multiply-adds, decomposition and the automorphism itself) and
+                // per leaf product and chunk, measured with `hyfhe bench linear --encoding auto8`
+                // at (1, 768, 2304) on two threads (2026-12-07).
+                const KEYSWITCH: f64 = 0.113;
+                const LEAF: f64 = 0.02;
+                const LEAF_CHUNK: f64 = 0.015;
+                let m = *m as f64;
+                let chunks = auto_chunks(m as u32, plan.in_features) as f64;
+                let leaves = rows * (outputs / m).ceil();
+                let packs = (leaves / (n / m)).ceil();
+                // One keyswitch per leaf (the tree has leaves − 1 merges per pack) plus the trace.
+                let keyswitches = leaves + packs * (n / m).log2();
+                keyswitches * KEYSWITCH + leaves * (LEAF + chunks * LEAF_CHUNK)
+            }
             Encoding::Blocked { rows: block } => {
                 let f = n / *block as f64;
                 let groups = (inputs / f).ceil();
@@ -306,6 +369,12 @@ impl Encoding {
             }
         }
     }
+}
+
+/// Input GLWEs per row of an automorphism request with `m` outputs per product (`N/m` features
+/// each).
+pub fn auto_chunks(m: u32, in_features: usize) -> usize {
+    in_features.div_ceil(INPUT_GLWE.polynomial_size / m as usize)
 }
 
 /// The planner avoids encodings whose output costs more than this per value (see
@@ -480,6 +549,18 @@ impl LayerPlan {
             }
         };
         let predicted_exact_top_bits = top_bits_for_error(acc_bits, Z_EXACT * std / delta);
+        let mut encodings = Encoding::all();
+        let mut input_body_bits = input_body_bits;
+        let mut std = std;
+        if let Some((m, b_in)) =
+            model.auto_outputs(in_features, input_body_bits, mask_bits, body_bits, delta)
+        {
+            encodings.push(Encoding::Auto { outputs: m });
+            if b_in != input_body_bits {
+                input_body_bits = b_in;
+                std = model.std(b_in, mask_bits, body_bits);
+            }
+        }
         if precision == Precision::Compact && predicted_exact_top_bits < MIN_COMPACT_TOP_BITS {
             return Err(refuse(
                 std,
@@ -498,8 +579,37 @@ impl LayerPlan {
             output_body_bits: body_bits,
             noise_std_log2: std.log2(),
             predicted_exact_top_bits,
-            encodings: Encoding::all(),
+            encodings,
         })
+    }
+
+    /// log2 of the predicted noise standard deviation of a request in `encoding`: the row model
+    /// for every encoding it bounds, the automorphism model ([`auto_noise_variance`]) for
+    /// automorphism requests.
+    pub fn noise_std_log2_as(&self, encoding: Encoding) -> f64 {
+        match encoding {
+            Encoding::Auto { outputs } => {
+                let max_w = 2f64.powi(self.weight_bits as i32 - 1);
+                auto_noise_variance(
+                    self.in_features as f64 * max_w * max_w,
+                    outputs,
+                    self.input_body_bits,
+                    self.output_mask_bits,
+                    self.output_body_bits,
+                )
+                .sqrt()
+                .log2()
+            }
+            _ => self.noise_std_log2,
+        }
+    }
+
+    /// The automorphism encoding this layer offers, if any.
+    pub fn auto_encoding(&self) -> Option<Encoding> {
+        self.encodings
+            .iter()
+            .copied()
+            .find(|e| matches!(e, Encoding::Auto { .. }))
     }
 
     pub fn packing(&self) -> PackingParams {
@@ -545,6 +655,13 @@ impl LayerPlan {
                 rows.div_ceil(n) * self.out_features,
                 INPUT_GLWE.lwe_dimension(),
             ),
+            Encoding::Auto { outputs } => {
+                let m = outputs as usize;
+                (
+                    (rows * self.out_features.div_ceil(m)).div_ceil(n / m),
+                    out.lwe_dimension(),
+                )
+            }
         };
         let bits = packs * mask_len * self.output_mask_bits as usize
             + total * self.output_body_bits as usize;
@@ -570,6 +687,35 @@ struct NoiseModel {
 }
 
 impl NoiseModel {
+    /// The automorphism encoding's outputs per product for this layer and the input body width
+    /// it needs, if any fits (exact precision only): the largest `m` whose requests send at most
+    /// `max(2N, 8·in)` bodies per row (`m` per input) and whose noise keeps every bit with the
+    /// row plan's body width or up to [`AUTO_EXTRA_BODY_BITS`] more (a wider body shrinks the
+    /// row model's noise too, so the plan stays valid for every encoding).
+    fn auto_outputs(
+        &self,
+        in_features: usize,
+        input_body_bits: u32,
+        mask_bits: u32,
+        body_bits: u32,
+        delta: f64,
+    ) -> Option<(u32, u32)> {
+        if self.precision != Precision::Exact {
+            return None;
+        }
+        let n = INPUT_GLWE.polynomial_size;
+        let limit = delta / 2.0 / Z_EXACT;
+        AUTO_OUTPUTS.iter().rev().copied().find_map(|m| {
+            if m as usize * in_features > (2 * n).max(8 * in_features) {
+                return None;
+            }
+            (input_body_bits..=(input_body_bits + AUTO_EXTRA_BODY_BITS).min(56)).find_map(|b_in| {
+                (auto_noise_variance(self.w_norm2, m, b_in, mask_bits, body_bits).sqrt() < limit)
+                    .then_some((m, b_in))
+            })
+        })
+    }
+
     fn std(&self, input_body_bits: u32, mask_bits: u32, body_bits: u32) -> f64 {
         let p = packing_params(self.precision);
         let n_in = INPUT_GLWE.lwe_dimension() as f64;
@@ -602,6 +748,64 @@ impl NoiseModel {
         (MODEL_VARIANCE_MARGIN * (input + product_fft + rounding + key + packing_fft + modswitch))
             .sqrt()
     }
+}
+
+/// Noise variance of an automorphism-encoded output (`m` values per product, worst-case weight
+/// rows of squared norm `w_norm2`), term by term, with [`MODEL_VARIANCE_MARGIN`]:
+///
+/// | source | variance |
+/// |---|---|
+/// | input encryption (TUniform(3)) and body switch to `b_in` bits | `m·‖w‖² · (V(TUniform(3)) + 2^(2(64 − b_in))/12)` |
+/// | f64 FFT error of the `k = 2` mask products | `k·N/2 · m·‖w‖² · (c · 2^11)²` |
+/// | switch of each product to `q·m/N` | `(N/m)²/12 · (1 + k·N/2)` |
+/// | one keyswitch: decomposition rounding | `k·N/2 · 2^(2(64 − β·L))/12` |
+/// | one keyswitch: key noise | `k·N · L · (2^(2β) + 2)/12 · V(TUniform(3))` |
+/// | one keyswitch: f64 FFT error of the low limb | `(c' · 2^−53 · 2^42/√12 · rms(digit) · √(k·N·L))² · (k·N/2 + 1)` |
+/// | the tree and trace, over the keyswitches | `((N/m)² − 1)/3 ×` one keyswitch |
+/// | output modulus switch | as the row model |
+///
+/// Why `m·‖w‖²`: a product polynomial carries the weights of all `m` outputs, and every input
+/// body coefficient (each input GLWE sends all `N`) meets one of them at each output. Why
+/// `((N/m)² − 1)/3`: the outputs sit at coefficients every automorphism after the tree's first
+/// level fixes, so noise added at step `j` of the `T = log2(N/m)` steps is summed with itself
+/// `2^(T−j)` times (variance `×4^(T−j)`), and `Σ_j 4^(T−j) = (4^T − 1)/3`. This is where the
+/// "~11 bits" of the automorphism packing go: `√((N/m)²/3) ≈ 2^10.2` for `m = 1`, `2^8.2` at
+/// `m = 4`. The packing runs under the output key because its key noise, TUniform(3), is what
+/// makes the keyswitch term small; under the input key (TUniform(17)) the key term alone would be
+/// `2^28` times larger in variance.
+pub fn auto_noise_variance(
+    w_norm2: f64,
+    m: u32,
+    input_body_bits: u32,
+    mask_bits: u32,
+    body_bits: u32,
+) -> f64 {
+    let a = auto_params();
+    let out = a.output;
+    let n = out.polynomial_size as f64;
+    let kn = out.lwe_dimension() as f64;
+    let m = m as f64;
+    let pow2 = |e: f64| 2f64.powf(e);
+    let w = m * w_norm2;
+    let input = w * (out.noise_variance() + pow2(2.0 * (64 - input_body_bits) as f64) / 12.0);
+    let product_fft = kn / 2.0 * w * (FFT_ERROR_FACTOR * pow2(11.0)).powi(2);
+    let switch = (n / m).powi(2) / 12.0 * (1.0 + kn / 2.0);
+    let levels = a.level_count as f64;
+    let rounding = kn / 2.0 * pow2(2.0 * (64.0 - a.base_log as f64 * levels)) / 12.0;
+    let digit_variance = (pow2(2.0 * a.base_log as f64) + 2.0) / 12.0;
+    let key = kn * levels * digit_variance * out.noise_variance();
+    let fft = (PACKING_FFT_ERROR_FACTOR
+        * pow2(-53.0)
+        * pow2(LIMB_SPLIT as f64)
+        / 12f64.sqrt()
+        * digit_variance.sqrt()
+        * (kn * levels).sqrt())
+    .powi(2)
+        * (kn / 2.0 + 1.0);
+    let tree = ((n / m).powi(2) - 1.0) / 3.0 * (rounding + key + fft);
+    let modswitch = pow2(2.0 * (64 - body_bits) as f64) / 12.0
+        + kn / 2.0 * pow2(2.0 * (64 - mask_bits) as f64) / 12.0;
+    MODEL_VARIANCE_MARGIN * (input + product_fft + switch + tree + modswitch)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Integration tests of the encrypted engine (one binary; modules by subject).
 
+mod automorph;
 mod cli;
 mod cluster;
 mod codecs;
