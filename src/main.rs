@@ -282,8 +282,8 @@ struct LinearArgs {
     /// Compact output precision (fewer bytes, only the top bits exact) instead of exact.
     #[arg(long)]
     compact: bool,
-    /// Force an encoding (`row`, `blocked16|32|64|128`, `slot`) instead of the planner's choice for
-    /// the row count.
+    /// Force an encoding (`row`, `blocked16|32|64|128`, `slot`, `auto1|2|4|8|16`; a layer offers
+    /// one `auto` size) instead of the planner's choice for the row count.
     #[arg(long)]
     encoding: Option<hyfhe::fhe::Encoding>,
     /// Print exactly one JSON object on stdout instead of the summary.

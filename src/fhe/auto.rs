@@ -121,31 +121,34 @@ pub(super) fn auto_weights(plan: &LayerPlan, codes: &[i8], m: usize) -> Vec<f64>
     let layout = AutoLayout::new(m, 1, plan.in_features, plan.out_features);
     let (n, f, chunks, cols) = (layout.n, layout.f, layout.chunks, plan.in_features);
     let mut weights = vec![0f64; layout.groups * chunks * n];
-    weights.par_chunks_mut(chunks * n).enumerate().for_each_init(
-        || (FourierContext::new(n), vec![0u64; n]),
-        |(ctx, poly), (g, dst)| {
-            for (c, slot) in dst.chunks_exact_mut(n).enumerate() {
-                poly.fill(0);
-                for q in 0..m {
-                    let j = g * m + q;
-                    if j >= plan.out_features {
-                        break;
-                    }
-                    for i in 0..f.min(cols.saturating_sub(c * f)) {
-                        let w = codes[j * cols + c * f + i] as i64;
-                        // X^(qF − i), negacyclic for qF < i.
-                        let e = (q * f) as isize - i as isize;
-                        if e >= 0 {
-                            poly[e as usize] = w as u64;
-                        } else {
-                            poly[(e + n as isize) as usize] = w.wrapping_neg() as u64;
+    weights
+        .par_chunks_mut(chunks * n)
+        .enumerate()
+        .for_each_init(
+            || (FourierContext::new(n), vec![0u64; n]),
+            |(ctx, poly), (g, dst)| {
+                for (c, slot) in dst.chunks_exact_mut(n).enumerate() {
+                    poly.fill(0);
+                    for q in 0..m {
+                        let j = g * m + q;
+                        if j >= plan.out_features {
+                            break;
+                        }
+                        for i in 0..f.min(cols.saturating_sub(c * f)) {
+                            let w = codes[j * cols + c * f + i] as i64;
+                            // X^(qF − i), negacyclic for qF < i.
+                            let e = (q * f) as isize - i as isize;
+                            if e >= 0 {
+                                poly[e as usize] = w as u64;
+                            } else {
+                                poly[(e + n as isize) as usize] = w.wrapping_neg() as u64;
+                            }
                         }
                     }
+                    ctx.forward_integer(poly, slot);
                 }
-                ctx.forward_integer(poly, slot);
-            }
-        },
-    );
+            },
+        );
     weights
 }
 
@@ -175,9 +178,10 @@ impl FourierLinearLayer {
         let shift = 64 - bits;
         let mut bodies = vec![0u64; rows * chunks * n];
         let sent = rows * m * plan.in_features;
-        for (pos, b) in layout
-            .sent(plan.in_features)
-            .zip(unpack_top_bits(&input.bodies, sent, bits))
+        for (pos, b) in
+            layout
+                .sent(plan.in_features)
+                .zip(unpack_top_bits(&input.bodies, sent, bits))
         {
             bodies[pos] = b >> shift;
         }
@@ -261,8 +265,10 @@ impl FourierLinearLayer {
         let rows = input.rows as usize;
         let (layout, packs) = self.auto_glwes(keys, input, m)?;
         let mask_len = auto_params().output.lwe_dimension();
-        let mut masks = Vec::with_capacity(packed_len(packs.len() * mask_len, plan.output_mask_bits));
-        let mut out_bodies = Vec::with_capacity(packed_len(rows * layout.out, plan.output_body_bits));
+        let mut masks =
+            Vec::with_capacity(packed_len(packs.len() * mask_len, plan.output_mask_bits));
+        let mut out_bodies =
+            Vec::with_capacity(packed_len(rows * layout.out, plan.output_body_bits));
         let mut mask_packer = BitPacker::new(plan.output_mask_bits, &mut masks);
         let mut body_packer = BitPacker::new(plan.output_body_bits, &mut out_bodies);
         for (p, packed) in packs.iter().enumerate() {
@@ -276,9 +282,7 @@ impl FourierLinearLayer {
         Ok(EncryptedOutputs::of_plan(
             plan,
             rows,
-            Encoding::Auto {
-                outputs: m as u32,
-            },
+            Encoding::Auto { outputs: m as u32 },
             masks,
             out_bodies,
         ))
@@ -370,9 +374,7 @@ impl ClientKey {
             body_bits: plan.input_body_bits as u8,
             seed: seed.0.to_le_bytes().to_vec(),
             bodies: packed,
-            encoding: Encoding::Auto {
-                outputs: m as u32,
-            },
+            encoding: Encoding::Auto { outputs: m as u32 },
         }
     }
 }

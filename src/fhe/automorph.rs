@@ -273,7 +273,11 @@ impl FourierAutoKeys {
     pub fn pack(&self, leaves: Vec<Option<Vec<u64>>>, m: usize) -> Vec<u64> {
         let poly_n = self.n();
         let padded = leaves.len().next_power_of_two();
-        assert!(m * padded <= poly_n, "{} leaves of {m} values", leaves.len());
+        assert!(
+            m * padded <= poly_n,
+            "{} leaves of {m} values",
+            leaves.len()
+        );
         let mut level = leaves;
         level.resize(padded, None);
         let mut size = 1;

@@ -10,8 +10,8 @@ use tfhe::core_crypto::prelude::{
     PolynomialSize, SecretRandomGenerator, SeededGlweCiphertextList,
 };
 
-use super::codec::{CodecError, Wire};
 use super::automorph::{entry_key_poly, AutoKey};
+use super::codec::{CodecError, Wire};
 use super::params::{
     auto_params, packing_params, GlweShape, PackingParams, Precision, BLOCK_ROWS, INPUT_GLWE,
 };

@@ -163,7 +163,10 @@ impl FourierPackingKey {
                 .bootstrap
                 .as_ref()
                 .and_then(|b| super::pbs::FourierBootstrapKey::new(b).ok()),
-            auto: key.auto.as_ref().map(super::automorph::FourierAutoKeys::new),
+            auto: key
+                .auto
+                .as_ref()
+                .map(super::automorph::FourierAutoKeys::new),
         }
     }
 

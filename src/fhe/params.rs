@@ -230,7 +230,9 @@ impl std::str::FromStr for Encoding {
                 .ok()
                 .filter(|m| AUTO_OUTPUTS.contains(m))
                 .map(|outputs| Encoding::Auto { outputs })
-                .ok_or_else(|| format!("unknown encoding `{s}` (this build offers {})", offered()));
+                .ok_or_else(|| {
+                    format!("unknown encoding `{s}` (this build offers {})", offered())
+                });
         }
         s.strip_prefix("blocked")
             .and_then(|r| r.parse::<u32>().ok())
@@ -794,10 +796,7 @@ pub fn auto_noise_variance(
     let rounding = kn / 2.0 * pow2(2.0 * (64.0 - a.base_log as f64 * levels)) / 12.0;
     let digit_variance = (pow2(2.0 * a.base_log as f64) + 2.0) / 12.0;
     let key = kn * levels * digit_variance * out.noise_variance();
-    let fft = (PACKING_FFT_ERROR_FACTOR
-        * pow2(-53.0)
-        * pow2(LIMB_SPLIT as f64)
-        / 12f64.sqrt()
+    let fft = (PACKING_FFT_ERROR_FACTOR * pow2(-53.0) * pow2(LIMB_SPLIT as f64) / 12f64.sqrt()
         * digit_variance.sqrt()
         * (kn * levels).sqrt())
     .powi(2)

@@ -22,7 +22,10 @@ fn plan(cols: usize, out: usize) -> LayerPlan {
 fn auto_of(plan: &LayerPlan) -> (Encoding, usize) {
     match plan.auto_encoding() {
         Some(e @ Encoding::Auto { outputs }) => (e, outputs as usize),
-        other => panic!("{}×{}: no automorphism encoding ({other:?})", plan.in_features, plan.out_features),
+        other => panic!(
+            "{}×{}: no automorphism encoding ({other:?})",
+            plan.in_features, plan.out_features
+        ),
     }
 }
 
@@ -64,7 +67,10 @@ fn automorphism_requests_equal_the_integer_simulation_across_shapes_and_packs() 
             .zip(&expected)
             .filter(|(d, e)| d != e)
             .count();
-        assert_eq!(wrong, 0, "{encoding} {rows}×{cols}→{out}: {wrong} outputs differ");
+        assert_eq!(
+            wrong, 0,
+            "{encoding} {rows}×{cols}→{out}: {wrong} outputs differ"
+        );
     }
 }
 
@@ -179,10 +185,8 @@ fn a_response_carries_its_outputs_and_noise_independent_of_the_weights_elsewhere
             let (layout, glwes) = server.auto_glwes(keys, &request, m).unwrap();
             let phases = KEYS.client.decrypt_exact_glwes(&glwes);
             for (p, phase) in phases.iter().enumerate() {
-                let outputs: std::collections::HashMap<usize, (usize, usize)> = layout
-                    .slots(p)
-                    .map(|(c, r, j)| (c, (r, j)))
-                    .collect();
+                let outputs: std::collections::HashMap<usize, (usize, usize)> =
+                    layout.slots(p).map(|(c, r, j)| (c, (r, j))).collect();
                 for (c, &v) in phase.iter().enumerate() {
                     match outputs.get(&c) {
                         Some(&(r, j)) => {
@@ -209,19 +213,30 @@ fn a_response_carries_its_outputs_and_noise_independent_of_the_weights_elsewhere
             bound.log2()
         );
         assert!(others.len() > 4 * 1900, "{}", others.len());
-        assert!(max < bound, "a non-output coefficient of 2^{:.2}", max.log2());
+        assert!(
+            max < bound,
+            "a non-output coefficient of 2^{:.2}",
+            max.log2()
+        );
         spreads.push(std);
     }
     // The same distribution whatever W: the spreads agree (samples within one response are
     // correlated, hence the loose tolerance).
     let ratio = spreads[0] / spreads[1];
-    assert!((0.85..1.15).contains(&ratio), "noise spreads differ by {ratio:.3}");
+    assert!(
+        (0.85..1.15).contains(&ratio),
+        "noise spreads differ by {ratio:.3}"
+    );
 }
 
 #[test]
 fn the_automorphism_keys_are_small_and_sessions_without_them_refuse_auto_requests_by_name() {
     // Seeded upload and Fourier form (88 GLWEs of 3 polynomials, 2 limbs).
-    assert!(AutoKey::expected_len() < 2 << 20, "{}", AutoKey::expected_len());
+    assert!(
+        AutoKey::expected_len() < 2 << 20,
+        "{}",
+        AutoKey::expected_len()
+    );
     let fourier = KEYS
         .server(Precision::Exact)
         .auto
@@ -262,6 +277,9 @@ fn the_automorphism_keys_are_small_and_sessions_without_them_refuse_auto_request
         .client
         .encrypt_rows_as(&compact, &vec![3; 100], 1, encoding)
         .is_err());
-    assert_eq!("auto8".parse::<Encoding>().unwrap(), Encoding::Auto { outputs: 8 });
+    assert_eq!(
+        "auto8".parse::<Encoding>().unwrap(),
+        Encoding::Auto { outputs: 8 }
+    );
     assert!("auto3".parse::<Encoding>().unwrap_err().contains("auto16"));
 }
