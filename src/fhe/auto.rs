@@ -185,7 +185,9 @@ impl FourierLinearLayer {
         {
             bodies[pos] = b >> shift;
         }
-        let masks_f = request_masks(input.seed(), rows * chunks);
+        let split = plan.auto_split();
+        let limbs = 1 + split as usize;
+        let masks_f = request_masks(input.seed(), rows * chunks, split);
         let switch_bits = log2(n / m) as u32;
         let cols = plan.in_features;
 
@@ -195,21 +197,34 @@ impl FourierLinearLayer {
                 .pack_leaves(p)
                 .into_par_iter()
                 .map_init(
-                    || (FourierContext::new(n), vec![0f64; n]),
-                    |(ctx, acc), leaf| {
+                    || (FourierContext::new(n), vec![0f64; n], vec![0u64; n]),
+                    |(ctx, acc, lo), leaf| {
                         let (g, r) = (leaf / rows, leaf % rows);
                         let mut glwe = vec![0u64; (kk + 1) * n];
                         for q in 0..kk {
-                            acc.fill(0.0);
-                            for c in 0..chunks {
-                                let ct = r * chunks + c;
-                                mul_add(
-                                    acc,
-                                    &masks_f[(ct * kk + q) * n..(ct * kk + q + 1) * n],
-                                    &weights[(g * chunks + c) * n..(g * chunks + c + 1) * n],
-                                );
+                            for limb in 0..limbs {
+                                acc.fill(0.0);
+                                for c in 0..chunks {
+                                    let poly = ((r * chunks + c) * kk + q) * limbs + limb;
+                                    mul_add(
+                                        acc,
+                                        &masks_f[poly * n..(poly + 1) * n],
+                                        &weights[(g * chunks + c) * n..(g * chunks + c + 1) * n],
+                                    );
+                                }
+                                let dst = &mut glwe[q * n..(q + 1) * n];
+                                if limb == 0 {
+                                    ctx.backward_torus(acc, dst);
+                                } else {
+                                    // The `hi` products are exact multiples of 2^32 up to the
+                                    // f64 error (< 2^31): round them, then add the `lo` ones.
+                                    ctx.backward_torus(acc, lo);
+                                    for (d, &l) in dst.iter_mut().zip(lo.iter()) {
+                                        *d = (d.wrapping_add(1 << 31) & !((1u64 << 32) - 1))
+                                            .wrapping_add(l);
+                                    }
+                                }
                             }
-                            ctx.backward_torus(acc, &mut glwe[q * n..(q + 1) * n]);
                         }
                         let body = &mut glwe[kk * n..];
                         for out_p in 0..m {
@@ -290,8 +305,9 @@ impl FourierLinearLayer {
 }
 
 /// Regenerate an automorphism request's masks from its seed and transform them:
-/// `[ciphertext][mask polynomial][N]`.
-fn request_masks(seed: u128, count: usize) -> Vec<f64> {
+/// `[ciphertext][mask polynomial][limb][N]`, with one limb, or two (`hi·2^32`, then the signed
+/// `lo`) for split products.
+fn request_masks(seed: u128, count: usize, split: bool) -> Vec<f64> {
     let shape = auto_params().output;
     let (n, kk) = (shape.polynomial_size, shape.glwe_dimension);
     let size = GlweSize(kk + 1);
@@ -311,13 +327,27 @@ fn request_masks(seed: u128, count: usize) -> Vec<f64> {
     );
     decompress_seeded_glwe_ciphertext_list::<_, _, _, DefaultRandomGenerator>(&mut glwes, &seeded);
     let coefficients = glwes.as_ref();
-    let mut masks_f = vec![0f64; count * kk * n];
-    masks_f.par_chunks_mut(n).enumerate().for_each_init(
-        || FourierContext::new(n),
-        |ctx, (i, dst)| {
+    let limbs = 1 + split as usize;
+    let mut masks_f = vec![0f64; count * kk * limbs * n];
+    masks_f.par_chunks_mut(limbs * n).enumerate().for_each_init(
+        || (FourierContext::new(n), vec![0u64; n]),
+        |(ctx, limb), (i, dst)| {
             let (ct, q) = (i / kk, i % kk);
             let start = (ct * (kk + 1) + q) * n;
-            ctx.forward_torus(&coefficients[start..start + n], dst);
+            let mask = &coefficients[start..start + n];
+            if !split {
+                ctx.forward_torus(mask, dst);
+                return;
+            }
+            let low = |c: u64| c as u32 as i32 as i64 as u64;
+            for (d, &c) in limb.iter_mut().zip(mask) {
+                *d = c.wrapping_sub(low(c));
+            }
+            ctx.forward_torus(limb, &mut dst[..n]);
+            for (d, &c) in limb.iter_mut().zip(mask) {
+                *d = low(c);
+            }
+            ctx.forward_torus(limb, &mut dst[n..]);
         },
     );
     masks_f

@@ -165,6 +165,9 @@ pub const fn auto_params() -> PackingParams {
     }
 }
 
+/// Widest layer the automorphism encoding accepts: keeps the split products' `hi` limb exact.
+pub const MAX_AUTO_IN: usize = 4096;
+
 /// Input body bits a layer may add over its row plan to admit the automorphism encoding.
 pub const AUTO_EXTRA_BODY_BITS: u32 = 4;
 
@@ -281,7 +284,8 @@ impl Encoding {
         let lean =
             |e: &&Encoding| plan.output_bytes_per_value_as(**e, rows) <= MAX_PLANNED_OUTPUT_BYTES;
         if !plan.encodings.iter().any(|e| lean(&e)) {
-            // Few values per ciphertext whatever the encoding: the wire dominates.
+            // Few values per ciphertext whatever the encoding: the wire dominates, and the cost
+            // decides between encodings that send the same (row and auto send one pack alike).
             return plan
                 .encodings
                 .iter()
@@ -289,6 +293,10 @@ impl Encoding {
                 .min_by(|a, b| {
                     plan.output_bytes_per_value_as(*a, rows)
                         .total_cmp(&plan.output_bytes_per_value_as(*b, rows))
+                        .then(
+                            a.predicted_cost(plan, rows)
+                                .total_cmp(&b.predicted_cost(plan, rows)),
+                        )
                 })
                 .unwrap_or_default();
         }
@@ -590,19 +598,38 @@ impl LayerPlan {
     /// automorphism requests.
     pub fn noise_std_log2_as(&self, encoding: Encoding) -> f64 {
         match encoding {
-            Encoding::Auto { outputs } => {
-                let max_w = 2f64.powi(self.weight_bits as i32 - 1);
-                auto_noise_variance(
-                    self.in_features as f64 * max_w * max_w,
-                    outputs,
-                    self.input_body_bits,
-                    self.output_mask_bits,
-                    self.output_body_bits,
-                )
+            Encoding::Auto { outputs } => self
+                .auto_variance(outputs, self.auto_split_for(outputs))
                 .sqrt()
-                .log2()
-            }
+                .log2(),
             _ => self.noise_std_log2,
+        }
+    }
+
+    fn auto_variance(&self, m: u32, split: bool) -> f64 {
+        let max_w = 2f64.powi(self.weight_bits as i32 - 1);
+        auto_noise_variance(
+            self.in_features as f64 * max_w * max_w,
+            m,
+            self.input_body_bits,
+            self.output_mask_bits,
+            self.output_body_bits,
+            split,
+        )
+    }
+
+    fn auto_split_for(&self, m: u32) -> bool {
+        let limit = 2f64.powi(self.delta_log() as i32) / 2.0 / Z_EXACT;
+        self.auto_variance(m, false).sqrt() >= limit
+    }
+
+    /// Whether this layer's automorphism products split each mask coefficient in two limbs (only
+    /// where the plain products' FFT error does not fit the noise budget; see
+    /// [`auto_noise_variance`]). Client and server derive it from the plan alike.
+    pub fn auto_split(&self) -> bool {
+        match self.auto_encoding() {
+            Some(Encoding::Auto { outputs }) => self.auto_split_for(outputs),
+            _ => false,
         }
     }
 
@@ -711,9 +738,17 @@ impl NoiseModel {
             if m as usize * in_features > (2 * n).max(8 * in_features) {
                 return None;
             }
-            (input_body_bits..=(input_body_bits + AUTO_EXTRA_BODY_BITS).min(56)).find_map(|b_in| {
-                (auto_noise_variance(self.w_norm2, m, b_in, mask_bits, body_bits).sqrt() < limit)
-                    .then_some((m, b_in))
+            if in_features > MAX_AUTO_IN {
+                return None;
+            }
+            [false, true].into_iter().find_map(|split| {
+                (input_body_bits..=(input_body_bits + AUTO_EXTRA_BODY_BITS).min(56)).find_map(
+                    |b_in| {
+                        let v =
+                            auto_noise_variance(self.w_norm2, m, b_in, mask_bits, body_bits, split);
+                        (v.sqrt() < limit).then_some((m, b_in))
+                    },
+                )
             })
         })
     }
@@ -753,18 +788,26 @@ impl NoiseModel {
 }
 
 /// Noise variance of an automorphism-encoded output (`m` values per product, worst-case weight
-/// rows of squared norm `w_norm2`), term by term, with [`MODEL_VARIANCE_MARGIN`]:
+/// rows of squared norm `w_norm2`), term by term, with [`MODEL_VARIANCE_MARGIN`] and
+/// [`AUTO_VARIANCE_MARGIN`]:
 ///
 /// | source | variance |
 /// |---|---|
 /// | input encryption (TUniform(3)) and body switch to `b_in` bits | `m·‖w‖² · (V(TUniform(3)) + 2^(2(64 − b_in))/12)` |
-/// | f64 FFT error of the `k = 2` mask products | `k·N/2 · m·‖w‖² · (c · 2^11)²` |
+/// | f64 FFT error of the `k = 2` mask products | `k·N/2 · m·‖w‖² · (c · 2^11)²`, or `(c · 2^−21)²` split |
 /// | switch of each product to `q·m/N` | `(N/m)²/12 · (1 + k·N/2)` |
 /// | one keyswitch: decomposition rounding | `k·N/2 · 2^(2(64 − β·L))/12` |
 /// | one keyswitch: key noise | `k·N · L · (2^(2β) + 2)/12 · V(TUniform(3))` |
 /// | one keyswitch: f64 FFT error of the low limb | `(c' · 2^−53 · 2^42/√12 · rms(digit) · √(k·N·L))² · (k·N/2 + 1)` |
 /// | the tree and trace, over the keyswitches | `((N/m)² − 1)/3 ×` one keyswitch |
 /// | output modulus switch | as the row model |
+///
+/// Split products (`split`, chosen by [`LayerPlan::auto_split`] where the plain ones do not fit)
+/// cut each mask coefficient as `hi·2^32 + lo` like the client's decryption does, at twice the
+/// product's multiply-adds and inverse FFTs: the `hi` products are multiples of 2^32 computed with
+/// an error below 2^31 (`c·2^11·‖W‖` of rms at most 2^27.5, with `‖W‖² = m·in·2^14 ≤ 2^29` for
+/// `in ≤` [`MAX_AUTO_IN`], `m ≤ 8` there), so they round
+/// exactly, and the product term becomes negligible.
 ///
 /// Why `m·‖w‖²`: a product polynomial carries the weights of all `m` outputs, and every input
 /// body coefficient (each input GLWE sends all `N`) meets one of them at each output. Why
@@ -781,6 +824,7 @@ pub fn auto_noise_variance(
     input_body_bits: u32,
     mask_bits: u32,
     body_bits: u32,
+    split: bool,
 ) -> f64 {
     let a = auto_params();
     let out = a.output;
@@ -790,7 +834,10 @@ pub fn auto_noise_variance(
     let pow2 = |e: f64| 2f64.powf(e);
     let w = m * w_norm2;
     let input = w * (out.noise_variance() + pow2(2.0 * (64 - input_body_bits) as f64) / 12.0);
-    let product_fft = kn / 2.0 * w * (FFT_ERROR_FACTOR * pow2(11.0)).powi(2);
+    // Split products: the `hi` limb's products are rounded to exact multiples of 2^32, the `lo`
+    // limb's carry the f64 error of 32-bit values (`2^32 · 2^−53 = 2^−21`) instead of 64-bit ones.
+    let product_scale = if split { pow2(-21.0) } else { pow2(11.0) };
+    let product_fft = kn / 2.0 * w * (FFT_ERROR_FACTOR * product_scale).powi(2);
     let switch = (n / m).powi(2) / 12.0 * (1.0 + kn / 2.0);
     let levels = a.level_count as f64;
     let rounding = kn / 2.0 * pow2(2.0 * (64.0 - a.base_log as f64 * levels)) / 12.0;
@@ -804,8 +851,13 @@ pub fn auto_noise_variance(
     let tree = ((n / m).powi(2) - 1.0) / 3.0 * (rounding + key + fft);
     let modswitch = pow2(2.0 * (64 - body_bits) as f64) / 12.0
         + kn / 2.0 * pow2(2.0 * (64 - mask_bits) as f64) / 12.0;
-    MODEL_VARIANCE_MARGIN * (input + product_fft + switch + tree + modswitch)
+    AUTO_VARIANCE_MARGIN * MODEL_VARIANCE_MARGIN * (input + product_fft + switch + tree + modswitch)
 }
+
+/// Extra variance margin of the automorphism model: with the row model's margin alone, the
+/// measured σ came within 0.15 bit of it (auto16, 1×64→8192, full-scale weights and inputs),
+/// too close for the key-to-key spread; ×2 (+0.5 bit of σ) keeps it a bound.
+const AUTO_VARIANCE_MARGIN: f64 = 2.0;
 
 #[cfg(test)]
 mod tests {
