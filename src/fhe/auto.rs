@@ -22,11 +22,10 @@
 //! ([`AutoLayout::slots`]).
 
 use rayon::prelude::*;
-use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
+use tfhe::core_crypto::commons::math::random::CompressionSeed;
 use tfhe::core_crypto::prelude::{
-    decompress_seeded_glwe_ciphertext_list, encrypt_seeded_glwe_ciphertext_list, new_seeder,
-    CiphertextModulus, DefaultRandomGenerator, DynamicDistribution, GlweCiphertextCount,
-    GlweCiphertextList, GlweSize, PlaintextList, PolynomialSize, SeededGlweCiphertextList,
+    encrypt_seeded_glwe_ciphertext_list, new_seeder, CiphertextModulus, DynamicDistribution,
+    GlweCiphertextCount, GlweSize, PlaintextList, PolynomialSize, SeededGlweCiphertextList,
 };
 
 use super::automorph::{log2, round_down_pow2, FourierAutoKeys};
@@ -310,23 +309,7 @@ impl FourierLinearLayer {
 fn request_masks(seed: u128, count: usize, split: bool) -> Vec<f64> {
     let shape = auto_params().output;
     let (n, kk) = (shape.polynomial_size, shape.glwe_dimension);
-    let size = GlweSize(kk + 1);
-    let seeded = SeededGlweCiphertextList::from_container(
-        vec![0u64; count * n],
-        size,
-        PolynomialSize(n),
-        CompressionSeed::from(Seed(seed)),
-        CiphertextModulus::new_native(),
-    );
-    let mut glwes = GlweCiphertextList::new(
-        0u64,
-        size,
-        PolynomialSize(n),
-        GlweCiphertextCount(count),
-        CiphertextModulus::new_native(),
-    );
-    decompress_seeded_glwe_ciphertext_list::<_, _, _, DefaultRandomGenerator>(&mut glwes, &seeded);
-    let coefficients = glwes.as_ref();
+    let coefficients = super::seeded::decompress(vec![0u64; count * n], seed, kk, n);
     let limbs = 1 + split as usize;
     let mut masks_f = vec![0f64; count * kk * limbs * n];
     masks_f.par_chunks_mut(limbs * n).enumerate().for_each_init(

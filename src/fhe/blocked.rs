@@ -37,9 +37,8 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
 use tfhe::core_crypto::prelude::{
-    decompress_seeded_glwe_ciphertext_list, encrypt_seeded_glwe_ciphertext_list, new_seeder,
-    CiphertextModulus, DefaultRandomGenerator, DynamicDistribution, GlweCiphertextCount,
-    GlweCiphertextList, GlweSize, PlaintextList, PolynomialSize, SeededGlweCiphertextList,
+    encrypt_seeded_glwe_ciphertext_list, new_seeder, CiphertextModulus, DynamicDistribution,
+    GlweCiphertextCount, GlweSize, PlaintextList, PolynomialSize, SeededGlweCiphertextList,
 };
 
 use super::bitpack::{pack_top_bits, packed_len, unpack_top_bits, BitPacker};
@@ -195,7 +194,6 @@ impl ClientKey {
 /// Regenerate the masks of `count` blocked input ciphertexts and transform them: `[ct][N]`.
 pub(super) fn blocked_masks(seed: u128, count: usize) -> Vec<f64> {
     let n = INPUT_GLWE.polynomial_size;
-    let size = GlweSize(INPUT_GLWE.glwe_dimension + 1);
     let mut masks_f = vec![0f64; count * n];
     masks_f
         .par_chunks_mut(CIPHERTEXTS_PER_SEED * n)
@@ -204,24 +202,12 @@ pub(super) fn blocked_masks(seed: u128, count: usize) -> Vec<f64> {
             || FourierContext::new(n),
             |ctx, (run, out)| {
                 let count = out.len() / n;
-                let seeded = SeededGlweCiphertextList::from_container(
+                let coefficients = super::seeded::decompress(
                     vec![0u64; count * n],
-                    size,
-                    PolynomialSize(n),
-                    CompressionSeed::from(Seed(run_seed(seed, run))),
-                    CiphertextModulus::new_native(),
+                    run_seed(seed, run),
+                    INPUT_GLWE.glwe_dimension,
+                    n,
                 );
-                let mut glwes = GlweCiphertextList::new(
-                    0u64,
-                    size,
-                    PolynomialSize(n),
-                    GlweCiphertextCount(count),
-                    CiphertextModulus::new_native(),
-                );
-                decompress_seeded_glwe_ciphertext_list::<_, _, _, DefaultRandomGenerator>(
-                    &mut glwes, &seeded,
-                );
-                let coefficients = glwes.as_ref();
                 let k = INPUT_GLWE.glwe_dimension;
                 for (i, dst) in out.chunks_exact_mut(n).enumerate() {
                     let start = i * (k + 1) * n;

@@ -8,11 +8,6 @@
 //! Fourier domain once, in [`FourierLinearLayer::new`].
 
 use rayon::prelude::*;
-use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
-use tfhe::core_crypto::prelude::{
-    decompress_seeded_glwe_ciphertext_list, CiphertextModulus, DefaultRandomGenerator,
-    GlweCiphertextCount, GlweCiphertextList, GlweSize, PolynomialSize, SeededGlweCiphertextList,
-};
 
 use super::bitpack::{packed_len, unpack_top_bits, BitPacker};
 use super::codec::Wire;
@@ -308,26 +303,8 @@ impl FourierLinearLayer {
     /// Regenerate the request's masks from its seed and transform them: `[ciphertext][N]`.
     fn input_masks(&self, seed: u128, count: usize) -> Vec<f64> {
         let n = INPUT_GLWE.polynomial_size;
-        let size = GlweSize(INPUT_GLWE.glwe_dimension + 1);
-        let seeded = SeededGlweCiphertextList::from_container(
-            vec![0u64; count * n],
-            size,
-            PolynomialSize(n),
-            CompressionSeed::from(Seed(seed)),
-            CiphertextModulus::new_native(),
-        );
-        let mut glwes = GlweCiphertextList::new(
-            0u64,
-            size,
-            PolynomialSize(n),
-            GlweCiphertextCount(count),
-            CiphertextModulus::new_native(),
-        );
-        decompress_seeded_glwe_ciphertext_list::<_, _, _, DefaultRandomGenerator>(
-            &mut glwes, &seeded,
-        );
-        let coefficients = glwes.as_ref();
         let k = INPUT_GLWE.glwe_dimension;
+        let coefficients = super::seeded::decompress(vec![0u64; count * n], seed, k, n);
         let mut masks_f = vec![0f64; count * n];
         masks_f.par_chunks_mut(n).enumerate().for_each_init(
             || FourierContext::new(n),

@@ -20,6 +20,7 @@ mod linear;
 mod packing;
 pub mod params;
 pub mod pbs;
+mod seeded;
 mod slot;
 
 pub use auto::AutoLayout;

@@ -23,11 +23,6 @@
 //! carry an error of about 2^15, far below the noise.
 
 use rayon::prelude::*;
-use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
-use tfhe::core_crypto::prelude::{
-    decompress_seeded_glwe_ciphertext_list, CiphertextModulus, DefaultRandomGenerator,
-    GlweCiphertextCount, GlweCiphertextList, GlweSize, PolynomialSize, SeededGlweCiphertextList,
-};
 
 use super::fourier::{mul_add, FourierContext};
 use super::keys::EvaluationKey;
@@ -82,24 +77,8 @@ impl FourierEntries {
                     .collect();
                 let mut seed = [0u8; 16];
                 seed.copy_from_slice(&seeds[t * 16..(t + 1) * 16]);
-                let seeded = SeededGlweCiphertextList::from_container(
-                    bodies,
-                    GlweSize(polys),
-                    PolynomialSize(n),
-                    CompressionSeed::from(Seed(u128::from_le_bytes(seed))),
-                    CiphertextModulus::new_native(),
-                );
-                let mut glwes = GlweCiphertextList::new(
-                    0u64,
-                    GlweSize(polys),
-                    PolynomialSize(n),
-                    GlweCiphertextCount(levels),
-                    CiphertextModulus::new_native(),
-                );
-                decompress_seeded_glwe_ciphertext_list::<_, _, _, DefaultRandomGenerator>(
-                    &mut glwes, &seeded,
-                );
-                let coefficients = glwes.as_ref();
+                let coefficients =
+                    super::seeded::decompress(bodies, u128::from_le_bytes(seed), polys - 1, n);
                 let mut limb = vec![0u64; n];
                 for l in 0..levels {
                     for p in 0..polys {
