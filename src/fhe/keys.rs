@@ -164,52 +164,50 @@ fn glwe_key_entries(
     progress: &(dyn Fn(usize) + Sync),
     key_poly: impl Fn(usize, &mut [u64]) + Sync,
 ) -> (Vec<u8>, Vec<u8>) {
-    {
-        let out = params.output;
-        let levels = params.level_count;
-        let n_out = out.polynomial_size;
-        let per_entry = levels * n_out;
-        let mut bodies = vec![0u64; entries * per_entry];
-        let seeds: Vec<[u8; 16]> = bodies
-            .par_chunks_mut(per_entry)
-            .enumerate()
-            .map(|(e, chunk)| {
-                let mut seeder = new_seeder();
-                let seed = seeder.seed();
-                let mut list = SeededGlweCiphertextList::new(
-                    0u64,
-                    tfhe::core_crypto::prelude::GlweSize(out.glwe_dimension + 1),
-                    PolynomialSize(n_out),
-                    GlweCiphertextCount(levels),
-                    CompressionSeed::from(seed),
-                    CiphertextModulus::new_native(),
-                );
-                let mut key = vec![0u64; n_out];
-                key_poly(e, &mut key);
-                let mut plain = vec![0u64; per_entry];
-                for l in 0..levels {
-                    let shift = 64 - params.base_log * (l as u32 + 1);
-                    for (dst, &s) in plain[l * n_out..(l + 1) * n_out].iter_mut().zip(&key) {
-                        *dst = s << shift;
-                    }
+    let out = params.output;
+    let levels = params.level_count;
+    let n_out = out.polynomial_size;
+    let per_entry = levels * n_out;
+    let mut bodies = vec![0u64; entries * per_entry];
+    let seeds: Vec<[u8; 16]> = bodies
+        .par_chunks_mut(per_entry)
+        .enumerate()
+        .map(|(e, chunk)| {
+            let mut seeder = new_seeder();
+            let seed = seeder.seed();
+            let mut list = SeededGlweCiphertextList::new(
+                0u64,
+                tfhe::core_crypto::prelude::GlweSize(out.glwe_dimension + 1),
+                PolynomialSize(n_out),
+                GlweCiphertextCount(levels),
+                CompressionSeed::from(seed),
+                CiphertextModulus::new_native(),
+            );
+            let mut key = vec![0u64; n_out];
+            key_poly(e, &mut key);
+            let mut plain = vec![0u64; per_entry];
+            for l in 0..levels {
+                let shift = 64 - params.base_log * (l as u32 + 1);
+                for (dst, &s) in plain[l * n_out..(l + 1) * n_out].iter_mut().zip(&key) {
+                    *dst = s << shift;
                 }
-                encrypt_seeded_glwe_ciphertext_list(
-                    output_key,
-                    &mut list,
-                    &PlaintextList::from_container(plain),
-                    DynamicDistribution::new_t_uniform(out.noise_bound_log2),
-                    seeder.as_mut(),
-                );
-                chunk.copy_from_slice(list.as_ref());
-                progress(1);
-                seed.0.to_le_bytes()
-            })
-            .collect();
-        (
-            seeds.concat(),
-            bodies.iter().flat_map(|b| b.to_le_bytes()).collect(),
-        )
-    }
+            }
+            encrypt_seeded_glwe_ciphertext_list(
+                output_key,
+                &mut list,
+                &PlaintextList::from_container(plain),
+                DynamicDistribution::new_t_uniform(out.noise_bound_log2),
+                seeder.as_mut(),
+            );
+            chunk.copy_from_slice(list.as_ref());
+            progress(1);
+            seed.0.to_le_bytes()
+        })
+        .collect();
+    (
+        seeds.concat(),
+        bodies.iter().flat_map(|b| b.to_le_bytes()).collect(),
+    )
 }
 
 /// The small packing key of one block size (blocked encoding), seeded like the row key.
