@@ -2,6 +2,7 @@
 //! is testable; the binary only parses arguments and prints.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use ndarray::ArrayD;
@@ -9,9 +10,10 @@ use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use serde::Serialize;
 
 use crate::client::Client;
-use crate::fhe::Precision;
+use crate::fhe::{ClientKey, KeyProfile, Precision};
 use crate::hybrid::{
-    CompileOptions, ForwardStats, GenerateReport, HybridError, HybridModel, Mode, ModuleReport,
+    CompileOptions, ExecuteKeys, ForwardStats, GenerateReport, HybridError, HybridModel, Mode,
+    ModuleReport,
 };
 use crate::model::chain::Shortcut;
 use crate::model::{runner, ModelError, OnnxModel, Value};
@@ -267,6 +269,8 @@ pub struct RunRequest<'a> {
     pub first: Option<usize>,
     /// Coordinator URL and API key, for `Mode::Remote`.
     pub server: Option<(String, String)>,
+    /// The packing keys of the remote session or the execute mode's in-process server.
+    pub key: KeyProfile,
 }
 
 #[derive(Debug, Serialize)]
@@ -317,6 +321,7 @@ pub fn run(
     let mut setup_ms = 0.0;
     if req.mode == Mode::Execute || req.reference == Some(Mode::Execute) {
         let t = Instant::now();
+        use_key_profile(&model, req.key);
         model.local_server()?;
         setup_ms = t.elapsed().as_secs_f64() * 1e3;
     }
@@ -336,7 +341,8 @@ pub fn run(
                 tokio::runtime::Runtime::new().map_err(|e| HybridError::Remote(e.to_string()))?;
             let t = Instant::now();
             let client = Client::new(url, key)?;
-            let session = runtime.block_on(client.open_session(model.compiled(), progress))?;
+            let session =
+                runtime.block_on(client.open_session_as(model.compiled(), req.key, progress))?;
             setup_ms += t.elapsed().as_secs_f64() * 1e3;
             Some((runtime, session))
         }
@@ -494,6 +500,8 @@ pub struct GenerateRequest<'a> {
     pub mode: Mode,
     /// Coordinator URL and API key, for `Mode::Remote`.
     pub server: Option<(String, String)>,
+    /// The packing keys of the remote session or the execute mode's in-process server.
+    pub key: KeyProfile,
 }
 
 /// What `hyfhe generate` prints (`--json`: this object, the report's fields inlined).
@@ -568,6 +576,16 @@ impl GenerateSummary {
     }
 }
 
+/// Execute mode's in-process server gets keys of `profile` (the default is full).
+fn use_key_profile(model: &HybridModel, profile: KeyProfile) {
+    if profile != KeyProfile::Full {
+        model.use_keys(Arc::new(ExecuteKeys::with_profile(
+            ClientKey::generate(),
+            profile,
+        )));
+    }
+}
+
 /// `hyfhe generate DIR --prompt IDS.npy --max-new-tokens N --mode M`.
 pub fn generate(
     req: &GenerateRequest<'_>,
@@ -587,7 +605,8 @@ pub fn generate(
                 tokio::runtime::Runtime::new().map_err(|e| HybridError::Remote(e.to_string()))?;
             let t = Instant::now();
             let client = Client::new(url, key)?;
-            let session = runtime.block_on(client.open_session(model.compiled(), progress))?;
+            let session =
+                runtime.block_on(client.open_session_as(model.compiled(), req.key, progress))?;
             setup_ms = t.elapsed().as_secs_f64() * 1e3;
             let report =
                 runtime.block_on(model.generate_remote(prompt, req.max_new_tokens, &session));
@@ -597,6 +616,7 @@ pub fn generate(
         (mode, _) => {
             if mode == Mode::Execute {
                 let t = Instant::now();
+                use_key_profile(&model, req.key);
                 model.local_server()?;
                 setup_ms = t.elapsed().as_secs_f64() * 1e3;
             }

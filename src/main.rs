@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use hyfhe::bench::{run_linear, LinearBenchConfig, Progress};
 use hyfhe::commands::{self, CompileRequest, GenerateRequest, RunRequest};
 use hyfhe::config::Config;
-use hyfhe::fhe::Precision;
+use hyfhe::fhe::{KeyProfile, Precision};
 use hyfhe::hybrid::{CompileOptions, Mode};
 use hyfhe::service;
 
@@ -171,6 +171,11 @@ struct GenerateArgs {
     /// Tenant API key for --mode remote.
     #[arg(long, env = "HYFHE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Which packing keys the session (remote) or the in-process server (execute) gets: `full`
+    /// (every encoding; ~107 MiB uploaded) or `lean` (the automorphism keys alone, ~1 MiB: auto
+    /// and slot requests, linear modules only; for single-row traffic and many tenants).
+    #[arg(long, default_value = "full")]
+    key: KeyProfile,
 }
 
 #[derive(Args)]
@@ -203,6 +208,11 @@ struct RunArgs {
     /// Tenant API key for --mode remote.
     #[arg(long, env = "HYFHE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Which packing keys the session (remote) or the in-process server (execute) gets: `full`
+    /// (every encoding; ~107 MiB uploaded) or `lean` (the automorphism keys alone, ~1 MiB: auto
+    /// and slot requests, linear modules only; for single-row traffic and many tenants).
+    #[arg(long, default_value = "full")]
+    key: KeyProfile,
 }
 
 #[derive(Subcommand)]
@@ -639,6 +649,7 @@ fn run(args: RunArgs) -> ExitCode {
         server: args
             .server
             .map(|url| (url, args.api_key.unwrap_or_default())),
+        key: args.key,
     };
     let bars = bars();
     let result = commands::run(&request, &bars);
@@ -658,6 +669,7 @@ fn generate(args: GenerateArgs) -> ExitCode {
         server: args
             .server
             .map(|url| (url, args.api_key.unwrap_or_default())),
+        key: args.key,
     };
     let bars = bars();
     let result = commands::generate(&request, &bars);

@@ -97,7 +97,12 @@ class Modules:
 
 class RemoteSession:
     def __init__(
-        self, modules: Modules, url: str, api_key: str, ca_cert: Optional[str] = None
+        self,
+        modules: Modules,
+        url: str,
+        api_key: str,
+        ca_cert: Optional[str] = None,
+        key: str = "full",
     ) -> None: ...
     def forward(self, name: str, x: npt.NDArray[np.float32], stats: bool = False) -> Any:
         """The module's output, or (output, stats) with stats=True."""

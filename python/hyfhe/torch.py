@@ -390,6 +390,9 @@ class HybridFHEModel:
     Arguments follow Concrete ML's ``HybridFHEModel``. ``verbose`` > 0 prints what compiling
     decided for each module. ``api_key`` defaults to ``$HYFHE_API_KEY``; ``ca_cert`` (a PEM file,
     default ``$HYFHE_CA_CERT``) is trusted besides the system's roots for an ``https://`` server.
+    ``key`` picks the session's packing keys: ``"full"`` (every encoding, about 107 MiB uploaded)
+    or ``"lean"`` (the automorphism keys alone, about 1 MiB; linear modules only, best for one
+    sample or one token per call).
     """
 
     def __init__(
@@ -401,9 +404,12 @@ class HybridFHEModel:
         verbose: int = 0,
         api_key: Optional[str] = None,
         ca_cert: Optional[str] = None,
+        key: str = "full",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if key not in ("full", "lean"):
+            raise ValueError(f"key must be 'full' or 'lean', got {key!r}")
         names = [module_names] if isinstance(module_names, str) else list(module_names)
         if not names:
             raise ValueError("no module selected: pass names from model.named_modules()")
@@ -425,6 +431,7 @@ class HybridFHEModel:
         self.verbose = verbose
         self.api_key = api_key if api_key is not None else os.environ.get("HYFHE_API_KEY")
         self.ca_cert = ca_cert if ca_cert is not None else os.environ.get("HYFHE_CA_CERT")
+        self.key = key
         self._binding = _Binding(_native.Modules(model_name))
         self.remote_modules: Dict[str, RemoteModule] = {}
         for name in names:
@@ -714,7 +721,7 @@ class HybridFHEModel:
             )
         self.close()
         self._binding.session = _native.RemoteSession(
-            native, self.server_remote_address, self.api_key, self.ca_cert)
+            native, self.server_remote_address, self.api_key, self.ca_cert, self.key)
 
     def _load_client(self, path: Optional[Union[str, Path]]) -> "_native.Modules":
         if path is None:

@@ -876,22 +876,27 @@ struct RemoteSession {
 #[pymethods]
 impl RemoteSession {
     /// Check the server compiled these modules as the local specs say, generate keys (seconds)
-    /// and open a session uploading the evaluation keys.
+    /// and open a session uploading the evaluation keys: `key="full"` (every encoding) or
+    /// `"lean"` (the automorphism keys alone, about 1 MiB; linear modules only).
     #[new]
-    #[pyo3(signature = (modules, url, api_key, ca_cert = None))]
+    #[pyo3(signature = (modules, url, api_key, ca_cert = None, key = "full"))]
     fn new(
         py: Python<'_>,
         modules: &Modules,
         url: String,
         api_key: String,
         ca_cert: Option<PathBuf>,
+        key: &str,
     ) -> PyResult<Self> {
+        let profile: hyfhe::fhe::KeyProfile = key.parse().map_err(PyValueError::new_err)?;
         let inner = modules.inner.clone();
         let shared = inner.clone();
         let session = run(py, move |p| {
             let client = Client::with_ca_cert(&url, &api_key, ca_cert.as_deref())?;
             let m = shared.read().unwrap_or_else(|e| e.into_inner());
-            let session = p.runtime.block_on(client.open_session(&m, &Silent))?;
+            let session = p
+                .runtime
+                .block_on(client.open_session_as(&m, profile, &Silent))?;
             Ok(session)
         })?;
         Ok(Self {

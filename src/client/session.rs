@@ -7,7 +7,9 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 
 use super::{Client, ClientError};
-use crate::fhe::{decode, encode, ClientKey, EncryptedOutputs, EncryptedRows, Precision, MAX_ROWS};
+use crate::fhe::{
+    decode, encode, ClientKey, EncryptedOutputs, EncryptedRows, KeyProfile, Precision, MAX_ROWS,
+};
 use crate::hybrid::{BoxFuture, CompiledModules, HybridError, Remote};
 use crate::progress::Progress;
 use crate::protocol::{
@@ -63,6 +65,7 @@ pub struct SessionKeys {
     key: ClientKey,
     evaluation_keys: Vec<Vec<u8>>,
     precisions: BTreeSet<Precision>,
+    profile: KeyProfile,
 }
 
 impl SessionKeys {
@@ -73,14 +76,32 @@ impl SessionKeys {
         bootstrap: bool,
         progress: &dyn Progress,
     ) -> Self {
+        Self::generate_as(precisions, bootstrap, KeyProfile::Full, progress)
+    }
+
+    /// [`SessionKeys::generate_with`] for a key profile: a lean key carries the automorphism
+    /// keys alone (no `bootstrap`: modules with activations need the full key).
+    pub fn generate_as(
+        precisions: &BTreeSet<Precision>,
+        bootstrap: bool,
+        profile: KeyProfile,
+        progress: &dyn Progress,
+    ) -> Self {
+        debug_assert!(!(bootstrap && profile == KeyProfile::Lean));
         progress.stage("keygen", 1);
         let key = ClientKey::generate();
         progress.advance(1);
         let mut evaluation_keys = Vec::new();
         for &precision in precisions {
-            let n = crate::fhe::params::INPUT_GLWE.lwe_dimension();
+            let n = match profile {
+                KeyProfile::Full => crate::fhe::params::INPUT_GLWE.lwe_dimension(),
+                KeyProfile::Lean => 1,
+            };
             progress.stage(&format!("{precision} evaluation key"), n);
-            let mut eval = key.evaluation_key(precision, &|k| progress.advance(k));
+            let mut eval = key.evaluation_key_as(precision, profile, &|k| progress.advance(k));
+            if profile == KeyProfile::Lean {
+                progress.advance(1);
+            }
             if bootstrap && precision == Precision::Exact {
                 progress.stage("bootstrap key", 1);
                 eval.bootstrap = Some(key.bootstrap_key());
@@ -92,6 +113,7 @@ impl SessionKeys {
             key,
             evaluation_keys,
             precisions: precisions.clone(),
+            profile,
         }
     }
 
@@ -107,6 +129,40 @@ impl SessionKeys {
             Self::needs_bootstrap(model),
             progress,
         )
+    }
+
+    /// Fresh keys of `profile` for everything `model`'s modules need; a lean key is refused
+    /// for a model with activations inside a module (their bootstraps pack with the row key).
+    pub fn generate_for_as(
+        model: &CompiledModules,
+        profile: KeyProfile,
+        progress: &dyn Progress,
+    ) -> Result<Self, ClientError> {
+        let bootstrap = Self::needs_bootstrap(model);
+        if bootstrap && profile == KeyProfile::Lean {
+            let chains: Vec<_> = model
+                .specs()
+                .iter()
+                .filter(|(_, s)| s.output_plan.is_some())
+                .map(|(name, _)| name.as_str())
+                .collect();
+            return Err(ClientError::Local(format!(
+                "a lean key serves linear modules only; {chains:?} of `{}` have activations \
+                 inside and need the full key (--key full)",
+                model.name()
+            )));
+        }
+        Ok(Self::generate_as(
+            &Self::precisions_of(model),
+            bootstrap,
+            profile,
+            progress,
+        ))
+    }
+
+    /// Which packing keys these are.
+    pub fn profile(&self) -> KeyProfile {
+        self.profile
     }
 
     /// Whether a module of `model` has activations inside.
@@ -142,9 +198,21 @@ impl Client {
         model: &CompiledModules,
         progress: &dyn Progress,
     ) -> Result<RemoteSession, ClientError> {
+        self.open_session_as(model, KeyProfile::Full, progress)
+            .await
+    }
+
+    /// [`Client::open_session`] with keys of `profile` (`lean`: the automorphism keys alone,
+    /// about 1 MiB instead of 107; linear modules only).
+    pub async fn open_session_as(
+        &self,
+        model: &CompiledModules,
+        profile: KeyProfile,
+        progress: &dyn Progress,
+    ) -> Result<RemoteSession, ClientError> {
         let limits = self.check_specs(model).await?;
         // Seconds of CPU on the caller's task: a client has nothing else to serve meanwhile.
-        let keys = SessionKeys::generate_for(model, progress);
+        let keys = SessionKeys::generate_for_as(model, profile, progress)?;
         self.start_session(model, Arc::new(keys), limits).await
     }
 
@@ -490,6 +558,10 @@ impl Remote for RemoteSession {
 
     fn max_rows(&self, module: &str) -> usize {
         self.max_rows.get(module).copied().unwrap_or(MAX_ROWS)
+    }
+
+    fn key_profile(&self) -> KeyProfile {
+        self.keys.profile
     }
 
     fn compute<'a>(

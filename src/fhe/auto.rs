@@ -22,11 +22,7 @@
 //! ([`AutoLayout::slots`]).
 
 use rayon::prelude::*;
-use tfhe::core_crypto::commons::math::random::CompressionSeed;
-use tfhe::core_crypto::prelude::{
-    encrypt_seeded_glwe_ciphertext_list, new_seeder, CiphertextModulus, DynamicDistribution,
-    GlweCiphertextCount, GlweSize, PlaintextList, PolynomialSize, SeededGlweCiphertextList,
-};
+use tfhe::core_crypto::prelude::new_seeder;
 
 use super::automorph::{log2, round_down_pow2, FourierAutoKeys};
 use super::bitpack::{pack_top_bits, packed_len, unpack_top_bits, BitPacker};
@@ -37,6 +33,7 @@ use super::fourier::{mul_add, FourierContext};
 use super::keys::ClientKey;
 use super::linear::{body_dot, FourierLinearLayer};
 use super::params::{auto_chunks, auto_params, Encoding, LayerPlan};
+use super::seeded::encrypt;
 use super::FheError;
 
 /// Where everything of an automorphism request sits.
@@ -357,25 +354,9 @@ impl ClientKey {
                 plain[(r * chunks + i / f) * n + i % f] = (v as i64 as u64) << delta_log;
             }
         }
-        let mut seeder = new_seeder();
-        let seed = seeder.seed();
-        let mut list = SeededGlweCiphertextList::new(
-            0u64,
-            GlweSize(shape.glwe_dimension + 1),
-            PolynomialSize(n),
-            GlweCiphertextCount(rows * chunks),
-            CompressionSeed::from(seed),
-            CiphertextModulus::new_native(),
-        );
-        encrypt_seeded_glwe_ciphertext_list(
-            self.output_key(plan.precision),
-            &mut list,
-            &PlaintextList::from_container(plain),
-            DynamicDistribution::new_t_uniform(shape.noise_bound_log2),
-            seeder.as_mut(),
-        );
+        let seed = new_seeder().seed().0;
+        let all = encrypt(self.output_key(plan.precision), shape, &plain, seed);
         let mut packed = Vec::with_capacity(packed_len(rows * m * cols, plan.input_body_bits));
-        let all = list.as_ref();
         pack_top_bits(
             layout.sent(cols).map(|pos| all[pos]),
             plan.input_body_bits,
@@ -385,7 +366,7 @@ impl ClientKey {
             rows: rows as u32,
             in_features: cols as u32,
             body_bits: plan.input_body_bits as u8,
-            seed: seed.0.to_le_bytes().to_vec(),
+            seed: seed.to_le_bytes().to_vec(),
             bodies: packed,
             encoding: Encoding::Auto { outputs: m as u32 },
         }

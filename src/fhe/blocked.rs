@@ -35,11 +35,7 @@
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
-use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
-use tfhe::core_crypto::prelude::{
-    encrypt_seeded_glwe_ciphertext_list, new_seeder, CiphertextModulus, DynamicDistribution,
-    GlweCiphertextCount, GlweSize, PlaintextList, PolynomialSize, SeededGlweCiphertextList,
-};
+use tfhe::core_crypto::prelude::new_seeder;
 
 use super::bitpack::{pack_top_bits, packed_len, unpack_top_bits, BitPacker};
 use super::encrypted_outputs::EncryptedOutputs;
@@ -49,6 +45,7 @@ use super::keys::ClientKey;
 use super::linear::FourierLinearLayer;
 use super::packing::{decompose_row, negated_key_sum, FourierEntries, FourierPackingKey};
 use super::params::{Encoding, LayerPlan, PackingParams, INPUT_GLWE};
+use super::seeded::encrypt_runs;
 use super::FheError;
 
 /// Input ciphertexts per mask seed: each run of this many is encrypted (client) and regenerated
@@ -133,43 +130,25 @@ impl ClientKey {
         let lay = BlockLayout::new(block, rows, cols, plan.out_features);
         let delta_log = plan.delta_log();
         let seed = new_seeder().seed().0;
-        let size = GlweSize(INPUT_GLWE.glwe_dimension + 1);
-        let mut bodies = vec![0u64; lay.ciphertexts() * n];
-        bodies
-            .par_chunks_mut(CIPHERTEXTS_PER_SEED * n)
-            .enumerate()
-            .for_each(|(run, out)| {
-                let count = out.len() / n;
-                let mut plain = vec![0u64; count * n];
-                for (k, poly) in plain.chunks_exact_mut(n).enumerate() {
-                    let ct = run * CIPHERTEXTS_PER_SEED + k;
-                    let (b, g) = (ct / lay.groups, ct % lay.groups);
-                    for r in 0..lay.block.min(rows.saturating_sub(b * block)) {
-                        let row = &values[(b * block + r) * cols..(b * block + r + 1) * cols];
-                        let first = g * lay.width;
-                        for (f, &v) in row[first..cols.min(first + lay.width)].iter().enumerate() {
-                            poly[r * lay.width + f] = (v as i64 as u64) << delta_log;
-                        }
-                    }
+        let mut plain = vec![0u64; lay.ciphertexts() * n];
+        plain.par_chunks_mut(n).enumerate().for_each(|(ct, poly)| {
+            let (b, g) = (ct / lay.groups, ct % lay.groups);
+            for r in 0..lay.block.min(rows.saturating_sub(b * block)) {
+                let row = &values[(b * block + r) * cols..(b * block + r + 1) * cols];
+                let first = g * lay.width;
+                for (f, &v) in row[first..cols.min(first + lay.width)].iter().enumerate() {
+                    poly[r * lay.width + f] = (v as i64 as u64) << delta_log;
                 }
-                let mut list = SeededGlweCiphertextList::new(
-                    0u64,
-                    size,
-                    PolynomialSize(n),
-                    GlweCiphertextCount(count),
-                    CompressionSeed::from(Seed(run_seed(seed, run))),
-                    CiphertextModulus::new_native(),
-                );
-                let mut seeder = new_seeder();
-                encrypt_seeded_glwe_ciphertext_list(
-                    &self.input,
-                    &mut list,
-                    &PlaintextList::from_container(plain),
-                    DynamicDistribution::new_t_uniform(INPUT_GLWE.noise_bound_log2),
-                    seeder.as_mut(),
-                );
-                out.copy_from_slice(list.as_ref());
-            });
+            }
+        });
+        let bodies = encrypt_runs(
+            &self.input,
+            INPUT_GLWE,
+            &plain,
+            CIPHERTEXTS_PER_SEED,
+            |run| run_seed(seed, run),
+        );
+        drop(plain);
         let sent = (0..rows).flat_map(|r| {
             let (b, p) = (r / block, r % block);
             let bodies = &bodies;

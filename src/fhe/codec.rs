@@ -16,7 +16,10 @@ pub trait Wire: Serialize + DeserializeOwned {
     /// Stable one-byte tag, so a key is never decoded as a ciphertext.
     const KIND: u8;
     const NAME: &'static str;
+    /// The version this build writes.
     const VERSION: u16;
+    /// The oldest version this build still reads (every one up to [`Wire::VERSION`]).
+    const OLDEST_VERSION: u16 = Self::VERSION;
     /// Shape and parameter conformance; runs right after parsing.
     fn validate(&self) -> Result<(), CodecError>;
 }
@@ -34,10 +37,11 @@ pub enum CodecError {
     BadMagic { expected: &'static str },
     #[error("expected a {expected} blob, got kind {found}")]
     WrongKind { expected: &'static str, found: u8 },
-    #[error("{name} version {found} is not supported (this build reads version {supported})")]
+    #[error("{name} version {found} is not supported (this build reads versions {oldest} to {supported})")]
     UnsupportedVersion {
         name: &'static str,
         found: u16,
+        oldest: u16,
         supported: u16,
     },
     #[error("malformed {name}: {reason}")]
@@ -84,10 +88,11 @@ pub fn decode<T: Wire>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
         });
     }
     let version = u16::from_le_bytes([bytes[MAGIC.len() + 1], bytes[MAGIC.len() + 2]]);
-    if version != T::VERSION {
+    if !(T::OLDEST_VERSION..=T::VERSION).contains(&version) {
         return Err(CodecError::UnsupportedVersion {
             name: T::NAME,
             found: version,
+            oldest: T::OLDEST_VERSION,
             supported: T::VERSION,
         });
     }

@@ -6,11 +6,7 @@
 //! server multiplies them by zero weights.
 
 use serde::{Deserialize, Serialize};
-use tfhe::core_crypto::commons::math::random::CompressionSeed;
-use tfhe::core_crypto::prelude::{
-    encrypt_seeded_glwe_ciphertext_list, new_seeder, CiphertextModulus, DynamicDistribution,
-    GlweCiphertextCount, GlweSize, PlaintextList, PolynomialSize, SeededGlweCiphertextList,
-};
+use tfhe::core_crypto::prelude::new_seeder;
 
 use super::bitpack::{pack_top_bits, packed_len};
 use super::codec::{CodecError, Wire};
@@ -18,6 +14,7 @@ use super::keys::ClientKey;
 use super::params::{
     Encoding, LayerPlan, Precision, AUTO_OUTPUTS, BLOCK_ROWS, INPUT_GLWE, MAX_IN_FEATURES,
 };
+use super::seeded::encrypt;
 use super::FheError;
 
 /// Most rows one request may carry: bounds the masks the server regenerates per call.
@@ -178,24 +175,8 @@ impl ClientKey {
                 plain[(r * chunks + c) * n + k] = (v as i64 as u64) << delta_log;
             }
         }
-        let mut seeder = new_seeder();
-        let seed = seeder.seed();
-        let mut list = SeededGlweCiphertextList::new(
-            0u64,
-            GlweSize(INPUT_GLWE.glwe_dimension + 1),
-            PolynomialSize(n),
-            GlweCiphertextCount(rows * chunks),
-            CompressionSeed::from(seed),
-            CiphertextModulus::new_native(),
-        );
-        encrypt_seeded_glwe_ciphertext_list(
-            &self.input,
-            &mut list,
-            &PlaintextList::from_container(plain),
-            DynamicDistribution::new_t_uniform(INPUT_GLWE.noise_bound_log2),
-            seeder.as_mut(),
-        );
-        let bodies = list.as_ref();
+        let seed = new_seeder().seed().0;
+        let bodies = &encrypt(&self.input, INPUT_GLWE, &plain, seed);
         let sent = (0..rows)
             .flat_map(|r| (0..cols).map(move |i| bodies[(r * chunks + i / n) * n + i % n]));
         let mut packed = Vec::with_capacity(packed_len(rows * cols, plan.input_body_bits));
@@ -204,7 +185,7 @@ impl ClientKey {
             rows: rows as u32,
             in_features: cols as u32,
             body_bits: plan.input_body_bits as u8,
-            seed: seed.0.to_le_bytes().to_vec(),
+            seed: seed.to_le_bytes().to_vec(),
             bodies: packed,
             encoding: Encoding::Row,
         })

@@ -2,20 +2,20 @@
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use tfhe::core_crypto::commons::math::random::{CompressionSeed, Seed};
+use tfhe::core_crypto::commons::math::random::Seed;
 use tfhe::core_crypto::prelude::{
-    allocate_and_generate_new_binary_glwe_secret_key, encrypt_seeded_glwe_ciphertext_list,
-    new_seeder, CiphertextModulus, DefaultRandomGenerator, DynamicDistribution,
-    GlweCiphertextCount, GlweDimension, GlweSecretKeyOwned, LweSecretKeyOwned, PlaintextList,
-    PolynomialSize, SecretRandomGenerator, SeededGlweCiphertextList,
+    allocate_and_generate_new_binary_glwe_secret_key, new_seeder, DefaultRandomGenerator,
+    GlweDimension, GlweSecretKeyOwned, LweSecretKeyOwned, PolynomialSize, SecretRandomGenerator,
 };
 
 use super::automorph::{entry_key_poly, AutoKey};
 use super::codec::{CodecError, Wire};
 use super::params::{
-    auto_params, packing_params, GlweShape, PackingParams, Precision, BLOCK_ROWS, INPUT_GLWE,
+    auto_params, packing_params, GlweShape, KeyProfile, PackingParams, Precision, BLOCK_ROWS,
+    INPUT_GLWE,
 };
 use super::pbs::BootstrapKey;
+use super::seeded::encrypt;
 
 /// A client's secret keys: the input GLWE key and one output key per precision. Never leaves the
 /// client.
@@ -116,6 +116,31 @@ impl ClientKey {
             blocks,
             bootstrap: None,
             auto,
+            profile: KeyProfile::Full,
+        }
+    }
+
+    /// The evaluation key of `profile` for `precision`: [`ClientKey::evaluation_key`], or the
+    /// lean key (the automorphism keys alone, about 1 MiB and milliseconds to make; none at all
+    /// at compact precision, whose lean sessions serve slot requests only).
+    pub fn evaluation_key_as(
+        &self,
+        precision: Precision,
+        profile: KeyProfile,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> EvaluationKey {
+        match profile {
+            KeyProfile::Full => self.evaluation_key(precision, progress),
+            KeyProfile::Lean => EvaluationKey {
+                precision,
+                params: packing_params(precision),
+                seeds: Vec::new(),
+                bodies: Vec::new(),
+                blocks: Vec::new(),
+                bootstrap: None,
+                auto: (precision == Precision::Exact).then(|| self.auto_key(&|_| ())),
+                profile,
+            },
         }
     }
 
@@ -173,16 +198,7 @@ fn glwe_key_entries(
         .par_chunks_mut(per_entry)
         .enumerate()
         .map(|(e, chunk)| {
-            let mut seeder = new_seeder();
-            let seed = seeder.seed();
-            let mut list = SeededGlweCiphertextList::new(
-                0u64,
-                tfhe::core_crypto::prelude::GlweSize(out.glwe_dimension + 1),
-                PolynomialSize(n_out),
-                GlweCiphertextCount(levels),
-                CompressionSeed::from(seed),
-                CiphertextModulus::new_native(),
-            );
+            let seed = new_seeder().seed().0;
             let mut key = vec![0u64; n_out];
             key_poly(e, &mut key);
             let mut plain = vec![0u64; per_entry];
@@ -192,16 +208,9 @@ fn glwe_key_entries(
                     *dst = s << shift;
                 }
             }
-            encrypt_seeded_glwe_ciphertext_list(
-                output_key,
-                &mut list,
-                &PlaintextList::from_container(plain),
-                DynamicDistribution::new_t_uniform(out.noise_bound_log2),
-                seeder.as_mut(),
-            );
-            chunk.copy_from_slice(list.as_ref());
+            chunk.copy_from_slice(&encrypt(output_key, out, &plain, seed));
             progress(1);
-            seed.0.to_le_bytes()
+            seed.to_le_bytes()
         })
         .collect();
     (
@@ -251,6 +260,10 @@ pub struct EvaluationKey {
     /// sessions serve no automorphism requests).
     #[serde(default)]
     pub auto: Option<AutoKey>,
+    /// Which keys this is: a lean key has no row or block keys (`seeds`, `bodies` and `blocks`
+    /// empty) and serves `auto` and `slot` requests only. Keys of version 1 are full.
+    #[serde(default)]
+    pub profile: KeyProfile,
 }
 
 impl EvaluationKey {
@@ -306,7 +319,9 @@ impl EvaluationKey {
 impl Wire for EvaluationKey {
     const KIND: u8 = 1;
     const NAME: &'static str = "evaluation key";
-    const VERSION: u16 = 1;
+    /// Version 2 added lean keys (`profile`); version 1 keys load as full keys.
+    const VERSION: u16 = 2;
+    const OLDEST_VERSION: u16 = 1;
 
     fn validate(&self) -> Result<(), CodecError> {
         if self.params != packing_params(self.precision) {
@@ -317,7 +332,28 @@ impl Wire for EvaluationKey {
         }
         let n_in = INPUT_GLWE.lwe_dimension();
         let per_entry = self.params.level_count * self.params.output.polynomial_size * 8;
-        if self.seeds.len() != n_in * 16 || self.bodies.len() != n_in * per_entry {
+        if self.profile == KeyProfile::Lean {
+            // Nothing but the automorphism keys (exact precision), and no bootstrapping keys:
+            // chains pack with the row key.
+            let stray = [
+                (
+                    !self.seeds.is_empty() || !self.bodies.is_empty(),
+                    "a row key",
+                ),
+                (!self.blocks.is_empty(), "block keys"),
+                (self.bootstrap.is_some(), "bootstrapping keys"),
+                (
+                    self.auto.is_none() && self.precision == Precision::Exact,
+                    "no automorphism keys",
+                ),
+            ];
+            if let Some((_, what)) = stray.iter().find(|(bad, _)| *bad) {
+                return Err(CodecError::invalid::<Self>(format!(
+                    "a lean {} key with {what} (lean keys carry the automorphism keys alone)",
+                    self.precision
+                )));
+            }
+        } else if self.seeds.len() != n_in * 16 || self.bodies.len() != n_in * per_entry {
             return Err(CodecError::invalid::<Self>(format!(
                 "expected {} seed bytes and {} body bytes, got {} and {}",
                 n_in * 16,

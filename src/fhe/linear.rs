@@ -214,6 +214,14 @@ impl FourierLinearLayer {
                 key.precision, plan.precision
             )));
         }
+        if !input.encoding.served_by(key.profile) {
+            return Err(FheError::ParameterMismatch(format!(
+                "the session's key is {} (automorphism keys only, no LWE packing key): {} \
+                 requests need a full key; send auto or slot requests, or open a session with \
+                 a full key",
+                key.profile, input.encoding
+            )));
+        }
         if !plan.encodings.contains(&input.encoding) {
             return Err(FheError::ParameterMismatch(format!(
                 "the layer accepts {:?} requests, not {}",

@@ -38,7 +38,7 @@ pub use linear::{
     digit_bytes_per_output, outputs_per_group, FourierLinearLayer, DEFAULT_JOB_BYTES,
 };
 pub use packing::FourierPackingKey;
-pub use params::{Encoding, LayerPlan, PlanError, Precision, AUTO_OUTPUTS, BLOCK_ROWS};
+pub use params::{Encoding, KeyProfile, LayerPlan, PlanError, Precision, AUTO_OUTPUTS, BLOCK_ROWS};
 pub use pbs::{BootstrapKey, FourierBootstrapKey, PBS_PARAMS};
 
 /// Errors of the encrypted engine; each names what was wrong.

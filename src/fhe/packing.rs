@@ -44,6 +44,8 @@ pub struct FourierPackingKey {
     pub bootstrap: Option<super::pbs::FourierBootstrapKey>,
     /// The automorphism keys (exact precision, keys made since they exist).
     pub auto: Option<super::automorph::FourierAutoKeys>,
+    /// A lean key's `row` and `blocks` are empty: such sessions serve `auto` and `slot` only.
+    pub profile: super::params::KeyProfile,
 }
 
 /// Key entries in the Fourier domain: `[entry][l][limb][poly][N]` split polynomials.
@@ -146,6 +148,7 @@ impl FourierPackingKey {
                 .auto
                 .as_ref()
                 .map(super::automorph::FourierAutoKeys::new),
+            profile: key.profile,
         }
     }
 

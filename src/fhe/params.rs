@@ -152,14 +152,18 @@ pub const fn packing_params(precision: Precision) -> PackingParams {
 }
 
 /// Parameters of the automorphism keyswitch (`automorph.rs`): the exact output GLWE (the packing
-/// runs under it), base `2^12`, 4 levels, two-limb Fourier keys. The decomposition keeps 48 bits
-/// of each mask coefficient: its rounding and the key noise are about equal (σ ≈ 2^19.7 and 2^19.4
-/// per keyswitch), and the tree multiplies them by `N/m/√3` (see [`auto_noise_variance`]).
+/// runs under it), base `2^15`, 3 levels, two-limb Fourier keys. The decomposition keeps 45 bits
+/// of each mask coefficient: its rounding and the key noise are about equal (σ ≈ 2^22.7 and
+/// 2^22.2 per keyswitch), and the tree multiplies them by `N/m/√3` (see [`auto_noise_variance`]):
+/// 2^30.2 at `m = 8`, under the product FFT's 2^31.8 at 768 inputs, so every layer the planner
+/// gives `auto` keeps its `m` and input width. `β = 12, L = 4` (2^3 less noise) costs a quarter
+/// more per keyswitch (8 forward FFTs and 48 multiply-adds against 6 and 36) for margin no plan
+/// needs; `β = 16` would overflow the `i16` digits.
 pub const fn auto_params() -> PackingParams {
     PackingParams {
         output: packing_params(Precision::Exact).output,
-        base_log: 12,
-        level_count: 4,
+        base_log: 15,
+        level_count: 3,
         fourier_limbs: 2,
         input_body_bits: packing_params(Precision::Exact).input_body_bits,
     }
@@ -194,6 +198,42 @@ pub enum Encoding {
     /// clear-integer combination already packed `N` rows to a ciphertext under the input key, with
     /// no packing key at all. Cheapest for about a thousand rows and more.
     Slot,
+}
+
+/// Which packing keys a session's evaluation key carries, chosen by the client when it opens the
+/// session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyProfile {
+    /// The row key, the block keys and (exact precision) the automorphism keys: every encoding.
+    /// About 107 MiB uploaded and 650 MiB in the worker per session.
+    #[default]
+    Full,
+    /// The automorphism keys alone (exact precision; none at compact precision): `auto` and
+    /// `slot` requests only, which need no LWE packing key. About 1 MiB uploaded and 6 MiB in
+    /// the worker: for single-row traffic (decoding, one-sample requests) and many tenants per
+    /// worker. Linear modules only; tens to hundreds of rows cost more than with the full key.
+    Lean,
+}
+
+impl std::fmt::Display for KeyProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyProfile::Full => "full",
+            KeyProfile::Lean => "lean",
+        })
+    }
+}
+
+impl std::str::FromStr for KeyProfile {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(KeyProfile::Full),
+            "lean" => Ok(KeyProfile::Lean),
+            _ => Err(format!("unknown key profile `{s}` (full or lean)")),
+        }
+    }
 }
 
 /// Row-block sizes this build offers: each needs its own small packing key in the session's
@@ -280,35 +320,44 @@ impl Encoding {
     /// ciphertext sends a whole mask for a few values), the cheapest by a cost model in units of
     /// one size-`N` FFT (see [`Encoding::predicted_cost`]).
     pub fn choose(plan: &LayerPlan, rows: usize) -> Encoding {
+        Self::choose_for(plan, rows, KeyProfile::Full).unwrap_or_default()
+    }
+
+    /// Whether a session whose key has `profile` serves requests in this encoding: the lean key
+    /// has no LWE packing keys (row, blocked), and automorphism keys at exact precision only.
+    pub fn served_by(&self, profile: KeyProfile) -> bool {
+        match profile {
+            KeyProfile::Full => true,
+            KeyProfile::Lean => matches!(self, Encoding::Slot | Encoding::Auto { .. }),
+        }
+    }
+
+    /// [`Encoding::choose`] among the encodings a `profile` key serves; `None` when it serves
+    /// none the plan offers (a plan written before the slot encoding existed, under a lean key).
+    pub fn choose_for(plan: &LayerPlan, rows: usize, profile: KeyProfile) -> Option<Encoding> {
         let rows = rows.max(1);
-        let lean =
-            |e: &&Encoding| plan.output_bytes_per_value_as(**e, rows) <= MAX_PLANNED_OUTPUT_BYTES;
-        if !plan.encodings.iter().any(|e| lean(&e)) {
-            // Few values per ciphertext whatever the encoding: the wire dominates, and the cost
-            // decides between encodings that send the same (row and auto send one pack alike).
-            return plan
-                .encodings
+        let offered = || {
+            plan.encodings
                 .iter()
                 .copied()
-                .min_by(|a, b| {
-                    plan.output_bytes_per_value_as(*a, rows)
-                        .total_cmp(&plan.output_bytes_per_value_as(*b, rows))
-                        .then(
-                            a.predicted_cost(plan, rows)
-                                .total_cmp(&b.predicted_cost(plan, rows)),
-                        )
-                })
-                .unwrap_or_default();
+                .filter(|e| e.served_by(profile))
+        };
+        let small =
+            |e: &Encoding| plan.output_bytes_per_value_as(*e, rows) <= MAX_PLANNED_OUTPUT_BYTES;
+        let cost = |a: &Encoding, b: &Encoding| {
+            a.predicted_cost(plan, rows)
+                .total_cmp(&b.predicted_cost(plan, rows))
+        };
+        if !offered().any(|e| small(&e)) {
+            // Few values per ciphertext whatever the encoding: the wire dominates, and the cost
+            // decides between encodings that send the same (row and auto send one pack alike).
+            return offered().min_by(|a, b| {
+                plan.output_bytes_per_value_as(*a, rows)
+                    .total_cmp(&plan.output_bytes_per_value_as(*b, rows))
+                    .then(cost(a, b))
+            });
         }
-        let candidates: Vec<&Encoding> = plan.encodings.iter().filter(lean).collect();
-        candidates
-            .into_iter()
-            .copied()
-            .min_by(|a, b| {
-                a.predicted_cost(plan, rows)
-                    .total_cmp(&b.predicted_cost(plan, rows))
-            })
-            .unwrap_or_default()
+        offered().filter(small).min_by(cost)
     }
 
     /// Predicted evaluation time of `rows` rows in milliseconds on two threads of the reference

@@ -18,8 +18,8 @@ use super::runtime::{ms_since, BoxFuture, ForwardStats, ModuleBackend};
 use super::spec::{ClientSpec, ServerModule};
 use super::HybridError;
 use crate::fhe::{
-    ClientKey, EncryptedOutputs, EncryptedRows, FourierPackingKey, ModuleProgram, Precision,
-    MAX_ROWS,
+    ClientKey, Encoding, EncryptedOutputs, EncryptedRows, FourierPackingKey, KeyProfile,
+    ModuleProgram, Precision, MAX_ROWS,
 };
 use crate::model::{LinearModule, Value};
 use crate::quant::{integer_matmul, min_max};
@@ -34,6 +34,10 @@ pub trait Remote: Send + Sync {
     fn max_rows(&self, _module: &str) -> usize {
         MAX_ROWS
     }
+    /// Which packing keys the session holds: requests go in encodings it serves.
+    fn key_profile(&self) -> KeyProfile {
+        KeyProfile::Full
+    }
     fn compute<'a>(
         &'a self,
         module: &'a str,
@@ -45,6 +49,7 @@ pub trait Remote: Send + Sync {
 /// [`LocalServer`] made from it (evaluation keys take seconds and hundreds of MiB).
 pub struct ExecuteKeys {
     client: ClientKey,
+    profile: KeyProfile,
     exact: OnceLock<FourierPackingKey>,
     compact: OnceLock<FourierPackingKey>,
     /// The exact key with bootstrapping keys (modules with activations inside).
@@ -53,8 +58,14 @@ pub struct ExecuteKeys {
 
 impl ExecuteKeys {
     pub fn new(client: ClientKey) -> Self {
+        Self::with_profile(client, KeyProfile::Full)
+    }
+
+    /// Server-side keys of `profile` (a lean key: linear modules only, `auto` and `slot`).
+    pub fn with_profile(client: ClientKey, profile: KeyProfile) -> Self {
         Self {
             client,
+            profile,
             exact: OnceLock::new(),
             compact: OnceLock::new(),
             bootstrap: OnceLock::new(),
@@ -80,7 +91,13 @@ impl ExecuteKeys {
             Precision::Exact => &self.exact,
             Precision::Compact => &self.compact,
         };
-        slot.get_or_init(|| FourierPackingKey::new(&self.client.evaluation_key(precision, &|_| ())))
+        slot.get_or_init(|| {
+            FourierPackingKey::new(
+                &self
+                    .client
+                    .evaluation_key_as(precision, self.profile, &|_| ()),
+            )
+        })
     }
 }
 
@@ -99,6 +116,12 @@ impl LocalServer {
         let layers = modules
             .iter()
             .map(|(name, m)| {
+                if m.chain.is_some() && keys.profile == KeyProfile::Lean {
+                    return Err(HybridError::Unsupported(format!(
+                        "module `{name}` has activations inside: a lean key serves linear \
+                         modules only (use the full key)"
+                    )));
+                }
                 if m.chain.is_some() {
                     keys.with_bootstrap();
                 } else {
@@ -123,6 +146,10 @@ impl Remote for LocalServer {
         self.layers
             .get(module)
             .map_or(MAX_ROWS, |l| l.max_rows(crate::fhe::DEFAULT_JOB_BYTES))
+    }
+
+    fn key_profile(&self) -> KeyProfile {
+        self.keys.profile
     }
 
     fn compute<'a>(
@@ -334,8 +361,21 @@ impl ModuleBackend for EncryptedBackend<'_> {
                 for chunk in q.values.chunks(max_rows * spec.in_features) {
                     let rows = chunk.len() / spec.in_features;
                     let t = Instant::now();
-                    let request = tracing::info_span!("encrypt", rows)
-                        .in_scope(|| key.encrypt_rows(&spec.plan, chunk, rows))?;
+                    let profile = self.remote.key_profile();
+                    let encoding =
+                        Encoding::choose_for(&spec.plan, rows, profile).ok_or_else(|| {
+                            HybridError::Unsupported(format!(
+                            "module `{module}` offers {:?} requests, none of which a {profile} \
+                             key serves: open the session with a full key",
+                            spec.plan
+                                .encodings
+                                .iter()
+                                .map(|e| e.to_string())
+                                .collect::<Vec<_>>()
+                        ))
+                        })?;
+                    let request = tracing::info_span!("encrypt", rows, %encoding)
+                        .in_scope(|| key.encrypt_rows_as(&spec.plan, chunk, rows, encoding))?;
                     s.encrypt_ms += ms_since(t);
                     s.upload_bytes += request.wire_len();
                     let t = Instant::now();

@@ -5,8 +5,8 @@
 //! errors.
 
 use hyfhe::fhe::{
-    decode, encode, AutoKey, Encoding, EncryptedOutputs, EncryptedRows, EvaluationKey, FheError,
-    FourierLinearLayer, FourierPackingKey, LayerPlan, Precision,
+    decode, encode, AutoKey, CodecError, Encoding, EncryptedOutputs, EncryptedRows, EvaluationKey,
+    FheError, FourierLinearLayer, FourierPackingKey, KeyProfile, LayerPlan, Precision,
 };
 use hyfhe::quant::QuantizedWeights;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -302,4 +302,100 @@ fn the_automorphism_keys_are_small_and_sessions_without_them_refuse_auto_request
 
 fn plan_wide() -> LayerPlan {
     plan(hyfhe::fhe::params::MAX_AUTO_IN + 1, 8)
+}
+
+/// The lean key (`KeyProfile::Lean`): the automorphism keys alone. It is small in both forms,
+/// round-trips through the codec (version 2; version-1 full keys still load), refuses row and
+/// blocked requests by name, serves auto and slot requests bit-exactly, and the planner never
+/// picks an encoding it cannot serve, whatever the row count.
+#[test]
+fn a_lean_key_is_a_mebibyte_serves_auto_and_slot_exactly_and_refuses_the_rest_by_name() {
+    let lean = KEYS
+        .client
+        .evaluation_key_as(Precision::Exact, KeyProfile::Lean, &|_| ());
+    let blob = encode(&lean);
+    assert!(blob.len() < 3 << 19, "lean key upload {} bytes", blob.len());
+    let lean: EvaluationKey = decode(&blob, LIMIT).unwrap();
+    assert_eq!(lean.profile, KeyProfile::Lean);
+    let server_key = FourierPackingKey::new(&lean);
+    assert!(
+        server_key.size_bytes() < 8 << 20,
+        "lean key in the worker: {} bytes",
+        server_key.size_bytes()
+    );
+    eprintln!(
+        "lean key: {} bytes uploaded, {} bytes in Fourier form",
+        blob.len(),
+        server_key.size_bytes()
+    );
+
+    // A lean key with anything else in it is invalid; a compact lean key has no auto keys.
+    let mut stray = lean.clone();
+    stray.blocks = KEYS.exact.blocks.clone();
+    match decode::<EvaluationKey>(&encode(&stray), LIMIT) {
+        Err(CodecError::Invalid { reason, .. }) => assert!(reason.contains("lean"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let compact = KEYS
+        .client
+        .evaluation_key_as(Precision::Compact, KeyProfile::Lean, &|_| ());
+    assert!(compact.auto.is_none());
+    decode::<EvaluationKey>(&encode(&compact), LIMIT).unwrap();
+
+    // Version 1 (before lean keys) still loads as a full key; a version from the future names
+    // the versions this build reads.
+    let mut v1 = encode(&KEYS.compact);
+    v1[6..8].copy_from_slice(&1u16.to_le_bytes());
+    assert_eq!(
+        decode::<EvaluationKey>(&v1, LIMIT).unwrap().profile,
+        KeyProfile::Full
+    );
+    v1[6..8].copy_from_slice(&3u16.to_le_bytes());
+    let err = decode::<EvaluationKey>(&v1, LIMIT).unwrap_err().to_string();
+    assert!(err.contains("version 3") && err.contains("1 to 2"), "{err}");
+
+    for (k, (rows, cols, out)) in [(1, 768, 300), (3, 200, 40), (40, 64, 96)]
+        .into_iter()
+        .enumerate()
+    {
+        let spec = LayerSpec::new(rows, cols, out);
+        let (layer, _, quantized) = random_layer(spec, 300 + k as u64);
+        let plan = plan(cols, out);
+        let server = FourierLinearLayer::new(plan.clone(), &layer.weights.codes).unwrap();
+        let (expected, _) = layer.simulate(&quantized);
+        let chosen = Encoding::choose_for(&plan, rows, KeyProfile::Lean).unwrap();
+        for encoding in plan.encodings.iter().copied() {
+            let request = KEYS
+                .client
+                .encrypt_rows_as(&plan, &quantized.values, rows, encoding)
+                .unwrap();
+            match server.evaluate(&server_key, &request) {
+                Ok(response) => {
+                    assert!(encoding.served_by(KeyProfile::Lean), "{encoding}");
+                    let decrypted = KEYS.client.decrypt_outputs(&plan, &response).unwrap();
+                    assert_eq!(decrypted, expected, "{encoding} {rows}×{cols}→{out}");
+                }
+                Err(FheError::ParameterMismatch(msg)) => {
+                    assert!(!encoding.served_by(KeyProfile::Lean), "{encoding}: {msg}");
+                    assert!(
+                        msg.contains("lean") && msg.contains(&encoding.to_string()),
+                        "{msg}"
+                    );
+                }
+                Err(other) => panic!("{encoding}: {other:?}"),
+            }
+        }
+        assert!(chosen.served_by(KeyProfile::Lean));
+        eprintln!("lean planner, {rows}×{cols}→{out}: {chosen}");
+    }
+    // Whatever the rows, the lean planner stays within what the key serves.
+    let wide = plan(2048, 2048);
+    for rows in [1, 2, 7, 16, 100, 500, 2048, 4096] {
+        let e = Encoding::choose_for(&wide, rows, KeyProfile::Lean).unwrap();
+        assert!(e.served_by(KeyProfile::Lean), "{rows} rows: {e}");
+        assert_eq!(
+            Encoding::choose_for(&wide, rows, KeyProfile::Full),
+            Some(Encoding::choose(&wide, rows))
+        );
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hyfhe::client::{Client, ClientError, RemoteSession, SessionKeys};
 use hyfhe::commands::read_npy;
-use hyfhe::fhe::{encode, LayerPlan, Precision};
+use hyfhe::fhe::{encode, KeyProfile, LayerPlan, Precision};
 use hyfhe::hybrid::{CompileOptions, HybridModel, Mode};
 use hyfhe::model::{OnnxModel, Value};
 use hyfhe::progress::Silent;
@@ -941,4 +941,58 @@ fn hyfhe_run_in_remote_mode_matches_simulate_and_the_demo_classifies_digits() {
         report["stats_per_image"]["requests"], 3,
         "three remote modules per image"
     );
+}
+
+/// A lean session (`KeyProfile::Lean`: the automorphism keys alone) over real HTTP to
+/// `hyfhe serve`: about a MiB uploaded instead of ~107, single digits of MiB in the worker's key
+/// cache, every linear module's forward bit-identical to simulate (auto and slot requests), and a
+/// model with activations inside refused before anything is uploaded.
+#[test]
+fn a_lean_session_uploads_a_mebibyte_holds_a_few_in_the_worker_and_stays_exact() {
+    let _serial = serial();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_file(config_dir.path());
+    let serve = crate::cluster::serve(&MODELS.dir, &config, &[]);
+    hyfhe::client::block_on(async {
+        let client = Client::new(&serve.url, API_KEY).unwrap();
+        let mut lean = 0usize;
+        for m in &MODELS.served {
+            let dir = tempfile::tempdir().unwrap();
+            client.download_model(m.name, dir.path()).await.unwrap();
+            let model = HybridModel::load(dir.path()).unwrap();
+            let opened = client
+                .open_session_as(model.compiled(), KeyProfile::Lean, &Silent)
+                .await;
+            if SessionKeys::needs_bootstrap(model.compiled()) {
+                let err = opened
+                    .err()
+                    .expect("a lean key for activations")
+                    .to_string();
+                assert!(err.contains("linear modules only"), "{err}");
+                continue;
+            }
+            let session = opened.unwrap();
+            let uploaded = session.uploaded_key_bytes();
+            assert!(uploaded < 2 << 20, "{}: {uploaded} bytes uploaded", m.name);
+            let (y, _) = model
+                .forward_remote(m.input.clone(), &session)
+                .await
+                .unwrap();
+            assert_eq!(bits(&values(&y)), bits(&m.simulate), "{}: lean", m.name);
+            // This server has only ever held this test's lean keys.
+            lean += 1;
+            let held = metric(&serve.metrics_url, "hyfhe_worker_key_cache_bytes");
+            eprintln!(
+                "{}: lean key {uploaded} bytes uploaded; the worker holds {held} bytes of keys \
+                 for {lean} lean sessions",
+                m.name
+            );
+            assert!(
+                held > 0.0 && held <= (lean * (16 << 20)) as f64,
+                "{}: {held}",
+                m.name
+            );
+            session.close().await.unwrap();
+        }
+    });
 }
