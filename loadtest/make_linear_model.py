@@ -23,7 +23,8 @@ def main():
     a = p.parse_args()
     rng = np.random.default_rng(a.seed)
     os.makedirs(a.dir, exist_ok=True)
-    w = rng.uniform(-1, 1, size=(a.n_out, a.n_in)).astype(np.float32) / np.sqrt(a.n_in)
+    # Cast after scaling: under NumPy 2 a float32 array divided by a float64 scalar is float64.
+    w = (rng.uniform(-1, 1, size=(a.n_out, a.n_in)) / np.sqrt(a.n_in)).astype(np.float32)
     b = rng.uniform(-0.1, 0.1, size=(a.n_out,)).astype(np.float32)
     node = helper.make_node(
         "Gemm", ["input", "fc.weight", "fc.bias"], ["output"], name="/fc/Gemm", transB=1

@@ -305,6 +305,10 @@ struct LinearArgs {
     /// Seed of the random layer and inputs.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Which packing keys to generate and time: `full` (every encoding) or `lean` (the
+    /// automorphism keys alone; the planner then chooses among auto and slot).
+    #[arg(long, default_value = "full")]
+    key: KeyProfile,
 }
 
 struct Bars(std::sync::Mutex<Option<ProgressBar>>);
@@ -694,6 +698,7 @@ fn bench_linear(args: LinearArgs) -> ExitCode {
         repetitions: args.repetitions,
         seed: args.seed,
         encoding: args.encoding,
+        key: args.key,
     };
     let bars = Bars(std::sync::Mutex::new(None));
     let result = run_linear(&config, &bars);

@@ -71,6 +71,10 @@ struct Args {
     /// Generate a key set per client (as separate users would) instead of sharing one.
     #[arg(long)]
     distinct_keys: bool,
+    /// Packing keys of every session: `full` (every encoding, ~107 MiB each) or `lean` (the
+    /// automorphism keys alone, ~1 MiB; linear modules only).
+    #[arg(long, default_value = "full")]
+    key: hyfhe::fhe::KeyProfile,
     /// Print one JSON object on stdout instead of the summary.
     #[arg(long)]
     json: bool,
@@ -248,7 +252,12 @@ fn run(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
         "{msg:>10} [{bar:30}] {pos}/{len} {elapsed}",
     )?);
     let precisions = SessionKeys::precisions_of(model.compiled());
-    let shared = Arc::new(SessionKeys::generate(&precisions, &Silent));
+    let shared = Arc::new(SessionKeys::generate_as(
+        &precisions,
+        false,
+        args.key,
+        &Silent,
+    ));
     let duration = Duration::from_secs(args.duration_s);
     // Everyone starts the timed phase together, after every session's warm-up forward.
     let ready = Barrier::new(args.clients + 1);
@@ -259,7 +268,12 @@ fn run(args: &Args) -> Result<Report, Box<dyn std::error::Error>> {
                 let (model, x, client, ready, start, bar) =
                     (&model, &x, &client, &ready, &start, &bar);
                 let keys = if args.distinct_keys {
-                    Arc::new(SessionKeys::generate(&precisions, &Silent))
+                    Arc::new(SessionKeys::generate_as(
+                        &precisions,
+                        false,
+                        args.key,
+                        &Silent,
+                    ))
                 } else {
                     shared.clone()
                 };

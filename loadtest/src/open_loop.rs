@@ -571,9 +571,15 @@ async fn open_sessions(
         None
     } else {
         let precisions = precisions.clone();
+        let profile = args.key;
         Some(
             tokio::task::spawn_blocking(move || {
-                Arc::new(SessionKeys::generate(&precisions, &Silent))
+                Arc::new(SessionKeys::generate_as(
+                    &precisions,
+                    false,
+                    profile,
+                    &Silent,
+                ))
             })
             .await?,
         )
@@ -588,14 +594,19 @@ async fn open_sessions(
             setup.clone(),
             bar.clone(),
         );
-        let (shared, precisions) = (shared.clone(), precisions.clone());
+        let (shared, precisions, profile) = (shared.clone(), precisions.clone(), args.key);
         let journal = journal.clone();
         tasks.spawn(async move {
             let _permit = setup.acquire_owned().await.expect("never closed");
             let keys = match shared {
                 Some(keys) => keys,
                 None => tokio::task::spawn_blocking(move || {
-                    Arc::new(SessionKeys::generate(&precisions, &Silent))
+                    Arc::new(SessionKeys::generate_as(
+                        &precisions,
+                        false,
+                        profile,
+                        &Silent,
+                    ))
                 })
                 .await
                 .expect("keygen does not panic"),

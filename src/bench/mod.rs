@@ -8,8 +8,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::fhe::{
-    self, ClientKey, Encoding, FheError, FourierLinearLayer, FourierPackingKey, LayerPlan,
-    Precision,
+    self, ClientKey, Encoding, FheError, FourierLinearLayer, FourierPackingKey, KeyProfile,
+    LayerPlan, Precision,
 };
 use crate::quant::{
     AffineQuantizer, Granularity, InputQuantization, QuantizedLinear, QuantizedWeights,
@@ -27,8 +27,11 @@ pub struct LinearBenchConfig {
     /// Timed repetitions after one warm-up; the median is reported.
     pub repetitions: usize,
     pub seed: u64,
-    /// Forced encoding; `None` lets the planner choose for the row count.
+    /// Forced encoding; `None` lets the planner choose for the row count (among those the
+    /// key profile serves).
     pub encoding: Option<Encoding>,
+    /// Which packing keys are generated (and timed): full, or lean (automorphism keys only).
+    pub key: KeyProfile,
 }
 
 /// The measurement; field names are the `--json` contract.
@@ -54,12 +57,14 @@ pub struct LinearBenchReport {
     pub input_bytes_per_value: f64,
     pub output_bytes_per_value: f64,
     pub eval_key_bytes: usize,
+    /// The key profile (`full` or `lean`).
+    pub key: KeyProfile,
     pub exact: bool,
     pub exact_top_bits: u32,
     /// Server-side, once per session: seeded key → Fourier key (not part of the JSON contract).
     #[serde(skip)]
     pub key_load_ms: f64,
-    #[serde(skip)]
+    /// The server's transformed key: what a session holds in a worker.
     pub fourier_key_bytes: usize,
     #[serde(skip)]
     pub acc_bits: u32,
@@ -114,13 +119,19 @@ pub fn run_linear(
     let quantized = layer.quantize_input(&x).map_err(quant_err)?;
     let (expected, _) = layer.simulate(&quantized);
 
-    let planner_choice = Encoding::choose(&plan, rows);
+    let planner_choice = Encoding::choose_for(&plan, rows, config.key).ok_or_else(|| {
+        FheError::ParameterMismatch(format!(
+            "no encoding of this layer serves a {} key",
+            config.key
+        ))
+    })?;
     let encoding = config.encoding.unwrap_or(planner_choice);
     progress.stage("keygen", fhe::EvaluationKey::entries());
     let started = Instant::now();
     let client = ClientKey::generate();
-    let eval_key =
-        pool.install(|| client.evaluation_key(config.precision, &|n| progress.advance(n)));
+    let eval_key = pool.install(|| {
+        client.evaluation_key_as(config.precision, config.key, &|n| progress.advance(n))
+    });
     let keygen_ms = ms(started);
     let eval_key_bytes = fhe::encode(&eval_key).len();
 
@@ -186,6 +197,7 @@ pub fn run_linear(
         input_bytes_per_value: fhe::encode(&request).len() as f64 / (rows * cols) as f64,
         output_bytes_per_value: fhe::encode(&response).len() as f64 / (rows * out) as f64,
         eval_key_bytes,
+        key: config.key,
         exact: max_err == 0,
         exact_top_bits,
         key_load_ms,
