@@ -27,13 +27,7 @@ work=$(mktemp -d /tmp/hyfhe-lean-tenants.XXXXXX)
 server=""
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"' EXIT
 
-py=python3
-if ! $py -c "import numpy, onnx" 2>/dev/null; then
-    venv=~/.cache/hyfhe-bench/venv
-    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-    "$venv/bin/pip" install -q numpy onnx
-    py="$venv/bin/python"
-fi
+. loadtest/numpy_python.sh
 $py loadtest/make_linear_model.py --in "$IN" --out "$OUT" --rows 1 --dir "$work" >&2
 "$HYFHE" compile --model "$work/linear.onnx" --remote fc --calibration "$work/calibration.npy" \
     --out "$work/models/linear" >&2

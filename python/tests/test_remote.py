@@ -98,3 +98,31 @@ def test_tiny_gpt2_generate_gives_the_same_tokens_in_simulate_execute_and_remote
         hybrid.close()
     assert torch.equal(remote, simulate)
     assert rows == expected, f"{rows} rows billed, expected {expected}"
+
+
+def test_a_lean_key_session_uploads_about_a_mebibyte_and_equals_simulate(tmp_path):
+    """`key="lean"`: the session's evaluation key is the automorphism keys alone (~1 MiB against
+    ~107 MiB), requests go as auto/slot, and the result is still simulate's, bit for bit."""
+    models = tmp_path / "models"
+    torch.manual_seed(2)
+    x_cal, x = torch.randn(256, 10), torch.randn(3, 10)
+    owner = HybridFHEModel(seeded(FCSmall), ["seq.0"], model_name="fc_small")
+    owner.compile_model(x_cal, n_bits=8)
+    with torch.no_grad():
+        simulate = owner(x, fhe="simulate")
+    owner.save_and_clear_private_info(models / "fc_small")
+    try:
+        HybridFHEModel(seeded(FCSmall), ["seq.0"], key="small")
+        raise AssertionError("an unknown key profile must be refused")
+    except ValueError as e:
+        assert "lean" in str(e)
+    with serve(models) as (url, _):
+        hybrid = HybridFHEModel(seeded(FCSmall), ["seq.0"], server_remote_address=url,
+                                model_name="fc_small", api_key=API_KEY, key="lean")
+        hybrid.init_client(path_to_clients=models / "fc_small")
+        uploaded = hybrid._binding.session.uploaded_key_bytes
+        with torch.no_grad():
+            y = hybrid(x, fhe="remote")
+        hybrid.close()
+    assert uploaded < 2 << 20, f"lean session uploaded {uploaded} bytes"
+    assert torch.equal(y, simulate), "lean remote must equal simulate bit for bit"
