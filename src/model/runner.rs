@@ -89,9 +89,45 @@ fn cumsum_in_f64(graph: &mut GraphProto) {
     graph.node = nodes;
 }
 
-/// Optimised plans kept per segment; a service seeing many batch sizes evicts the lot rather
-/// than growing without bound.
+/// Optimised plans kept per segment; past it the least recently used is dropped (a service seeing
+/// many batch sizes, a decode loop whose cache grows a step at a time).
 const MAX_CACHED_SHAPES: usize = 32;
+
+/// A segment's plans by input shapes (and baked values), the least recently used dropped first:
+/// a decode loop adds one shape per step to a segment that reads the KV cache, and clearing
+/// them all at the cap would also drop the plans still in use (another batch size, another
+/// session's sequence length).
+#[derive(Default)]
+struct PlanCache {
+    plans: HashMap<ShapeKey, (Plan, u64)>,
+    clock: u64,
+}
+
+impl PlanCache {
+    fn get(&mut self, key: &ShapeKey) -> Option<Plan> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.plans.get_mut(key).map(|(plan, used)| {
+            *used = clock;
+            plan.clone()
+        })
+    }
+
+    fn insert(&mut self, key: ShapeKey, plan: Plan) {
+        if self.plans.len() >= MAX_CACHED_SHAPES && !self.plans.contains_key(&key) {
+            let oldest = self
+                .plans
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.plans.remove(&k);
+            }
+        }
+        self.clock += 1;
+        self.plans.insert(key, (plan, self.clock));
+    }
+}
 
 /// A plain ONNX subgraph and its compiled plans.
 pub struct LocalSegment {
@@ -102,7 +138,7 @@ pub struct LocalSegment {
     /// whose constants are shared, instead of re-reading the protobuf. `Err` when tract cannot
     /// parse it without input types; plans then come from the protobuf each time.
     parsed: OnceLock<Result<InferenceModel, String>>,
-    plans: Mutex<HashMap<ShapeKey, Plan>>,
+    plans: Mutex<PlanCache>,
 }
 
 /// An optimised plan, and whether it takes the baked inputs as inputs too (a plan from the
@@ -133,7 +169,7 @@ impl LocalSegment {
             inputs,
             outputs,
             parsed: OnceLock::new(),
-            plans: Mutex::new(HashMap::new()),
+            plans: Mutex::new(PlanCache::default()),
         }
     }
 
@@ -185,7 +221,7 @@ impl LocalSegment {
 
     fn plan(&self, key: &ShapeKey) -> Result<Plan, ModelError> {
         if let Some(p) = self.plans.lock().expect("plan cache").get(key) {
-            return Ok(p.clone());
+            return Ok(p);
         }
         let tried = self.plan_from_parsed(key);
         let plan = match tried {
@@ -198,11 +234,10 @@ impl LocalSegment {
                 feeds_baked: false,
             },
         };
-        let mut cache = self.plans.lock().expect("plan cache");
-        if cache.len() >= MAX_CACHED_SHAPES {
-            cache.clear();
-        }
-        cache.insert(key.clone(), plan.clone());
+        self.plans
+            .lock()
+            .expect("plan cache")
+            .insert(key.clone(), plan.clone());
         Ok(plan)
     }
 
