@@ -25,14 +25,14 @@
 //! `|r| ≤ 1/2`, at each output.
 //!
 //! **Keyswitch.** In the Fourier domain with the two-limb key of `packing.rs`
-//! ([`negated_key_sum`]): `(0, τ(b)) − Σ_{i,l} digit_l(τ(a_i)) · K_{k,i,l}`, where `K_{k,i,l}`
+//! ([`sub_key_sum`]): `(0, τ(b)) − Σ_{i,l} digit_l(τ(a_i)) · K_{k,i,l}`, where `K_{k,i,l}`
 //! encrypts `τ_k(s_i) · q/B^(l+1)` under `s`.
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::fourier::{mul_add, FourierContext};
-use super::packing::{decompose_row, negated_key_sum, FourierEntries};
+use super::packing::{decompose_row, sub_key_sum, FourierEntries};
 use super::params::{auto_params, PackingParams};
 
 /// The automorphism keys a session uploads (exact precision), seeded: bodies only.
@@ -221,17 +221,15 @@ impl FourierAutoKeys {
                 }
             }
         }
-        let switched = negated_key_sum(p, &scratch.acc, &mut scratch.ctx, &mut scratch.poly);
         // (0, τ(b)) − Σ digits·K
-        for (c, &sw) in glwe.iter_mut().zip(&switched) {
-            *c = c.wrapping_add(sw);
-        }
+        sub_key_sum(p, &scratch.acc, &mut scratch.ctx, &mut scratch.poly, glwe);
         for (c, &tb) in glwe[kk * n..].iter_mut().zip(&scratch.tau[kk * n..]) {
             *c = c.wrapping_add(tb);
         }
     }
 
-    /// Merge two sub-packs of `n/2` leaves into one of `n` (leaves of `m` values each).
+    /// Merge two sub-packs of `n/2` leaves into one of `n` (leaves of `m` values each), in the
+    /// sub-packs' own buffers: `E + X^h·O` in `even`'s, `E − X^h·O` in `odd`'s.
     fn merge(
         &self,
         even: Option<Vec<u64>>,
@@ -243,26 +241,38 @@ impl FourierAutoKeys {
         let poly_n = self.n();
         let h = poly_n / (m * n);
         let s = log2(m * n);
-        let shifted = odd.map(|o| {
-            let mut x = vec![0u64; o.len()];
-            for (src, dst) in o.chunks_exact(poly_n).zip(x.chunks_exact_mut(poly_n)) {
-                monomial_mul(src, h, dst);
-            }
-            x
-        });
-        let (mut sum, diff) = match (even, shifted) {
+        let (mut sum, diff) = match (even, odd) {
             (None, None) => return None,
-            (Some(e), None) => (e.clone(), e),
-            (None, Some(o)) => (o.clone(), o.iter().map(|c| c.wrapping_neg()).collect()),
-            (Some(e), Some(o)) => (
-                e.iter().zip(&o).map(|(a, b)| a.wrapping_add(*b)).collect(),
-                e.iter().zip(&o).map(|(a, b)| a.wrapping_sub(*b)).collect(),
-            ),
+            (Some(e), None) => {
+                let d = e.clone();
+                (e, d)
+            }
+            (even, Some(mut o)) => {
+                // X^h·O into the scratch buffer, then the sum and difference in place.
+                for (src, dst) in o
+                    .chunks_exact(poly_n)
+                    .zip(scratch.shifted.chunks_exact_mut(poly_n))
+                {
+                    monomial_mul(src, h, dst);
+                }
+                match even {
+                    Some(mut e) => {
+                        for ((a, d), &x) in e.iter_mut().zip(o.iter_mut()).zip(&scratch.shifted) {
+                            *d = a.wrapping_sub(x);
+                            *a = a.wrapping_add(x);
+                        }
+                        (e, o)
+                    }
+                    None => {
+                        for (d, &x) in o.iter_mut().zip(&scratch.shifted) {
+                            *d = x.wrapping_neg();
+                        }
+                        (scratch.shifted.clone(), o)
+                    }
+                }
+            }
         };
-        scratch.shifted.copy_from_slice(&diff);
-        let t = std::mem::take(&mut scratch.shifted);
-        self.add_automorphism(&mut sum, &t, s, scratch);
-        scratch.shifted = t;
+        self.add_automorphism(&mut sum, &diff, s, scratch);
         Some(sum)
     }
 

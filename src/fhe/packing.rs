@@ -354,6 +354,20 @@ pub(super) fn negated_key_sum(
     ctx: &mut FourierContext,
     poly: &mut [u64],
 ) -> Vec<u64> {
+    let mut glwe = vec![0u64; (p.output.glwe_dimension + 1) * p.output.polynomial_size];
+    sub_key_sum(p, acc, ctx, poly, &mut glwe);
+    glwe
+}
+
+/// `glwe −= Σ` of [`negated_key_sum`], in place: what a keyswitch adds to a ciphertext, without
+/// allocating (the automorphism packing runs it once per merge).
+pub(super) fn sub_key_sum(
+    p: PackingParams,
+    acc: &[f64],
+    ctx: &mut FourierContext,
+    poly: &mut [u64],
+    glwe: &mut [u64],
+) {
     let (n, polys, limbs) = (
         p.output.polynomial_size,
         p.output.glwe_dimension + 1,
@@ -361,25 +375,22 @@ pub(super) fn negated_key_sum(
     );
     let hi_round = 1u64 << (LIMB_SPLIT - 1);
     let hi_mask = !((1u64 << LIMB_SPLIT) - 1);
-    let mut glwe = vec![0u64; polys * n];
     for limb in 0..limbs {
         for q in 0..polys {
             let f = &acc[(limb * polys + q) * n..(limb * polys + q + 1) * n];
             ctx.backward_torus(f, poly);
             let dst = &mut glwe[q * n..(q + 1) * n];
-            let exact_hi = limbs == 2 && limb == 0;
-            for (d, &v) in dst.iter_mut().zip(poly.iter()) {
-                let v = if exact_hi {
-                    v.wrapping_add(hi_round) & hi_mask
-                } else {
-                    v
-                };
-                *d = d.wrapping_add(v);
+            if limbs == 2 && limb == 0 {
+                for (d, &v) in dst.iter_mut().zip(poly.iter()) {
+                    *d = d.wrapping_sub(v.wrapping_add(hi_round) & hi_mask);
+                }
+            } else {
+                for (d, &v) in dst.iter_mut().zip(poly.iter()) {
+                    *d = d.wrapping_sub(v);
+                }
             }
         }
     }
-    glwe.iter_mut().for_each(|c| *c = c.wrapping_neg());
-    glwe
 }
 
 #[cfg(test)]
