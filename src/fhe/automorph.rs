@@ -125,7 +125,7 @@ pub fn round_down_pow2(glwe: &mut [u64], bits: u32) {
         .for_each(|c| *c = c.wrapping_add(half) >> bits);
 }
 
-/// A session's automorphism keys in the Fourier domain (about 8 MiB at exact precision).
+/// A session's automorphism keys in the Fourier domain (about 6 MiB at exact precision).
 pub struct FourierAutoKeys {
     params: PackingParams,
     entries: FourierEntries,

@@ -22,6 +22,11 @@ pub trait Wire: Serialize + DeserializeOwned {
     const OLDEST_VERSION: u16 = Self::VERSION;
     /// Shape and parameter conformance; runs right after parsing.
     fn validate(&self) -> Result<(), CodecError>;
+    /// What an older readable version (`OLDEST_VERSION..VERSION`) may not carry; runs before
+    /// [`Wire::validate`], so its reason names the version.
+    fn check_version(&self, _version: u16) -> Result<(), CodecError> {
+        Ok(())
+    }
 }
 
 /// Why a blob was refused.
@@ -101,6 +106,7 @@ pub fn decode<T: Wire>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
             name: T::NAME,
             reason: e.to_string(),
         })?;
+    value.check_version(version)?;
     value.validate()?;
     Ok(value)
 }

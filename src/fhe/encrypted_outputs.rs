@@ -265,7 +265,7 @@ pub(super) fn decrypt_all(
             f
         })
         .collect();
-    debug_assert_eq!(key_f.len(), k);
+    assert_eq!(key_f.len(), k, "a key of k polynomials");
     let mut phases = vec![0u64; glwes.len() / (k + 1)];
     struct Scratch {
         ctx: FourierContext,

@@ -323,6 +323,19 @@ impl Wire for EvaluationKey {
     const VERSION: u16 = 2;
     const OLDEST_VERSION: u16 = 1;
 
+    /// Version 1 keys carry automorphism keys of the first layout (`β = 12, L = 4`) when they
+    /// carry any: those cannot be read as this build's; keys without them load as full keys.
+    fn check_version(&self, version: u16) -> Result<(), CodecError> {
+        if version < 2 && self.auto.is_some() {
+            return Err(CodecError::invalid::<Self>(format!(
+                "version {version} keys carry automorphism keys of an older layout (β = 12, L = 4); \
+                 this build's are version 2 (β = 15, L = 3): generate the session's keys with a \
+                 current client"
+            )));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), CodecError> {
         if self.params != packing_params(self.precision) {
             return Err(CodecError::invalid::<Self>(format!(

@@ -156,9 +156,10 @@ pub const fn packing_params(precision: Precision) -> PackingParams {
 /// of each mask coefficient: its rounding and the key noise are about equal (σ ≈ 2^22.7 and
 /// 2^22.2 per keyswitch), and the tree multiplies them by `N/m/√3` (see [`auto_noise_variance`]):
 /// 2^30.2 at `m = 8`, under the product FFT's 2^31.8 at 768 inputs, so every layer the planner
-/// gives `auto` keeps its `m` and input width. `β = 12, L = 4` (2^3 less noise) costs a quarter
-/// more per keyswitch (8 forward FFTs and 48 multiply-adds against 6 and 36) for margin no plan
-/// needs; `β = 16` would overflow the `i16` digits.
+/// gives `auto` keeps its `m` (inputs of 2057–3245 features at 8 bits need one more input body
+/// bit than with `β = 12`; plans compiled before are checked at load, [`LayerPlan::check_auto`]).
+/// `β = 12, L = 4` (2^3 less noise) costs a quarter more per keyswitch (8 forward FFTs and 48
+/// multiply-adds against 6 and 36); `β = 16, L = 3` has the same cost and more key noise.
 pub const fn auto_params() -> PackingParams {
     PackingParams {
         output: packing_params(Precision::Exact).output,
@@ -680,6 +681,29 @@ impl LayerPlan {
             Some(Encoding::Auto { outputs }) => self.auto_split_for(outputs),
             _ => false,
         }
+    }
+
+    /// A stored plan's automorphism encoding still fits this build's noise model with the plan's
+    /// own wire widths (plans are compiled once and loaded by later builds: one compiled before
+    /// the keyswitch parameters changed may not). `Err` names the layer's fix.
+    pub fn check_auto(&self) -> Result<(), String> {
+        let Some(Encoding::Auto { outputs }) = self.auto_encoding() else {
+            return Ok(());
+        };
+        let limit = 2f64.powi(self.delta_log() as i32) / 2.0 / Z_EXACT;
+        // Split products have the smaller variance: if they do not fit, nothing does.
+        let std = self.auto_variance(outputs, true).sqrt();
+        if self.precision == Precision::Exact && std < limit {
+            return Ok(());
+        }
+        Err(format!(
+            "its plan offers auto{outputs} requests with {}-bit input bodies, whose noise \
+             (2^{:.2}) this build's automorphism keys no longer keep under 2^{:.2}: recompile \
+             the model with this version",
+            self.input_body_bits,
+            std.log2(),
+            limit.log2()
+        ))
     }
 
     /// The automorphism encoding this layer offers, if any.

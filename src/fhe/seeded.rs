@@ -61,8 +61,8 @@ pub(super) fn encrypt_runs(
     seed_of: impl Fn(usize) -> u128 + Sync,
 ) -> Vec<u64> {
     let (k, n) = (shape.glwe_dimension, shape.polynomial_size);
-    debug_assert_eq!(key.as_ref().len(), k * n);
-    debug_assert_eq!(plain.len() % n, 0);
+    assert_eq!(key.as_ref().len(), k * n, "a key of the shape's size");
+    assert_eq!(plain.len() % n, 0, "whole polynomials");
     let run_len = per_run.saturating_mul(n).min(plain.len()).max(n);
     let masks: Vec<u64> = plain
         .par_chunks(run_len)
@@ -116,6 +116,12 @@ mod tests {
                 .collect();
             let seed = 0x0123_4567_89ab_cdef_u128;
             let bodies = encrypt(&key, shape, &plain, seed);
+            // The noise is the client's own: the same seed and plaintext encrypt differently.
+            assert_ne!(
+                bodies,
+                encrypt(&key, shape, &plain, seed),
+                "fresh noise each time"
+            );
             let list = GlweCiphertextList::from_container(
                 decompress(bodies, seed, k, n),
                 GlweSize(k + 1),

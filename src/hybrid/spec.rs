@@ -92,6 +92,7 @@ impl Wire for ClientSpec {
         if self.input.bits() != self.plan.input_bits {
             return bad("input quantizer and plan disagree on bits".into());
         }
+        self.plan.check_auto().or_else(bad)?;
         let output = self.output_plan.as_ref().unwrap_or(&self.plan);
         if output.out_features != self.out_features {
             return bad(format!(
@@ -134,6 +135,7 @@ impl Wire for ServerModule {
     fn validate(&self) -> Result<(), CodecError> {
         let bad = |r: String| Err(CodecError::invalid::<Self>(r));
         check_protocol::<Self>(self.protocol_version)?;
+        self.plan.check_auto().or_else(bad)?;
         let w = &self.weights;
         if w.in_features != self.plan.in_features
             || w.out_features != self.plan.out_features

@@ -245,7 +245,7 @@ fn a_response_carries_its_outputs_and_noise_independent_of_the_weights_elsewhere
 
 #[test]
 fn the_automorphism_keys_are_small_and_sessions_without_them_refuse_auto_requests_by_name() {
-    // Seeded upload and Fourier form (88 GLWEs of 3 polynomials, 2 limbs).
+    // Seeded upload and Fourier form (66 GLWEs of 3 polynomials, 2 limbs).
     assert!(
         AutoKey::expected_len() < 2 << 20,
         "{}",
@@ -342,8 +342,20 @@ fn a_lean_key_is_a_mebibyte_serves_auto_and_slot_exactly_and_refuses_the_rest_by
     assert!(compact.auto.is_none());
     decode::<EvaluationKey>(&encode(&compact), LIMIT).unwrap();
 
-    // Version 1 (before lean keys) still loads as a full key; a version from the future names
-    // the versions this build reads.
+    // Version 1 (before lean keys) still loads as a full key when it has no automorphism keys;
+    // one with the first layout's automorphism keys is refused with what to do; a version from
+    // the future names the versions this build reads.
+    let mut exact_v1 = encode(&KEYS.exact);
+    exact_v1[6..8].copy_from_slice(&1u16.to_le_bytes());
+    match decode::<EvaluationKey>(&exact_v1, LIMIT) {
+        Err(CodecError::Invalid { reason, .. }) => {
+            assert!(
+                reason.contains("version 1") && reason.contains("current client"),
+                "{reason}"
+            )
+        }
+        other => panic!("{:?}", other.map(|k| k.profile)),
+    }
     let mut v1 = encode(&KEYS.compact);
     v1[6..8].copy_from_slice(&1u16.to_le_bytes());
     assert_eq!(
@@ -398,4 +410,23 @@ fn a_lean_key_is_a_mebibyte_serves_auto_and_slot_exactly_and_refuses_the_rest_by
             Some(Encoding::choose(&wide, rows))
         );
     }
+}
+
+/// A plan compiled by an earlier build is checked against this build's automorphism noise model
+/// at load: fresh plans pass; one whose `auto` no longer fits its stored input width (as GPT-2's
+/// 3072-input layers compiled before `β = 15`) is refused with "recompile", in the client spec
+/// and the server module alike.
+#[test]
+fn a_stored_plan_whose_auto_no_longer_fits_is_refused_with_recompile() {
+    for (cols, out) in [(64, 8), (768, 2304), (2048, 2048), (3072, 768), (4096, 64)] {
+        plan(cols, out).check_auto().unwrap();
+    }
+    let mut stale = plan(3072, 768);
+    assert!(stale.auto_encoding().is_some());
+    stale.input_body_bits -= 4;
+    let err = stale.check_auto().unwrap_err();
+    assert!(err.contains("recompile") && err.contains("auto8"), "{err}");
+    // Without an automorphism encoding there is nothing to check.
+    let compact = LayerPlan::new("c", Precision::Compact, 3072, 768, 8, 8).unwrap();
+    compact.check_auto().unwrap();
 }
