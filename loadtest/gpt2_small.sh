@@ -4,7 +4,8 @@
 # prompts) and in remote mode against `hyfhe serve` on loopback. Prints each run's JSON report
 # and a summary: prefill, decode ms/token, MB up/down per token, share of time in local ops.
 #
-#   loadtest/gpt2_small.sh                  # NEW_TOKENS=4 THREADS=2
+#   loadtest/gpt2_small.sh                  # NEW_TOKENS=4 THREADS=2 KEY=full
+#   KEY=lean loadtest/gpt2_small.sh         # sessions with the lean key (automorphism keys only)
 #
 # Needs torch + transformers (target/pyenv when it has them, else ~/.cache/hyfhe-fixtures/venv,
 # installed when missing: ~3 GB, about 3 minutes); uses target/release/hyfhe (cargo build --release first). Never in CI.
@@ -12,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NEW_TOKENS=${NEW_TOKENS:-4}
 THREADS=${THREADS:-2}
+KEY=${KEY:-full}
 HYFHE=${HYFHE:-target/release/hyfhe}
 PORT=${PORT:-18091}
 WORK=${WORK:-$HOME/.cache/hyfhe-bench/gpt2_small}
@@ -55,7 +57,7 @@ PY
 rows=()
 for n in 8 32; do
     json=$("$HYFHE" generate "$WORK/models/gpt2_small" --prompt "$WORK/prompt_$n.npy" \
-        --max-new-tokens "$NEW_TOKENS" --mode execute --json)
+        --max-new-tokens "$NEW_TOKENS" --mode execute --key "$KEY" --json)
     echo "$json"
     rows+=("$(summary execute "$json")")
 done
@@ -68,12 +70,12 @@ for _ in $(seq 1 600); do
 done
 json=$("$HYFHE" generate "$WORK/models/gpt2_small" --prompt "$WORK/prompt_8.npy" \
     --max-new-tokens "$NEW_TOKENS" --mode remote --server "http://127.0.0.1:$PORT" \
-    --api-key hyfhe-demo-key --json)
+    --api-key hyfhe-demo-key --key "$KEY" --json)
 echo "$json"
 rows+=("$(summary remote "$json")")
 
 echo
-echo "GPT-2 small, 48 remote layers, $THREADS threads, $NEW_TOKENS new tokens"
+echo "GPT-2 small, 48 remote layers, $THREADS threads, $NEW_TOKENS new tokens, $KEY key"
 echo "| mode | prompt tokens | prefill ms | decode ms/token | MB up/token | MB down/token | local ops (prefill / decode) | tokens |"
 echo "|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
