@@ -291,6 +291,18 @@ pub struct GenerateReport {
     pub prefill: ForwardStats,
     /// Totals over every decode step.
     pub decode: ForwardStats,
+    /// Each decode step's wall time and local-ops time, in order: the first steps plan the
+    /// local segments for the decode shapes, later ones reuse those plans.
+    pub decode_steps: Vec<DecodeStep>,
+}
+
+/// One decode step's times, in milliseconds.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct DecodeStep {
+    pub ms: f64,
+    pub local_ms: f64,
+    /// Plans the local segments built in this step (none once the decode shapes are planned).
+    pub local_plans: usize,
 }
 
 /// Rows of the embedding table that `ids` index: the data of a `Gather` (axis 0) whose indices
@@ -418,6 +430,7 @@ pub(crate) async fn generate(
     let mut prefill = ForwardStats::default();
     let mut decode = ForwardStats::default();
     let (mut prefill_ms, mut decode_ms) = (0.0, 0.0);
+    let mut decode_steps = Vec::with_capacity(max_new.saturating_sub(1));
     for step in 0..max_new {
         let ids: Vec<i64> = if step > 0 && sig.has_cache() {
             vec![*sequence.last().expect("a prompt has a token")]
@@ -437,6 +450,11 @@ pub(crate) async fn generate(
             prefill = stats;
         } else {
             decode_ms += ms;
+            decode_steps.push(DecodeStep {
+                ms,
+                local_ms: stats.local_ms,
+                local_plans: stats.local_plans,
+            });
             decode.add(&stats);
         }
         if sig.has_cache() {
@@ -469,5 +487,6 @@ pub(crate) async fn generate(
         },
         prefill,
         decode,
+        decode_steps,
     })
 }

@@ -20,6 +20,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct ForwardStats {
     /// Local ONNX segments (tract).
     pub local_ms: f64,
+    /// Plans the local segments built for shapes they had not seen (a decode loop builds them
+    /// in its first steps; a symbolic plan then serves every later past length).
+    pub local_plans: usize,
     /// Building rows (im2col) and quantizing the remote modules' inputs.
     pub quantize_ms: f64,
     pub encrypt_ms: f64,
@@ -38,6 +41,7 @@ pub struct ForwardStats {
 impl ForwardStats {
     pub fn add(&mut self, other: &ForwardStats) {
         self.local_ms += other.local_ms;
+        self.local_plans += other.local_plans;
         self.quantize_ms += other.quantize_ms;
         self.encrypt_ms += other.encrypt_ms;
         self.fhe_ms += other.fhe_ms;
@@ -54,6 +58,7 @@ impl ForwardStats {
         let count = |n: usize| (n as f64 * factor).round() as usize;
         Self {
             local_ms: self.local_ms * factor,
+            local_plans: count(self.local_plans),
             quantize_ms: self.quantize_ms * factor,
             encrypt_ms: self.encrypt_ms * factor,
             fhe_ms: self.fhe_ms * factor,
@@ -193,11 +198,13 @@ impl Runtime {
                         .iter()
                         .map(|n| take(&env, n))
                         .collect::<Result<Vec<_>, _>>()?;
-                    let outputs = seg.run(inputs)?;
+                    let (outputs, built) = seg.run_counted(inputs)?;
                     for (name, v) in seg.outputs.iter().zip(outputs) {
                         env.insert(name, v);
                     }
-                    stats.lock().expect("stats").local_ms += ms_since(start);
+                    let mut stats = stats.lock().expect("stats");
+                    stats.local_ms += ms_since(start);
+                    stats.local_plans += built;
                 }
                 RuntimeStage::Remote {
                     module,

@@ -9,7 +9,7 @@ use tract_onnx::pb::{
 };
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable,
-    IntoTValue, IntoTensor, TVec, Tensor, TypedRunnableModel,
+    IntoTValue, IntoTensor, TDim, TVec, Tensor, TypedRunnableModel,
 };
 
 use super::ModelError;
@@ -101,16 +101,28 @@ const MAX_CACHED_SHAPES: usize = 32;
 struct PlanCache {
     plans: HashMap<ShapeKey, (Plan, u64)>,
     clock: u64,
+    /// Plans with symbolic dimensions, each checked against a concrete plan before it is kept.
+    symbolic: Vec<SymbolicPlan>,
+    /// Patterns whose symbolic plan failed to build or disagreed with the concrete one: never
+    /// tried again.
+    refused: Vec<Vec<Vec<DimPattern>>>,
 }
+
+/// Symbolic plans kept per segment (a decode loop needs one: the past length).
+const MAX_SYMBOLIC_PLANS: usize = 4;
 
 impl PlanCache {
     fn get(&mut self, key: &ShapeKey) -> Option<Plan> {
         self.clock += 1;
         let clock = self.clock;
-        self.plans.get_mut(key).map(|(plan, used)| {
+        if let Some((plan, used)) = self.plans.get_mut(key) {
             *used = clock;
-            plan.clone()
-        })
+            return Some(plan.clone());
+        }
+        self.symbolic
+            .iter()
+            .find(|s| s.matches(key))
+            .map(|s| s.plan.clone())
     }
 
     fn insert(&mut self, key: ShapeKey, plan: Plan) {
@@ -127,6 +139,122 @@ impl PlanCache {
         self.clock += 1;
         self.plans.insert(key, (plan, self.clock));
     }
+
+    /// A pattern that covers `key` and a shape planned before, when one exists and was not
+    /// refused (and there is room for another symbolic plan).
+    fn generalisation(&self, key: &ShapeKey) -> Option<Vec<Vec<DimPattern>>> {
+        if self.symbolic.len() >= MAX_SYMBOLIC_PLANS {
+            return None;
+        }
+        // The fewest symbols: a decode step generalises with the step before (one symbol, the
+        // past length) better than with the prompt (sequence, past and mask lengths).
+        self.plans
+            .keys()
+            .filter_map(|seen| generalise(seen, key))
+            .filter(|pattern| !self.refused.contains(pattern))
+            .min_by_key(|pattern| symbol_count(pattern))
+    }
+}
+
+/// One input dimension of a symbolic plan: a fixed size, or symbol `id` plus `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DimPattern {
+    Fixed(usize),
+    Symbol { id: usize, offset: usize },
+}
+
+/// A plan for every input shape that fits `dims`, with the dtypes and baked values of `types`.
+struct SymbolicPlan {
+    types: Vec<(DatumType, Option<Vec<i64>>)>,
+    dims: Vec<Vec<DimPattern>>,
+    plan: Plan,
+}
+
+impl SymbolicPlan {
+    fn matches(&self, key: &ShapeKey) -> bool {
+        if key.len() != self.types.len() {
+            return false;
+        }
+        let mut values: Vec<Option<usize>> = Vec::new();
+        for ((dt, shape, baked), ((want_dt, want_baked), dims)) in
+            key.iter().zip(self.types.iter().zip(&self.dims))
+        {
+            if dt != want_dt || baked != want_baked || shape.len() != dims.len() {
+                return false;
+            }
+            for (&d, pattern) in shape.iter().zip(dims) {
+                match *pattern {
+                    DimPattern::Fixed(f) if f != d => return false,
+                    DimPattern::Fixed(_) => {}
+                    DimPattern::Symbol { id, offset } => {
+                        // Symbols stand for sizes of at least 1 (`d − offset`).
+                        if d <= offset {
+                            return false;
+                        }
+                        if values.len() <= id {
+                            values.resize(id + 1, None);
+                        }
+                        match values[id] {
+                            Some(v) if v != d - offset => return false,
+                            _ => values[id] = Some(d - offset),
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+/// The pattern covering two shapes of the same inputs that differ only in some dimensions:
+/// dimensions that moved by the same amount share a symbol (a KV cache of length `P` and a mask
+/// of `P + 1` both grow by one per decode step), as `symbol + (size − smallest size)`. `None`
+/// when the dtypes, ranks or baked values differ, or nothing does.
+fn generalise(a: &ShapeKey, b: &ShapeKey) -> Option<Vec<Vec<DimPattern>>> {
+    if a.len() != b.len() {
+        return None;
+    }
+    let mut deltas: Vec<(i64, usize)> = Vec::new(); // (delta, smallest size in a)
+    for ((dt_a, sa, baked_a), (dt_b, sb, baked_b)) in a.iter().zip(b) {
+        if dt_a != dt_b || baked_a != baked_b || sa.len() != sb.len() {
+            return None;
+        }
+        for (&x, &y) in sa.iter().zip(sb) {
+            if x == y {
+                continue;
+            }
+            let delta = y as i64 - x as i64;
+            match deltas.iter_mut().find(|(d, _)| *d == delta) {
+                Some((_, least)) => *least = (*least).min(x),
+                None => deltas.push((delta, x)),
+            }
+        }
+    }
+    if deltas.is_empty() {
+        return None;
+    }
+    let pattern = a
+        .iter()
+        .zip(b)
+        .map(|((_, sa, _), (_, sb, _))| {
+            sa.iter()
+                .zip(sb)
+                .map(|(&x, &y)| {
+                    if x == y {
+                        return DimPattern::Fixed(x);
+                    }
+                    let delta = y as i64 - x as i64;
+                    let id = deltas.iter().position(|(d, _)| *d == delta).expect("seen");
+                    // In terms of the first shape, so the smallest size is the bare symbol.
+                    DimPattern::Symbol {
+                        id,
+                        offset: x - deltas[id].1,
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    Some(pattern)
 }
 
 /// A plain ONNX subgraph and its compiled plans.
@@ -174,56 +302,69 @@ impl LocalSegment {
     }
 
     pub fn run(&self, inputs: Vec<Value>) -> Result<Vec<Value>, ModelError> {
+        self.run_counted(inputs).map(|(out, _)| out)
+    }
+
+    /// [`LocalSegment::run`], and how many plans it built (0 when one was cached; 1 for a new
+    /// shape; 2 when it also built a symbolic plan).
+    pub fn run_counted(&self, inputs: Vec<Value>) -> Result<(Vec<Value>, usize), ModelError> {
         let key: ShapeKey = inputs
             .iter()
             .map(|t| (t.datum_type(), t.shape().to_vec(), baked_values(t)))
             .collect();
-        let Plan {
-            runnable: plan,
-            feeds_baked,
-        } = self.plan(&key)?;
-        let values: TVec<_> = inputs
-            .into_iter()
-            .zip(&key)
-            .filter(|(_, (_, _, baked))| feeds_baked || baked.is_none())
-            .map(|(t, _)| t.into_tvalue())
-            .collect();
-        // tract indexes some operands unchecked (a Gather past its table panics): a bad input
-        // must be an error, not a crash of the server or client holding this segment.
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(values)))
-            .map_err(|panic| {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                ModelError::Input(format!(
-                    "a local segment failed on this input (an index out of range?): {what}"
-                ))
-            })?
-            .map_err(ModelError::tract)?;
-        out.into_iter()
-            .map(|v| {
-                let t = v.into_tensor();
-                // Shapes computed by Shape ops are TDim in tract; every dimension is concrete at
-                // run time, and ONNX's own type for them is int64, so that is what crosses a
-                // stage boundary (a symbolic dimension cannot be declared on the next segment).
-                if t.datum_type() == DatumType::TDim {
-                    t.cast_to::<i64>()
-                        .map(|c| c.into_owned())
-                        .map_err(ModelError::tract)
-                } else {
-                    Ok(t)
-                }
-            })
-            .collect()
+        let cached = self.plans.lock().expect("plan cache").get(&key);
+        if let Some(plan) = cached {
+            return Ok((execute(&plan, &key, inputs)?, 0));
+        }
+        let plan = self.plan(&key)?;
+        let pattern = self.plans.lock().expect("plan cache").generalisation(&key);
+        let Some(pattern) = pattern else {
+            return Ok((execute(&plan, &key, inputs)?, 1));
+        };
+        // A second shape of the same inputs (a decode step, another batch size): try one plan
+        // for the whole family, and keep it only if it answers this input as the concrete plan
+        // does (see `agree`).
+        let started = std::time::Instant::now();
+        let symbolic = self.symbolic_plan(&key, &pattern);
+        let out = execute(&plan, &key, inputs.clone())?;
+        let agrees = match &symbolic {
+            Some(Ok(s)) => execute(s, &key, inputs).is_ok_and(|o| agree(&o, &out)),
+            _ => false,
+        };
+        let mut cache = self.plans.lock().expect("plan cache");
+        match symbolic {
+            Some(Ok(plan)) if agrees => {
+                tracing::debug!(
+                    inputs = ?self.inputs,
+                    ?pattern,
+                    ms = started.elapsed().as_millis() as u64,
+                    "symbolic plan for a segment"
+                );
+                cache.symbolic.push(SymbolicPlan {
+                    types: key.iter().map(|(dt, _, b)| (*dt, b.clone())).collect(),
+                    dims: pattern,
+                    plan,
+                });
+            }
+            other => {
+                tracing::debug!(
+                    inputs = ?self.inputs,
+                    ?pattern,
+                    why = match &other {
+                        Some(Err(e)) => e.to_string(),
+                        Some(Ok(_)) => "its results differ from the concrete plan's".into(),
+                        None => "the segment does not parse without types".into(),
+                    },
+                    "no symbolic plan for a segment"
+                );
+                cache.refused.push(pattern);
+            }
+        }
+        Ok((out, 2))
     }
 
     fn plan(&self, key: &ShapeKey) -> Result<Plan, ModelError> {
-        if let Some(p) = self.plans.lock().expect("plan cache").get(key) {
-            return Ok(p);
-        }
-        let tried = self.plan_from_parsed(key);
+        let tried = self.plan_from_parsed(key, None);
         let plan = match tried {
             Some(Ok(runnable)) => Plan {
                 runnable,
@@ -241,11 +382,27 @@ impl LocalSegment {
         Ok(plan)
     }
 
+    /// A plan of the once-parsed model for every shape that fits `pattern` (`key`'s dtypes and
+    /// baked values), or `None` when the segment does not parse without types.
+    fn symbolic_plan(
+        &self,
+        key: &ShapeKey,
+        pattern: &[Vec<DimPattern>],
+    ) -> Option<Result<Plan, ModelError>> {
+        self.plan_from_parsed(key, Some(pattern)).map(|r| {
+            r.map(|runnable| Plan {
+                runnable,
+                feeds_baked: true,
+            })
+        })
+    }
+
     /// A plan from the once-parsed model: baked inputs become sources of a known value, which
     /// tract propagates like constants. `None` when the segment could not be parsed that way.
     fn plan_from_parsed(
         &self,
         key: &ShapeKey,
+        pattern: Option<&[Vec<DimPattern>]>,
     ) -> Option<Result<Arc<TypedRunnableModel>, ModelError>> {
         let base = self
             .parsed
@@ -266,15 +423,30 @@ impl LocalSegment {
             .ok()?;
         let plan = (|| {
             let mut model = base.clone();
+            let symbols: Vec<TDim> = (0..pattern.map_or(0, symbol_count))
+                .map(|id| model.symbols.sym(&format!("hyfhe_s{id}")).into())
+                .collect();
             for (i, (dt, shape, baked)) in key.iter().enumerate() {
-                let fact = match baked {
-                    Some(values) => {
+                let fact = match (baked, pattern) {
+                    (Some(values), _) => {
                         let t = Tensor::from_shape(shape, values).map_err(ModelError::tract)?;
                         InferenceFact::from(
                             t.cast_to_dt(*dt).map_err(ModelError::tract)?.into_owned(),
                         )
                     }
-                    None => InferenceFact::dt_shape(*dt, shape.as_slice()),
+                    (None, Some(pattern)) => {
+                        let dims: Vec<TDim> = pattern[i]
+                            .iter()
+                            .map(|p| match *p {
+                                DimPattern::Fixed(d) => TDim::from(d as i64),
+                                DimPattern::Symbol { id, offset } => {
+                                    symbols[id].clone() + offset as i64
+                                }
+                            })
+                            .collect();
+                        InferenceFact::dt_shape(*dt, dims)
+                    }
+                    (None, None) => InferenceFact::dt_shape(*dt, shape.as_slice()),
                 };
                 model.set_input_fact(i, fact).map_err(ModelError::tract)?;
             }
@@ -334,6 +506,82 @@ impl LocalSegment {
             .and_then(|m| m.into_runnable())
             .map_err(ModelError::tract)
     }
+}
+
+/// Run `plan` on `inputs` (shaped as `key`): a panic inside tract is an input error, and shapes
+/// leave as int64.
+fn execute(plan: &Plan, key: &ShapeKey, inputs: Vec<Value>) -> Result<Vec<Value>, ModelError> {
+    let values: TVec<_> = inputs
+        .into_iter()
+        .zip(key)
+        .filter(|(_, (_, _, baked))| plan.feeds_baked || baked.is_none())
+        .map(|(t, _)| t.into_tvalue())
+        .collect();
+    // tract indexes some operands unchecked (a Gather past its table panics): a bad input
+    // must be an error, not a crash of the server or client holding this segment.
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.runnable.run(values)))
+        .map_err(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            ModelError::Input(format!(
+                "a local segment failed on this input (an index out of range?): {what}"
+            ))
+        })?
+        .map_err(ModelError::tract)?;
+    out.into_iter()
+        .map(|v| {
+            let t = v.into_tensor();
+            // Shapes computed by Shape ops are TDim in tract; every dimension is concrete at
+            // run time, and ONNX's own type for them is int64, so that is what crosses a
+            // stage boundary (a symbolic dimension cannot be declared on the next segment).
+            if t.datum_type() == DatumType::TDim {
+                t.cast_to::<i64>()
+                    .map(|c| c.into_owned())
+                    .map_err(ModelError::tract)
+            } else {
+                Ok(t)
+            }
+        })
+        .collect()
+}
+
+/// Float outputs within 2^-16 of the larger one's largest magnitude, everything else equal.
+///
+/// A symbolic plan may pick other kernels than a concrete one (another summation order in an
+/// attention product): measured on GPT-2 small, its outputs differ from the concrete plan's by
+/// 2^-23 to 2^-22 relative, a few units in the last place, which the concrete plans of two
+/// sequence lengths differ by too. A plan that is wrong (a broadcast or a slice resolved
+/// against the wrong symbol) differs by far more, or in shape, and is refused.
+fn agree(a: &[Value], b: &[Value]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            if x.datum_type() != y.datum_type() || x.shape() != y.shape() {
+                return false;
+            }
+            match (f32_values(x, "x"), f32_values(y, "y")) {
+                (Ok(p), Ok(q)) => {
+                    let scale = p.iter().chain(q).fold(0f32, |m, v| m.max(v.abs()));
+                    let tolerance = scale.max(f32::MIN_POSITIVE) / 65536.0;
+                    p.iter().zip(q).all(|(u, v)| (u - v).abs() <= tolerance)
+                }
+                _ => x == y,
+            }
+        })
+}
+
+fn symbol_count(pattern: &[Vec<DimPattern>]) -> usize {
+    pattern
+        .iter()
+        .flatten()
+        .filter_map(|p| match p {
+            DimPattern::Symbol { id, .. } => Some(id + 1),
+            DimPattern::Fixed(_) => None,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 pub(crate) fn tensor_type(dt: DatumType, shape: &[usize]) -> Result<TypeProto, ModelError> {
@@ -487,4 +735,65 @@ pub fn f32_values<'a>(t: &'a Value, what: &str) -> Result<&'a [f32], ModelError>
                 t.datum_type()
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(shapes: &[&[usize]]) -> ShapeKey {
+        shapes
+            .iter()
+            .map(|s| (DatumType::F32, s.to_vec(), None))
+            .collect()
+    }
+
+    #[test]
+    fn a_decode_step_generalises_to_one_symbol_with_offsets() {
+        // Past keys [1, 12, P, 64] and a mask [1, P + 1], at P = 7 and then 8.
+        let a = key(&[&[1, 12, 7, 64], &[1, 8]]);
+        let b = key(&[&[1, 12, 8, 64], &[1, 9]]);
+        let pattern = generalise(&a, &b).expect("one family");
+        let sym = |offset| DimPattern::Symbol { id: 0, offset };
+        assert_eq!(pattern[0][2], sym(0));
+        assert_eq!(pattern[1][1], sym(1));
+        assert_eq!(pattern[0][1], DimPattern::Fixed(12));
+        let plan = |dims| SymbolicPlan {
+            types: a.iter().map(|(dt, _, b)| (*dt, b.clone())).collect(),
+            dims,
+            plan: Plan {
+                runnable: tract_onnx::prelude::TypedModel::default()
+                    .into_runnable()
+                    .expect("an empty model runs"),
+                feeds_baked: true,
+            },
+        };
+        let family = plan(pattern);
+        assert!(family.matches(&a) && family.matches(&b));
+        assert!(family.matches(&key(&[&[1, 12, 300, 64], &[1, 301]])));
+        // The mask no longer one longer than the cache, another head count, another rank.
+        assert!(!family.matches(&key(&[&[1, 12, 300, 64], &[1, 300]])));
+        assert!(!family.matches(&key(&[&[1, 6, 300, 64], &[1, 301]])));
+        assert!(!family.matches(&key(&[&[12, 300, 64], &[1, 301]])));
+    }
+
+    #[test]
+    fn shapes_with_other_baked_values_or_dtypes_do_not_generalise() {
+        let a = key(&[&[1, 4]]);
+        assert!(generalise(&a, &a).is_none(), "nothing differs");
+        let mut b = key(&[&[1, 5]]);
+        b[0].0 = DatumType::F64;
+        assert!(generalise(&a, &b).is_none());
+        let baked = |v: i64| vec![(DatumType::I64, vec![2], Some(vec![1, v]))];
+        assert!(generalise(&baked(3), &baked(4)).is_none());
+        // Dimensions moving by different amounts get different symbols.
+        let p = generalise(&key(&[&[2, 7]]), &key(&[&[4, 8]])).expect("a family");
+        assert_eq!(
+            p[0],
+            vec![
+                DimPattern::Symbol { id: 0, offset: 0 },
+                DimPattern::Symbol { id: 1, offset: 0 }
+            ]
+        );
+    }
 }

@@ -171,6 +171,37 @@ fn generation_gives_the_same_tokens_in_simulate_and_execute_and_follows_torch() 
     }
 }
 
+#[test]
+fn decode_steps_after_the_second_build_no_local_plans_whatever_the_cache_length() {
+    // Each decode step feeds the local segments a longer KV cache. The first steps plan those
+    // shapes and one symbolic plan per segment; from then on every step reuses it: local ops per
+    // token no longer include tract's optimiser. Not yet for every model: without a cache the
+    // exporters bake the sequence length into shape tensors, and Llama's cache position (a
+    // one-value tensor the plan takes as a constant) changes each step, so those still get a
+    // plan per length (3 or 4 segments a step for the tiny Llama).
+    for family in ["gpt2"] {
+        for variant in ["kv_dynamo", "kv_ts"] {
+            let m = compile(family, variant);
+            let report = m.generate(prompt(family), 10, Mode::Simulate).unwrap();
+            let plans: Vec<usize> = report.decode_steps.iter().map(|s| s.local_plans).collect();
+            assert_eq!(plans.len(), 9, "{family} {variant}");
+            assert!(
+                plans[0] > 0,
+                "{family} {variant}: the first decode step plans: {plans:?}"
+            );
+            assert!(
+                plans[2..].iter().all(|&p| p == 0),
+                "{family} {variant}: plans built per decode step {plans:?}"
+            );
+            assert_eq!(
+                report.tokens[..4],
+                torch_tokens(family)[..4],
+                "{family} {variant}"
+            );
+        }
+    }
+}
+
 /// The seed's FCSmall from the torch.export exporter, `seq.0` remote, compiled.
 fn fc_small_dynamo() -> HybridModel {
     let onnx = OnnxModel::load(fixture("fc_small_dynamo.onnx")).unwrap();
