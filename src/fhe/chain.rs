@@ -21,9 +21,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tfhe::core_crypto::prelude::GlweCiphertextOwned;
 
-use super::encrypted_outputs::EncryptedOutputs;
-use super::encrypted_rows::EncryptedRows;
-use super::linear::{pack_lwes, FourierLinearLayer};
+use super::encoding::{pack_lwes, EncryptedOutputs, EncryptedRows, FourierLinearLayer};
 use super::packing::FourierPackingKey;
 use super::params::{Encoding, LayerPlan, Precision};
 use super::pbs::{
@@ -765,7 +763,7 @@ impl ModuleProgram {
         key: &FourierPackingKey,
         input: &EncryptedRows,
     ) -> Result<EncryptedOutputs, FheError> {
-        self.evaluate_within(key, input, super::linear::DEFAULT_JOB_BYTES)
+        self.evaluate_within(key, input, super::encoding::DEFAULT_JOB_BYTES)
     }
 
     /// Rows one request may carry under `max_job_bytes`: a linear module splits any row count

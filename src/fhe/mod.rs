@@ -6,37 +6,30 @@
 //! Server: [`FourierPackingKey::new`] (once per session) and [`FourierLinearLayer::new`] (once per
 //! layer) → [`FourierLinearLayer::evaluate`] per request.
 
-mod auto;
 mod automorph;
 pub mod bitpack;
-mod blocked;
 mod chain;
 pub mod codec;
-mod encrypted_outputs;
-mod encrypted_rows;
+mod encoding;
 mod fourier;
 mod keys;
-mod linear;
 mod packing;
 pub mod params;
 pub mod pbs;
 mod seeded;
-mod slot;
 
-pub use auto::AutoLayout;
 pub use automorph::{AutoKey, FourierAutoKeys};
-pub use blocked::{BlockLayout, CIPHERTEXTS_PER_SEED};
 pub use chain::{
     chain_rows_within, gain_within_noise, table_input_variance, table_lookup, whole_maps,
     ChainProgram, ChainStage, EncryptedChain, ModuleProgram, MAX_TABLE_GAIN,
 };
 pub use codec::{decode, encode, CodecError, Wire};
-pub use encrypted_outputs::{decode as decode_phase, EncryptedOutputs};
-pub use encrypted_rows::{EncryptedRows, MAX_ROWS};
-pub use keys::{BlockKey, ClientKey, EvaluationKey};
-pub use linear::{
-    digit_bytes_per_output, outputs_per_group, FourierLinearLayer, DEFAULT_JOB_BYTES,
+pub use encoding::{
+    decode as decode_phase, digit_bytes_per_output, outputs_per_group, AutoLayout, BlockLayout,
+    EncryptedOutputs, EncryptedRows, FourierLinearLayer, CIPHERTEXTS_PER_SEED, DEFAULT_JOB_BYTES,
+    MAX_ROWS,
 };
+pub use keys::{BlockKey, ClientKey, EvaluationKey};
 pub use packing::FourierPackingKey;
 pub use params::{Encoding, KeyProfile, LayerPlan, PlanError, Precision, AUTO_OUTPUTS, BLOCK_ROWS};
 pub use pbs::{BootstrapKey, FourierBootstrapKey, PBS_PARAMS};

@@ -10,7 +10,7 @@ use tfhe::core_crypto::prelude::{
     SeededGlweCiphertextList,
 };
 
-use super::encrypted_outputs::decrypt_all;
+use super::fourier::{mul_add, FourierContext};
 use super::params::GlweShape;
 
 /// The `bodies.len() / n` GLWEs of dimension `k` seeded by `seed`, with `bodies` as their bodies
@@ -33,6 +33,78 @@ pub(super) fn decompress(bodies: Vec<u64>, seed: u128, k: usize, n: usize) -> Ve
     );
     decompress_seeded_glwe_ciphertext_list::<_, _, _, DefaultRandomGenerator>(&mut glwes, &seeded);
     glwes.into_container()
+}
+
+/// How a request's mask polynomials enter the Fourier domain: whole, or split as
+/// `hi·2^bits + lo` (`lo` signed) into two polynomials, `hi` first, for products that must come
+/// back exact (see `encoding/auto.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Limbs {
+    One,
+    Split(u32),
+}
+
+/// The masks of a request's `count` seeded GLWEs of dimension `k`, regenerated and transformed:
+/// `[glwe][mask polynomial][limb][n]`. Runs of `per_run` GLWEs come from `seed_of(run)` (one run
+/// when `per_run ≥ count`). Every encoding's server side gets its input masks here, so the
+/// expansion the client's [`encrypt`] relied on is repeated in exactly one way.
+pub(super) fn masks_fourier(
+    count: usize,
+    k: usize,
+    n: usize,
+    per_run: usize,
+    seed_of: impl Fn(usize) -> u128 + Sync,
+    limbs: Limbs,
+) -> Vec<f64> {
+    let per_mask = n * if limbs == Limbs::One { 1 } else { 2 };
+    let per_glwe = k * per_mask;
+    let mut out = vec![0f64; count * per_glwe];
+    let transform =
+        |ctx: &mut FourierContext, scratch: &mut Vec<u64>, mask: &[u64], dst: &mut [f64]| {
+            match limbs {
+                Limbs::One => ctx.forward_torus(mask, dst),
+                Limbs::Split(bits) => {
+                    let shift = 64 - bits;
+                    let low = |c: u64| (((c << shift) as i64) >> shift) as u64;
+                    for (d, &c) in scratch.iter_mut().zip(mask) {
+                        *d = c.wrapping_sub(low(c));
+                    }
+                    ctx.forward_torus(scratch, &mut dst[..n]);
+                    for (d, &c) in scratch.iter_mut().zip(mask) {
+                        *d = low(c);
+                    }
+                    ctx.forward_torus(scratch, &mut dst[n..]);
+                }
+            }
+        };
+    if per_run >= count {
+        // One seed: expand once, transform every mask polynomial in parallel.
+        let coefficients = decompress(vec![0u64; count * n], seed_of(0), k, n);
+        out.par_chunks_mut(per_mask).enumerate().for_each_init(
+            || (FourierContext::new(n), vec![0u64; n]),
+            |(ctx, scratch), (i, dst)| {
+                let (glwe, q) = (i / k, i % k);
+                let start = (glwe * (k + 1) + q) * n;
+                transform(ctx, scratch, &coefficients[start..start + n], dst);
+            },
+        );
+        return out;
+    }
+    out.par_chunks_mut(per_run * per_glwe)
+        .enumerate()
+        .for_each_init(
+            || (FourierContext::new(n), vec![0u64; n]),
+            |(ctx, scratch), (run, dst)| {
+                let glwes = dst.len() / per_glwe;
+                let coefficients = decompress(vec![0u64; glwes * n], seed_of(run), k, n);
+                for (i, dst) in dst.chunks_exact_mut(per_mask).enumerate() {
+                    let (glwe, q) = (i / k, i % k);
+                    let start = (glwe * (k + 1) + q) * n;
+                    transform(ctx, scratch, &coefficients[start..start + n], dst);
+                }
+            },
+        );
+    out
 }
 
 /// Seeded encryption: the bodies `⟨a, s⟩ + plain + e` of the GLWEs (one per `N` coefficients of
@@ -85,6 +157,81 @@ pub(super) fn encrypt_runs(
         .zip(&minus_dot)
         .map(|((&p, &e), &d)| p.wrapping_add(e).wrapping_sub(d))
         .collect()
+}
+
+/// Phases `body − ⟨mask, s⟩` of GLWEs `(k+1)·n` coefficients each (masks first), `n` per
+/// ciphertext, in parallel, exactly. The mask products run through the f64 FFT with each mask
+/// coefficient split as `hi·2^32 + lo` (`lo` signed): the `lo` products are below 2^43 and come
+/// back exact, the `hi` products are multiples of 2^32 computed with an error near 2^17, so
+/// rounding them to one is exact (the packing key's two-limb argument, `packing.rs`).
+pub(super) fn decrypt_all(
+    key: &GlweSecretKeyOwned<u64>,
+    k: usize,
+    n: usize,
+    glwes: &[u64],
+) -> Vec<u64> {
+    const SPLIT: u32 = 32;
+    let mut ctx = FourierContext::new(n);
+    let key_f: Vec<Vec<f64>> = key
+        .as_ref()
+        .chunks_exact(n)
+        .map(|s| {
+            let mut f = vec![0f64; n];
+            ctx.forward_integer(s, &mut f);
+            f
+        })
+        .collect();
+    assert_eq!(key_f.len(), k, "a key of k polynomials");
+    let mut phases = vec![0u64; glwes.len() / (k + 1)];
+    struct Scratch {
+        ctx: FourierContext,
+        limb: Vec<u64>,
+        limb_f: Vec<f64>,
+        hi: Vec<f64>,
+        lo: Vec<f64>,
+        product: Vec<u64>,
+    }
+    phases
+        .par_chunks_mut(n)
+        .zip(glwes.par_chunks(n * (k + 1)))
+        .for_each_init(
+            || Scratch {
+                ctx: FourierContext::new(n),
+                limb: vec![0u64; n],
+                limb_f: vec![0f64; n],
+                hi: vec![0f64; n],
+                lo: vec![0f64; n],
+                product: vec![0u64; n],
+            },
+            |s, (phase, glwe)| {
+                s.hi.fill(0.0);
+                s.lo.fill(0.0);
+                for (q, key_q) in key_f.iter().enumerate() {
+                    let mask = &glwe[q * n..(q + 1) * n];
+                    for (dst, &c) in s.limb.iter_mut().zip(mask) {
+                        *dst = c.wrapping_sub(c as u32 as i32 as i64 as u64);
+                    }
+                    s.ctx.forward_torus(&s.limb, &mut s.limb_f);
+                    mul_add(&mut s.hi, &s.limb_f, key_q);
+                    for (dst, &c) in s.limb.iter_mut().zip(mask) {
+                        *dst = c as u32 as i32 as i64 as u64;
+                    }
+                    s.ctx.forward_torus(&s.limb, &mut s.limb_f);
+                    mul_add(&mut s.lo, &s.limb_f, key_q);
+                }
+                s.ctx.backward_torus(&s.hi, &mut s.product);
+                let round = 1u64 << (SPLIT - 1);
+                let keep = !((1u64 << SPLIT) - 1);
+                for (dst, &h) in phase.iter_mut().zip(s.product.iter()) {
+                    *dst = h.wrapping_add(round) & keep;
+                }
+                s.ctx.backward_torus(&s.lo, &mut s.product);
+                for ((dst, &b), &l) in phase.iter_mut().zip(&glwe[k * n..]).zip(s.product.iter()) {
+                    *dst = b.wrapping_sub(dst.wrapping_add(l));
+                }
+            },
+        );
+    phases
 }
 
 #[cfg(test)]

@@ -37,16 +37,16 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use tfhe::core_crypto::prelude::new_seeder;
 
-use super::bitpack::{pack_top_bits, packed_len, unpack_top_bits, BitPacker};
-use super::encrypted_outputs::EncryptedOutputs;
-use super::encrypted_rows::EncryptedRows;
-use super::fourier::{mul_add, mul_add_bins, BinTile, FourierContext};
-use super::keys::ClientKey;
-use super::linear::FourierLinearLayer;
-use super::packing::{decompose_row, negated_key_sum, FourierEntries, FourierPackingKey};
-use super::params::{Encoding, LayerPlan, PackingParams, INPUT_GLWE};
-use super::seeded::encrypt_runs;
-use super::FheError;
+use super::{EncryptedOutputs, EncryptedRows, FourierLinearLayer, Scheme};
+use crate::fhe::bitpack::{pack_top_bits, packed_len, BitPacker};
+use crate::fhe::fourier::{mul_add, mul_add_bins, BinTile, FourierContext};
+use crate::fhe::keys::ClientKey;
+use crate::fhe::packing::{decompose_row, negated_key_sum, FourierEntries, FourierPackingKey};
+use crate::fhe::params::{
+    packing_params, Encoding, LayerPlan, PackingParams, Precision, INPUT_GLWE,
+};
+use crate::fhe::seeded::{decrypt_all, encrypt_runs, masks_fourier, Limbs};
+use crate::fhe::FheError;
 
 /// Input ciphertexts per mask seed: each run of this many is encrypted (client) and regenerated
 /// (server) by one task, from a seed derived from the request's seed.
@@ -172,29 +172,70 @@ impl ClientKey {
 
 /// Regenerate the masks of `count` blocked input ciphertexts and transform them: `[ct][N]`.
 pub(super) fn blocked_masks(seed: u128, count: usize) -> Vec<f64> {
-    let n = INPUT_GLWE.polynomial_size;
-    let mut masks_f = vec![0f64; count * n];
-    masks_f
-        .par_chunks_mut(CIPHERTEXTS_PER_SEED * n)
-        .enumerate()
-        .for_each_init(
-            || FourierContext::new(n),
-            |ctx, (run, out)| {
-                let count = out.len() / n;
-                let coefficients = super::seeded::decompress(
-                    vec![0u64; count * n],
-                    run_seed(seed, run),
-                    INPUT_GLWE.glwe_dimension,
-                    n,
-                );
-                let k = INPUT_GLWE.glwe_dimension;
-                for (i, dst) in out.chunks_exact_mut(n).enumerate() {
-                    let start = i * (k + 1) * n;
-                    ctx.forward_torus(&coefficients[start..start + n], dst);
-                }
-            },
-        );
-    masks_f
+    let (n, k) = (INPUT_GLWE.polynomial_size, INPUT_GLWE.glwe_dimension);
+    masks_fourier(
+        count,
+        k,
+        n,
+        CIPHERTEXTS_PER_SEED,
+        |run| run_seed(seed, run),
+        Limbs::One,
+    )
+}
+
+/// The blocked encoding with `block` rows per ciphertext (the module comment).
+pub(super) struct Blocked {
+    pub block: usize,
+}
+
+impl Scheme for Blocked {
+    fn encrypt(
+        &self,
+        key: &ClientKey,
+        plan: &LayerPlan,
+        values: &[i32],
+        rows: usize,
+    ) -> EncryptedRows {
+        let encoding = Encoding::Blocked {
+            rows: self.block as u32,
+        };
+        key.encrypt_blocked(plan, values, rows, self.block, encoding)
+    }
+
+    fn evaluate(
+        &self,
+        layer: &FourierLinearLayer,
+        key: &FourierPackingKey,
+        input: &EncryptedRows,
+        max_job_bytes: usize,
+    ) -> Result<EncryptedOutputs, FheError> {
+        layer.evaluate_blocked(key, input, self.block, max_job_bytes)
+    }
+
+    fn packs(&self, _: Precision, rows: usize, out: usize) -> usize {
+        BlockLayout::new(self.block, rows, 1, out).packs()
+    }
+
+    fn phases(
+        &self,
+        key: &ClientKey,
+        outputs: &EncryptedOutputs,
+        masks: Vec<u64>,
+        bodies: Vec<u64>,
+    ) -> Vec<u64> {
+        let shape = packing_params(outputs.precision).output;
+        let (k, n) = (shape.glwe_dimension, shape.polynomial_size);
+        let output_key = key.output_key(outputs.precision);
+        let decrypt = |glwes: &[u64]| decrypt_all(output_key, k, n, glwes);
+        blocked_phases(
+            outputs,
+            self.block,
+            &mut masks.into_iter(),
+            &mut bodies.into_iter(),
+            &decrypt,
+            k,
+        )
+    }
 }
 
 /// Frequency bins per tile of the product phase (512 bytes of each split polynomial).
@@ -237,10 +278,7 @@ impl FourierLinearLayer {
         let n = INPUT_GLWE.polynomial_size;
         let levels = params.level_count;
 
-        let shift = 64 - plan.input_body_bits;
-        let bodies: Vec<u64> = unpack_top_bits(&input.bodies, rows * cols, plan.input_body_bits)
-            .map(|b| b >> shift)
-            .collect();
+        let bodies = self.input_bodies(input);
         let out_bodies = self.body_products(&bodies, rows);
         drop(bodies);
         let masks_f = blocked_masks(input.seed(), lay.ciphertexts());

@@ -24,17 +24,15 @@
 use rayon::prelude::*;
 use tfhe::core_crypto::prelude::new_seeder;
 
-use super::automorph::{log2, round_down_pow2, FourierAutoKeys};
-use super::bitpack::{pack_top_bits, packed_len, unpack_top_bits, BitPacker};
-use super::encrypted_outputs::decrypt_all;
-use super::encrypted_outputs::EncryptedOutputs;
-use super::encrypted_rows::EncryptedRows;
-use super::fourier::{mul_add, FourierContext};
-use super::keys::ClientKey;
-use super::linear::{body_dot, FourierLinearLayer};
-use super::params::{auto_chunks, auto_params, Encoding, LayerPlan};
-use super::seeded::encrypt;
-use super::FheError;
+use super::{body_dot, EncryptedOutputs, EncryptedRows, FourierLinearLayer, Scheme};
+use crate::fhe::automorph::{log2, round_down_pow2, FourierAutoKeys};
+use crate::fhe::bitpack::{pack_top_bits, packed_len, unpack_top_bits, BitPacker};
+use crate::fhe::fourier::{mul_add, FourierContext};
+use crate::fhe::keys::ClientKey;
+use crate::fhe::packing::FourierPackingKey;
+use crate::fhe::params::{auto_chunks, auto_params, Encoding, LayerPlan, Precision};
+use crate::fhe::seeded::{decrypt_all, encrypt, masks_fourier, Limbs};
+use crate::fhe::FheError;
 
 /// Where everything of an automorphism request sits.
 #[derive(Clone, Copy, Debug)]
@@ -113,7 +111,7 @@ impl AutoLayout {
 }
 
 /// `[g][c][N]` split Fourier weight polynomials `W_{g,c}` of a layer (see the module comment).
-pub(super) fn auto_weights(plan: &LayerPlan, codes: &[i8], m: usize) -> Vec<f64> {
+pub(super) fn weights(plan: &LayerPlan, codes: &[i8], m: usize) -> Vec<f64> {
     let layout = AutoLayout::new(m, 1, plan.in_features, plan.out_features);
     let (n, f, chunks, cols) = (layout.n, layout.f, layout.chunks, plan.in_features);
     let mut weights = vec![0f64; layout.groups * chunks * n];
@@ -305,32 +303,73 @@ impl FourierLinearLayer {
 /// `lo`) for split products.
 fn request_masks(seed: u128, count: usize, split: bool) -> Vec<f64> {
     let shape = auto_params().output;
-    let (n, kk) = (shape.polynomial_size, shape.glwe_dimension);
-    let coefficients = super::seeded::decompress(vec![0u64; count * n], seed, kk, n);
-    let limbs = 1 + split as usize;
-    let mut masks_f = vec![0f64; count * kk * limbs * n];
-    masks_f.par_chunks_mut(limbs * n).enumerate().for_each_init(
-        || (FourierContext::new(n), vec![0u64; n]),
-        |(ctx, limb), (i, dst)| {
-            let (ct, q) = (i / kk, i % kk);
-            let start = (ct * (kk + 1) + q) * n;
-            let mask = &coefficients[start..start + n];
-            if !split {
-                ctx.forward_torus(mask, dst);
-                return;
-            }
-            let low = |c: u64| c as u32 as i32 as i64 as u64;
-            for (d, &c) in limb.iter_mut().zip(mask) {
-                *d = c.wrapping_sub(low(c));
-            }
-            ctx.forward_torus(limb, &mut dst[..n]);
-            for (d, &c) in limb.iter_mut().zip(mask) {
-                *d = low(c);
-            }
-            ctx.forward_torus(limb, &mut dst[n..]);
-        },
-    );
-    masks_f
+    let limbs = if split { Limbs::Split(32) } else { Limbs::One };
+    masks_fourier(
+        count,
+        shape.glwe_dimension,
+        shape.polynomial_size,
+        count,
+        |_| seed,
+        limbs,
+    )
+}
+
+/// The automorphism encoding with `m` outputs per product (the module comment).
+pub(super) struct Auto {
+    pub m: usize,
+}
+
+impl Scheme for Auto {
+    fn encrypt(
+        &self,
+        key: &ClientKey,
+        plan: &LayerPlan,
+        values: &[i32],
+        rows: usize,
+    ) -> EncryptedRows {
+        key.encrypt_auto(plan, values, rows, self.m)
+    }
+
+    fn evaluate(
+        &self,
+        layer: &FourierLinearLayer,
+        key: &FourierPackingKey,
+        input: &EncryptedRows,
+        _: usize,
+    ) -> Result<EncryptedOutputs, FheError> {
+        let keys = key.auto.as_ref().ok_or_else(|| {
+            FheError::ParameterMismatch(
+                "the session's key has no automorphism keys (made by an older client): send \
+                 row, blocked or slot requests, or open a new session"
+                    .into(),
+            )
+        })?;
+        layer.evaluate_auto(keys, input, self.m)
+    }
+
+    fn packs(&self, _: Precision, rows: usize, out: usize) -> usize {
+        AutoLayout::new(self.m, rows, 1, out).packs()
+    }
+
+    fn phases(
+        &self,
+        key: &ClientKey,
+        outputs: &EncryptedOutputs,
+        masks: Vec<u64>,
+        bodies: Vec<u64>,
+    ) -> Vec<u64> {
+        let shape = auto_params().output;
+        let (k, n) = (shape.glwe_dimension, shape.polynomial_size);
+        let output_key = key.output_key(outputs.precision);
+        let decrypt = |glwes: &[u64]| decrypt_all(output_key, k, n, glwes);
+        auto_phases(
+            outputs,
+            self.m,
+            &mut masks.into_iter(),
+            &mut bodies.into_iter(),
+            &decrypt,
+        )
+    }
 }
 
 impl ClientKey {
@@ -414,7 +453,7 @@ impl ClientKey {
         let (kk, n) = (shape.glwe_dimension, shape.polynomial_size);
         glwes
             .iter()
-            .map(|g| decrypt_all(self.output_key(super::params::Precision::Exact), kk, n, g))
+            .map(|g| decrypt_all(self.output_key(Precision::Exact), kk, n, g))
             .collect()
     }
 }

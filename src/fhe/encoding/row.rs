@@ -8,16 +8,17 @@
 //! Fourier domain once, in [`FourierLinearLayer::new`].
 
 use rayon::prelude::*;
+use tfhe::core_crypto::prelude::new_seeder;
 
-use super::bitpack::{packed_len, unpack_top_bits, BitPacker};
-use super::codec::Wire;
-use super::encrypted_outputs::EncryptedOutputs;
-use super::encrypted_rows::EncryptedRows;
-use super::fourier::{mul_add, FourierContext};
-use super::packing::{decompose_row, pack, FourierPackingKey, PackInput, BLOCK};
-use super::params::{packing_params, Encoding, LayerPlan, Precision, INPUT_GLWE};
-use super::pbs::BIG_LWE_LEN;
-use super::FheError;
+use super::{body_dot, EncryptedOutputs, EncryptedRows, FourierLinearLayer, Scheme};
+use crate::fhe::bitpack::{pack_top_bits, packed_len, BitPacker};
+use crate::fhe::fourier::{mul_add, FourierContext};
+use crate::fhe::keys::ClientKey;
+use crate::fhe::packing::{decompose_row, pack, FourierPackingKey, PackInput, BLOCK};
+use crate::fhe::params::{packing_params, Encoding, LayerPlan, Precision, INPUT_GLWE};
+use crate::fhe::pbs::BIG_LWE_LEN;
+use crate::fhe::seeded::{decrypt_all, encrypt, masks_fourier, Limbs};
+use crate::fhe::FheError;
 
 /// Default working-memory budget of one evaluation (digit buffers), as `worker.max_job_bytes`.
 pub const DEFAULT_JOB_BYTES: usize = 256 << 20;
@@ -37,123 +38,85 @@ pub fn outputs_per_group(precision: Precision, max_job_bytes: usize) -> usize {
     packs * n_out
 }
 
-/// A linear layer ready to evaluate: plan, weight codes and their Fourier transforms.
-pub struct FourierLinearLayer {
-    pub(super) plan: LayerPlan,
-    pub(super) codes: Vec<i8>,
-    /// `[j][chunk][N]` split Fourier polynomials of the reversed weight rows.
-    weights_f: Vec<f64>,
-    /// The automorphism encoding's outputs per product and weight polynomials (`auto.rs`), for
-    /// plans that offer it.
-    pub(super) auto_f: Option<(u32, Vec<f64>)>,
+/// The `[j][chunk][N]` split Fourier polynomials of a layer's reversed weight rows (see the
+/// module comment), parallel.
+pub(super) fn weights(plan: &LayerPlan, codes: &[i8]) -> Vec<f64> {
+    let (out, cols) = (plan.out_features, plan.in_features);
+    let n = INPUT_GLWE.polynomial_size;
+    let chunks = plan.chunks();
+    let mut weights_f = vec![0f64; out * chunks * n];
+    weights_f
+        .par_chunks_mut(chunks * n)
+        .zip(codes.par_chunks(cols))
+        .for_each_init(
+            || (FourierContext::new(n), vec![0u64; n]),
+            |(ctx, poly), (dst, row)| {
+                for (c, slot) in dst.chunks_exact_mut(n).enumerate() {
+                    poly.fill(0);
+                    let part = &row[c * n..cols.min((c + 1) * n)];
+                    for (i, &w) in part.iter().enumerate() {
+                        poly[n - 1 - i] = w as i64 as u64;
+                    }
+                    ctx.forward_integer(poly, slot);
+                }
+            },
+        );
+    weights_f
 }
 
-impl FourierLinearLayer {
-    /// Check the weights against the plan and transform them (parallel, on the current rayon pool).
-    pub fn new(plan: LayerPlan, codes: &[i8]) -> Result<Self, FheError> {
-        let (out, cols) = (plan.out_features, plan.in_features);
-        if codes.len() != out * cols {
-            return Err(FheError::Shape(format!(
-                "{} weight codes for a {out}×{cols} layer",
-                codes.len()
-            )));
-        }
-        let half = 1i32 << (plan.weight_bits - 1);
-        if let Some(w) = codes
-            .iter()
-            .find(|&&w| !(-half..half).contains(&(w as i32)))
-        {
-            return Err(FheError::ValueOutOfRange(format!(
-                "weight code {w} does not fit {} bits",
-                plan.weight_bits
-            )));
-        }
+/// The row encoding (the module comment).
+pub(super) struct Row;
+
+impl Scheme for Row {
+    fn encrypt(
+        &self,
+        key: &ClientKey,
+        plan: &LayerPlan,
+        values: &[i32],
+        rows: usize,
+    ) -> EncryptedRows {
+        let cols = plan.in_features;
         let n = INPUT_GLWE.polynomial_size;
         let chunks = plan.chunks();
-        let mut weights_f = vec![0f64; out * chunks * n];
-        weights_f
-            .par_chunks_mut(chunks * n)
-            .zip(codes.par_chunks(cols))
-            .for_each_init(
-                || (FourierContext::new(n), vec![0u64; n]),
-                |(ctx, poly), (dst, row)| {
-                    for (c, slot) in dst.chunks_exact_mut(n).enumerate() {
-                        poly.fill(0);
-                        let part = &row[c * n..cols.min((c + 1) * n)];
-                        for (i, &w) in part.iter().enumerate() {
-                            poly[n - 1 - i] = w as i64 as u64;
-                        }
-                        ctx.forward_integer(poly, slot);
-                    }
-                },
-            );
-        let auto_f = plan.encodings.iter().find_map(|e| match e {
-            Encoding::Auto { outputs } => Some((
-                *outputs,
-                super::auto::auto_weights(&plan, codes, *outputs as usize),
-            )),
-            _ => None,
-        });
-        Ok(Self {
-            plan,
-            codes: codes.to_vec(),
-            weights_f,
-            auto_f,
-        })
+        let delta_log = plan.delta_log();
+        let mut plain = vec![0u64; rows * chunks * n];
+        for (r, row) in values.chunks_exact(cols).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                let (c, k) = (i / n, i % n);
+                plain[(r * chunks + c) * n + k] = (v as i64 as u64) << delta_log;
+            }
+        }
+        let seed = new_seeder().seed().0;
+        let bodies = &encrypt(&key.input, INPUT_GLWE, &plain, seed);
+        let sent = (0..rows)
+            .flat_map(|r| (0..cols).map(move |i| bodies[(r * chunks + i / n) * n + i % n]));
+        let mut packed = Vec::with_capacity(packed_len(rows * cols, plan.input_body_bits));
+        pack_top_bits(sent, plan.input_body_bits, &mut packed);
+        EncryptedRows {
+            rows: rows as u32,
+            in_features: cols as u32,
+            body_bits: plan.input_body_bits as u8,
+            seed: seed.to_le_bytes().to_vec(),
+            bodies: packed,
+            encoding: Encoding::Row,
+        }
     }
 
-    pub fn plan(&self) -> &LayerPlan {
-        &self.plan
-    }
-
-    /// Evaluate on the current rayon pool (`pool.install(|| layer.evaluate(..))` bounds threads),
-    /// with the default working-memory budget ([`DEFAULT_JOB_BYTES`]).
-    pub fn evaluate(
-        &self,
-        key: &FourierPackingKey,
-        input: &EncryptedRows,
-    ) -> Result<EncryptedOutputs, FheError> {
-        self.evaluate_within(key, input, DEFAULT_JOB_BYTES)
-    }
-
-    /// Evaluate with at most about `max_job_bytes` of digit buffers, whatever the row count.
-    ///
     /// Outputs are evaluated in groups of whole packs (see [`outputs_per_group`]); each group
     /// streams the packing key once. Beyond the budget the job holds its request, the input
     /// masks in the Fourier domain (8 bytes per input value) and its packed result.
-    pub fn evaluate_within(
+    fn evaluate(
         &self,
+        layer: &FourierLinearLayer,
         key: &FourierPackingKey,
         input: &EncryptedRows,
         max_job_bytes: usize,
     ) -> Result<EncryptedOutputs, FheError> {
-        let plan = &self.plan;
-        self.check_request(key, input)?;
-        match input.encoding {
-            Encoding::Blocked { rows: block } => {
-                return self.evaluate_blocked(key, input, block as usize, max_job_bytes)
-            }
-            Encoding::Slot => return self.evaluate_slot(input, max_job_bytes),
-            Encoding::Auto { outputs } => {
-                let keys = key.auto.as_ref().ok_or_else(|| {
-                    FheError::ParameterMismatch(
-                        "the session's key has no automorphism keys (made by an older client): \
-                         send row, blocked or slot requests, or open a new session"
-                            .into(),
-                    )
-                })?;
-                return self.evaluate_auto(keys, input, outputs as usize);
-            }
-            Encoding::Row => {}
-        }
+        let plan = &layer.plan;
         let rows = input.rows as usize;
-        let (chunks, cols, out) = (plan.chunks(), plan.in_features, plan.out_features);
-        // Bodies stay at their wire width (< 2^body_bits): the dot products are then exact in i64.
-        let shift = 64 - plan.input_body_bits;
-        let bodies: Vec<u64> = unpack_top_bits(&input.bodies, rows * cols, plan.input_body_bits)
-            .map(|b| b >> shift)
-            .collect();
-        let masks_f = self.input_masks(input.seed(), rows * chunks);
+        let out = plan.out_features;
+        let bodies = layer.input_bodies(input);
+        let masks_f = input_masks(input.seed(), rows * plan.chunks());
 
         let params = key.params;
         let n_out = params.output.polynomial_size;
@@ -171,7 +134,7 @@ impl FourierLinearLayer {
         for first in (0..total).step_by(group) {
             let outputs = first..total.min(first + group);
             let glwes =
-                self.evaluate_group(key, rows, &masks_f, &bodies, outputs.clone(), &mut digits);
+                layer.evaluate_group(key, rows, &masks_f, &bodies, outputs.clone(), &mut digits);
             for (p, glwe) in glwes.iter().enumerate() {
                 let count = n_out.min(outputs.end - outputs.start - p * n_out);
                 push_pack(glwe, mask_len, count, &mut mask_packer, &mut body_packer);
@@ -188,53 +151,44 @@ impl FourierLinearLayer {
         ))
     }
 
-    /// The request and key fit this layer's plan (shape, wire widths, precision, encoding).
-    pub(super) fn check_request(
-        &self,
-        key: &FourierPackingKey,
-        input: &EncryptedRows,
-    ) -> Result<(), FheError> {
-        let plan = &self.plan;
-        input.validate()?;
-        if input.in_features as usize != plan.in_features {
-            return Err(FheError::Shape(format!(
-                "rows have {} inputs, the layer takes {}",
-                input.in_features, plan.in_features
-            )));
-        }
-        if input.body_bits as u32 != plan.input_body_bits {
-            return Err(FheError::ParameterMismatch(format!(
-                "rows carry {}-bit bodies, the layer expects {}",
-                input.body_bits, plan.input_body_bits
-            )));
-        }
-        if key.precision != plan.precision {
-            return Err(FheError::ParameterMismatch(format!(
-                "the session's key is for {} precision, the layer is {}",
-                key.precision, plan.precision
-            )));
-        }
-        if !input.encoding.served_by(key.profile) {
-            return Err(FheError::ParameterMismatch(format!(
-                "the session's key is {} (automorphism keys only, no LWE packing key): {} \
-                 requests need a full key; send auto or slot requests, or open a session with \
-                 a full key",
-                key.profile, input.encoding
-            )));
-        }
-        if !plan.encodings.contains(&input.encoding) {
-            return Err(FheError::ParameterMismatch(format!(
-                "the layer accepts {:?} requests, not {}",
-                plan.encodings
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>(),
-                input.encoding
-            )));
-        }
-        Ok(())
+    fn packs(&self, precision: Precision, rows: usize, out: usize) -> usize {
+        (rows * out).div_ceil(packing_params(precision).output.polynomial_size)
     }
 
+    /// Output `(r, j)` is value `g = j·rows + r` on the wire (column-major): pack `g / N`,
+    /// coefficient `g % N`.
+    fn phases(
+        &self,
+        key: &ClientKey,
+        outputs: &EncryptedOutputs,
+        masks: Vec<u64>,
+        bodies: Vec<u64>,
+    ) -> Vec<u64> {
+        let shape = packing_params(outputs.precision).output;
+        let (k, n) = (shape.glwe_dimension, shape.polynomial_size);
+        let total = outputs.values();
+        let (mut masks, mut bodies) = (masks.into_iter(), bodies.into_iter());
+        let packs = total.div_ceil(n);
+        let mut glwes = vec![0u64; packs * (k + 1) * n];
+        for (p, glwe) in glwes.chunks_exact_mut((k + 1) * n).enumerate() {
+            let count = n.min(total - p * n);
+            for (slot, m) in glwe[..k * n].iter_mut().zip(&mut masks) {
+                *slot = m;
+            }
+            for (slot, b) in glwe[k * n..k * n + count].iter_mut().zip(&mut bodies) {
+                *slot = b;
+            }
+        }
+        let phases = decrypt_all(key.output_key(outputs.precision), k, n, &glwes);
+        let rows = outputs.rows as usize;
+        let out = outputs.out_features as usize;
+        (0..total)
+            .map(|g| phases[(g % out) * rows + g / out])
+            .collect()
+    }
+}
+
+impl FourierLinearLayer {
     /// Products, sample extraction and packing of `outputs` (global indices `g = j·rows + r`,
     /// column-major: consecutive outputs share a weight row, so each Fourier weight polynomial is
     /// read once per group however many rows there are). `digits` is reused between groups.
@@ -307,29 +261,19 @@ impl FourierLinearLayer {
             .collect();
         pack(key, digits, &packs)
     }
+}
 
-    /// Regenerate the request's masks from its seed and transform them: `[ciphertext][N]`.
-    fn input_masks(&self, seed: u128, count: usize) -> Vec<f64> {
-        let n = INPUT_GLWE.polynomial_size;
-        let k = INPUT_GLWE.glwe_dimension;
-        let coefficients = super::seeded::decompress(vec![0u64; count * n], seed, k, n);
-        let mut masks_f = vec![0f64; count * n];
-        masks_f.par_chunks_mut(n).enumerate().for_each_init(
-            || FourierContext::new(n),
-            |ctx, (i, dst)| {
-                let start = i * (k + 1) * n;
-                ctx.forward_torus(&coefficients[start..start + n], dst);
-            },
-        );
-        masks_f
-    }
+/// A row request's masks, regenerated from its seed and transformed: `[ciphertext][N]`.
+fn input_masks(seed: u128, count: usize) -> Vec<f64> {
+    let (n, k) = (INPUT_GLWE.polynomial_size, INPUT_GLWE.glwe_dimension);
+    masks_fourier(count, k, n, count, |_| seed, Limbs::One)
 }
 
 impl FourierLinearLayer {
     /// Products and sample extraction only: one LWE under the input key per output value
     /// (`BIG_LWE_LEN` coefficients each, row-major `rows × out`), for a bootstrap to read.
     /// Row-encoded requests only (checked by the caller).
-    pub(super) fn extract_lwes(&self, input: &EncryptedRows) -> Vec<u64> {
+    pub(in crate::fhe) fn extract_lwes(&self, input: &EncryptedRows) -> Vec<u64> {
         let plan = &self.plan;
         let rows = input.rows as usize;
         let (n, chunks, cols, out) = (
@@ -338,11 +282,8 @@ impl FourierLinearLayer {
             plan.in_features,
             plan.out_features,
         );
-        let shift = 64 - plan.input_body_bits;
-        let bodies: Vec<u64> = unpack_top_bits(&input.bodies, rows * cols, plan.input_body_bits)
-            .map(|b| b >> shift)
-            .collect();
-        let masks_f = self.input_masks(input.seed(), rows * chunks);
+        let bodies = self.input_bodies(input);
+        let masks_f = input_masks(input.seed(), rows * chunks);
         let len = BIG_LWE_LEN;
         let mut lwes = vec![0u64; rows * out * len];
         lwes.par_chunks_mut(len).enumerate().for_each_init(
@@ -376,7 +317,7 @@ impl FourierLinearLayer {
 /// Pack LWEs under the input key (`BIG_LWE_LEN` coefficients each, row-major `rows × out` as
 /// `plan` counts them) into the row encoding's response, as [`FourierLinearLayer::evaluate`]
 /// packs its extracted products.
-pub(super) fn pack_lwes(
+pub(in crate::fhe) fn pack_lwes(
     key: &FourierPackingKey,
     plan: &LayerPlan,
     rows: usize,
@@ -489,24 +430,4 @@ fn transpose_block(local: &[i16], digits: &mut [i16], count: usize, width: usize
             }
         }
     }
-}
-
-/// `Σ b_i·w_i mod 2^64`, scaled back to the torus, for bodies of `bits` bits. Up to 62 bits the
-/// bodies are split in two halves of at most 31 bits so that the products vectorise as
-/// 32×32→64 multiplies.
-pub(super) fn body_dot(bodies: &[u64], weights: &[i8], bits: u32) -> u64 {
-    if bits > 62 {
-        let sum = bodies.iter().zip(weights).fold(0u64, |s, (&b, &w)| {
-            s.wrapping_add(b.wrapping_mul(w as i64 as u64))
-        });
-        return sum << (64 - bits);
-    }
-    let half = bits.div_ceil(2);
-    let mask = (1u64 << half) - 1;
-    let (mut lo, mut hi) = (0i64, 0i64);
-    for (&b, &w) in bodies.iter().zip(weights) {
-        lo = lo.wrapping_add(((b & mask) as i32 as i64) * w as i64);
-        hi = hi.wrapping_add(((b >> half) as i32 as i64) * w as i64);
-    }
-    ((hi as u64) << half).wrapping_add(lo as u64) << (64 - bits)
 }

@@ -13,14 +13,69 @@
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
-use super::bitpack::{packed_len, unpack_top_bits, BitPacker};
-use super::blocked::{blocked_masks, BlockLayout};
-use super::encrypted_outputs::EncryptedOutputs;
-use super::encrypted_rows::EncryptedRows;
-use super::fourier::FourierContext;
-use super::linear::FourierLinearLayer;
-use super::params::INPUT_GLWE;
-use super::FheError;
+use super::blocked::{blocked_masks, blocked_phases, BlockLayout};
+use super::{EncryptedOutputs, EncryptedRows, FourierLinearLayer, Scheme};
+use crate::fhe::bitpack::{packed_len, BitPacker};
+use crate::fhe::fourier::FourierContext;
+use crate::fhe::keys::ClientKey;
+use crate::fhe::packing::FourierPackingKey;
+use crate::fhe::params::{Encoding, LayerPlan, Precision, INPUT_GLWE};
+use crate::fhe::seeded::decrypt_all;
+use crate::fhe::FheError;
+
+/// The slot encoding (the module comment).
+pub(super) struct Slot;
+
+impl Scheme for Slot {
+    fn encrypt(
+        &self,
+        key: &ClientKey,
+        plan: &LayerPlan,
+        values: &[i32],
+        rows: usize,
+    ) -> EncryptedRows {
+        let n = INPUT_GLWE.polynomial_size;
+        key.encrypt_blocked(plan, values, rows, n, Encoding::Slot)
+    }
+
+    fn evaluate(
+        &self,
+        layer: &FourierLinearLayer,
+        _: &FourierPackingKey,
+        input: &EncryptedRows,
+        max_job_bytes: usize,
+    ) -> Result<EncryptedOutputs, FheError> {
+        layer.evaluate_slot(input, max_job_bytes)
+    }
+
+    fn packs(&self, _: Precision, rows: usize, out: usize) -> usize {
+        BlockLayout::new(INPUT_GLWE.polynomial_size, rows, 1, out).packs()
+    }
+
+    /// Slot outputs are never keyswitched: they stay under the input key.
+    fn mask_len(&self, _: Precision) -> usize {
+        INPUT_GLWE.lwe_dimension()
+    }
+
+    fn phases(
+        &self,
+        key: &ClientKey,
+        outputs: &EncryptedOutputs,
+        masks: Vec<u64>,
+        bodies: Vec<u64>,
+    ) -> Vec<u64> {
+        let (k, n) = (INPUT_GLWE.glwe_dimension, INPUT_GLWE.polynomial_size);
+        let decrypt = |glwes: &[u64]| decrypt_all(&key.input, k, n, glwes);
+        blocked_phases(
+            outputs,
+            n,
+            &mut masks.into_iter(),
+            &mut bodies.into_iter(),
+            &decrypt,
+            k,
+        )
+    }
+}
 
 impl FourierLinearLayer {
     /// Evaluate a slot request (checked against the plan by the caller). Outputs are computed
@@ -34,10 +89,7 @@ impl FourierLinearLayer {
         let n = INPUT_GLWE.polynomial_size;
         let (rows, cols, out) = (input.rows as usize, plan.in_features, plan.out_features);
         let lay = BlockLayout::new(n, rows, cols, out);
-        let shift = 64 - plan.input_body_bits;
-        let bodies: Vec<u64> = unpack_top_bits(&input.bodies, rows * cols, plan.input_body_bits)
-            .map(|b| b >> shift)
-            .collect();
+        let bodies = self.input_bodies(input);
         let out_bodies = self.body_products(&bodies, rows);
         drop(bodies);
         // [batch][feature][N]: each batch is an (in × N) matrix of split Fourier polynomials.
