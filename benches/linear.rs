@@ -4,14 +4,14 @@
 //! `cargo bench --bench linear`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use hyfhe::fhe::{ClientKey, FourierLinearLayer, FourierPackingKey, LayerPlan, Precision};
+use hyfhe::fhe::{ClientKey, FourierLinearLayer, LayerPlan, Precision, SessionKey};
 use ndarray::Array2;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 fn linear(c: &mut Criterion) {
     let client = ClientKey::generate();
     let eval_key = client.evaluation_key(Precision::Exact, &|_| ());
-    let server_key = FourierPackingKey::new(&eval_key);
+    let server_key = SessionKey::new(&eval_key);
     let mut group = c.benchmark_group("linear_2048x2048");
     group.sample_size(10);
     for rows in [1usize, 4] {

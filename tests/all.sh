@@ -15,4 +15,7 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v nginx >/dev/null 2>
 fi
 
 cargo test --release
+# The load generator's own tests (its error codes, its schedules): a workspace member that a
+# plain `cargo test` in the root does not run.
+cargo test --release -p hyfhe-loadtest
 bash python/test.sh

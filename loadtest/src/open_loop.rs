@@ -315,6 +315,8 @@ fn same_bits(y: &Value, bits: &[u32]) -> bool {
 /// from that message; the tests below pin the formats this relies on.
 fn hybrid_error_code(e: &HybridError) -> String {
     match e {
+        HybridError::RemoteRefused { code, .. } => code.clone(),
+        HybridError::RemoteUnreachable(_) => "transport".into(),
         HybridError::Remote(message) => remote_message_code(message),
         _ => "other".into(),
     }

@@ -8,8 +8,8 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::fhe::{
-    self, ClientKey, Encoding, FheError, FourierLinearLayer, FourierPackingKey, KeyProfile,
-    LayerPlan, Precision,
+    self, ClientKey, Encoding, FheError, FourierLinearLayer, KeyProfile, LayerPlan, Precision,
+    SessionKey,
 };
 use crate::quant::{
     AffineQuantizer, Granularity, InputQuantization, QuantizedLinear, QuantizedWeights,
@@ -137,7 +137,7 @@ pub fn run_linear(
 
     progress.stage("key load", 1);
     let started = Instant::now();
-    let server_key = pool.install(|| FourierPackingKey::new(&eval_key));
+    let server_key = pool.install(|| SessionKey::new(&eval_key));
     let key_load_ms = ms(started);
     progress.advance(1);
     let server_layer =

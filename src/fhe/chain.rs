@@ -22,12 +22,12 @@ use serde::{Deserialize, Serialize};
 use tfhe::core_crypto::prelude::GlweCiphertextOwned;
 
 use super::encoding::{pack_lwes, EncryptedOutputs, EncryptedRows, FourierLinearLayer};
-use super::packing::FourierPackingKey;
 use super::params::{Encoding, LayerPlan, Precision};
 use super::pbs::{
     bootstrap_input_std, bootstrap_output_variance, failure_log2, lookup_table, neighbour_rate,
     BIG_LWE_LEN, MAX_ROUNDING_BITS, PBS_PARAMS, WINDOW_OFFSET,
 };
+use super::session_key::SessionKey;
 use super::FheError;
 
 /// One stage after the module's first linear layer.
@@ -620,7 +620,7 @@ impl EncryptedChain {
     /// Evaluate with at most about `max_job_bytes` of ciphertexts in flight.
     pub fn evaluate_within(
         &self,
-        key: &FourierPackingKey,
+        key: &SessionKey,
         input: &EncryptedRows,
         max_job_bytes: usize,
     ) -> Result<EncryptedOutputs, FheError> {
@@ -687,7 +687,7 @@ impl EncryptedChain {
                 }
             }
         }
-        Ok(pack_lwes(key, &self.program.output, rows, &lwes))
+        Ok(pack_lwes(&key.packing, &self.program.output, rows, &lwes))
     }
 }
 
@@ -748,7 +748,7 @@ impl ModuleProgram {
 
     pub fn evaluate_within(
         &self,
-        key: &FourierPackingKey,
+        key: &SessionKey,
         input: &EncryptedRows,
         max_job_bytes: usize,
     ) -> Result<EncryptedOutputs, FheError> {
@@ -760,7 +760,7 @@ impl ModuleProgram {
 
     pub fn evaluate(
         &self,
-        key: &FourierPackingKey,
+        key: &SessionKey,
         input: &EncryptedRows,
     ) -> Result<EncryptedOutputs, FheError> {
         self.evaluate_within(key, input, super::encoding::DEFAULT_JOB_BYTES)

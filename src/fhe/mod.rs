@@ -3,8 +3,14 @@
 //!
 //! Client: [`ClientKey::generate`] → [`ClientKey::evaluation_key`] (uploaded) →
 //! [`ClientKey::encrypt_rows`] → … → [`ClientKey::decrypt_outputs`].
-//! Server: [`FourierPackingKey::new`] (once per session) and [`FourierLinearLayer::new`] (once per
+//! Server: [`SessionKey::new`] (once per session) and [`FourierLinearLayer::new`] (once per
 //! layer) → [`FourierLinearLayer::evaluate`] per request.
+//!
+//! Layers, bottom up (no module uses one above it; a test checks there is no import cycle):
+//! `params`, `fourier`, `bitpack`, `codec` → `seeded` (seeded GLWEs, exact phases) → `packing`
+//! (LWE → GLWE keyswitch), `pbs` → `automorph` → `keys` (client keys, the uploaded
+//! `EvaluationKey`) → `session_key` (a worker's Fourier-domain keys) → `encoding` (one
+//! [`Scheme`](encoding) per encoding, the layer, the wire types) → `chain` (non-linear modules).
 
 mod automorph;
 pub mod bitpack;
@@ -17,6 +23,7 @@ mod packing;
 pub mod params;
 pub mod pbs;
 mod seeded;
+mod session_key;
 
 pub use automorph::{AutoKey, FourierAutoKeys};
 pub use chain::{
@@ -33,6 +40,7 @@ pub use keys::{BlockKey, ClientKey, EvaluationKey};
 pub use packing::FourierPackingKey;
 pub use params::{Encoding, KeyProfile, LayerPlan, PlanError, Precision, AUTO_OUTPUTS, BLOCK_ROWS};
 pub use pbs::{BootstrapKey, FourierBootstrapKey, PBS_PARAMS};
+pub use session_key::SessionKey;
 
 /// Errors of the encrypted engine; each names what was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -47,4 +55,102 @@ pub enum FheError {
     Codec(#[from] CodecError),
     #[error(transparent)]
     Plan(#[from] PlanError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    /// The modules a file's code (its tests excluded) names through `prefix`.
+    fn named_after<'a>(code: &'a str, prefix: &str) -> Vec<&'a str> {
+        let mut names = Vec::new();
+        let mut rest = code;
+        while let Some(at) = rest.find(prefix) {
+            let before = &rest[..at];
+            rest = &rest[at + prefix.len()..];
+            // `super::super::x` is not a sibling of this file.
+            if prefix == "super::" && (before.ends_with("super::") || rest.starts_with("super::")) {
+                continue;
+            }
+            let end = rest
+                .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            names.push(&rest[..end]);
+        }
+        names
+    }
+
+    /// The engine's modules depend on each other without a cycle (a directory counts as one
+    /// module): the encodings use the keys, seeds and packing, none of which use them back.
+    #[test]
+    fn the_engine_modules_form_no_import_cycle() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/fhe");
+        let mut files: BTreeMap<String, Vec<std::path::PathBuf>> = BTreeMap::new();
+        for entry in std::fs::read_dir(&root).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_string_lossy().to_string();
+            if path.is_dir() {
+                let inner = std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path());
+                files.entry(name).or_default().extend(inner);
+            } else if name != "mod" {
+                files.entry(name).or_default().push(path);
+            }
+        }
+        let modules: BTreeSet<String> = files.keys().cloned().collect();
+        assert!(modules.contains("encoding") && modules.contains("keys"));
+        let mut edges: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        let root = root.as_path();
+        let sources: Vec<(String, bool, String)> = files
+            .iter()
+            .flat_map(|(m, paths)| {
+                paths.iter().map(move |p| {
+                    let text = std::fs::read_to_string(p).unwrap();
+                    let code = text.split("#[cfg(test)]").next().unwrap().to_string();
+                    (m.clone(), p.parent() != Some(root), code)
+                })
+            })
+            .collect();
+        for (m, nested, code) in &sources {
+            let mut names = named_after(code, "crate::fhe::");
+            if !nested {
+                names.extend(named_after(code, "super::"));
+            }
+            for name in names {
+                if let Some(target) = modules.get(name) {
+                    if target != m {
+                        edges.entry(m).or_default().insert(target);
+                    }
+                }
+            }
+        }
+        // Depth-first search; a module met again on the current path closes a cycle.
+        fn visit<'a>(
+            m: &'a str,
+            edges: &BTreeMap<&'a str, BTreeSet<&'a str>>,
+            path: &mut Vec<&'a str>,
+            done: &mut BTreeSet<&'a str>,
+        ) {
+            if done.contains(m) {
+                return;
+            }
+            if let Some(at) = path.iter().position(|p| *p == m) {
+                panic!("import cycle: {} -> {m}", path[at..].join(" -> "));
+            }
+            path.push(m);
+            for next in edges.get(m).into_iter().flatten() {
+                visit(next, edges, path, done);
+            }
+            path.pop();
+            done.insert(m);
+        }
+        let mut done = BTreeSet::new();
+        for m in &modules {
+            visit(m, &edges, &mut Vec::new(), &mut done);
+        }
+        assert!(
+            edges["encoding"].contains("keys") && edges["encoding"].contains("packing"),
+            "the scan sees imports: {edges:?}"
+        );
+    }
 }

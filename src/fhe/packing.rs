@@ -25,27 +25,21 @@
 use rayon::prelude::*;
 
 use super::fourier::{mul_add, FourierContext};
-use super::keys::EvaluationKey;
 use super::params::{PackingParams, Precision, INPUT_GLWE, LIMB_SPLIT};
 
 /// Outputs per transposition block: the digit store is laid out `[block][l][t][BLOCK]` so that
 /// each block is built by one task and each `D_{t,l}` is gathered from contiguous runs.
 pub const BLOCK: usize = 64;
 
-/// A session's packing keys, transformed to the Fourier domain once when they are loaded.
+/// A session's LWE → GLWE packing keys (row and blocked encodings), in the Fourier domain. Part
+/// of its [`SessionKey`](super::SessionKey); a lean session's are empty.
 pub struct FourierPackingKey {
     pub precision: Precision,
     pub params: PackingParams,
     /// The row key: one entry per input-key coefficient.
-    row: FourierEntries,
+    pub(super) row: FourierEntries,
     /// The blocked encoding's keys, by rows per ciphertext.
-    blocks: Vec<(usize, FourierEntries)>,
-    /// Keyswitching and bootstrapping keys, if the session uploaded them (non-linear modules).
-    pub bootstrap: Option<super::pbs::FourierBootstrapKey>,
-    /// The automorphism keys (exact precision, keys made since they exist).
-    pub auto: Option<super::automorph::FourierAutoKeys>,
-    /// A lean key's `row` and `blocks` are empty: such sessions serve `auto` and `slot` only.
-    pub profile: super::params::KeyProfile,
+    pub(super) blocks: Vec<(usize, FourierEntries)>,
 }
 
 /// Key entries in the Fourier domain: `[entry][l][limb][poly][N]` split polynomials.
@@ -122,43 +116,9 @@ impl FourierEntries {
 }
 
 impl FourierPackingKey {
-    /// Regenerate the masks from the seeds and transform every key polynomial (parallel).
-    pub fn new(key: &EvaluationKey) -> Self {
-        let params = key.params;
-        Self {
-            precision: key.precision,
-            params,
-            row: FourierEntries::new(params, &key.seeds, &key.bodies),
-            blocks: key
-                .blocks
-                .iter()
-                .map(|b| {
-                    (
-                        b.rows as usize,
-                        FourierEntries::new(params, &b.seeds, &b.bodies),
-                    )
-                })
-                .collect(),
-            // A decoded key was checked against this build's parameters, so `new` succeeds.
-            bootstrap: key
-                .bootstrap
-                .as_ref()
-                .and_then(|b| super::pbs::FourierBootstrapKey::new(b).ok()),
-            auto: key
-                .auto
-                .as_ref()
-                .map(super::automorph::FourierAutoKeys::new),
-            profile: key.profile,
-        }
-    }
-
     /// Memory held by the transformed keys.
     pub fn size_bytes(&self) -> usize {
-        self.bootstrap
-            .as_ref()
-            .map_or(0, super::pbs::FourierBootstrapKey::size_bytes)
-            + self.auto.as_ref().map_or(0, |a| a.size_bytes())
-            + self.row.size_bytes()
+        self.row.size_bytes()
             + self
                 .blocks
                 .iter()

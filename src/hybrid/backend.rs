@@ -18,8 +18,8 @@ use super::runtime::{ms_since, BoxFuture, ForwardStats, ModuleBackend};
 use super::spec::{ClientSpec, ServerModule};
 use super::HybridError;
 use crate::fhe::{
-    ClientKey, Encoding, EncryptedOutputs, EncryptedRows, FourierPackingKey, KeyProfile,
-    ModuleProgram, Precision, MAX_ROWS,
+    ClientKey, Encoding, EncryptedOutputs, EncryptedRows, KeyProfile, ModuleProgram, Precision,
+    SessionKey, MAX_ROWS,
 };
 use crate::model::{LinearModule, Value};
 use crate::quant::{integer_matmul, min_max};
@@ -50,10 +50,10 @@ pub trait Remote: Send + Sync {
 pub struct ExecuteKeys {
     client: ClientKey,
     profile: KeyProfile,
-    exact: OnceLock<FourierPackingKey>,
-    compact: OnceLock<FourierPackingKey>,
+    exact: OnceLock<SessionKey>,
+    compact: OnceLock<SessionKey>,
     /// The exact key with bootstrapping keys (modules with activations inside).
-    bootstrap: OnceLock<FourierPackingKey>,
+    bootstrap: OnceLock<SessionKey>,
 }
 
 impl ExecuteKeys {
@@ -77,22 +77,22 @@ impl ExecuteKeys {
     }
 
     /// The server's exact packing key with bootstrapping keys.
-    pub fn with_bootstrap(&self) -> &FourierPackingKey {
+    pub fn with_bootstrap(&self) -> &SessionKey {
         self.bootstrap.get_or_init(|| {
             let mut key = self.client.evaluation_key(Precision::Exact, &|_| ());
             key.bootstrap = Some(self.client.bootstrap_key());
-            FourierPackingKey::new(&key)
+            SessionKey::new(&key)
         })
     }
 
     /// The server's Fourier packing key for `precision`.
-    pub fn packing(&self, precision: Precision) -> &FourierPackingKey {
+    pub fn packing(&self, precision: Precision) -> &SessionKey {
         let slot = match precision {
             Precision::Exact => &self.exact,
             Precision::Compact => &self.compact,
         };
         slot.get_or_init(|| {
-            FourierPackingKey::new(
+            SessionKey::new(
                 &self
                     .client
                     .evaluation_key_as(precision, self.profile, &|_| ()),

@@ -11,7 +11,7 @@ use actix::{Actor, Context, Handler, Message, ResponseFuture};
 use tokio::sync::oneshot;
 
 use super::{JobError, TestHooks, WorkerMetrics};
-use crate::fhe::{EncryptedOutputs, EncryptedRows, FourierPackingKey, ModuleProgram};
+use crate::fhe::{EncryptedOutputs, EncryptedRows, ModuleProgram, SessionKey};
 
 pub struct Evaluator {
     pool: Arc<rayon::ThreadPool>,
@@ -52,7 +52,7 @@ pub struct Evaluate {
     /// The module's name (logs and injected faults).
     pub module: String,
     pub layer: Arc<ModuleProgram>,
-    pub key: Arc<FourierPackingKey>,
+    pub key: Arc<SessionKey>,
     pub rows: EncryptedRows,
     /// The job's span: actor handlers run outside it, so the parent is passed along.
     pub parent: tracing::Span,

@@ -15,10 +15,10 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::{JobError, WorkerMetrics};
-use crate::fhe::{decode, EvaluationKey, FourierPackingKey, Precision};
+use crate::fhe::{decode, EvaluationKey, Precision, SessionKey};
 use crate::queue::Broker;
 
-type KeyResult = Result<Arc<FourierPackingKey>, JobError>;
+type KeyResult = Result<Arc<SessionKey>, JobError>;
 
 /// Largest evaluation-key blob accepted from the store (row key and block keys: ~107 MiB exact;
 /// with bootstrapping keys ~167 MiB).
@@ -27,7 +27,7 @@ fn max_key_bytes() -> usize {
 }
 
 struct Entry {
-    key: Arc<FourierPackingKey>,
+    key: Arc<SessionKey>,
     bytes: u64,
     last_used: u64,
     /// The tenant the blob is charged to (blob ids are scoped by tenant, so it is only one).
@@ -133,7 +133,7 @@ impl Actor for KeyCache {
 
 /// The Fourier packing key stored under `key_id`.
 #[derive(Message)]
-#[rtype(result = "Result<Arc<FourierPackingKey>, JobError>")]
+#[rtype(result = "Result<Arc<SessionKey>, JobError>")]
 pub struct GetKey {
     pub key_id: String,
     /// The tenant whose job needs it (the key is charged to its share of the cache).
@@ -157,7 +157,7 @@ async fn load(broker: Arc<dyn Broker>, key_id: String) -> KeyResult {
     tokio::task::spawn_blocking(move || {
         let key: EvaluationKey = decode(&bytes, max_key_bytes())
             .map_err(|e| JobError::BadRequest(format!("stored key {key_id}: {e}")))?;
-        Ok(Arc::new(FourierPackingKey::new(&key)))
+        Ok(Arc::new(SessionKey::new(&key)))
     })
     .await
     .map_err(|e| JobError::Internal(format!("key transform panicked: {e}")))?
@@ -191,7 +191,7 @@ impl Handler<GetKeyCacheStats> for KeyCache {
 }
 
 impl Handler<GetKey> for KeyCache {
-    type Result = ResponseFuture<Result<Arc<FourierPackingKey>, JobError>>;
+    type Result = ResponseFuture<Result<Arc<SessionKey>, JobError>>;
 
     fn handle(&mut self, msg: GetKey, ctx: &mut Context<Self>) -> Self::Result {
         self.clock += 1;

@@ -6,7 +6,7 @@
 
 use hyfhe::fhe::{
     decode, encode, AutoKey, CodecError, Encoding, EncryptedOutputs, EncryptedRows, EvaluationKey,
-    FheError, FourierLinearLayer, FourierPackingKey, KeyProfile, LayerPlan, Precision,
+    FheError, FourierLinearLayer, KeyProfile, LayerPlan, Precision, SessionKey,
 };
 use hyfhe::quant::QuantizedWeights;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -264,7 +264,7 @@ fn the_automorphism_keys_are_small_and_sessions_without_them_refuse_auto_request
     // request on it is a typed error naming the cause.
     let mut old: EvaluationKey = KEYS.exact.clone();
     old.auto = None;
-    let old = FourierPackingKey::new(&decode(&encode(&old), LIMIT).unwrap());
+    let old = SessionKey::new(&decode(&encode(&old), LIMIT).unwrap());
     let plan = plan(100, 10);
     let (encoding, _) = auto_of(&plan);
     let server = FourierLinearLayer::new(plan.clone(), &vec![1; 1000]).unwrap();
@@ -317,7 +317,7 @@ fn a_lean_key_is_a_mebibyte_serves_auto_and_slot_exactly_and_refuses_the_rest_by
     assert!(blob.len() < 3 << 19, "lean key upload {} bytes", blob.len());
     let lean: EvaluationKey = decode(&blob, LIMIT).unwrap();
     assert_eq!(lean.profile, KeyProfile::Lean);
-    let server_key = FourierPackingKey::new(&lean);
+    let server_key = SessionKey::new(&lean);
     assert!(
         server_key.size_bytes() < 8 << 20,
         "lean key in the worker: {} bytes",

@@ -4,7 +4,7 @@
 
 use hyfhe::fhe::{
     decode, encode, CodecError, Encoding, EncryptedOutputs, EncryptedRows, EvaluationKey, FheError,
-    FourierLinearLayer, FourierPackingKey, LayerPlan, Precision, BLOCK_ROWS,
+    FourierLinearLayer, LayerPlan, Precision, SessionKey, BLOCK_ROWS,
 };
 
 use crate::helpers::{random_layer, LayerSpec, KEYS};
@@ -255,8 +255,8 @@ fn a_session_key_without_block_keys_refuses_blocked_requests_by_name_and_still_s
     let mut key = KEYS.exact.clone();
     key.blocks.clear();
     let key: EvaluationKey = decode(&encode(&key), LIMIT).unwrap();
-    let server_key = FourierPackingKey::new(&key);
-    assert!(server_key.block_sizes().is_empty());
+    let server_key = SessionKey::new(&key);
+    assert!(server_key.packing.block_sizes().is_empty());
     let spec = LayerSpec::new(20, 64, 10);
     let (request, _, server) = blocked_request(16, spec);
     let err = server.evaluate(&server_key, &request).unwrap_err();

@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use hyfhe::fhe::{ClientKey, EvaluationKey, FourierPackingKey, Precision};
+use hyfhe::fhe::{ClientKey, EvaluationKey, Precision, SessionKey};
 use hyfhe::quant::{
     AffineQuantizer, Granularity, InputQuantization, QuantizedLinear, QuantizedRows,
     QuantizedWeights, WeightScheme,
@@ -13,16 +13,16 @@ pub struct Keys {
     pub client: ClientKey,
     pub exact: EvaluationKey,
     pub compact: EvaluationKey,
-    pub exact_server: FourierPackingKey,
-    pub compact_server: FourierPackingKey,
+    pub exact_server: SessionKey,
+    pub compact_server: SessionKey,
 }
 
 pub static KEYS: LazyLock<Keys> = LazyLock::new(|| {
     let client = ClientKey::generate();
     let exact = client.evaluation_key(Precision::Exact, &|_| ());
     let compact = client.evaluation_key(Precision::Compact, &|_| ());
-    let exact_server = FourierPackingKey::new(&exact);
-    let compact_server = FourierPackingKey::new(&compact);
+    let exact_server = SessionKey::new(&exact);
+    let compact_server = SessionKey::new(&compact);
     Keys {
         client,
         exact,
@@ -33,7 +33,7 @@ pub static KEYS: LazyLock<Keys> = LazyLock::new(|| {
 });
 
 impl Keys {
-    pub fn server(&self, precision: Precision) -> &FourierPackingKey {
+    pub fn server(&self, precision: Precision) -> &SessionKey {
         match precision {
             Precision::Exact => &self.exact_server,
             Precision::Compact => &self.compact_server,

@@ -8,7 +8,7 @@ use hyfhe::client::SessionKeys;
 use hyfhe::commands::read_npy;
 use hyfhe::fhe::{
     decode, encode, table_lookup, ChainProgram, ChainStage, ClientKey, CodecError, EvaluationKey,
-    FheError, FourierPackingKey, LayerPlan, ModuleProgram, Precision,
+    FheError, LayerPlan, ModuleProgram, Precision, SessionKey,
 };
 use hyfhe::hybrid::{CompileOptions, HybridModel, Mode};
 use hyfhe::model::{OnnxModel, Value};
@@ -117,14 +117,14 @@ fn ops_a_non_linear_module_cannot_hold_are_refused_by_name() {
 struct PbsKeys {
     client: ClientKey,
     eval: EvaluationKey,
-    server: FourierPackingKey,
+    server: SessionKey,
 }
 
 static PBS_KEYS: LazyLock<PbsKeys> = LazyLock::new(|| {
     let client = ClientKey::generate();
     let mut eval = client.evaluation_key(Precision::Exact, &|_| ());
     eval.bootstrap = Some(client.bootstrap_key());
-    let server = FourierPackingKey::new(&eval);
+    let server = SessionKey::new(&eval);
     PbsKeys {
         client,
         eval,
@@ -296,7 +296,7 @@ fn malformed_or_missing_bootstrap_keys_are_typed_errors() {
     let (plan, codes, program, x, _) = index_chain(1, 8);
     let module = ModuleProgram::new(plan.clone(), &codes, Some(&program)).unwrap();
     let request = keys.client.encrypt_rows(&plan, &x, 1).unwrap();
-    let plain = FourierPackingKey::new(&keys.client.evaluation_key(Precision::Exact, &|_| ()));
+    let plain = SessionKey::new(&keys.client.evaluation_key(Precision::Exact, &|_| ()));
     match module.evaluate(&plain, &request) {
         Err(FheError::ParameterMismatch(m)) => assert!(m.contains("bootstrap key"), "{m}"),
         other => panic!("{:?}", other.map(|_| ())),

@@ -420,6 +420,8 @@ pub fn code(v: &serde_json::Value) -> &str {
 
 /// Every refusal the API promises, each with its code, and the server healthy afterwards.
 async fn assert_bad_requests_are_refused(url: &str) {
+    // This test's own HTTP client may be the process's first (nextest runs each test alone).
+    hyfhe::tls::install_provider();
     let api = Api {
         http: reqwest::Client::new(),
         url: url.to_string(),

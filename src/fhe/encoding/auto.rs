@@ -29,9 +29,9 @@ use crate::fhe::automorph::{log2, round_down_pow2, FourierAutoKeys};
 use crate::fhe::bitpack::{pack_top_bits, packed_len, unpack_top_bits, BitPacker};
 use crate::fhe::fourier::{mul_add, FourierContext};
 use crate::fhe::keys::ClientKey;
-use crate::fhe::packing::FourierPackingKey;
 use crate::fhe::params::{auto_chunks, auto_params, Encoding, LayerPlan, Precision};
 use crate::fhe::seeded::{decrypt_all, encrypt, masks_fourier, Limbs};
+use crate::fhe::session_key::SessionKey;
 use crate::fhe::FheError;
 
 /// Where everything of an automorphism request sits.
@@ -333,7 +333,7 @@ impl Scheme for Auto {
     fn evaluate(
         &self,
         layer: &FourierLinearLayer,
-        key: &FourierPackingKey,
+        key: &SessionKey,
         input: &EncryptedRows,
         _: usize,
     ) -> Result<EncryptedOutputs, FheError> {

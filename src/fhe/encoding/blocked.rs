@@ -46,6 +46,7 @@ use crate::fhe::params::{
     packing_params, Encoding, LayerPlan, PackingParams, Precision, INPUT_GLWE,
 };
 use crate::fhe::seeded::{decrypt_all, encrypt_runs, masks_fourier, Limbs};
+use crate::fhe::session_key::SessionKey;
 use crate::fhe::FheError;
 
 /// Input ciphertexts per mask seed: each run of this many is encrypted (client) and regenerated
@@ -205,11 +206,11 @@ impl Scheme for Blocked {
     fn evaluate(
         &self,
         layer: &FourierLinearLayer,
-        key: &FourierPackingKey,
+        key: &SessionKey,
         input: &EncryptedRows,
         max_job_bytes: usize,
     ) -> Result<EncryptedOutputs, FheError> {
-        layer.evaluate_blocked(key, input, self.block, max_job_bytes)
+        layer.evaluate_blocked(&key.packing, input, self.block, max_job_bytes)
     }
 
     fn packs(&self, _: Precision, rows: usize, out: usize) -> usize {

@@ -32,8 +32,8 @@ pub use row::{digit_bytes_per_output, outputs_per_group, DEFAULT_JOB_BYTES};
 use super::bitpack::unpack_top_bits;
 use super::codec::Wire;
 use super::keys::ClientKey;
-use super::packing::FourierPackingKey;
 use super::params::{packing_params, Encoding, LayerPlan, Precision, AUTO_OUTPUTS, BLOCK_ROWS};
+use super::session_key::SessionKey;
 use super::FheError;
 
 /// What an encoding defines, on both sides of the wire.
@@ -51,7 +51,7 @@ pub(super) trait Scheme {
     fn evaluate(
         &self,
         layer: &FourierLinearLayer,
-        key: &FourierPackingKey,
+        key: &SessionKey,
         input: &EncryptedRows,
         max_job_bytes: usize,
     ) -> Result<EncryptedOutputs, FheError>;
@@ -145,7 +145,7 @@ impl FourierLinearLayer {
     /// with the default working-memory budget ([`DEFAULT_JOB_BYTES`]).
     pub fn evaluate(
         &self,
-        key: &FourierPackingKey,
+        key: &SessionKey,
         input: &EncryptedRows,
     ) -> Result<EncryptedOutputs, FheError> {
         self.evaluate_within(key, input, DEFAULT_JOB_BYTES)
@@ -155,7 +155,7 @@ impl FourierLinearLayer {
     /// accumulators), whatever the row count: each encoding cuts its work to fit.
     pub fn evaluate_within(
         &self,
-        key: &FourierPackingKey,
+        key: &SessionKey,
         input: &EncryptedRows,
         max_job_bytes: usize,
     ) -> Result<EncryptedOutputs, FheError> {
@@ -166,7 +166,7 @@ impl FourierLinearLayer {
     /// The request and key fit this layer's plan (shape, wire widths, precision, encoding).
     pub(super) fn check_request(
         &self,
-        key: &FourierPackingKey,
+        key: &SessionKey,
         input: &EncryptedRows,
     ) -> Result<(), FheError> {
         let plan = &self.plan;

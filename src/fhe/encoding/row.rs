@@ -18,6 +18,7 @@ use crate::fhe::packing::{decompose_row, pack, FourierPackingKey, PackInput, BLO
 use crate::fhe::params::{packing_params, Encoding, LayerPlan, Precision, INPUT_GLWE};
 use crate::fhe::pbs::BIG_LWE_LEN;
 use crate::fhe::seeded::{decrypt_all, encrypt, masks_fourier, Limbs};
+use crate::fhe::session_key::SessionKey;
 use crate::fhe::FheError;
 
 /// Default working-memory budget of one evaluation (digit buffers), as `worker.max_job_bytes`.
@@ -108,10 +109,11 @@ impl Scheme for Row {
     fn evaluate(
         &self,
         layer: &FourierLinearLayer,
-        key: &FourierPackingKey,
+        key: &SessionKey,
         input: &EncryptedRows,
         max_job_bytes: usize,
     ) -> Result<EncryptedOutputs, FheError> {
+        let key = &key.packing;
         let plan = &layer.plan;
         let rows = input.rows as usize;
         let out = plan.out_features;

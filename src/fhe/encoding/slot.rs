@@ -18,9 +18,9 @@ use super::{EncryptedOutputs, EncryptedRows, FourierLinearLayer, Scheme};
 use crate::fhe::bitpack::{packed_len, BitPacker};
 use crate::fhe::fourier::FourierContext;
 use crate::fhe::keys::ClientKey;
-use crate::fhe::packing::FourierPackingKey;
 use crate::fhe::params::{Encoding, LayerPlan, Precision, INPUT_GLWE};
 use crate::fhe::seeded::decrypt_all;
+use crate::fhe::session_key::SessionKey;
 use crate::fhe::FheError;
 
 /// The slot encoding (the module comment).
@@ -41,7 +41,7 @@ impl Scheme for Slot {
     fn evaluate(
         &self,
         layer: &FourierLinearLayer,
-        _: &FourierPackingKey,
+        _: &SessionKey,
         input: &EncryptedRows,
         max_job_bytes: usize,
     ) -> Result<EncryptedOutputs, FheError> {
