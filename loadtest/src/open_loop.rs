@@ -315,7 +315,7 @@ fn same_bits(y: &Value, bits: &[u32]) -> bool {
 /// from that message; the tests below pin the formats this relies on.
 fn hybrid_error_code(e: &HybridError) -> String {
     match e {
-        HybridError::RemoteRefused { code, .. } => code.clone(),
+        HybridError::RemoteRefused { code, .. } if !code.is_empty() => code.clone(),
         HybridError::RemoteUnreachable(_) => "transport".into(),
         HybridError::Remote(message) => remote_message_code(message),
         _ => "other".into(),
@@ -326,7 +326,8 @@ fn hybrid_error_code(e: &HybridError) -> String {
 fn client_error_code(e: &ClientError) -> String {
     match e {
         ClientError::Api { code, .. } => code.clone(),
-        ClientError::Transport { .. } => "transport".into(),
+        // As `HybridError::RemoteUnreachable`, which both become in a forward call.
+        ClientError::Transport { .. } | ClientError::Url(_) => "transport".into(),
         _ => "other".into(),
     }
 }

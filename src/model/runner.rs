@@ -106,10 +106,15 @@ struct PlanCache {
     /// Patterns whose symbolic plan failed to build or disagreed with the concrete one: never
     /// tried again.
     refused: Vec<Vec<Vec<DimPattern>>>,
+    /// No symbolic plan is tried any more: the segment parses only with concrete types, or
+    /// [`MAX_REFUSED_PATTERNS`] patterns were refused.
+    no_symbolic: bool,
 }
 
 /// Symbolic plans kept per segment (a decode loop needs one: the past length).
 const MAX_SYMBOLIC_PLANS: usize = 4;
+/// Refused patterns remembered per segment; past them the segment stops trying.
+const MAX_REFUSED_PATTERNS: usize = 16;
 
 impl PlanCache {
     fn get(&mut self, key: &ShapeKey) -> Option<Plan> {
@@ -143,7 +148,7 @@ impl PlanCache {
     /// A pattern that covers `key` and a shape planned before, when one exists and was not
     /// refused (and there is room for another symbolic plan).
     fn generalisation(&self, key: &ShapeKey) -> Option<Vec<Vec<DimPattern>>> {
-        if self.symbolic.len() >= MAX_SYMBOLIC_PLANS {
+        if self.no_symbolic || self.symbolic.len() >= MAX_SYMBOLIC_PLANS {
             return None;
         }
         // The fewest symbols: a decode step generalises with the step before (one symbol, the
@@ -152,12 +157,12 @@ impl PlanCache {
             .keys()
             .filter_map(|seen| generalise(seen, key))
             .filter(|pattern| !self.refused.contains(pattern))
-            .min_by_key(|pattern| symbol_count(pattern))
+            .min_by_key(|pattern| (symbol_count(pattern), pattern.clone()))
     }
 }
 
 /// One input dimension of a symbolic plan: a fixed size, or symbol `id` plus `offset`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum DimPattern {
     Fixed(usize),
     Symbol { id: usize, offset: usize },
@@ -187,8 +192,10 @@ impl SymbolicPlan {
                     DimPattern::Fixed(f) if f != d => return false,
                     DimPattern::Fixed(_) => {}
                     DimPattern::Symbol { id, offset } => {
-                        // Symbols stand for sizes of at least 1 (`d − offset`).
-                        if d <= offset {
+                        // Symbols stand for sizes of at least 2 (`d − offset`): a size of 1
+                        // broadcasts, and a plan checked at one size must not serve the other
+                        // behaviour (see `generalise`).
+                        if d < offset + MIN_SYMBOL {
                             return false;
                         }
                         if values.len() <= id {
@@ -205,6 +212,9 @@ impl SymbolicPlan {
         true
     }
 }
+
+/// The smallest size a symbol stands for.
+const MIN_SYMBOL: usize = 2;
 
 /// The pattern covering two shapes of the same inputs that differ only in some dimensions:
 /// dimensions that moved by the same amount share a symbol (a KV cache of length `P` and a mask
@@ -230,7 +240,13 @@ fn generalise(a: &ShapeKey, b: &ShapeKey) -> Option<Vec<Vec<DimPattern>>> {
             }
         }
     }
-    if deltas.is_empty() {
+    // Every symbol is at least MIN_SYMBOL in both shapes: the plan is checked at the second, and
+    // serves only sizes that behave like it (a size of 1 broadcasts; a size of 0 is empty).
+    if deltas.is_empty()
+        || deltas
+            .iter()
+            .any(|&(delta, least)| least < MIN_SYMBOL || (least as i64 + delta) < MIN_SYMBOL as i64)
+    {
         return None;
     }
     let pattern = a
@@ -332,7 +348,11 @@ impl LocalSegment {
             _ => false,
         };
         let mut cache = self.plans.lock().expect("plan cache");
+        let room = cache.symbolic.len() < MAX_SYMBOLIC_PLANS
+            && !cache.symbolic.iter().any(|s| s.dims == pattern);
         match symbolic {
+            // Another thread may have kept the same family meanwhile.
+            Some(Ok(_)) if agrees && !room => {}
             Some(Ok(plan)) if agrees => {
                 tracing::debug!(
                     inputs = ?self.inputs,
@@ -357,7 +377,13 @@ impl LocalSegment {
                     },
                     "no symbolic plan for a segment"
                 );
+                if other.is_none() {
+                    cache.no_symbolic = true;
+                }
                 cache.refused.push(pattern);
+                if cache.refused.len() >= MAX_REFUSED_PATTERNS {
+                    cache.no_symbolic = true;
+                }
             }
         }
         Ok((out, 2))
@@ -548,14 +574,17 @@ fn execute(plan: &Plan, key: &ShapeKey, inputs: Vec<Value>) -> Result<Vec<Value>
         .collect()
 }
 
-/// Float outputs within 2^-16 of the larger one's largest magnitude, everything else equal.
+/// Float outputs equal within a few units in the last place, everything else equal.
 ///
 /// A symbolic plan may pick other kernels than a concrete one (another summation order in an
 /// attention product): measured on GPT-2 small, its outputs differ from the concrete plan's by
-/// 2^-23 to 2^-22 relative, a few units in the last place, which the concrete plans of two
-/// sequence lengths differ by too. A plan that is wrong (a broadcast or a slice resolved
-/// against the wrong symbol) differs by far more, or in shape, and is refused.
+/// 2^-23 to 2^-22 relative, which the concrete plans of two sequence lengths differ by too. Each
+/// element may differ by 2^-16 of its own magnitude plus 2^-16 of the tensor's median magnitude
+/// (a floor for values that cancel; a median, so that outlier features and a mask's `f32::MIN`
+/// do not widen it), and non-finite values must be identical. A plan that is wrong (a broadcast or a slice resolved against the wrong symbol)
+/// differs by far more, or in shape, and is refused.
 fn agree(a: &[Value], b: &[Value]) -> bool {
+    const REL: f32 = 1.0 / 65536.0;
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| {
             if x.datum_type() != y.datum_type() || x.shape() != y.shape() {
@@ -563,9 +592,19 @@ fn agree(a: &[Value], b: &[Value]) -> bool {
             }
             match (f32_values(x, "x"), f32_values(y, "y")) {
                 (Ok(p), Ok(q)) => {
-                    let scale = p.iter().chain(q).fold(0f32, |m, v| m.max(v.abs()));
-                    let tolerance = scale.max(f32::MIN_POSITIVE) / 65536.0;
-                    p.iter().zip(q).all(|(u, v)| (u - v).abs() <= tolerance)
+                    let mut magnitudes: Vec<f32> = q
+                        .iter()
+                        .filter(|v| v.is_finite())
+                        .map(|v| v.abs())
+                        .collect();
+                    magnitudes.sort_by(f32::total_cmp);
+                    let median = magnitudes.get(magnitudes.len() / 2).copied().unwrap_or(0.0);
+                    p.iter().zip(q).all(|(&u, &v)| {
+                        if !u.is_finite() || !v.is_finite() {
+                            return u.to_bits() == v.to_bits() || (u.is_nan() && v.is_nan());
+                        }
+                        (u - v).abs() <= REL * (u.abs().max(v.abs()) + median)
+                    })
                 }
                 _ => x == y,
             }
@@ -787,6 +826,10 @@ mod tests {
         let baked = |v: i64| vec![(DatumType::I64, vec![2], Some(vec![1, v]))];
         assert!(generalise(&baked(3), &baked(4)).is_none());
         // Dimensions moving by different amounts get different symbols.
+        // A size of 1 broadcasts and 0 is empty: no family through them (a prompt of 8 tokens,
+        // then one-token decode steps; a first decode step after an empty cache).
+        assert!(generalise(&key(&[&[1, 8, 768]]), &key(&[&[1, 1, 768]])).is_none());
+        assert!(generalise(&key(&[&[1, 12, 0, 64]]), &key(&[&[1, 12, 8, 64]])).is_none());
         let p = generalise(&key(&[&[2, 7]]), &key(&[&[4, 8]])).expect("a family");
         assert_eq!(
             p[0],
@@ -795,5 +838,25 @@ mod tests {
                 DimPattern::Symbol { id: 1, offset: 0 }
             ]
         );
+    }
+
+    #[test]
+    fn agreement_is_per_element_and_exact_for_non_finite_values() {
+        let t = |v: &[f32]| vec![f32_tensor(&[v.len()], v).unwrap()];
+        // A few ulps apart: agree. A relative error of 2^-10 on a small value next to a large
+        // one: disagree (a tolerance scaled by the largest value would have hidden it).
+        let (x, y) = ([1.0, 0.5, 2.0, 3000.0], [1.0 + 2e-7, 0.5, 2.0, 3000.0]);
+        assert!(agree(&t(&x), &t(&y)));
+        assert!(!agree(&t(&x), &t(&[1.001, 0.5, 2.0, 3000.0])));
+        // A mask's f32::MIN neither widens the tolerance nor fails the check.
+        let mask = [0.5, 0.25, f32::MIN];
+        assert!(agree(&t(&mask), &t(&mask)));
+        assert!(!agree(&t(&mask), &t(&[0.6, 0.25, f32::MIN])));
+        assert!(agree(
+            &t(&[f32::NEG_INFINITY, 1.0]),
+            &t(&[f32::NEG_INFINITY, 1.0])
+        ));
+        assert!(!agree(&t(&[f32::INFINITY, 1.0]), &t(&[f32::MAX, 1.0])));
+        assert!(!agree(&t(&[1.0, 2.0]), &t(&[1.0])));
     }
 }

@@ -348,7 +348,9 @@ impl Scheme for Auto {
     }
 
     fn packs(&self, _: Precision, rows: usize, out: usize) -> usize {
-        AutoLayout::new(self.m, rows, 1, out).packs()
+        // `clamp`: an unvalidated response's `m` may be 0 or past N (validate refuses both).
+        let n = auto_params().output.polynomial_size;
+        AutoLayout::new(self.m.clamp(1, n), rows, 1, out).packs()
     }
 
     fn phases(

@@ -214,7 +214,8 @@ impl Scheme for Blocked {
     }
 
     fn packs(&self, _: Precision, rows: usize, out: usize) -> usize {
-        BlockLayout::new(self.block, rows, 1, out).packs()
+        // `max(1)`: an unvalidated response's block size may be 0 (validate refuses it).
+        BlockLayout::new(self.block.max(1), rows, 1, out).packs()
     }
 
     fn phases(
