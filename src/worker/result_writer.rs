@@ -54,6 +54,11 @@ impl Handler<WriteOutcome> for ResultWriter {
             if completion == Completion::StoredUnreplicated {
                 metrics.outcomes_unreplicated.inc();
             }
+            if !msg.evaluated {
+                // A redelivery whose outcome was already stored (its first acknowledgement was
+                // lost): it was counted when it was evaluated.
+                return Ok(());
+            }
             match msg.outcome.outcome {
                 JobOutcome::Done(_) => metrics.jobs_done.inc(),
                 JobOutcome::Failed { .. } => metrics.jobs_failed.inc(),

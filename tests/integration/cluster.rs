@@ -563,6 +563,19 @@ pub fn metric(base: &str, name: &str) -> f64 {
     hyfhe::telemetry::metrics::sample(&text, name).unwrap_or(0.0)
 }
 
+/// A counter summed over `bases` once it has reached `want` (or 10 s passed) and a moment more:
+/// a worker counts a job just after storing its outcome, so a client can hold the answer before
+/// the count moves, and an extra count (a second evaluation) shows up above `want`.
+pub fn settled_count(bases: &[&str], name: &str, want: f64) -> f64 {
+    let total = || bases.iter().map(|base| metric(base, name)).sum::<f64>();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while total() < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    total()
+}
+
 /// A blocking GET without an async runtime: status and body.
 pub fn http_get(url: &str) -> (u16, String) {
     use std::io::{Read, Write};

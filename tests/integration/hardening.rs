@@ -13,8 +13,8 @@ use hyfhe::fhe::{decode, encode, EncryptedOutputs, EncryptedRows};
 use hyfhe::hybrid::{BoxFuture, HybridError, HybridModel, Mode, Remote};
 
 use crate::cluster::{
-    base_env, config_file, env, http_get, metric, serial, serve, wait_ready, Cluster, RedisServer,
-    Service,
+    base_env, config_file, env, http_get, metric, serial, serve, settled_count, wait_ready,
+    Cluster, RedisServer, Service,
 };
 use crate::hybrid::values;
 use crate::serving::{
@@ -80,7 +80,11 @@ fn one_idempotency_key_reused_across_modules_sessions_and_tenants_gives_each_its
             assert_eq!(stats.requests, 3);
         }
         // Three sessions × three modules: nine distinct jobs, each evaluated.
-        let done = metric(&cluster.workers[0].url, "hyfhe_worker_jobs_done_total");
+        let done = settled_count(
+            &[&cluster.workers[0].url],
+            "hyfhe_worker_jobs_done_total",
+            9.0,
+        );
         assert_eq!(done, 9.0);
 
         // The same key, module and session with another body is a conflict, not a stale answer.
@@ -174,7 +178,10 @@ fn a_retry_of_a_running_job_waits_for_that_run_and_the_job_is_evaluated_once() {
         assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
         assert_eq!(a.bytes().await.unwrap(), b.bytes().await.unwrap());
         assert_eq!(metric(&worker.url, "hyfhe_worker_jobs_received_total"), 1.0);
-        assert_eq!(metric(&worker.url, "hyfhe_worker_jobs_done_total"), 1.0);
+        assert_eq!(
+            settled_count(&[&worker.url], "hyfhe_worker_jobs_done_total", 1.0),
+            1.0
+        );
         assert_eq!(metric(&coordinator.metrics_url, "hyfhe_queue_depth"), 0.0);
         assert_eq!(metric(&coordinator.metrics_url, "hyfhe_queue_lag"), 0.0);
         assert_eq!(
@@ -265,7 +272,8 @@ fn a_worker_whose_redis_link_is_blackholed_recovers_when_it_heals_and_loses_no_j
             .await
             .unwrap();
         assert_eq!(bits(&values(&y)), bits(&m.simulate));
-        let done_before = metric(&worker.url, "hyfhe_worker_jobs_done_total");
+        let done_before = settled_count(&[&worker.url], "hyfhe_worker_jobs_done_total", 3.0);
+        assert_eq!(done_before, 3.0, "the warm forward's 3 modules, each once");
 
         proxy.set_blackholed(true);
         let cut = Instant::now();
@@ -290,7 +298,11 @@ fn a_worker_whose_redis_link_is_blackholed_recovers_when_it_heals_and_loses_no_j
             "partition of 8 s: forwards done {:.1} s after the cut",
             cut.elapsed().as_secs_f64()
         );
-        let done_after = metric(&worker.url, "hyfhe_worker_jobs_done_total");
+        let done_after = settled_count(
+            &[&worker.url],
+            "hyfhe_worker_jobs_done_total",
+            done_before + 6.0,
+        );
         assert_eq!(
             done_after - done_before,
             6.0,
